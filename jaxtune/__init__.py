@@ -1,0 +1,1 @@
+"""jaxtune: fine-tune open LLMs with JAX."""
