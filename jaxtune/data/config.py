@@ -1,0 +1,54 @@
+"""Defaults for the data section of a config; training configs embed it as `config.data`."""
+
+import ml_collections
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """The data stage's settings and their defaults."""
+  c = ml_collections.ConfigDict()
+
+  # Sources: local JSONL/JSON/Parquet/CSV files, saved `datasets` directories or hub ids.
+  # A tuple, so `--config.data.train=a.jsonl` and `("a.jsonl", "b.jsonl")` both work.
+  c.train = ()
+  # Mixing: one weight per train source, or empty for "every example once per epoch".
+  # With weights, an epoch still holds as many examples as all sources together, source i
+  # taking the share weights[i] / sum(weights) of it (sampled without replacement, cycling
+  # through a source again when it is up-sampled).
+  c.weights = ()
+  # Validation: either separate sources here, or a fraction held out of each train source.
+  c.validation = ()
+  c.validation_fraction = 0.0
+  # Test examples are always held out of the train sources.
+  c.test_fraction = 0.0
+  # Seeds the train/validation/test split and the per-epoch shuffle and mixing.
+  c.seed = 0
+
+  # Reading records (see jaxtune.data.records).
+  c.format = "auto"  # auto | messages | sharegpt | alpaca | completion | text | preference | ...
+  c.field_map = ml_collections.ConfigDict()  # e.g. {"question": "query"}; set in a config file.
+  c.prompt_template = ""  # Empty: none.
+  c.on_error = "raise"  # raise | skip: a bad record stops the run, or is skipped and counted.
+
+  # Templating and loss masks (see jaxtune.data.chat).
+  c.train_on = "assistant"  # assistant | all | last_assistant
+  c.chat_template = ""  # Empty: the tokenizer's own template.
+
+  # Lengths.
+  c.max_seq_len = 2048
+  # right: keep the start; left: keep the end; drop: drop every example longer than
+  # max_seq_len. Examples left without a trainable token are dropped and counted.
+  c.truncation = "right"
+  c.packing = True  # Rows of exactly max_seq_len holding several examples each.
+  c.packing_algorithm = "ffd"  # ffd (first-fit decreasing) | bfd (best-fit decreasing)
+  # Unpacked rows are padded to the smallest of these lengths that fits the batch's longest
+  # example; max_seq_len is always one of them. Empty: 64, 128, 256, ... below max_seq_len.
+  c.bucket_lengths = ()
+
+  # Loading.
+  c.batch_size = 32  # Global: each of N hosts gets batch_size / N rows.
+  c.num_epochs = 1  # 0: repeat forever (step-based training).
+  c.shuffle = True
+  c.prefetch = 4  # Batches prepared ahead by a background thread.
+  c.cache_dir = "~/.cache/jaxtune/data"  # Tokenised examples; empty: no cache.
+  c.num_workers = 0  # Tokenizer processes for large sources; 0 or 1: tokenise in-process.
+  return c

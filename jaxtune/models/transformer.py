@@ -1,0 +1,285 @@
+"""The decoder-only transformer of every supported family, in Flax NNX.
+
+Layers are stored stacked (every parameter under `layers` has a leading
+[num_layers] axis) and run with `jax.lax.scan`, so compile time does not grow
+with depth. Every parameter carries logical axis names in its `axes` metadata
+("layers", "embed", "heads", ...) for the sharding rules of the mesh stage.
+
+Shape letters: B batch, T query length, S key length, D hidden, N query heads,
+K key/value heads, H head dim, F MLP hidden, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.models import attention as attn_lib
+from jaxtune.models import rope as rope_lib
+from jaxtune.models.config import ModelConfig
+
+_NO_WINDOW = np.iinfo(np.int32).max
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  return 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class Linear(nnx.Module):
+  """y = einsum(x, kernel) [+ bias]: the one place a weight meets an activation.
+
+  Adapters hook in here (`self.adapter`, a module returning a delta of y's shape), so
+  the model code does not change when a PEFT method is applied.
+  """
+
+  def __init__(self, einsum: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[str, ...], *,
+               bias_shape: tuple[int, ...] | None = None, stack: tuple[int, ...] = (),
+               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    stack_axes = ("layers",) * len(stack)
+    self.einsum = einsum
+    self.dtype = dtype
+    self.kernel = nnx.Param(_init(rngs, stack + kernel_shape, param_dtype), axes=stack_axes + kernel_axes)
+    self.bias = nnx.data(None)
+    if bias_shape is not None:
+      bias_axes = kernel_axes[-len(bias_shape):]
+      self.bias = nnx.Param(jnp.zeros(stack + bias_shape, param_dtype), axes=stack_axes + bias_axes)
+    self.adapter = nnx.data(None)  # data, not static: a PEFT transform assigns a module here later
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum(self.einsum, x, self.kernel[...].astype(self.dtype))
+    if self.adapter is not None:
+      y = y + self.adapter(x).astype(y.dtype)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMS norm over the last axis, scaled by (offset + w); computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float, offset: float, axis_name: str, stack: tuple[int, ...] = (),
+               param_dtype: Any, rngs: nnx.Rngs):
+    del rngs
+    init = jnp.zeros if offset else jnp.ones
+    self.eps, self.offset = eps, offset
+    self.scale = nnx.Param(init(stack + (dim,), param_dtype), axes=("layers",) * len(stack) + (axis_name,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+@dataclasses.dataclass
+class LayerInputs:
+  """What every layer needs besides its own weights; built once per forward pass."""
+
+  cos_sin_full: tuple[jax.Array, jax.Array]
+  cos_sin_sliding: tuple[jax.Array, jax.Array]
+  mask_full_BTS: jax.Array
+  mask_sliding_BTS: jax.Array
+  cache_index: jax.Array | None  # slot of the first new token when decoding with a KV cache
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped KV heads, optional q/k norms, rope and soft-capping."""
+
+  def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    common = dict(stack=stack, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    qkv_bias = cfg.qkv_bias
+    self.q = Linear("BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"),
+                    bias_shape=(N, H) if qkv_bias else None, **common)
+    self.k = Linear("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
+                    bias_shape=(K, H) if qkv_bias else None, **common)
+    self.v = Linear("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
+                    bias_shape=(K, H) if qkv_bias else None, **common)
+    self.o = Linear("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"),
+                    bias_shape=(D,) if cfg.o_bias else None, **common)
+    self.q_norm = self.k_norm = nnx.data(None)
+    if cfg.qk_norm:
+      norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="head_dim", stack=stack,
+                  param_dtype=cfg.param_dtype, rngs=rngs)
+      self.q_norm, self.k_norm = RMSNorm(H, **norm), RMSNorm(H, **norm)
+    self.scale, self.softcap, self.impl = cfg.scale, cfg.attn_softcap, cfg.attention_impl
+
+  def __call__(self, x_BTD, cos_sin, mask_BTS, kv_cache=None, cache_index=None):
+    q, k, v = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rope_lib.apply_rope(q, *cos_sin), rope_lib.apply_rope(k, *cos_sin)
+    if kv_cache is not None:  # write the new keys/values at their slots, attend over the whole cache
+      k_cache, v_cache = kv_cache
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+      kv_cache = (k, v)
+    out = attn_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, scale=self.scale,
+                          softcap=self.softcap, impl=self.impl)
+    return self.o(out), kv_cache
+
+
+class MLP(nnx.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)) (SwiGLU or GeGLU)."""
+
+  def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    common = dict(stack=stack, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    bias = cfg.mlp_bias
+    self.gate = Linear("BTD,DF->BTF", (D, F), ("embed", "mlp"), bias_shape=(F,) if bias else None, **common)
+    self.up = Linear("BTD,DF->BTF", (D, F), ("embed", "mlp"), bias_shape=(F,) if bias else None, **common)
+    self.down = Linear("BTF,FD->BTD", (F, D), ("mlp", "embed"), bias_shape=(D,) if bias else None, **common)
+    self.activation = cfg.activation
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    gate = self.gate(x_BTD)
+    act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return self.down(act * self.up(x_BTD))
+
+
+class Block(nnx.Module):
+  """One decoder layer (created stacked: every parameter has a leading [L] axis)."""
+
+  def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
+    norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="embed", stack=stack,
+                param_dtype=cfg.param_dtype, rngs=rngs)
+    D = cfg.hidden_size
+    self.pre_attn_norm = RMSNorm(D, **norm)
+    self.attn = Attention(cfg, stack, rngs)
+    self.pre_mlp_norm = RMSNorm(D, **norm)
+    self.mlp = MLP(cfg, stack, rngs)
+    self.post_attn_norm = self.post_mlp_norm = nnx.data(None)
+    if cfg.sandwich_norms:
+      self.post_attn_norm, self.post_mlp_norm = RMSNorm(D, **norm), RMSNorm(D, **norm)
+
+  def __call__(self, x_BTD, is_sliding, inputs: LayerInputs, kv_cache=None):
+    cos_sin = jax.tree.map(lambda s, f: jnp.where(is_sliding, s, f), inputs.cos_sin_sliding, inputs.cos_sin_full)
+    mask = jnp.where(is_sliding, inputs.mask_sliding_BTS, inputs.mask_full_BTS)
+    h, kv_cache = self.attn(self.pre_attn_norm(x_BTD), cos_sin, mask, kv_cache, inputs.cache_index)
+    if self.post_attn_norm is not None:
+      h = self.post_attn_norm(h)
+    x_BTD = x_BTD + h
+    h = self.mlp(self.pre_mlp_norm(x_BTD))
+    if self.post_mlp_norm is not None:
+      h = self.post_mlp_norm(h)
+    return x_BTD + h, kv_cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys/values of every layer [L, B, S, K, H], the segment of every slot [B, S] (0 = empty), the fill index."""
+
+  k: jax.Array
+  v: jax.Array
+  segments: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> "KVCache":
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
+               jnp.zeros((), jnp.int32))
+
+
+class CausalLM(nnx.Module):
+  """Embeddings, a scanned stack of decoder layers, final norm and LM head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    V, D = cfg.vocab_size, cfg.hidden_size
+    self.embed = nnx.Param(_init(rngs, (V, D), cfg.param_dtype), axes=("vocab", "embed"))
+    self.layers = Block(cfg, (cfg.num_layers,), rngs)
+    self.final_norm = RMSNorm(D, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="embed",
+                              param_dtype=cfg.param_dtype, rngs=rngs)
+    self.lm_head = nnx.data(None)
+    if not cfg.tie_embeddings:
+      self.lm_head = Linear("BTD,DV->BTV", (D, V), ("embed", "vocab"), dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+               cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+    """Logits [B, T, V]; with a cache, (logits, updated cache).
+
+    attention_mask: HF's 0/1 padding mask [B, T]. segment_ids: packed rows [B, T] (0 = padding);
+    positions default to 0..T-1 (from the cache index when decoding).
+    """
+    hidden, cache = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
+                                       cache=cache)
+    logits = self.logits(hidden)
+    return logits if cache is None else (logits, cache)
+
+  def logits(self, hidden_BTD: jax.Array) -> jax.Array:
+    """LM head (tied or not) and final soft-capping; float32 logits."""
+    if self.lm_head is None:
+      logits = jnp.einsum("BTD,VD->BTV", hidden_BTD, self.embed[...].astype(hidden_BTD.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = self.lm_head(hidden_BTD).astype(jnp.float32)
+    cap = self.config.final_softcap
+    return jnp.tanh(logits / cap) * cap if cap else logits
+
+  def hidden_states(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, cache=None):
+    """Final-norm hidden states [B, T, D] (and the updated cache or None)."""
+    cfg = self.config
+    B, T = input_ids.shape
+    x = self.embed[...][input_ids].astype(cfg.dtype)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=cfg.dtype)
+    inputs, cache = self._layer_inputs(B, T, attention_mask, segment_ids, positions, cache)
+    x, kv = self._run_layers(x, inputs, cache)
+    if cache is not None:
+      cache = dataclasses.replace(cache, k=kv[0], v=kv[1], index=cache.index + T)
+    return self.final_norm(x), cache
+
+  def _layer_inputs(self, B, T, attention_mask, segment_ids, positions, cache):
+    cfg = self.config
+    if segment_ids is None:
+      segment_ids = jnp.ones((B, T), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    if cache is None:
+      q_slot = kv_slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      kv_seg, index = segment_ids, None
+    else:
+      index = cache.index
+      q_slot = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+      kv_slot = jnp.broadcast_to(jnp.arange(cache.segments.shape[1], dtype=jnp.int32), cache.segments.shape)
+      kv_seg = jax.lax.dynamic_update_slice(cache.segments, segment_ids.astype(jnp.int32), (0, index))
+      cache = dataclasses.replace(cache, segments=kv_seg)
+    if positions is None:
+      positions = q_slot
+    full = rope_lib.rope_tables(cfg.rope_full, cfg.head_dim, positions)
+    sliding = full if cfg.rope_sliding == cfg.rope_full else rope_lib.rope_tables(cfg.rope_sliding, cfg.head_dim,
+                                                                                  positions)
+    mask_full = attn_lib.attention_mask(q_slot, kv_slot, segment_ids, kv_seg)
+    mask_sliding = mask_full
+    if cfg.sliding_window is not None and any(cfg.sliding_layers):
+      mask_sliding = attn_lib.attention_mask(q_slot, kv_slot, segment_ids, kv_seg, cfg.sliding_window)
+    return LayerInputs(full, sliding, mask_full, mask_sliding, index), cache
+
+  def _run_layers(self, x, inputs: LayerInputs, cache: KVCache | None):
+    cfg = self.config
+    graphdef, state = nnx.split(self.layers)
+    sliding = jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
+
+    def body(x, xs):
+      layer_state, is_sliding, kv = xs
+      x, kv = nnx.merge(graphdef, layer_state)(x, is_sliding, inputs, kv)
+      return x, kv
+
+    if cfg.remat != "none":
+      if cfg.remat not in _REMAT_POLICIES:
+        raise ValueError(f"remat {cfg.remat!r} unknown; choose none, {', '.join(_REMAT_POLICIES)}.")
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    kv = None if cache is None else (cache.k, cache.v)
+    return jax.lax.scan(body, x, (state, sliding, kv))

