@@ -8,9 +8,11 @@ peak host memory stays near one model in the target dtype.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -61,6 +63,11 @@ def _read(ckpt: Checkpoint, tmap: mapping.TensorMap, name: str, expected: tuple[
   return np.asarray(value, dtype=dtype)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack: jax.Array, layer: jax.Array, i: int) -> jax.Array:
+  return stack.at[i].set(layer)
+
+
 def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract_state: nnx.State) -> nnx.State:
   """Fills an abstract (eval_shape) state from the checkpoint, one parameter at a time."""
   by_path = {m.path: m for m in mapping.tensor_maps(cfg)}
@@ -71,16 +78,15 @@ def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract_state: nnx.State) -
     if tmap is None:
       raise CheckpointError(f"no Hugging Face tensor is known for parameter {'.'.join(map(str, path))}.")
     shape, dtype = var.shape, np.dtype(var.dtype)
-    if tmap.stacked:
-      host = np.empty(shape, dtype)
+    if tmap.stacked:  # filled on the device one layer at a time: the host holds one layer, never the stack
+      value = jnp.zeros(shape, dtype)
       for i, name in enumerate(tmap.hf_names(cfg.num_layers)):
-        host[i] = _read(ckpt, tmap, name, shape[1:], dtype)
+        value = _set_layer(value, _read(ckpt, tmap, name, shape[1:], dtype), i)
         used.add(name)
     else:
-      host = _read(ckpt, tmap, tmap.hf_name, shape, dtype)
+      value = jnp.asarray(_read(ckpt, tmap, tmap.hf_name, shape, dtype))
       used.add(tmap.hf_name)
-    flat.append((path, var.replace(jnp.asarray(host))))
-    del host  # the device copy is the only one from here on
+    flat.append((path, var.replace(value)))
   unexpected = [n for n in ckpt.keys() if n not in used and not n.endswith(mapping.IGNORED_SUFFIXES)
                 and not (cfg.tie_embeddings and n == "lm_head.weight")]
   if unexpected:

@@ -60,7 +60,7 @@ class SafetensorsFile:
         raise CheckpointError(f"{self.path}: tensor {name!r} lies outside the file or has the wrong byte size "
                               f"(offsets {start}..{end}, file data {data_len} bytes); the file is truncated or "
                               "corrupt; re-download it.")
-    self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+    self._mmap = None  # opened on the first sliced read
 
   def keys(self) -> list[str]:
     return list(self._entries)
@@ -72,11 +72,22 @@ class SafetensorsFile:
     return DTYPES[self._entries[name]["dtype"]]
 
   def get(self, name: str) -> np.ndarray:
-    """The tensor as a read-only array view into the memory map (no copy)."""
+    """The whole tensor, read into its own buffer (nothing else of the file stays resident)."""
     entry = self._entries[name]
     start, end = entry["data_offsets"]
+    dtype = DTYPES[entry["dtype"]]
+    with open(self.path, "rb") as f:
+      array = np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize, offset=self._data_start + start)
+    return array.reshape(entry["shape"])
+
+  def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """A slice of a tensor, read through the memory map (only the pages it touches are read)."""
+    entry = self._entries[name]
+    start, end = entry["data_offsets"]
+    if self._mmap is None:
+      self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
     raw = self._mmap[self._data_start + start:self._data_start + end]
-    return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return np.array(raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])[index])
 
 
 class Checkpoint:

