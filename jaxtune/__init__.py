@@ -7,7 +7,7 @@ for importing jax and flax.
 
 import importlib
 
-_API = {"generate": "jaxtune.generate", "load_model": "jaxtune.hf.load", "load_tokenizer": "jaxtune.hf.load"}
+_API = {"generate": "jaxtune.generation", "load_model": "jaxtune.hf.load", "load_tokenizer": "jaxtune.hf.load"}
 __all__ = list(_API)
 
 

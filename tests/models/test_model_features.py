@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import jaxtune
-from jaxtune.generate import _sample, generate_ids
+from jaxtune.generation import _sample, generate_ids
 from jaxtune.models.config import from_hf_dict, load_config
 import tiny_hf
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import jaxtune
-from jaxtune.generate import generate_ids
+from jaxtune.generation import generate_ids
 import tiny_hf
 
 BATCH, SEQ = 3, 20  # SEQ > the sliding window (8) of the sliding families
