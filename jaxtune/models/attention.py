@@ -9,10 +9,14 @@ Every query and key carries a *slot* (its index in the sequence or cache) and a
 
 The portable XLA path is the default; `impl="cudnn"` routes the same mask through
 `jax.nn.dot_product_attention`'s cuDNN kernel on GPU (`impl="dot_product"` is that
-call with XLA's implementation, so the wiring is tested on CPU).
+call with XLA's implementation, so the wiring is tested on CPU); `impl="splash"` runs
+Pallas splash attention on TPU (tested in Pallas' interpret mode on CPU) for training
+and prefill without a KV cache.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,3 +69,44 @@ def attend(
   probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
   return out_BTKGH.reshape(B, T, N, H)
+
+
+SPLASH_BLOCK = 128  # splash attention's default block size: sequence lengths must be a multiple of it
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(num_heads: int, seq_len: int, window: int | None, softcap: float | None, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+  shape = (seq_len, seq_len)
+  head_mask = mask_lib.CausalMask(shape) if window is None else mask_lib.LocalMask(shape, (window - 1, 0), 0)
+  return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([head_mask] * num_heads), head_shards=1,
+                                    q_seq_shards=1, attn_logits_soft_cap=softcap, interpret=interpret)
+
+
+def splash_attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, is_sliding, *, window: int | None, scale: float,
+                  softcap: float | None = None) -> jax.Array:
+  """Causal (optionally sliding-window) self-attention over packed rows with Pallas splash attention."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+
+  B, T, N, H = q_BTNH.shape
+  if T % SPLASH_BLOCK:
+    raise ValueError(f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCK}; got {T}. "
+                     "Set the data's max_seq_len / bucket lengths accordingly, or use attention_impl='xla'.")
+  interpret = jax.default_backend() != "tpu"
+  groups = N // k_BTKH.shape[2]
+  q = (q_BTNH * scale).transpose(0, 2, 1, 3)
+  k = jnp.repeat(k_BTKH, groups, axis=2).transpose(0, 2, 1, 3)
+  v = jnp.repeat(v_BTKH, groups, axis=2).transpose(0, 2, 1, 3)
+  segments = kernel_lib.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)
+
+  def run(window_or_none):
+    kernel = _splash_kernel(N, T, window_or_none, softcap, interpret)
+    return jax.vmap(kernel)(q, k, v, segment_ids=segments)
+
+  if window is None:
+    out = run(None)
+  else:  # the layer kind is a traced value inside the layer scan: run only the kernel it needs
+    out = jax.lax.cond(is_sliding, lambda: run(window), lambda: run(None))
+  return out.transpose(0, 2, 1, 3).astype(q_BTNH.dtype)

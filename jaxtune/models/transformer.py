@@ -89,6 +89,7 @@ class LayerInputs:
   mask_full_BTS: jax.Array
   mask_sliding_BTS: jax.Array
   cache_index: jax.Array | None  # slot of the first new token when decoding with a KV cache
+  segment_ids_BT: jax.Array  # for kernels that take segment ids rather than a dense mask
 
 
 class Attention(nnx.Module):
@@ -112,8 +113,10 @@ class Attention(nnx.Module):
                   param_dtype=cfg.param_dtype, rngs=rngs)
       self.q_norm, self.k_norm = RMSNorm(H, **norm), RMSNorm(H, **norm)
     self.scale, self.softcap, self.impl = cfg.scale, cfg.attn_softcap, cfg.attention_impl
+    self.window = cfg.sliding_window
 
-  def __call__(self, x_BTD, cos_sin, mask_BTS, kv_cache=None, cache_index=None):
+  def __call__(self, x_BTD, cos_sin, mask_BTS, kv_cache=None, cache_index=None, is_sliding=None,
+               segment_ids_BT=None):
     q, k, v = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
@@ -123,8 +126,13 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
       kv_cache = (k, v)
-    out = attn_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, scale=self.scale,
-                          softcap=self.softcap, impl=self.impl)
+    if self.impl == "splash" and kv_cache is None:
+      out = attn_lib.splash_attend(q, k, v, segment_ids_BT, is_sliding, window=self.window, scale=self.scale,
+                                   softcap=self.softcap)
+    else:  # splash has no KV-cache decoding: generation runs the portable path
+      impl = "xla" if self.impl == "splash" else self.impl
+      out = attn_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, scale=self.scale,
+                            softcap=self.softcap, impl=impl)
     return self.o(out), kv_cache
 
 
@@ -164,7 +172,8 @@ class Block(nnx.Module):
   def __call__(self, x_BTD, is_sliding, inputs: LayerInputs, kv_cache=None):
     cos_sin = jax.tree.map(lambda s, f: jnp.where(is_sliding, s, f), inputs.cos_sin_sliding, inputs.cos_sin_full)
     mask = jnp.where(is_sliding, inputs.mask_sliding_BTS, inputs.mask_full_BTS)
-    h, kv_cache = self.attn(self.pre_attn_norm(x_BTD), cos_sin, mask, kv_cache, inputs.cache_index)
+    h, kv_cache = self.attn(self.pre_attn_norm(x_BTD), cos_sin, mask, kv_cache, inputs.cache_index, is_sliding,
+                            inputs.segment_ids_BT)
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
     x_BTD = x_BTD + h
@@ -265,7 +274,7 @@ class CausalLM(nnx.Module):
     mask_sliding = mask_full
     if cfg.sliding_window is not None and any(cfg.sliding_layers):
       mask_sliding = attn_lib.attention_mask(q_slot, kv_slot, segment_ids, kv_seg, cfg.sliding_window)
-    return LayerInputs(full, sliding, mask_full, mask_sliding, index), cache
+    return LayerInputs(full, sliding, mask_full, mask_sliding, index, segment_ids), cache
 
   def _run_layers(self, x, inputs: LayerInputs, cache: KVCache | None):
     cfg = self.config

@@ -143,3 +143,18 @@ def test_unsupported_model_type_lists_supported(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
   with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported: llama, mistral, qwen2"):
     load_config(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3"])
+def test_splash_attention_matches_xla_in_interpret_mode(family, tmp_path):
+  """Pallas splash attention (TPU kernel, run by Pallas' interpreter on CPU) over packed rows with padding."""
+  tiny_hf.build(family, tmp_path)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, 128, size=(1, 128))
+  segments = np.array([[1] * 50 + [2] * 70 + [0] * 8])
+  positions = np.array([list(range(50)) + list(range(70)) + [0] * 8])
+  xla = np.asarray(jaxtune.load_model(tmp_path)(ids, segment_ids=segments, positions=positions))
+  splash = np.asarray(jaxtune.load_model(tmp_path, attention_impl="splash")(ids, segment_ids=segments,
+                                                                             positions=positions))
+  real = segments[0] > 0
+  np.testing.assert_allclose(splash[0, real], xla[0, real], atol=1e-4 * np.abs(xla).max())
