@@ -37,6 +37,9 @@ class DataError(ValueError):
         self.reason = reason or problem
         super().__init__(f"{location}: {field}: {problem}" + (f"; {fix}" if fix else ""))
 
+    def __reduce__(self):  # survive pickling (worker processes): rebuild from the parts, not from str(self)
+        return type(self), (self.location, self.field, self.problem, self.fix), {"reason": self.reason}
+
 
 @dataclasses.dataclass
 class Record:
@@ -137,7 +140,7 @@ def _iter_raw(source: str) -> Iterator[tuple[str, Any]]:
             yield from _iter_json_list(path)
         else:
             yield from _iter_jsonl(path)
-    elif _HUB_ID.match(path) and not os.path.splitext(path.split(":")[0])[1].lower() in (
+    elif _HUB_ID.match(path) and os.path.splitext(path.split(":")[0])[1].lower() not in (
             ".json", ".jsonl", ".csv", ".parquet"):
         yield from _iter_hub(path)
     else:

@@ -1,0 +1,244 @@
+"""jaxtune vs transformers + PEFT on CPU: one train step, same shape, batch, LoRA and optimizer.
+
+    python -m bench.train_cpu --setting lora     # LoRA r=16, alpha=32, all linear layers
+    python -m bench.train_cpu --setting full     # full fine-tuning
+    python -m bench.train_cpu --setting lora --smoke   # tiny shape, 1 round of 1 step: seconds
+
+Each side runs in its own worker process (clean peak RSS), both built from the same HF
+config dict (SmolLM2-135M shape, random weights), float32, AdamW (weight decay 0, clip 1.0),
+batch 4 x 256 random tokens, loss on every token. After warm-up the parent asks the
+workers in turn for `--steps` steps, `--rounds` times, alternating which goes first, and
+reports the median step time over all measured steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SMOLLM2_135M = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
+    intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+    hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True,
+    rope_theta=100000.0, bos_token_id=1, eos_token_id=2,
+)
+SMOKE = dict(SMOLLM2_135M, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+LORA = dict(rank=16, alpha=32.0)
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR = 1e-4
+
+
+def peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def random_tokens(batch: int, seq: int, vocab: int, seed: int = 0):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return np.random.default_rng(seed).integers(0, vocab, (batch, seq), dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------------------------- jaxtune side
+def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int = 512, remat: str = "none"):
+  """(step_fn, n_trainable): step_fn() runs one real jaxtune train step and blocks on it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from jaxtune.hf.load import init_model  # pylint: disable=g-import-not-at-top
+  from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
+  from jaxtune.peft.lora import apply_lora  # pylint: disable=g-import-not-at-top
+  from jaxtune.train import optim, step  # pylint: disable=g-import-not-at-top
+
+  cfg = from_hf_dict(hf_cfg, dtype="float32", param_dtype="float32", attention_impl="xla", remat=remat)
+  model = init_model(cfg, seed=0)
+  if setting == "lora":
+    apply_lora(model, rank=LORA["rank"], alpha=LORA["alpha"], dropout=0.0, rngs=nnx.Rngs(1))
+  ocfg = optim.optim_config()
+  ocfg.lr, ocfg.schedule, ocfg.weight_decay, ocfg.clip_norm = LR, "constant", 0.0, 1.0
+  tx = optim.make_optimizer(ocfg, total_steps=10**6)
+  graphdef, frozen, state = step.init_train_state(model, tx, method=setting)
+  del model
+  n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
+  train_step = step.make_train_step(graphdef, frozen, tx, loss_chunk=loss_chunk)
+  ids = random_tokens(batch, seq, hf_cfg["vocab_size"])[None]
+  data = {"input_ids": ids, "loss_mask": np.ones_like(ids), "segment_ids": np.ones_like(ids),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
+  holder = {"state": state}
+
+  def run() -> float:
+    holder["state"], metrics = train_step(holder["state"], data)
+    return float(metrics["loss"])  # blocks until the step is done
+
+  return run, n_trainable
+
+
+# --------------------------------------------------------------------------------------------- HF + PEFT side
+def hf_side(hf_cfg: dict, setting: str, batch: int, seq: int, attn: str = "sdpa"):
+  """(step_fn, n_trainable): one transformers (+ PEFT) step: forward with labels, backward, clip, AdamW."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(**hf_cfg)
+  config._attn_implementation = attn  # pylint: disable=protected-access
+  model = transformers.LlamaForCausalLM(config).to(torch.float32)
+  if setting == "lora":
+    import peft  # pylint: disable=g-import-not-at-top
+    model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                                       target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
+  model.train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+  ids = torch.from_numpy(random_tokens(batch, seq, hf_cfg["vocab_size"]).astype("int64"))
+
+  def run() -> float:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+  return run, sum(p.numel() for p in params)
+
+
+# ------------------------------------------------------------------------------------------------ the worker
+class _NoCheckpoint:
+  """The jax module with jax.checkpoint as the identity (ablation of the cross-entropy remat)."""
+
+  def __init__(self, jax_module):
+    self._jax = jax_module
+
+  def __getattr__(self, name):
+    return (lambda f, *a, **k: f) if name == "checkpoint" else getattr(self._jax, name)
+
+
+def worker(args) -> None:
+  """Builds one side, warms up, then serves `run N` requests on stdin with JSON lines on stdout."""
+  hf_cfg = SMOKE if args.smoke else SMOLLM2_135M
+  t0 = time.perf_counter()
+  if args.no_ce_remat and args.worker == "jaxtune":
+    import jax  # pylint: disable=g-import-not-at-top
+    from jaxtune.train import step as step_lib  # pylint: disable=g-import-not-at-top
+    step_lib.jax = _NoCheckpoint(jax)
+  if args.worker == "jaxtune":
+    run, n = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.loss_chunk, args.remat)
+  else:
+    run, n = hf_side(hf_cfg, args.setting, args.batch, args.seq, args.hf_attn)
+  build = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  loss = run()
+  first = time.perf_counter() - t0
+  for _ in range(args.warmup - 1):
+    loss = run()
+  if args.profile and args.worker == "jaxtune":
+    import jax  # pylint: disable=g-import-not-at-top
+    with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+      run()
+  print(json.dumps({"build_s": build, "first_step_s": first, "trainable": n, "loss": loss}), flush=True)
+  for line in sys.stdin:
+    if line.strip() == "quit":
+      break
+    times = []
+    for _ in range(int(line.split()[1])):
+      t0 = time.perf_counter()
+      loss = run()
+      times.append(time.perf_counter() - t0)
+    print(json.dumps({"times": times, "loss": loss}), flush=True)
+  print(json.dumps({"peak_rss_gb": peak_rss_gb()}), flush=True)
+
+
+def _start(side: str, args) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "bench.train_cpu", "--worker", side, "--setting", args.setting,
+         "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
+         "--loss-chunk", str(args.loss_chunk), "--remat", args.remat, "--hf-attn", args.hf_attn,
+         "--profile", args.profile]
+  cmd += ["--smoke"] if args.smoke else []
+  cmd += ["--no-ce-remat"] if args.no_ce_remat else []
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ)
+  if side == "jaxtune" and args.xla_flags:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
+
+
+def _ask(proc: subprocess.Popen, line: str | None = None) -> dict:
+  if line is not None:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+  out = proc.stdout.readline()
+  if not out:
+    raise RuntimeError(f"benchmark worker exited with {proc.wait()}; see its stderr above.")
+  return json.loads(out)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--setting", choices=("lora", "full"), default="lora")
+  p.add_argument("--sides", default="jaxtune,hf", help="comma list: jaxtune, hf")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--steps", type=int, default=3, help="measured steps per side per round")
+  p.add_argument("--warmup", type=int, default=2, help="unmeasured steps (the first compiles)")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--loss-chunk", type=int, default=512, help="jaxtune cross-entropy chunk (positions)")
+  p.add_argument("--remat", default="none", help="jaxtune remat policy: none | full | dots | dots_no_batch")
+  p.add_argument("--hf-attn", default="sdpa", help="transformers attention: sdpa | eager")
+  p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jaxtune worker (ablations)")
+  p.add_argument("--no-ce-remat", action="store_true",
+                 help="ablation: patch out the jax.checkpoint around the chunked cross-entropy")
+  p.add_argument("--profile", default="", help="jaxtune worker: write a perfetto trace of one step here")
+  p.add_argument("--smoke", action="store_true", help="tiny model, 1 round of 1 step (seconds)")
+  p.add_argument("--json", help="also write the results here")
+  p.add_argument("--worker", choices=("jaxtune", "hf"), help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.worker:
+    return worker(args)
+  if args.smoke:
+    args.rounds, args.steps, args.warmup, args.batch, args.seq = 1, 1, 1, 2, 32
+  sides = args.sides.split(",")
+  procs, info, times = {}, {}, {s: [] for s in sides}
+  for s in sides:  # built and warmed one at a time: never two heavy jobs at once
+    procs[s] = _start(s, args)
+    info[s] = _ask(procs[s])
+    print(f"{s}: built in {info[s]['build_s']:.1f} s, first step {info[s]['first_step_s']:.1f} s, "
+          f"{info[s]['trainable']:,} trainable", flush=True)
+  for r in range(args.rounds):
+    for s in (sides if r % 2 == 0 else sides[::-1]):
+      got = _ask(procs[s], f"run {args.steps}")
+      times[s] += got["times"]
+      print(f"round {r + 1} {s}: " + " ".join(f"{t:.2f}" for t in got["times"]) + f" s/step, loss {got['loss']:.3f}",
+            flush=True)
+  for s in sides:
+    info[s].update(_ask(procs[s], "quit"))
+    procs[s].wait()
+  tokens = args.batch * args.seq
+  rows = {}
+  for s in sides:
+    med = statistics.median(times[s])
+    rows[s] = dict(info[s], step_s=med, step_min_s=min(times[s]), tokens_per_s=tokens / med, times=times[s])
+  print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} float32, median of {len(times[sides[0]])} steps/side")
+  print(f"{'side':8} {'tokens/s':>9} {'step s':>7} {'min s':>6} {'peak RSS GB':>11} {'first step s':>12}")
+  for s, row in rows.items():
+    print(f"{s:8} {row['tokens_per_s']:9.1f} {row['step_s']:7.2f} {row['step_min_s']:6.2f} "
+          f"{row['peak_rss_gb']:11.2f} {row['first_step_s']:12.1f}")
+  if "jaxtune" in rows and "hf" in rows:
+    j, h = rows["jaxtune"], rows["hf"]
+    print(f"ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
+          f"peak RSS {j['peak_rss_gb'] / h['peak_rss_gb']:.2f}x")
+  result = {"setting": args.setting, "batch": args.batch, "seq": args.seq, "smoke": args.smoke, "sides": rows}
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+if __name__ == "__main__":
+  main()

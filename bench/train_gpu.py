@@ -1,0 +1,200 @@
+"""jaxtune vs transformers + PEFT on one GPU: Llama 3.2 1B shape, sequence 2048, bf16, LoRA and full.
+
+    python -m bench.train_gpu                     # both settings, prints one table (< 8 min on an H100)
+    python -m bench.train_gpu --settings lora     # one setting
+    python -m bench.train_gpu --smoke             # tiny shape, 1 step each (runs on CPU too)
+
+Same protocol as bench/train_cpu.py: each side in its own worker process, warm-up, then
+alternating rounds; median step time. jaxtune: bf16 compute, cuDNN attention, float32
+trained weights (LoRA: bf16 frozen base). HF: the same dtypes (bf16 base under LoRA, float32
+weights under bf16 autocast for full), sdpa attention, torch AdamW (fused).
+Peak memory is the device allocator's peak (jax memory_stats / torch max_memory_allocated).
+MFU = model FLOPs / step time / peak bf16 FLOP/s (--peak-tflops, 989 for H100/H200 SXM dense):
+full counts 6 x params x tokens; LoRA counts 4 x params x tokens (forward 2N, activation
+gradients 2N; the frozen weights get no weight gradients, adapter FLOPs are ignored); neither
+counts attention's T^2 FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from bench.train_cpu import HF_TARGETS, LORA, SMOKE, _ask, random_tokens
+
+LLAMA32_1B = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=2048,
+    intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+    hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=True,
+    rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+)
+LR = 1e-4
+
+
+def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from jaxtune.hf.load import init_model  # pylint: disable=g-import-not-at-top
+  from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
+  from jaxtune.peft.lora import apply_lora  # pylint: disable=g-import-not-at-top
+  from jaxtune.train import optim, step  # pylint: disable=g-import-not-at-top
+
+  dtypes = step.default_dtypes(setting)
+  cfg = from_hf_dict(hf_cfg, attention_impl=attn if jax.default_backend() == "gpu" else "xla", remat=remat,
+                     **dtypes)
+  model = init_model(cfg, seed=0)
+  if setting == "lora":
+    apply_lora(model, rank=LORA["rank"], alpha=LORA["alpha"], dropout=0.0, rngs=nnx.Rngs(1))
+  ocfg = optim.optim_config()
+  ocfg.lr, ocfg.schedule, ocfg.weight_decay, ocfg.clip_norm = LR, "constant", 0.0, 1.0
+  tx = optim.make_optimizer(ocfg, total_steps=10**6)
+  graphdef, frozen, state = step.init_train_state(model, tx, method=setting)
+  counted = frozen.weights if setting == "lora" else (state.params, frozen.weights)  # base weights only
+  n_params = sum(x.size for x in jax.tree.leaves(counted))
+  del model
+  train_step = step.make_train_step(graphdef, frozen, tx, loss_chunk=loss_chunk)
+  ids = random_tokens(batch, seq, hf_cfg["vocab_size"])[None]
+  data = {"input_ids": ids, "loss_mask": np.ones_like(ids), "segment_ids": np.ones_like(ids),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = train_step(holder["state"], data)
+    return float(metrics["loss"])
+
+  def peak_gb():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 1e9
+
+  return run, n_params, peak_gb
+
+
+def hf_side(hf_cfg, setting, batch, seq, attn):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  config = transformers.LlamaConfig(**hf_cfg)
+  config._attn_implementation = attn  # pylint: disable=protected-access
+  base_dtype = torch.bfloat16 if setting == "lora" else torch.float32
+  model = transformers.LlamaForCausalLM(config).to(device=dev, dtype=base_dtype)
+  n_params = sum(p.numel() for p in model.parameters())
+  if setting == "lora":
+    import peft  # pylint: disable=g-import-not-at-top
+    model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                                       target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
+  model.train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=dev == "cuda")
+  ids = torch.from_numpy(random_tokens(batch, seq, hf_cfg["vocab_size"]).astype("int64")).to(dev)
+
+  def run():
+    with torch.autocast(dev, dtype=torch.bfloat16):
+      loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())  # synchronises
+
+  def peak_gb():
+    return torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else 0.0
+
+  return run, n_params, peak_gb
+
+
+def worker(args) -> None:
+  hf_cfg = SMOKE if args.smoke else LLAMA32_1B
+  if args.worker == "jaxtune":
+    run, n, peak = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.attn, args.remat, args.loss_chunk)
+  else:
+    run, n, peak = hf_side(hf_cfg, args.setting, args.batch, args.seq, args.hf_attn)
+  t0 = time.perf_counter()
+  run()
+  first = time.perf_counter() - t0
+  for _ in range(args.warmup - 1):
+    run()
+  print(json.dumps({"first_step_s": first, "params": n}), flush=True)
+  for line in sys.stdin:
+    if line.strip() == "quit":
+      break
+    times = []
+    for _ in range(int(line.split()[1])):
+      t0 = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - t0)
+    print(json.dumps({"times": times}), flush=True)
+  print(json.dumps({"peak_gb": peak()}), flush=True)
+
+
+def run_setting(args, setting: str) -> dict:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs, info, times = {}, {}, {"jaxtune": [], "hf": []}
+  for side in times:
+    cmd = [sys.executable, "-m", "bench.train_gpu", "--worker", side, "--settings", setting, "--batch",
+           str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--attn", args.attn,
+           "--remat", args.remat, "--loss-chunk", str(args.loss_chunk), "--hf-attn", args.hf_attn]
+    cmd += ["--smoke"] if args.smoke else []
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # both workers share the card
+    procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
+    info[side] = _ask(procs[side])
+  for r in range(args.rounds):
+    for side in (("jaxtune", "hf") if r % 2 == 0 else ("hf", "jaxtune")):
+      times[side] += _ask(procs[side], f"run {args.steps}")["times"]
+  for side in times:
+    info[side].update(_ask(procs[side], "quit"))
+    procs[side].wait()
+  tokens = args.batch * args.seq
+  rows = {}
+  for side, ts in times.items():
+    step_s = statistics.median(ts)
+    flops = (6 if setting == "full" else 4) * info[side]["params"] * tokens
+    rows[side] = dict(info[side], step_s=step_s, tokens_per_s=tokens / step_s,
+                      mfu=flops / step_s / (args.peak_tflops * 1e12))
+  return rows
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--settings", default="lora,full")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--attn", default="cudnn", help="jaxtune attention on GPU: cudnn | xla")
+  p.add_argument("--remat", default="none", help="jaxtune remat: none | full | dots | dots_no_batch")
+  p.add_argument("--loss-chunk", type=int, default=512)
+  p.add_argument("--hf-attn", default="sdpa")
+  p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card")
+  p.add_argument("--smoke", action="store_true")
+  p.add_argument("--worker", choices=("jaxtune", "hf"), help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.worker:
+    args.setting = args.settings
+    return worker(args)
+  if args.smoke:
+    args.batch, args.seq, args.rounds, args.steps, args.warmup = 2, 32, 1, 1, 1
+  results = {s: run_setting(args, s) for s in args.settings.split(",")}
+  print(f"\nLlama 3.2 1B shape, batch {args.batch} x {args.seq}, bf16; median step; MFU vs {args.peak_tflops} TFLOP/s")
+  print(f"{'setting':8} {'side':8} {'tokens/s':>9} {'step s':>7} {'peak GB':>8} {'MFU':>6} {'first s':>8}")
+  for s, rows in results.items():
+    for side, row in rows.items():
+      print(f"{s:8} {side:8} {row['tokens_per_s']:9.0f} {row['step_s']:7.3f} {row['peak_gb']:8.1f} "
+            f"{row['mfu']:6.1%} {row['first_step_s']:8.1f}")
+    j, h = rows["jaxtune"], rows["hf"]
+    print(f"{s:8} ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
+          f"peak memory {j['peak_gb'] / max(h['peak_gb'], 1e-9):.2f}x")
+  return results
+
+
+if __name__ == "__main__":
+  main()

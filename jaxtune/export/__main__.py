@@ -1,0 +1,65 @@
+"""Command line: export a training run's model at a checkpoint step.
+
+    python -m jaxtune.export --run RUN_DIR [--step N] --out OUT_DIR --format merged|adapter|gguf \
+        [--dtype bfloat16|float16|float32|q8_0] [--overwrite]
+
+merged: OUT_DIR is a Hugging Face checkpoint (transformers, vLLM); adapter: a PEFT adapter
+directory; gguf: OUT_DIR/model-<dtype>.gguf for llama.cpp / Ollama (dtype f16 by default, q8_0 too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+FORMATS = ("merged", "adapter", "gguf")
+DTYPES = ("bfloat16", "float16", "float32", "q8_0", "bf16", "f16", "f32")
+
+
+def _size(text: str) -> int:
+  units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+  upper = text.strip().upper()
+  for unit, factor in units.items():
+    if upper.endswith(unit):
+      return int(float(upper[:-len(unit)]) * factor)
+  return int(upper)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m jaxtune.export", description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+  p.add_argument("--run", type=pathlib.Path, required=True, help="the run directory (the training output_dir)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--out", type=pathlib.Path, required=True, help="output directory")
+  p.add_argument("--format", choices=FORMATS, required=True)
+  p.add_argument("--dtype", choices=DTYPES, default=None,
+                 help="merged: default the base checkpoint's dtype; adapter: float32; gguf: f16 (or bf16, q8_0)")
+  p.add_argument("--max-shard-size", type=_size, default="5GB", help="merged: shard size limit, e.g. 5GB, 500MB")
+  p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+  args = p.parse_args(argv)
+  if args.dtype == "q8_0" and args.format != "gguf":
+    p.error("--dtype q8_0 is for --format gguf only")
+  return args
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  from jaxtune.export import run  # pylint: disable=g-import-not-at-top  (after parsing: --help stays fast)
+  from jaxtune.export.files import ExportError  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  try:
+    out = run.export_run(args.run, args.out, args.format, args.step, dtype=args.dtype, overwrite=args.overwrite,
+                         max_shard_bytes=args.max_shard_size)
+  except (ExportError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out} ({args.format}) in {time.perf_counter() - start:.1f} s:")
+  print("\n".join(run.describe(out)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,42 @@
+"""Adapter export: LoRA factors in PEFT's layout, for `peft.PeftModel.from_pretrained` and vLLM's LoRA loading.
+
+    OUT/adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in], .lora_B.weight [out, r]
+    OUT/adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, use_rslora, base model
+
+The names and layouts come from `jaxtune.peft.lora.peft_state_dict` / `peft_config`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+from safetensors.numpy import save_file
+
+from jaxtune.export import files
+from jaxtune.export.files import ExportError
+from jaxtune.models.transformer import CausalLM
+from jaxtune.peft.lora import lora_weights, peft_config, peft_state_dict
+
+ADAPTER_PATTERNS = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def export_adapter(model: CausalLM, out_dir: str | os.PathLike, base_model_name_or_path: str, *,
+                   dtype: Any = "float32", overwrite: bool = False) -> pathlib.Path:
+  """Writes the model's LoRA adapters as a PEFT adapter directory; returns it.
+
+  base_model_name_or_path: what PEFT and vLLM load the adapter onto (a hub id or a path).
+  """
+  if not lora_weights(model):
+    raise ExportError("the model has no LoRA adapters to export; apply_lora (and train) first, or export "
+                      "--format merged for a fully fine-tuned model.")
+  dtype = files.dtype_of(dtype)
+  config = peft_config(model, str(base_model_name_or_path))
+  tensors = {k: v.astype(dtype) for k, v in peft_state_dict(model).items()}
+  out = files.prepare_output_dir(out_dir, overwrite=overwrite, patterns=ADAPTER_PATTERNS)
+  partial = out / "adapter_model.safetensors.partial"
+  save_file(tensors, str(partial), metadata={"format": "pt"})
+  os.replace(partial, out / "adapter_model.safetensors")
+  files.write_json(out / "adapter_config.json", config)
+  return out

@@ -1,0 +1,190 @@
+"""What every export format shares: output-directory checks, the source checkpoint's files, safetensors writing.
+
+No torch here: safetensors files are written from numpy, one tensor at a time, so a
+shard never has to exist in memory as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import struct
+from typing import Callable, Iterable, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from jaxtune.hf.safetensors_io import DTYPES as _SAFETENSORS_DTYPES
+
+# dtype names the CLI and the Python API accept for safetensors output.
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "float16": np.dtype(np.float16)}
+_ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16",
+            "half": "float16"}
+_DTYPE_CODES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+# Files of a source checkpoint that describe the tokenizer and chat template (copied as they are).
+TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "*.tiktoken", "chat_template.jinja",
+                      "chat_template.json")
+# Files whose presence means a directory already holds an exported model or adapter.
+MODEL_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "adapter_config.json", "config.json", "*.gguf")
+
+
+class ExportError(ValueError):
+  """An export that cannot be done as asked; the message says where and what to do."""
+
+
+def dtype_of(name: str | np.dtype) -> np.dtype:
+  """A float dtype from its name ("bfloat16", "bf16", np.float16, ...)."""
+  key = str(np.dtype(name).name if not isinstance(name, str) else name).lower()
+  key = _ALIASES.get(key, key)
+  if key not in DTYPES:
+    raise ExportError(f"dtype {name!r} is not supported for safetensors export; choose one of {', '.join(DTYPES)}.")
+  return DTYPES[key]
+
+
+def source_dtype(source_dir: pathlib.Path) -> np.dtype:
+  """The dtype a checkpoint directory stores its weights in (config.json, else the first tensor)."""
+  hf = read_json(source_dir / "config.json")
+  for key in ("dtype", "torch_dtype"):
+    if isinstance(hf.get(key), str) and _ALIASES.get(hf[key], hf[key]) in DTYPES:
+      return dtype_of(hf[key])
+  from jaxtune.hf.safetensors_io import Checkpoint  # pylint: disable=g-import-not-at-top
+
+  ckpt = Checkpoint(source_dir)
+  name = ckpt.keys()[0]
+  found = ckpt.file_of(name).dtype(name)
+  return found if found in DTYPES.values() else DTYPES["float32"]
+
+
+def read_json(path: pathlib.Path) -> dict:
+  """A JSON file as a dict, with errors that name the file."""
+  if not path.is_file():
+    raise ExportError(f"{path}: not found; the source checkpoint directory must hold it.")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ExportError(f"{path}:{e.lineno}: invalid JSON ({e.msg}).") from None
+
+
+def write_json(path: pathlib.Path, value: dict) -> None:
+  path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def _existing(out: pathlib.Path, patterns: Sequence[str]) -> list[pathlib.Path]:
+  return sorted({p for pattern in patterns for p in out.glob(pattern) if p.is_file()})
+
+
+def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool,
+                     patterns: Sequence[str] = MODEL_PATTERNS) -> pathlib.Path:
+  """Creates `out_dir` if needed and checks it is writable and holds no model (unless `overwrite`); deletes nothing."""
+  out = pathlib.Path(out_dir).expanduser().absolute()
+  if out.exists() and not out.is_dir():
+    raise ExportError(f"{out}: exists and is not a directory; pass a directory path to --out.")
+  if out.is_dir() and not overwrite:
+    found = _existing(out, patterns)
+    if found:
+      shown = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
+      raise ExportError(f"{out}: already holds a model ({shown}); pass --overwrite (overwrite=True) to replace "
+                        "it, or choose an empty --out directory.")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".jaxtune-write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise ExportError(f"{out}: cannot write there ({e.strerror or e}); choose a writable --out directory.") from None
+  return out
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, *, overwrite: bool,
+                       patterns: Sequence[str] = MODEL_PATTERNS) -> pathlib.Path:
+  """`check_output_dir`, then (with `overwrite`) removes the files of an earlier export (`patterns`).
+
+  Removing them matters: stale shards or an old index of a differently sized model would
+  otherwise be picked up by a loader next to the new files.
+  """
+  out = check_output_dir(out_dir, overwrite=overwrite, patterns=patterns)
+  if overwrite:
+    for p in _existing(out, patterns):
+      p.unlink()
+  return out
+
+
+def copy_tokenizer_files(source_dir: pathlib.Path, out: pathlib.Path) -> list[str]:
+  """Copies the tokenizer and chat-template files of the source checkpoint; returns their names."""
+  copied = []
+  for pattern in TOKENIZER_PATTERNS:
+    for src in sorted(source_dir.glob(pattern)):
+      if src.is_file():
+        shutil.copyfile(src, out / src.name)
+        copied.append(src.name)
+  extra = source_dir / "additional_chat_templates"
+  if extra.is_dir():
+    shutil.copytree(extra, out / extra.name, dirs_exist_ok=True)
+    copied.append(extra.name)
+  return copied
+
+
+def tokenizer_vocab(source_dir: pathlib.Path) -> dict[str, int]:
+  """Token -> id of the added (special) tokens of tokenizer.json; {} without one."""
+  path = source_dir / "tokenizer.json"
+  if not path.is_file():
+    return {}
+  return {t["content"]: int(t["id"]) for t in read_json(path).get("added_tokens", [])}
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+class TensorSpec:
+  """One tensor to write: its name, shape and dtype, and how to compute it when its turn comes."""
+
+  def __init__(self, name: str, shape: Sequence[int], dtype: np.dtype, produce: Callable[[], np.ndarray]):
+    self.name, self.shape, self.dtype, self.produce = name, tuple(int(s) for s in shape), np.dtype(dtype), produce
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def write_safetensors(path: pathlib.Path, tensors: Sequence[TensorSpec], metadata: dict[str, str]) -> None:
+  """Writes a safetensors file tensor by tensor (header first: every size is known in advance).
+
+  The file is written under a temporary name and renamed when complete, so an interrupted
+  export never leaves a truncated file under the final name.
+  """
+  header: dict = {"__metadata__": dict(metadata)}
+  offset = 0
+  for t in tensors:
+    header[t.name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
+                                                                                                offset + t.nbytes]}
+    offset += t.nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer does
+  partial = path.with_name(path.name + ".partial")
+  with open(partial, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for t in tensors:
+      value = np.ascontiguousarray(t.produce())
+      if value.shape != t.shape or value.dtype != t.dtype:
+        raise AssertionError(f"{t.name}: produced {value.shape} {value.dtype}, planned {t.shape} {t.dtype}")
+      f.write(value.reshape(-1).view(np.uint8).data)  # raw bytes, no copy (works for ml_dtypes too)
+      del value
+  os.replace(partial, path)
+
+
+def plan_shards(tensors: Iterable[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+  """Groups tensors, in order, into shards of at most `max_bytes` (a larger tensor gets a shard alone)."""
+  shards: list[list[TensorSpec]] = [[]]
+  size = 0
+  for t in tensors:
+    if shards[-1] and size + t.nbytes > max_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(t)
+    size += t.nbytes
+  return shards

@@ -1,0 +1,158 @@
+"""Merged export: the model with its LoRA adapters folded in, as a Hugging Face checkpoint directory.
+
+Loadable by `transformers.AutoModelForCausalLM.from_pretrained` and by vLLM: safetensors
+shards (+ `model.safetensors.index.json` past `max_shard_bytes`), the source checkpoint's
+config.json with the new dtype, a generation_config.json whose EOS ids include every
+end-of-turn token, and the source's tokenizer and chat-template files.
+
+Each tensor is computed only when the writer reaches it (one layer's slice of a stacked
+parameter, LoRA folded in float32, then cast), so the host holds the model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.export import files
+from jaxtune.export.files import ExportError, TensorSpec
+from jaxtune.generation import END_OF_TURN_TOKENS
+from jaxtune.hf import mapping
+from jaxtune.models.config import ModelConfig, from_hf_dict
+from jaxtune.models.transformer import CausalLM, Linear
+from jaxtune.peft.lora import LoRA
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat")
+
+
+def _module_at(model: CausalLM, path: tuple[str, ...]) -> Any:
+  module = model
+  for name in path:
+    module = getattr(module, name)
+  return module
+
+
+@jax.jit
+def _layer(stack: jax.Array, i: jax.Array) -> jax.Array:
+  """stack[i], with i traced: one compile per shape, not one per layer."""
+  return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _fold(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array, spec: str) -> jax.Array:
+  delta = jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return w.astype(jnp.float32) + scale * delta
+
+
+def _merged_kernel(linear: Linear, i: int | None) -> jax.Array:
+  """kernel + scale * A @ B in float32, for layer i of a stacked Linear (or the whole unstacked one)."""
+  lora: LoRA = linear.adapter
+  w, a, b = linear.kernel[...], lora.lora_a[...], lora.lora_b[...]
+  if i is not None:
+    w, a, b = (_layer(x, i) for x in (w, a, b))
+  # One layer's factors: A [in..., r], B [r, out...]; the kernel's letters are the inputs then the outputs.
+  return _fold(w, a, b, np.float32(lora.scale), spec=f"{lora.ins}z,z{lora.outs}->{lora.k_spec}")
+
+
+def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
+  """Every Hugging Face tensor of the model, in checkpoint order, each computed when asked for.
+
+  LoRA adapters are folded in (in float32) before the cast to `dtype`; tied embeddings
+  give no lm_head tensor.
+  """
+  dtype = np.dtype(dtype)
+  cfg = model.config
+  specs = []
+  for tmap in mapping.tensor_maps(cfg):
+    owner = _module_at(model, tmap.path[:-1])
+    var = getattr(owner, tmap.path[-1])
+    adapted = tmap.path[-1] == "kernel" and isinstance(owner, Linear) and isinstance(owner.adapter, LoRA)
+    shape = tuple(var.shape[1:] if tmap.stacked else var.shape)
+    hf_shape = jax.eval_shape(tmap.to_hf, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+    for i, name in enumerate(tmap.hf_names(cfg.num_layers)):
+      layer = i if tmap.stacked else None
+
+      def produce(tmap=tmap, owner=owner, var=var, adapted=adapted, layer=layer) -> np.ndarray:
+        if adapted:
+          value = _merged_kernel(owner, layer)
+        else:
+          value = var[...] if layer is None else _layer(var[...], layer)
+        return np.asarray(tmap.to_hf(np.asarray(jax.device_get(value)))).astype(dtype)
+
+      specs.append(TensorSpec(name, hf_shape, dtype, produce))
+  return specs
+
+
+def check_matches_source(cfg: ModelConfig, hf_config: dict, where: pathlib.Path) -> None:
+  """The model must have the architecture of the source config.json whose files the export reuses."""
+  source = from_hf_dict(hf_config, where=str(where))
+  ours = dataclasses.replace(cfg, **{f: getattr(source, f) for f in _RUNTIME_FIELDS})
+  if ours != source:
+    diffs = [f"{f.name}: model {getattr(ours, f.name)!r}, config.json {getattr(source, f.name)!r}"
+             for f in dataclasses.fields(source) if getattr(ours, f.name) != getattr(source, f.name)]
+    raise ExportError(f"{where}: describes a different model than the one being exported ({'; '.join(diffs[:4])}); "
+                      "pass the checkpoint directory the model was loaded from.")
+
+
+def generation_config(source_dir: pathlib.Path, hf_config: dict) -> dict:
+  """The source's generation_config.json with every end-of-turn token of the tokenizer among the EOS ids."""
+  path = source_dir / "generation_config.json"
+  gen = files.read_json(path) if path.is_file() else {
+      k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
+  eos = gen.get("eos_token_id", hf_config.get("eos_token_id"))
+  ids = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+  added = files.tokenizer_vocab(source_dir)
+  tok_cfg_path = source_dir / "tokenizer_config.json"
+  eos_token = files.read_json(tok_cfg_path).get("eos_token") if tok_cfg_path.is_file() else None
+  eos_token = eos_token.get("content") if isinstance(eos_token, dict) else eos_token
+  ids += [added[t] for t in (eos_token, *END_OF_TURN_TOKENS) if t in added]
+  ids = list(dict.fromkeys(int(i) for i in ids))
+  if ids:
+    gen["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+  return gen
+
+
+def export_merged(model: CausalLM, source_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  dtype: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                  overwrite: bool = False) -> pathlib.Path:
+  """Writes `model` (LoRA merged) as an HF checkpoint in `out_dir`; returns the directory.
+
+  source_dir: the HF checkpoint the model was loaded from (config.json, generation and
+  tokenizer files are taken from it). dtype: of the written tensors; default the source's.
+  """
+  source = pathlib.Path(source_dir).expanduser()
+  hf_config = files.read_json(source / "config.json")
+  check_matches_source(model.config, hf_config, source / "config.json")
+  dtype = files.dtype_of(dtype) if dtype is not None else files.source_dtype(source)
+  out = files.prepare_output_dir(out_dir, overwrite=overwrite)
+
+  shards = files.plan_shards(hf_tensors(model, dtype), max_shard_bytes)
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  weight_map, total = {}, 0
+  for fname, shard in zip(names, shards):
+    files.write_safetensors(out / fname, shard, metadata={"format": "pt"})
+    for t in shard:
+      weight_map[t.name] = fname
+      total += t.nbytes
+  if len(shards) > 1:
+    files.write_json(out / "model.safetensors.index.json",
+                     {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+  config = {k: v for k, v in hf_config.items() if k != "torch_dtype"}  # transformers 5: `dtype` replaces it
+  config["dtype"] = dtype.name
+  files.write_json(out / "config.json", config)
+  files.write_json(out / "generation_config.json", generation_config(source, hf_config))
+  if not files.copy_tokenizer_files(source, out):
+    warnings.warn(f"{source} holds no tokenizer files, so {out} has none: copy them there before serving.",
+                  stacklevel=2)
+  return out

@@ -1,0 +1,249 @@
+"""LoRA as a transform of the parameter tree.
+
+`apply_lora` sets a `LoRA` module into the `adapter` slot of each targeted `Linear`; the
+base kernels are not touched. A LoRA module derives its two factors from the Linear's
+einsum string: for "BTD,DNH->BTNH" (q) the contracted letters are D and the output
+letters N, H, so A is [L, D, r] and B is [L, r, N, H], where L is the layer-stack axis.
+Adapters carry the logical axes of the weight they adapt (plus "lora_rank" for r), so
+they shard like it. A quantised base (QLoRA) is a different kernel Variable type inside
+Linear; nothing here reads the kernel's values except `merge_lora`.
+
+Dropout needs a fresh random mask per layer inside the layer scan: each LoRA module with
+dropout holds a `LoRADropoutKey` ([L, key] raw key data, sliced by the scan like any
+stacked variable), which the train step overwrites before every micro-batch
+(`refresh_dropout_keys`), and a static `deterministic` flag (True by default, so plain
+model calls and generation never drop; the train step sets it False).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.hf import mapping
+from jaxtune.models.transformer import CausalLM, Linear
+
+ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
+HF_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+            "down_proj": "down", "lm_head": "lm_head"}
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class LoRAParam(nnx.Param):
+  """A LoRA factor (A or B): under LoRA, the only trainable leaves."""
+
+
+class LoRADropoutKey(nnx.Variable):
+  """Raw PRNG key data [stack..., key] for adapter dropout; rewritten by the train step."""
+
+
+def _free_letters(used: str, n: int) -> str:
+  return "".join([c for c in _LETTERS if c not in used][:n])
+
+
+class LoRA(nnx.Module):
+  """delta_y = scale * B(A(dropout(x))), shaped like the adapted Linear's output."""
+
+  def __init__(self, einsum: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[Any, ...] | None, *,
+               rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, dtype: Any,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    x_spec, rest = einsum.replace(" ", "").split(",")
+    k_spec, y_spec = rest.split("->")
+    n_stack = len(kernel_shape) - len(k_spec)
+    stack, dims = tuple(kernel_shape[:n_stack]), dict(zip(k_spec, kernel_shape[n_stack:]))
+    axes = tuple(kernel_axes) if kernel_axes else (None,) * len(kernel_shape)
+    stack_axes, letter_axes = axes[:n_stack], dict(zip(k_spec, axes[n_stack:]))
+    ins = "".join(c for c in k_spec if c in x_spec)  # contracted with x
+    outs = "".join(c for c in k_spec if c not in x_spec)  # new output dims
+    batch = "".join(c for c in x_spec if c not in k_spec)
+    if not ins or set(y_spec) != set(batch + outs):
+      raise ValueError(f"LoRA cannot adapt einsum {einsum!r}: it needs x's non-kernel letters plus the kernel's "
+                       "output letters to make up the output.")
+    r = _free_letters(einsum, 1)
+    self.a_einsum = f"{x_spec},{ins}{r}->{batch}{r}"
+    self.b_einsum = f"{batch}{r},{r}{outs}->{y_spec}"
+    self.k_spec, self.ins, self.outs = k_spec, ins, outs
+    self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), use_rslora
+    self.scale = float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+    self.dtype = dtype
+    self.deterministic = True
+    fan_in = math.prod(dims[c] for c in ins)
+    bound = 1.0 / math.sqrt(fan_in)  # PEFT: kaiming_uniform_(a=sqrt(5)) on lora_A [r, in]
+    a_shape = stack + tuple(dims[c] for c in ins) + (rank,)
+    self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), a_shape, param_dtype, -bound, bound),
+                            axes=stack_axes + tuple(letter_axes[c] for c in ins) + ("lora_rank",))
+    b_shape = stack + (rank,) + tuple(dims[c] for c in outs)
+    self.lora_b = LoRAParam(jnp.asarray(np.zeros(b_shape, param_dtype)),  # numpy: no compile per shape
+                            axes=stack_axes + ("lora_rank",) + tuple(letter_axes[c] for c in outs))
+    self.dropout_key = nnx.data(None)
+    if dropout > 0:
+      keys = jax.random.split(rngs.params(), max(math.prod(stack), 1))
+      data = jax.random.key_data(keys)
+      self.dropout_key = LoRADropoutKey(data.reshape(stack + data.shape[1:]), axes=stack_axes + (None,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.dropout > 0 and not self.deterministic:
+      key = jax.random.wrap_key_data(self.dropout_key[...])
+      keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+    h = jnp.einsum(self.a_einsum, x, self.lora_a[...].astype(self.dtype))
+    return jnp.einsum(self.b_einsum, h * jnp.asarray(self.scale, h.dtype), self.lora_b[...].astype(self.dtype))
+
+  def delta(self) -> jax.Array:
+    """scale * A @ B in the kernel's layout [stack..., kernel letters], in float32."""
+    return _delta(self.lora_a[...], self.lora_b[...], self.k_spec, self.ins, self.outs, self.scale)
+
+
+@jax.jit(static_argnums=(2, 3, 4, 5))
+def _delta(a: jax.Array, b: jax.Array, k_spec: str, ins: str, outs: str, scale: float) -> jax.Array:
+  letters = _free_letters(k_spec, a.ndim - len(ins))  # the stack letters, then r
+  stack, r = letters[:-1], letters[-1]
+  spec = f"{stack}{ins}{r},{stack}{r}{outs}->{stack}{k_spec}"
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return scale * jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.jit
+def _add_f32(kernel: jax.Array, delta: jax.Array) -> jax.Array:
+  return kernel.astype(jnp.float32) + delta
+
+
+def _linears(model: nnx.Module) -> list[tuple[tuple[str, ...], Linear]]:
+  return [(tuple(str(p) for p in path), m) for path, m in nnx.iter_modules(model) if isinstance(m, Linear)]
+
+
+def _select(model: nnx.Module, targets: str | Sequence[str]) -> list[tuple[tuple[str, ...], Linear]]:
+  linears = _linears(model)
+  available = sorted({".".join(p) for p, _ in linears})
+  if targets == "all-linear":
+    chosen = [(p, m) for p, m in linears if p[-1] in ALL_LINEAR]
+  elif isinstance(targets, str):
+    try:
+      pattern = re.compile(targets)
+    except re.error as e:
+      raise ValueError(f"peft.lora.targets: {targets!r} is not a valid regex ({e}).") from None
+    chosen = [(p, m) for p, m in linears if pattern.fullmatch(".".join(p))]
+  else:
+    names = {HF_NAMES.get(t, t) for t in targets}
+    present = {p[-1] for p, _ in linears}
+    unknown = sorted(n for n in names if n not in present)
+    if unknown:
+      raise ValueError(f"peft.lora.targets: {unknown} name no linear layer of this model; use names from "
+                       f"{sorted(present)} or their HF forms ({', '.join(HF_NAMES)}).")
+    chosen = [(p, m) for p, m in linears if p[-1] in names]
+  if not chosen:
+    raise ValueError(f"peft.lora.targets: {targets!r} matched no linear layer; the model's layers are {available} "
+                     "(a regex must match a whole dotted path).")
+  return chosen
+
+
+def apply_lora(model: CausalLM, *, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+               targets: str | Sequence[str] = "all-linear", rngs: nnx.Rngs,
+               param_dtype: Any = jnp.float32) -> CausalLM:
+  """Adds LoRA adapters (A random, B zero, float32) to the targeted Linears, in place; returns the model.
+
+  targets: "all-linear" (q, k, v, o, gate, up, down; not lm_head), a list of module names
+  (ours: "q", or HF's: "q_proj"), or a regex matched against whole dotted paths ("layers.attn.(q|v)").
+  """
+  if rank < 1:
+    raise ValueError(f"peft.lora.rank must be >= 1, got {rank}.")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"peft.lora.dropout must be in [0, 1), got {dropout}.")
+  for path, lin in _select(model, targets):
+    if lin.adapter is not None:
+      raise ValueError(f"{'.'.join(path)} already has an adapter; apply LoRA once.")
+    lin.adapter = LoRA(lin.einsum, tuple(lin.kernel.shape), lin.kernel.get_metadata().get("axes"), rank=rank,
+                       alpha=alpha, dropout=dropout, use_rslora=use_rslora, dtype=lin.dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+  return model
+
+
+def refresh_dropout_keys(keys: Any, key: jax.Array) -> Any:
+  """New key data for every LoRADropoutKey leaf of `keys` (a pure state), all from one key."""
+  leaves, treedef = jax.tree.flatten(keys)
+  fresh = []
+  for i, leaf in enumerate(leaves):
+    n = max(math.prod(leaf.shape[:-1]), 1)
+    data = jax.random.key_data(jax.random.split(jax.random.fold_in(key, i), n))
+    fresh.append(data.reshape(leaf.shape).astype(leaf.dtype))
+  return jax.tree.unflatten(treedef, fresh)
+
+
+class LoRAWeights(NamedTuple):
+  """One adapted Linear: its module path, A [stack..., in..., r], B [stack..., r, out...], and the scale."""
+
+  path: tuple[str, ...]
+  a: jax.Array
+  b: jax.Array
+  scale: float
+
+
+def lora_weights(model: nnx.Module) -> list[LoRAWeights]:
+  """The adapters of every adapted Linear, in module order."""
+  return [LoRAWeights(p, m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter.scale)
+          for p, m in _linears(model) if isinstance(m.adapter, LoRA)]
+
+
+def iter_merged(model: nnx.Module) -> Iterator[tuple[tuple[str, ...], jax.Array]]:
+  """(kernel path, kernel + scale * A @ B in float32) per adapted Linear, one at a time (for streaming export)."""
+  for p, m in _linears(model):
+    if isinstance(m.adapter, LoRA):
+      yield p + ("kernel",), _add_f32(m.kernel[...], m.adapter.delta())
+
+
+def merge_lora(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
+  """kernel + scale * A @ B in float32, keyed by kernel path (("layers", "attn", "q", "kernel"), ...)."""
+  return dict(iter_merged(model))
+
+
+def merge_and_unload(model: CausalLM) -> CausalLM:
+  """A copy of the model with adapters merged into the kernels (kernel dtype) and removed."""
+  merged = merge_lora(model)
+  out = nnx.clone(model)
+  for p, m in _linears(out):
+    if p + ("kernel",) in merged:
+      m.kernel.set_value(merged[p + ("kernel",)].astype(m.kernel.dtype))
+      m.adapter = nnx.data(None)
+  return out
+
+
+def peft_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
+  """Adapters as PEFT saves them: `base_model.model.<hf module>.lora_{A,B}.weight`, [r, in] and [out, r]."""
+  hf_module = {m.path[:-1]: m for m in mapping.tensor_maps(model.config) if m.path[-1] == "kernel"}
+  out = {}
+  for w in lora_weights(model):
+    tmap = hf_module.get(w.path)
+    if tmap is None:
+      raise ValueError(f"no Hugging Face name is known for adapted layer {'.'.join(w.path)}.")
+    a, b = np.asarray(w.a, np.float32), np.asarray(w.b, np.float32)
+    r = a.shape[-1]
+    n_stack = 1 if tmap.stacked else 0
+    # Our kernels flatten (heads, head_dim) in row-major order exactly as HF's [out, in] rows/columns do.
+    a = a.reshape(a.shape[:n_stack] + (-1, r)).swapaxes(-1, -2)  # [.., r, in]
+    b = b.reshape(b.shape[:n_stack] + (r, -1)).swapaxes(-1, -2)  # [.., out, r]
+    for i, name in enumerate(tmap.hf_names(model.config.num_layers)):
+      module = "base_model.model." + name.removesuffix(".weight")
+      out[module + ".lora_A.weight"] = np.ascontiguousarray(a[i] if n_stack else a)
+      out[module + ".lora_B.weight"] = np.ascontiguousarray(b[i] if n_stack else b)
+  return out
+
+
+def peft_config(model: CausalLM, base_model_name_or_path: str = "") -> dict[str, Any]:
+  """The `adapter_config.json` fields that match `peft_state_dict(model)`."""
+  adapters = [(p, m.adapter) for p, m in _linears(model) if isinstance(m.adapter, LoRA)]
+  if not adapters:
+    raise ValueError("the model has no LoRA adapters; call apply_lora first.")
+  first = adapters[0][1]
+  to_hf = {v: k for k, v in HF_NAMES.items()}
+  return {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+      "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.dropout, "use_rslora": first.use_rslora,
+      "target_modules": sorted({to_hf[p[-1]] for p, _ in adapters}), "bias": "none", "use_dora": False,
+      "modules_to_save": None, "fan_in_fan_out": False, "init_lora_weights": True,
+  }

@@ -1,0 +1,1 @@
+"""Training: optimizer, the pure train step, the loop, checkpoints (`python -m jaxtune.train`)."""

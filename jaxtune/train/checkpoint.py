@@ -1,0 +1,180 @@
+"""Orbax checkpoints of a run: the TrainState, the data iterator state and the config, verified on restore.
+
+Layout: RUN_DIR/checkpoints/STEP/{state, meta, config}. `state` is the TrainState (trainable
+parameters only, so LoRA checkpoints hold adapters alone; optimizer state; step; RNG; NaN
+counters); `meta` is JSON: the data iterator state, validation metrics and a checksum of
+every state leaf; `config` is the resolved run config. Orbax writes each step into a
+temporary directory and renames it when complete, so a run killed while saving leaves no
+half checkpoint under a step name. A checkpoint that fails to read or whose checksums do not
+match is moved to RUN_DIR/checkpoints_corrupt/ with a warning, and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+BEST_METRIC = "eval/loss"
+
+
+class CheckpointMismatchError(ValueError):
+  """The run directory holds checkpoints of a differently configured run."""
+
+
+@dataclasses.dataclass
+class Restored:
+  """A checkpoint read back: the step, the TrainState, the data iterator state and the saved config."""
+
+  step: int
+  state: Any
+  data_state: dict | None
+  config: dict
+  path: pathlib.Path
+
+
+def _leaf_name(path: tuple) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+@jax.jit
+def _checksums(tree: Any) -> list[jax.Array]:
+  """A uint32 wrapping sum of the bit patterns of each leaf: changes when any stored value does."""
+  def bits(x):
+    x = jnp.asarray(x)
+    if x.dtype.itemsize == 4:
+      return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if x.dtype.itemsize == 2:
+      return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    return x.astype(jnp.uint32)  # 1-byte types and bools
+  return [jnp.sum(bits(x).ravel() * jnp.uint32(2654435761) + jnp.uint32(1), dtype=jnp.uint32)
+          for x in jax.tree.leaves(tree)]
+
+
+def checksums(tree: Any) -> dict[str, int]:
+  """{leaf path: checksum} of a pytree of arrays."""
+  names = [_leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return dict(zip(names, (int(v) for v in jax.device_get(_checksums(tree)))))
+
+
+# Settings that change the TrainState's structure or meaning: resuming across them cannot work.
+_MUST_MATCH = ("model.path", "peft.method", "peft.lora.rank", "peft.lora.targets", "optim.name")
+
+
+def _get(config: dict, key: str) -> Any:
+  for part in key.split("."):
+    config = config.get(part, {}) if isinstance(config, dict) else {}
+  return config
+
+
+class Checkpoints:
+  """Saves and restores a run's checkpoints (async, keep the newest K, optionally the best by eval/loss)."""
+
+  def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, keep_best: bool = False,
+               async_save: bool = True):
+    self.directory = pathlib.Path(directory).absolute()
+    policies = [checkpoint_managers.LatestN(n=keep)]
+    if keep_best:
+      policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: -m[BEST_METRIC], n=1,
+                                                keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,  # leftovers of a save that was killed half-way
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", "config"))
+
+  def steps(self) -> list[int]:
+    """Complete checkpoints, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def path(self, step: int) -> pathlib.Path:
+    return self.directory / str(step)
+
+  def save(self, step: int, state: Any, *, data_state: dict | None, config: dict,
+           metrics: dict[str, float] | None = None) -> None:
+    """Starts saving (returns once the arrays are copied off the device; writing continues in the background)."""
+    meta = {"step": step, "data": data_state, "checksums": checksums(state), "metrics": metrics or {},
+            "time": time.time()}
+    best = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else None
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(config)),
+        metrics=best, force=True)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once any has been told of a preemption (multi-host; jax.distributed)."""
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    """Blocks until every save has been written."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def restore(self, like: Any, config: dict | None = None) -> Restored | None:
+    """The newest checkpoint that reads back intact (None when there is none); `like` gives shapes/shardings.
+
+    A corrupt newest checkpoint is moved aside with a warning and the previous one tried.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    for step in reversed(self.steps()):
+      path = self.path(step)
+      try:
+        saved_config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is treated alike
+        self._quarantine(step, f"its config does not read ({type(e).__name__}: {e})")
+        continue
+      if config is not None:
+        _check_same_run(saved_config, config, path)
+      try:
+        got = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        expected, actual = got["meta"]["checksums"], checksums(got["state"])
+        if expected != actual:
+          bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+          raise ValueError(f"checksum mismatch in {', '.join(bad[:3])}")
+      except Exception as e:  # noqa: BLE001
+        self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        continue
+      return Restored(step, got["state"], got["meta"].get("data"), saved_config, path)
+    return None
+
+  def _quarantine(self, step: int, why: str) -> None:
+    """Moves a corrupt checkpoint out of the way (kept for inspection) and warns."""
+    aside = self.directory.parent / f"{self.directory.name}_corrupt" / f"{step}-{int(time.time())}"
+    if jax.process_index() == 0:
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.path(step)), aside)
+    warnings.warn(f"checkpoint {self.path(step)} is corrupt or incomplete ({why}); moved it to {aside} and "
+                  "falling back to the previous checkpoint.", RuntimeWarning, stacklevel=3)
+    self._manager.reload()
+
+
+def _check_same_run(saved: dict, current: dict, path: pathlib.Path) -> None:
+  diffs = [f"{k}: {_get(saved, k)!r} there, {_get(current, k)!r} now" for k in _MUST_MATCH
+           if _get(saved, k) != _get(current, k)]
+  if diffs:
+    raise CheckpointMismatchError(
+        f"{path} was saved by a differently configured run ({'; '.join(diffs)}), so it cannot be resumed. "
+        "Use a new output_dir, restore those settings, or set resume=never after moving the checkpoints away.")
+
+
+def to_numpy(tree: Any) -> Any:
+  """Host copies of a pytree of arrays (for comparisons in tests and tools)."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -1,0 +1,237 @@
+"""The training config: defaults every `configs/*.py` derives from, and the checks run before any weights load.
+
+Fields that outside tools drive runs through (keep their names and meanings): `model.path`,
+`data.train`, `output_dir`, `train.steps`, `peft.method`, `peft.lora.rank`, `peft.lora.alpha`, `resume`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from jaxtune.data.config import data_config
+from jaxtune.train.builtin_models import BUILTIN_MODELS
+from jaxtune.train.optim import make_optimizer, optim_config
+
+PEFT_METHODS = ("lora", "full")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
+RESUME = ("auto", "never")
+SCORERS = ("exact", "json")  # see jaxtune.tasks.SCORERS
+
+
+class ConfigError(ValueError):
+  """A config that cannot run: names the key(s) and what to do."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every training setting and its default; a `configs/NAME.py` changes a few of them."""
+  c = ml_collections.ConfigDict()
+  c.output_dir = ""  # The run directory: checkpoints/, metrics.jsonl, events, config.json.
+  c.resume = "auto"  # auto: continue from the newest complete checkpoint in output_dir | never
+
+  c.model = ml_collections.ConfigDict(dict(
+      path="",  # HF directory, hub id, or a built-in: smollm2-gguf | tiny-random (see builtin_models.py)
+      dtype="auto",  # compute dtype; auto: bfloat16 on TPU/GPU, float32 on CPU
+      param_dtype="auto",  # auto: float32 masters for trained weights; the compute dtype for a frozen LoRA base
+      attention_impl="auto",  # auto: xla (cudnn / splash on request)
+      remat="none",  # none | full | dots | dots_no_batch (rematerialise layer activations)
+      cache_dir="~/.cache/jaxtune/models",  # where built-in models are converted to
+  ))
+  c.data = data_config()
+
+  c.peft = ml_collections.ConfigDict()
+  c.peft.method = "lora"  # lora | full
+  c.peft.lora = ml_collections.ConfigDict(dict(
+      rank=16, alpha=32.0, dropout=0.0, use_rslora=False,
+      targets="all-linear",  # all-linear | a regex matching whole dotted module paths, e.g. "layers.attn.(q|v)"
+  ))
+
+  c.optim = optim_config()
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,  # optimizer updates
+      grad_accum=1,  # data.batch_size rows per update, split into this many micro-batches
+      seed=0,  # model init (random / LoRA), dropout
+      eval_every=0,  # evaluate the validation split every N steps (0: only at the end) ...
+      eval=True,  # ... and at the end; False: never evaluate
+      eval_batches=0,  # validation batches per evaluation; 0: the whole split
+      log_every=10,  # steps between logged training metrics
+      max_nan_streak=10,  # stop after this many skipped (NaN/inf) steps in a row
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=500,  # save every N steps (and always at the end, and on SIGTERM); 0: only those
+      keep=3,  # the newest K checkpoints are kept
+      keep_best=False,  # also keep the one with the lowest validation loss
+      async_save=True,  # write in the background while training continues
+  ))
+
+  c.logging = ml_collections.ConfigDict(dict(
+      progress=True,  # a progress bar on stderr (loss, lr, tokens/s, ETA)
+      tensorboard=True,  # event files in output_dir/tensorboard
+      wandb_project="",  # set to log to Weights & Biases (needs `pip install wandb`)
+      wandb_entity="",
+      wandb_run_name="",
+  ))
+
+  # A generation task scored before and after training (the quickstart's exact match).
+  c.task = ml_collections.ConfigDict(dict(
+      test_file="",  # JSONL chat records; the last assistant turn is the reference. Empty: none.
+      scorer="json",  # exact (string) | json (parsed object equality)
+      num_examples=50,  # the first N records
+      max_new_tokens=48,
+      batch_size=50,  # prompts generated together
+      show=3,  # generations printed side by side
+      before=True,  # also score the model before training
+  ))
+  return c
+
+
+def _fail(key: str, problem: str, fix: str = "") -> None:
+  raise ConfigError(f"{key}: {problem}" + (f"; {fix}" if fix else "") + ".")
+
+
+def _choice(config: ml_collections.ConfigDict, key: str, allowed: tuple[str, ...]) -> None:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if value not in allowed:
+    _fail(key, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _sources(value: Any) -> tuple[str, ...]:
+  return (value,) if isinstance(value, str) and value else tuple(v for v in (value or ()) if v)
+
+
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+
+
+def _local_path(source: str) -> pathlib.Path | None:
+  """The local file or directory a data source names, or None for a hub dataset id."""
+  path = pathlib.Path(source.split(":")[0] if ":" in source and not source.startswith("/") else source).expanduser()
+  local = path.exists() or source.startswith((".", "/", "~")) or path.suffix.lower() in _DATA_SUFFIXES
+  return path if local else None
+
+
+def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
+  """Raises ConfigError naming the key when settings are missing, invalid or incompatible; loads no weights."""
+  if not config.output_dir:
+    _fail("output_dir", "empty", "set the run directory, e.g. --config.output_dir=runs/my_run")
+  _choice(config, "resume", RESUME)
+  if not config.model.path:
+    _fail("model.path", "empty", "set an HF checkpoint directory, a hub id, or one of " + ", ".join(BUILTIN_MODELS))
+  _choice(config, "model.dtype", DTYPES)
+  _choice(config, "model.param_dtype", DTYPES)
+  _choice(config, "model.remat", REMAT)
+  _choice(config, "model.attention_impl", ATTENTION)
+  _choice(config, "peft.method", PEFT_METHODS)
+
+  lora, train, data = config.peft.lora, config.train, config.data
+  if config.peft.method == "lora":
+    if lora.rank < 1:
+      _fail("peft.lora.rank", f"{lora.rank} must be >= 1")
+    if lora.alpha <= 0:
+      _fail("peft.lora.alpha", f"{lora.alpha} must be > 0")
+    if not 0.0 <= lora.dropout < 1.0:
+      _fail("peft.lora.dropout", f"{lora.dropout} must be in [0, 1)")
+  if config.peft.method == "full" and config.model.param_dtype in ("bfloat16", "float16"):
+    _fail("model.param_dtype", f"{config.model.param_dtype} with peft.method=full: updates smaller than the "
+          "parameter's precision are lost, so training stalls", "use param_dtype=float32 (or auto)")
+
+  if train.steps < 1:
+    _fail("train.steps", f"{train.steps} must be >= 1")
+  if train.grad_accum < 1:
+    _fail("train.grad_accum", f"{train.grad_accum} must be >= 1")
+  if data.batch_size % (train.grad_accum * process_count):
+    _fail("data.batch_size", f"{data.batch_size} rows do not split into train.grad_accum={train.grad_accum} "
+          f"micro-batches on {process_count} process(es)",
+          "make data.batch_size a multiple of grad_accum x processes")
+  if train.max_nan_streak < 1:
+    _fail("train.max_nan_streak", f"{train.max_nan_streak} must be >= 1")
+  if train.eval_every < 0 or train.log_every < 1:
+    _fail("train.eval_every / train.log_every", "eval_every must be >= 0 and log_every >= 1")
+
+  if not _sources(data.train):
+    _fail("data.train", "no training data", "set a JSONL/JSON/Parquet/CSV file, a directory or a dataset id")
+  for source in _sources(data.train) + _sources(data.validation):
+    path = _local_path(source)
+    if path is not None and not path.exists():
+      _fail("data.train" if source in _sources(data.train) else "data.validation", f"{source} does not exist")
+  has_validation = bool(_sources(data.validation)) or data.validation_fraction > 0
+  if train.eval and train.eval_every and not has_validation:
+    _fail("train.eval_every", f"{train.eval_every} but there is no validation data",
+          "set data.validation or data.validation_fraction, or train.eval_every=0")
+
+  ckpt = config.checkpoint
+  if ckpt.every < 0 or ckpt.keep < 1:
+    _fail("checkpoint.every / checkpoint.keep", f"every={ckpt.every} must be >= 0 and keep={ckpt.keep} >= 1")
+  if ckpt.keep_best:
+    if not (train.eval and has_validation and train.eval_every):
+      _fail("checkpoint.keep_best", "needs a validation loss", "set train.eval_every and validation data")
+    if not ckpt.every or ckpt.every % train.eval_every:
+      _fail("checkpoint.keep_best", f"checkpoint.every={ckpt.every} is not a multiple of "
+            f"train.eval_every={train.eval_every}, so saved checkpoints would have no validation loss",
+            "make checkpoint.every a multiple of train.eval_every")
+
+  if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+    _fail("logging.wandb_project", "set, but the wandb package is not installed", "pip install wandb, or unset it")
+
+  task = config.task
+  if task.test_file:
+    if not pathlib.Path(task.test_file).expanduser().is_file():
+      _fail("task.test_file", f"{task.test_file} is not a file")
+    _choice(config, "task.scorer", SCORERS)
+    if task.num_examples < 1 or task.batch_size < 1 or task.max_new_tokens < 1:
+      _fail("task", "num_examples, batch_size and max_new_tokens must be >= 1")
+
+  _check_model_fits(config)
+  try:
+    make_optimizer(config.optim, train.steps)  # builds no state: checks names, schedule and warmup
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check_model_fits(config: ml_collections.ConfigDict) -> None:
+  """With a local checkpoint: its config.json must exist and take sequences of data.max_seq_len."""
+  if config.model.path in BUILTIN_MODELS:
+    return
+  path = pathlib.Path(config.model.path).expanduser()
+  if not path.exists():
+    if str(config.model.path).startswith((".", "/", "~")) or str(config.model.path).count("/") != 1:
+      _fail("model.path", f"{config.model.path} is neither a directory nor a hub id 'org/name'")
+    return  # a hub id: checked when it is fetched
+  if not (path / "config.json").is_file():
+    _fail("model.path", f"{path} has no config.json", "point it at a Hugging Face checkpoint directory")
+  hf = json.loads((path / "config.json").read_text())
+  limit = hf.get("max_position_embeddings")
+  if limit and config.data.max_seq_len > limit:
+    _fail("data.max_seq_len", f"{config.data.max_seq_len} exceeds the model's max_position_embeddings ({limit})",
+          f"lower it to {limit} or less")
+
+
+def resolve(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
+  """A copy with every "auto" made concrete for `platform` ("cpu", "gpu", "tpu")."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  model = config.model
+  if model.dtype == "auto":
+    model.dtype = "float32" if platform == "cpu" else "bfloat16"
+  if model.param_dtype == "auto":
+    model.param_dtype = model.dtype if config.peft.method == "lora" else "float32"
+  if model.attention_impl == "auto":
+    model.attention_impl = "xla"
+  config.lock()
+  return config
+
+
+def write(config: ml_collections.ConfigDict, run_dir: str | pathlib.Path) -> pathlib.Path:
+  """Writes the resolved config as `run_dir/config.json`; returns the path."""
+  path = pathlib.Path(run_dir) / "config.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  return path

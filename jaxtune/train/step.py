@@ -1,0 +1,234 @@
+"""The pure train step: token-normalised loss, micro-batch accumulation, non-finite skipping.
+
+A batch is a dict of int32 arrays [A, b, T] (A gradient-accumulation micro-batches):
+input_ids; loss_mask (1 where input_ids[:, t] is a target, predicted from position t - 1);
+segment_ids (0 = padding); positions (restarting at every segment).
+
+The model is split once into a graphdef, the trainable leaves (`TrainState.params`:
+LoRA factors, or every Param for full fine-tuning) and the frozen rest (`Frozen`). All
+are pure nested dicts of arrays, so a checkpoint of `TrainState` is small under LoRA
+and restores without the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxtune.peft.lora import LoRADropoutKey, LoRAParam, refresh_dropout_keys
+
+METHODS = ("lora", "full")
+BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; with the data iterator state it resumes a run exactly."""
+
+  params: Any  # trainable leaves, a pure nested dict (float32 master weights)
+  opt_state: Any  # optax state over `params` only
+  step: jax.Array  # int32: train_step calls so far, skipped ones included
+  rng: jax.Array  # uint32 raw key data; the dropout key of step s, micro-batch i is f(rng, s, i)
+  nonfinite_streak: jax.Array  # int32: consecutive skipped steps (0 after a good one)
+  skipped: jax.Array  # int32: skipped steps in total
+
+
+class Frozen(NamedTuple):
+  """What the step reads but never updates: the frozen weights and the dropout-key slots (pure dicts)."""
+
+  weights: Any
+  dropout_keys: Any
+
+
+def default_dtypes(method: str, platform: str | None = None) -> dict[str, str]:
+  """load_model kwargs: float32 on CPU; bf16 compute with float32 trained weights on accelerators.
+
+  Under LoRA the frozen base is stored in bf16 too (its float32 masters are the adapters).
+  """
+  if (platform or jax.default_backend()) == "cpu":
+    return {"dtype": "float32", "param_dtype": "float32"}
+  return {"dtype": "bfloat16", "param_dtype": "bfloat16" if method == "lora" else "float32"}
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, method: str = "lora",
+                     seed: int = 0) -> tuple[nnx.GraphDef, Frozen, TrainState]:
+  """Splits the model into (graphdef, frozen, state); the state's arrays are the model's (not copied).
+
+  The step donates the state, so after the first step rebuild the model with `model_from_state`.
+  """
+  if method not in METHODS:
+    raise ValueError(f"peft.method: unknown {method!r}; choose one of {', '.join(METHODS)}.")
+  trainable = LoRAParam if method == "lora" else nnx.Param
+  graphdef, params, keys, rest = nnx.split(model, trainable, LoRADropoutKey, ...)
+  params = nnx.to_pure_dict(params)
+  if not jax.tree.leaves(params):
+    raise ValueError("peft.method='lora' but the model has no LoRA adapters; call jaxtune.peft.apply_lora first."
+                     if method == "lora" else "the model has no parameters to train.")
+  zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+  state = TrainState(params=params, opt_state=_unaliased(optimizer.init(params)), step=zero(),
+                     rng=jax.random.key_data(jax.random.key(seed)), nonfinite_streak=zero(), skipped=zero())
+  return graphdef, Frozen(nnx.to_pure_dict(rest), nnx.to_pure_dict(keys)), state
+
+
+def _unaliased(tree: Any) -> Any:
+  """Copies leaves that share a buffer with an earlier leaf: a donated state may not hold one buffer twice."""
+  seen: set[int] = set()
+
+  def fresh(x):
+    if isinstance(x, jax.Array) and id(x) in seen:
+      return jnp.copy(x)
+    seen.add(id(x))
+    return x
+
+  return jax.tree.map(fresh, tree)
+
+
+def model_from_state(graphdef: nnx.GraphDef, frozen: Frozen, params: Any) -> nnx.Module:
+  """The model with the given trainable params (for evaluation, generation, export)."""
+  return nnx.merge(graphdef, params, frozen.weights, frozen.dropout_keys)
+
+
+def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], *, chunk: int = 512
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(summed cross-entropy, trained tokens, correct argmax predictions) over one [b, T] batch, float32.
+
+  Logits are computed `chunk` positions at a time and recomputed in the backward pass, so
+  the full [b, T, V] float32 logits never exist at once.
+  """
+  ids = batch["input_ids"]
+  segments = batch.get("segment_ids")
+  hidden, _ = model.hidden_states(ids, segment_ids=segments, positions=batch.get("positions"))
+  weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  if segments is not None:  # a target must be in the same (non-padding) segment as the token before it
+    weights *= ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
+  h, targets = hidden[:, :-1], ids[:, 1:]
+  b, n = targets.shape
+  size = max(min(chunk, n), 1)
+  num = -(-n // size)
+  pad = num * size - n
+
+  def chunks(x):  # [b, n, ...] -> [num, b, size, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, num, size) + x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def body(carry, xs):
+    h_c, t_c, w_c = xs
+    logits = model.logits(h_c).astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    correct = (jnp.argmax(logits, axis=-1) == t_c).astype(jnp.float32)
+    return (carry[0] + jnp.sum(nll * w_c), carry[1] + jnp.sum(correct * w_c)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), (chunks(h), chunks(targets), chunks(weights)))
+  return loss_sum, jnp.sum(weights), correct
+
+
+def _micro_batches(batch: dict[str, Any]) -> dict[str, jax.Array]:
+  missing = [k for k in ("input_ids", "loss_mask") if k not in batch]
+  if missing:
+    raise ValueError(f"batch is missing {missing}; a batch holds {', '.join(BATCH_KEYS)}.")
+  return {k: jnp.asarray(batch[k], jnp.int32) for k in BATCH_KEYS if k in batch}
+
+
+def _jit(fn: Callable, shardings: tuple[Any, Any, Any] | None, donate: bool) -> Callable:
+  kwargs = {"donate_argnums": (0,)} if donate else {}
+  if shardings is not None:  # (state or params, frozen, batch)
+    kwargs["in_shardings"] = shardings
+    kwargs["out_shardings"] = (shardings[0], None) if donate else None
+  return jax.jit(fn, **kwargs)
+
+
+def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.GradientTransformation, *,
+                    lr_schedule: optax.Schedule | None = None, loss_chunk: int = 512,
+                    shardings: tuple[Any, Any, Any] | None = None) -> Callable:
+  """A jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
+
+  Gradients are summed over the A micro-batches and divided by the trained tokens of all
+  of them, so A micro-batches update exactly like one batch A times the size. A
+  non-finite loss or gradient norm leaves params and optimizer state unchanged.
+  shardings: optional (state, frozen, batch) shardings for jit.
+  """
+
+  def step(state: TrainState, frozen: Frozen, batch: dict[str, jax.Array]):
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def micro(carry, xs):
+      i, mb = xs
+      keys = refresh_dropout_keys(frozen.dropout_keys, jax.random.fold_in(step_key, i))
+
+      def loss_of(params):
+        model = nnx.merge(graphdef, params, frozen.weights, keys)
+        model.set_attributes(deterministic=False, raise_if_not_found=False)  # adapter dropout on
+        loss_sum, tokens, correct = loss_fn(model, mb, chunk=loss_chunk)
+        return loss_sum, (tokens, correct)
+
+      (loss_sum, (tokens, correct)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+      acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[0], grads)
+      return (acc, carry[1] + loss_sum, carry[2] + tokens, carry[3] + correct), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zero = jnp.zeros((), jnp.float32)
+    init, micro_batches = (zeros, zero, zero, zero), batch["input_ids"].shape[0]
+    if micro_batches == 1:  # no loop: a smaller program that compiles faster
+      (grads, loss_sum, tokens, correct), _ = micro(init, (0, jax.tree.map(lambda x: x[0], batch)))
+    else:
+      (grads, loss_sum, tokens, correct), _ = jax.lax.scan(micro, init, (jnp.arange(micro_batches), batch))
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    bad = (~ok).astype(jnp.int32)
+    new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                           step=state.step + 1, rng=state.rng, nonfinite_streak=(state.nonfinite_streak + 1) * bad,
+                           skipped=state.skipped + bad)
+    # The optimizer has applied step - skipped updates; that count indexes its schedule.
+    lr = lr_schedule(state.step - state.skipped) if lr_schedule is not None else jnp.nan
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32), "trained_tokens": tokens,
+               "accuracy": correct / denom, "skipped": bad, "nonfinite_streak": new_state.nonfinite_streak}
+    return new_state, metrics
+
+  jitted = _jit(step, shardings, donate=True)
+
+  def train_step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+    return jitted(state, frozen, _micro_batches(batch))
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, frozen: Frozen, *, loss_chunk: int = 512,
+                   shardings: tuple[Any, Any, Any] | None = None) -> Callable:
+  """A jitted `eval_step(params, batch) -> {loss_sum, tokens, correct}` for [b, T] or [A, b, T] batches.
+
+  loss = sum(loss_sum) / sum(tokens); perplexity = exp(loss); token accuracy = sum(correct) / sum(tokens).
+  """
+
+  def evaluate(params: Any, frozen: Frozen, batch: dict[str, jax.Array]):
+    model = nnx.merge(graphdef, params, frozen.weights, frozen.dropout_keys)
+    model.set_attributes(deterministic=True, raise_if_not_found=False)
+
+    def one(carry, mb):
+      loss_sum, tokens, correct = loss_fn(model, mb, chunk=loss_chunk)
+      return (carry[0] + loss_sum, carry[1] + tokens, carry[2] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    if batch["input_ids"].ndim == 2:
+      batch = jax.tree.map(lambda x: x[None], batch)
+    (loss_sum, tokens, correct), _ = jax.lax.scan(one, (zero, zero, zero), batch)
+    return {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+
+  jitted = _jit(evaluate, shardings, donate=False)
+
+  def eval_step(params: Any, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    return jitted(params, frozen, _micro_batches(batch))
+
+  return eval_step

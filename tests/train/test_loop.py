@@ -1,0 +1,87 @@
+"""The training loop on the tiny config: loss goes down, what a run writes, LoRA/full checkpoints, NaN stop."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import tiny_runs
+from jaxtune.train import loop
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, cache):
+  run_dir = tmp_path_factory.mktemp("lora_run")
+  config = tiny_runs.tiny(run_dir, cache, **{"train.steps": 30, "train.eval_every": 15, "checkpoint.every": 10})
+  return run_dir, loop.train(config)
+
+
+def test_loss_goes_down_and_eval_runs(lora_run):
+  run_dir, result = lora_run
+  curve = tiny_runs.train_curve(run_dir, keys=("train/loss",))
+  first = np.mean([curve[s][0] for s in (1, 2, 3)])
+  last = np.mean([curve[s][0] for s in (28, 29, 30)])
+  assert last < 0.7 * first, (first, last)
+  evals = [m for m in tiny_runs.metrics(run_dir) if "eval/loss" in m]
+  assert [m["step"] for m in evals] == [15, 30]
+  assert evals[1]["eval/loss"] < evals[0]["eval/loss"]
+  assert result["eval/loss"] == pytest.approx(evals[1]["eval/loss"])
+  assert result["eval/perplexity"] == pytest.approx(math.exp(result["eval/loss"]))
+  assert 0 < result["eval/accuracy"] <= 1
+
+
+def test_run_directory_contents(lora_run):
+  run_dir, result = lora_run
+  lines = tiny_runs.metrics(run_dir)
+  assert all(isinstance(m["step"], int) for m in lines)
+  train_lines = [m for m in lines if "train/loss" in m]
+  assert [m["step"] for m in train_lines] == list(range(1, 31))
+  assert {"train/lr", "train/grad_norm", "train/accuracy", "train/tokens_per_s"} <= set(train_lines[-1])
+  saved = json.loads((run_dir / "config.json").read_text())
+  assert saved["model"]["dtype"] == "float32" and saved["model"]["param_dtype"] == "float32"  # "auto" resolved
+  assert saved["train"]["steps"] == 30
+  assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+  assert tiny_runs.complete_steps(run_dir) == [20, 30]  # keep=2
+  assert result["checkpoint"].endswith("checkpoints/30")
+
+
+def test_lora_checkpoint_holds_adapters_only(lora_run):
+  run_dir, _ = lora_run
+  state = tiny_runs.saved_state(run_dir, 30)
+  params = [k for k in state if k.startswith("params/")]
+  assert params and all(k.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for k in params), params
+  assert int(state["step"]) == 30
+  assert sum(v.size for k, v in state.items() if k.startswith("params/")) < 20_000  # the base has ~8k + 2 x 4k
+
+
+def test_full_finetuning_checkpoints_every_weight(tmp_path, cache):
+  config = tiny_runs.tiny(tmp_path, cache, **{"peft.method": "full", "train.steps": 4, "train.eval": False,
+                                              "train.eval_every": 0, "optim.lr": 1e-3})
+  result = loop.train(config)
+  state = tiny_runs.saved_state(tmp_path, 4)
+  params = {k for k in state if k.startswith("params/")}
+  assert "params/embed" in params and "params/layers/attn/q/kernel" in params
+  assert not any("lora" in k for k in params)
+  assert "eval/loss" not in result
+
+
+def test_nonfinite_streak_stops_with_last_good_checkpoint(tmp_path, cache):
+  # A learning rate of 1e30 makes the first update overflow the forward pass: every later
+  # step is non-finite, skipped, and the run stops after max_nan_streak of them.
+  config = tiny_runs.tiny(tmp_path, cache, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.schedule": "constant",
+                                              "train.max_nan_streak": 3, "train.eval": False, "train.eval_every": 0})
+  with pytest.raises(loop.NonFiniteLossError, match="3 non-finite"):
+    loop.train(config)
+  steps = tiny_runs.complete_steps(tmp_path)
+  assert steps and steps[-1] < 10
+  state = tiny_runs.saved_state(tmp_path, steps[-1])
+  assert int(state["skipped"]) == 3 and int(state["nonfinite_streak"]) == 3
+  assert all(np.isfinite(v).all() for k, v in state.items() if k.startswith("params/"))
+  lines = [m for m in tiny_runs.metrics(tmp_path) if "train/loss" in m]
+  assert lines[-1]["train/loss"] is None and lines[-1]["train/skipped_total"] == 3  # NaN is written as null

@@ -1,0 +1,139 @@
+"""LoRA as a parameter-tree transform: shapes, axes, targets, exactness at init, merging, dropout, PEFT parity."""
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtune.hf.load import init_model, load_model
+from jaxtune.models.config import from_hf_dict
+from jaxtune.peft import lora
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "models"))
+import tiny_hf  # noqa: E402
+
+TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+IDS = np.random.default_rng(0).integers(3, 128, size=(2, 12)).astype(np.int32)
+
+
+@nnx.jit
+def _logits(model, ids):  # eager calls would recompile the layer scan every time
+  return model(ids)
+
+
+@pytest.fixture(scope="module")
+def base():
+  return init_model(from_hf_dict(TINY), seed=0)
+
+
+def _with_lora(base, **kwargs):
+  model = nnx.clone(base)
+  kwargs = {"rank": 4, "alpha": 8.0, "rngs": nnx.Rngs(1), **kwargs}
+  return lora.apply_lora(model, **kwargs)
+
+
+def _randomize_b(model, seed=2):
+  rng = np.random.default_rng(seed)  # numpy: no compile per shape
+  for _, m in nnx.iter_modules(model):
+    if isinstance(m, lora.LoRA):
+      m.lora_b.set_value(jnp.asarray(0.1 * rng.standard_normal(m.lora_b.shape), m.lora_b.dtype))
+
+
+def test_shapes_axes_and_scale(base):
+  model = _with_lora(base, rank=4, alpha=8.0)
+  q, o, down = model.layers.attn.q.adapter, model.layers.attn.o.adapter, model.layers.mlp.down.adapter
+  assert q.lora_a.shape == (2, 64, 4) and q.lora_b.shape == (2, 4, 4, 24)
+  assert o.lora_a.shape == (2, 4, 24, 4) and o.lora_b.shape == (2, 4, 64)
+  assert down.lora_a.shape == (2, 96, 4) and down.lora_b.shape == (2, 4, 64)
+  assert q.lora_a.get_metadata()["axes"] == ("layers", "embed", "lora_rank")
+  assert q.lora_b.get_metadata()["axes"] == ("layers", "lora_rank", "heads", "head_dim")
+  assert o.lora_a.get_metadata()["axes"] == ("layers", "heads", "head_dim", "lora_rank")
+  assert isinstance(q.lora_a, lora.LoRAParam) and q.lora_a.dtype == jnp.float32
+  assert q.scale == 2.0 and np.all(np.asarray(q.lora_b[...]) == 0)
+  bound = 1 / np.sqrt(4 * 24)  # PEFT's kaiming-uniform bound 1/sqrt(fan_in) for o's A
+  a = np.asarray(o.lora_a[...])
+  assert np.abs(a).max() <= bound and np.abs(a).max() > 0.9 * bound
+  assert not np.array_equal(a[0], a[1])  # each layer of the stack gets its own draw
+  assert _with_lora(base, rank=4, alpha=8.0, use_rslora=True).layers.attn.q.adapter.scale == 4.0
+  assert model.lm_head.adapter is None and base.layers.attn.q.adapter is None  # the base is untouched
+
+
+@pytest.mark.parametrize("targets, expected", [
+    (["q_proj", "v"], {"q", "v"}),
+    (r"layers\.mlp\..*", {"gate", "up", "down"}),
+    (["lm_head"], {"lm_head"}),
+    ("all-linear", {"q", "k", "v", "o", "gate", "up", "down"}),
+])
+def test_targets(base, targets, expected):
+  model = _with_lora(base, targets=targets)
+  adapted = {w.path[-1] for w in lora.lora_weights(model)}
+  assert adapted == expected
+
+
+def test_target_errors(base):
+  with pytest.raises(ValueError, match="name no linear layer"):
+    _with_lora(base, targets=["qkv_proj"])
+  with pytest.raises(ValueError, match="matched no linear layer"):
+    _with_lora(base, targets="attn.q")  # a regex must match the whole dotted path
+  with pytest.raises(ValueError, match="already has an adapter"):
+    lora.apply_lora(_with_lora(base), rank=2, alpha=2, rngs=nnx.Rngs(0))
+
+
+def test_zero_b_gives_exactly_the_base_logits(base):
+  model = _with_lora(base, targets=r".*")  # lm_head included
+  np.testing.assert_array_equal(np.asarray(_logits(model, IDS)), np.asarray(_logits(base, IDS)))
+
+
+def test_merged_kernels_give_the_adapter_model_logits(base):
+  model = _with_lora(base, targets=r".*")  # as in the test above: the compiled forward is reused
+  _randomize_b(model)
+  out = np.asarray(_logits(model, IDS))
+  assert np.abs(out - np.asarray(_logits(base, IDS))).max() > 1e-2  # the adapters do something
+  merged = lora.merge_lora(model)
+  assert len(merged) == 8 and all(v.dtype == jnp.float32 for v in merged.values())
+  unloaded = lora.merge_and_unload(model)
+  assert unloaded.layers.attn.q.adapter is None and model.layers.attn.q.adapter is not None
+  np.testing.assert_allclose(np.asarray(_logits(unloaded, IDS)), out, atol=2e-5, rtol=1e-5)
+
+
+def test_dropout_is_off_by_default_and_keyed(base):
+  model = _with_lora(base, dropout=0.5)
+  _randomize_b(model)
+  plain = np.asarray(_logits(model, IDS))
+  np.testing.assert_array_equal(np.asarray(_logits(model, IDS)), plain)  # deterministic by default
+  model.set_attributes(deterministic=False)
+  first, again = np.asarray(_logits(model, IDS)), np.asarray(_logits(model, IDS))
+  np.testing.assert_array_equal(first, again)  # the mask comes from the stored keys
+  assert np.abs(first - plain).max() > 1e-3
+  keys = nnx.to_pure_dict(nnx.state(model, lora.LoRADropoutKey))
+  nnx.update(model, lora.refresh_dropout_keys(keys, jax.random.key(7)))
+  assert np.abs(np.asarray(_logits(model, IDS)) - first).max() > 1e-3
+
+
+def test_forward_and_export_match_peft(tmp_path):
+  """Our adapters exported with peft_state_dict, loaded into PEFT, give the same logits as our model."""
+  import peft
+  import torch
+
+  hf_model = tiny_hf.build("llama", tmp_path)  # head_dim != hidden / heads, llama3 rope
+  model = lora.apply_lora(load_model(tmp_path), rank=4, alpha=6.0, use_rslora=True, rngs=nnx.Rngs(3))
+  _randomize_b(model)
+  config = lora.peft_config(model)
+  assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+  peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(
+      r=4, lora_alpha=6.0, use_rslora=True, target_modules="all-linear", lora_dropout=0.0))
+  tensors = lora.peft_state_dict(model)
+  assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
+  assert tensors["base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight"].shape == (4 * 24, 4)
+  result = peft.set_peft_model_state_dict(peft_model, {k: torch.from_numpy(v) for k, v in tensors.items()})
+  assert not [k for k in result.unexpected_keys if "lora" in k]
+  assert len(tensors) == 2 * 7 * 3
+  peft_model.eval()
+  with torch.no_grad():
+    ref = peft_model(input_ids=torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(_logits(model, IDS)), ref, atol=1e-4, rtol=1e-4)  # B != 0: adapters matter
