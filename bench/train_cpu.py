@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
   p.add_argument("--warmup", type=int, default=2, help="unmeasured steps (the first compiles)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--loss-chunk", type=int, default=512, help="jaxtune cross-entropy chunk (positions)")
+  p.add_argument("--loss-chunk", type=int, default=128, help="jaxtune cross-entropy chunk (positions); see NOTES")
   p.add_argument("--remat", default="none", help="jaxtune remat policy: none | full | dots | dots_no_batch")
   p.add_argument("--hf-attn", default="sdpa", help="transformers attention: sdpa | eager")
   p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jaxtune worker (ablations)")

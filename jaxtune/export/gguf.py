@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import pathlib
 import warnings
-from typing import Any
 
 import gguf
 import numpy as np
@@ -39,7 +38,7 @@ _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = (gguf.TokenType.NORMAL, gguf.TokenTy
 
 
 def gguf_dtype(name: str) -> str:
-  """"f16", "bf16", "q8_0" or "f32" from that name or a long one ("bfloat16")."""
+  """The GGUF dtype name (f16, bf16, q8_0, f32) for a short or long name ("bfloat16" -> "bf16")."""
   key = _ALIASES.get(str(name).lower(), str(name).lower())
   if key not in GGUF_DTYPES:
     raise ExportError(f"GGUF dtype {name!r} is not supported; choose one of {', '.join(GGUF_DTYPES)}.")

@@ -97,7 +97,8 @@ def check_matches_source(cfg: ModelConfig, hf_config: dict, where: pathlib.Path)
   source = from_hf_dict(hf_config, where=str(where))
   ours = dataclasses.replace(cfg, **{f: getattr(source, f) for f in _RUNTIME_FIELDS})
   if ours != source:
-    diffs = [f"{f.name}: model {getattr(ours, f.name)!r}, config.json {getattr(source, f.name)!r}"
+    short = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."  # noqa: E731
+    diffs = [f"{f.name}: model {short(getattr(ours, f.name))}, config.json {short(getattr(source, f.name))}"
              for f in dataclasses.fields(source) if getattr(ours, f.name) != getattr(source, f.name)]
     raise ExportError(f"{where}: describes a different model than the one being exported ({'; '.join(diffs[:4])}); "
                       "pass the checkpoint directory the model was loaded from.")

@@ -121,6 +121,8 @@ def _linears(model: nnx.Module) -> list[tuple[tuple[str, ...], Linear]]:
 def _select(model: nnx.Module, targets: str | Sequence[str]) -> list[tuple[tuple[str, ...], Linear]]:
   linears = _linears(model)
   available = sorted({".".join(p) for p, _ in linears})
+  if isinstance(targets, str) and (targets in HF_NAMES or targets in HF_NAMES.values()):
+    targets = [targets]  # one module name, not a regex
   if targets == "all-linear":
     chosen = [(p, m) for p, m in linears if p[-1] in ALL_LINEAR]
   elif isinstance(targets, str):
@@ -148,8 +150,8 @@ def apply_lora(model: CausalLM, *, rank: int, alpha: float, dropout: float = 0.0
                param_dtype: Any = jnp.float32) -> CausalLM:
   """Adds LoRA adapters (A random, B zero, float32) to the targeted Linears, in place; returns the model.
 
-  targets: "all-linear" (q, k, v, o, gate, up, down; not lm_head), a list of module names
-  (ours: "q", or HF's: "q_proj"), or a regex matched against whole dotted paths ("layers.attn.(q|v)").
+  targets: "all-linear" (q, k, v, o, gate, up, down; not lm_head), module names (a list, or one
+  name; ours: "q", or HF's: "q_proj"), or a regex matched against whole dotted paths ("layers.attn.(q|v)").
   """
   if rank < 1:
     raise ValueError(f"peft.lora.rank must be >= 1, got {rank}.")

@@ -45,16 +45,6 @@ class Frozen(NamedTuple):
   dropout_keys: Any
 
 
-def default_dtypes(method: str, platform: str | None = None) -> dict[str, str]:
-  """load_model kwargs: float32 on CPU; bf16 compute with float32 trained weights on accelerators.
-
-  Under LoRA the frozen base is stored in bf16 too (its float32 masters are the adapters).
-  """
-  if (platform or jax.default_backend()) == "cpu":
-    return {"dtype": "float32", "param_dtype": "float32"}
-  return {"dtype": "bfloat16", "param_dtype": "bfloat16" if method == "lora" else "float32"}
-
-
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, method: str = "lora",
                      seed: int = 0) -> tuple[nnx.GraphDef, Frozen, TrainState]:
   """Splits the model into (graphdef, frozen, state); the state's arrays are the model's (not copied).
@@ -70,8 +60,9 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
     raise ValueError("peft.method='lora' but the model has no LoRA adapters; call jaxtune.peft.apply_lora first."
                      if method == "lora" else "the model has no parameters to train.")
   zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
-  state = TrainState(params=params, opt_state=_unaliased(optimizer.init(params)), step=zero(),
-                     rng=jax.random.key_data(jax.random.key(seed)), nonfinite_streak=zero(), skipped=zero())
+  state = _unaliased(TrainState(params=params, opt_state=optimizer.init(params), step=zero(),
+                                rng=jax.random.key_data(jax.random.key(seed)), nonfinite_streak=zero(),
+                                skipped=zero()))
   return graphdef, Frozen(nnx.to_pure_dict(rest), nnx.to_pure_dict(keys)), state
 
 

@@ -51,3 +51,48 @@ def assert_close_logits(got: np.ndarray, want: np.ndarray, rel: float = 1e-4, wh
   scale = np.abs(want).max()
   err = np.abs(got - want).max()
   assert err <= rel * scale, f"{what}: max |diff| {err:.3g} > {rel} x logit scale {scale:.3g}"
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tiny_llama(directory: pathlib.Path, vocab_size: int = 288, seed: int = 0) -> pathlib.Path:
+  """A tiny random Llama (default rope, tied) with a small byte-level BPE tokenizer and a ChatML template.
+
+  The GGUF tests use it: SmolLM2's 49k-token vocabulary makes every gguf read take seconds.
+  Ids past the tokenizer's last one (vocab_size is padded up) have no token.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from gguf.vocab import bytes_to_unicode  # pylint: disable=g-import-not-at-top  (GPT-2 byte -> char table)
+
+  alphabet = list(bytes_to_unicode().values())
+  merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġ", "s")]
+  vocab = {c: i for i, c in enumerate(alphabet)}
+  for a, b in merges:
+    vocab[a + b] = len(vocab)
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                          for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                              pad_token="<|endoftext|>", chat_template=CHATML,
+                                              clean_up_tokenization_spaces=False)
+  ids = fast.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+  config = transformers.LlamaConfig(
+      vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
+      rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=ids[0], eos_token_id=ids[1],
+      pad_token_id=ids[2])
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(directory)
+  fast.save_pretrained(directory)
+  return directory

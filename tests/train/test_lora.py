@@ -67,6 +67,7 @@ def test_shapes_axes_and_scale(base):
     (["q_proj", "v"], {"q", "v"}),
     (r"layers\.mlp\..*", {"gate", "up", "down"}),
     (["lm_head"], {"lm_head"}),
+    ("down_proj", {"down"}),  # one name, not a regex
     ("all-linear", {"q", "k", "v", "o", "gate", "up", "down"}),
 ])
 def test_targets(base, targets, expected):

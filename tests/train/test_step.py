@@ -195,9 +195,3 @@ def test_errors(base):
     step_lib.init_train_state(nnx.clone(base), opt, method="lora")
   with pytest.raises(ValueError, match="peft.method"):
     step_lib.init_train_state(nnx.clone(base), opt, method="qlora")
-
-
-def test_default_dtypes():
-  assert step_lib.default_dtypes("lora", "cpu") == {"dtype": "float32", "param_dtype": "float32"}
-  assert step_lib.default_dtypes("full", "tpu") == {"dtype": "bfloat16", "param_dtype": "float32"}
-  assert step_lib.default_dtypes("lora", "gpu") == {"dtype": "bfloat16", "param_dtype": "bfloat16"}
