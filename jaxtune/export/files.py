@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxtune.hf.safetensors_io import DTYPES as _SAFETENSORS_DTYPES
+from jaxtune.hf.safetensors_io import Checkpoint
 
 # dtype names the CLI and the Python API accept for safetensors output.
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -46,17 +47,23 @@ def dtype_of(name: str | np.dtype) -> np.dtype:
 
 
 def source_dtype(source_dir: pathlib.Path) -> np.dtype:
-  """The dtype a checkpoint directory stores its weights in (config.json, else the first tensor)."""
-  hf = read_json(source_dir / "config.json")
-  for key in ("dtype", "torch_dtype"):
-    if isinstance(hf.get(key), str) and _ALIASES.get(hf[key], hf[key]) in DTYPES:
-      return dtype_of(hf[key])
-  from jaxtune.hf.safetensors_io import Checkpoint  # pylint: disable=g-import-not-at-top
-
+  """The dtype a checkpoint directory stores its weights in (its first tensor's; else config.json's)."""
   ckpt = Checkpoint(source_dir)
   name = ckpt.keys()[0]
   found = ckpt.file_of(name).dtype(name)
-  return found if found in DTYPES.values() else DTYPES["float32"]
+  if found in DTYPES.values():
+    return found
+  hf = read_json(source_dir / "config.json")  # e.g. float8 weights: the dtype the model was trained in
+  for key in ("dtype", "torch_dtype"):
+    if isinstance(hf.get(key), str) and _ALIASES.get(hf[key], hf[key]) in DTYPES:
+      return dtype_of(hf[key])
+  return DTYPES["float32"]
+
+
+def check_not_source(out: str | os.PathLike, source_dir: str | os.PathLike) -> None:
+  """Refuses to write into the checkpoint being read (an overwrite would delete it first)."""
+  if pathlib.Path(out).expanduser().resolve() == pathlib.Path(source_dir).expanduser().resolve():
+    raise ExportError(f"{out}: is the source checkpoint directory itself; choose another --out.")
 
 
 def read_json(path: pathlib.Path) -> dict:
@@ -128,7 +135,7 @@ def copy_tokenizer_files(source_dir: pathlib.Path, out: pathlib.Path) -> list[st
   return copied
 
 
-def tokenizer_vocab(source_dir: pathlib.Path) -> dict[str, int]:
+def added_tokens(source_dir: pathlib.Path) -> dict[str, int]:
   """Token -> id of the added (special) tokens of tokenizer.json; {} without one."""
   path = source_dir / "tokenizer.json"
   if not path.is_file():

@@ -111,7 +111,7 @@ def generation_config(source_dir: pathlib.Path, hf_config: dict) -> dict:
       k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
   eos = gen.get("eos_token_id", hf_config.get("eos_token_id"))
   ids = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
-  added = files.tokenizer_vocab(source_dir)
+  added = files.added_tokens(source_dir)
   tok_cfg_path = source_dir / "tokenizer_config.json"
   eos_token = files.read_json(tok_cfg_path).get("eos_token") if tok_cfg_path.is_file() else None
   eos_token = eos_token.get("content") if isinstance(eos_token, dict) else eos_token
@@ -134,6 +134,7 @@ def export_merged(model: CausalLM, source_dir: str | os.PathLike, out_dir: str |
   hf_config = files.read_json(source / "config.json")
   check_matches_source(model.config, hf_config, source / "config.json")
   dtype = files.dtype_of(dtype) if dtype is not None else files.source_dtype(source)
+  files.check_not_source(out_dir, source)
   out = files.prepare_output_dir(out_dir, overwrite=overwrite)
 
   shards = files.plan_shards(hf_tensors(model, dtype), max_shard_bytes)

@@ -181,6 +181,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, format: s
   patterns = {"adapter": ADAPTER_PATTERNS, "gguf": ("*.gguf",)}.get(format, files.MODEL_PATTERNS)
   files.check_output_dir(out_dir, overwrite=overwrite, patterns=patterns)
   config, source, _ = _run_source(step_dir)
+  files.check_not_source(out_dir, source)
   if format == "gguf":
     gguf_export.check_source(load_config(source), source)
   method = config.get("peft", {}).get("method", "lora")

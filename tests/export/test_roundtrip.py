@@ -95,7 +95,11 @@ def test_smollm2_round_trip_keeps_weights_and_chat_template(smollm2_dir, smollm2
   assert {vocab["<|im_end|>"], vocab["<|endoftext|>"]} <= set(generation["eos_token_id"])
 
 
-def test_export_refuses_a_model_of_another_architecture(smollm2_dir, tmp_path):
+def test_export_refuses_another_architecture_and_its_own_source(smollm2_dir, tmp_path):
   tiny_hf.build("llama", tmp_path / "src")
+  model = load_model(tmp_path / "src")
   with pytest.raises(ExportError, match=r"config.json: describes a different model"):
-    export_merged(load_model(tmp_path / "src"), smollm2_dir, tmp_path / "out")
+    export_merged(model, smollm2_dir, tmp_path / "out")
+  with pytest.raises(ExportError, match=r"src: is the source checkpoint directory itself"):
+    export_merged(model, tmp_path / "src", tmp_path / "src", overwrite=True)
+  assert (tmp_path / "src" / "model.safetensors").is_file()
