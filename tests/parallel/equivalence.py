@@ -1,0 +1,96 @@
+"""Run as a script with 8 fake CPU devices: 3 train steps per preset mesh vs one device; prints JSON results.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel/equivalence.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxtune import parallel
+from jaxtune.hf.load import init_model
+from jaxtune.models.config import from_hf_dict
+from jaxtune.peft import lora
+from jaxtune.train import optim
+from jaxtune.train import step as step_lib
+
+# Divisible by 8 (fsdp) and 2 (tensor) where the rules split; head_dim 24 is never split.
+TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+MESHES = {"dp": dict(preset="dp"), "fsdp": dict(preset="fsdp"), "fsdp_tp": dict(preset="fsdp_tp", data=2)}
+STEPS, ACCUM, ROWS, T = 3, 1, 8, 16
+
+
+def batches() -> list[dict[str, np.ndarray]]:
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(STEPS):
+    ids = rng.integers(3, 128, size=(ACCUM, ROWS, T)).astype(np.int32)
+    seg = np.ones_like(ids)
+    seg[..., 12:] = 0  # padding at the end of every row
+    out.append({"input_ids": ids, "loss_mask": (rng.random(ids.shape) < 0.7).astype(np.int32), "segment_ids": seg,
+                "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape).copy()})
+  return out
+
+
+def setup(method: str):
+  model = init_model(from_hf_dict(TINY), seed=0)
+  if method == "lora":
+    lora.apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    # B starts at zero; give it values so the adapters' gradients are not trivially zero at step 1.
+    for _, m in nnx.iter_modules(model):
+      if isinstance(m, lora.LoRA):
+        m.lora_b.set_value(0.01 * jax.random.normal(jax.random.key(2), m.lora_b.shape))
+  cfg = optim.optim_config()
+  cfg.lr, cfg.schedule, cfg.weight_decay = 1e-2, "constant", 0.01
+  opt = optim.make_optimizer(cfg, STEPS)
+  graphdef, frozen, state = step_lib.init_train_state(model, opt, method=method)
+  host = jax.tree.map(np.asarray, (frozen, state))  # every run starts from copies of the same values
+  return model, opt, graphdef, host
+
+
+def run(method: str, mesh_name: str | None) -> dict:
+  model, opt, graphdef, (frozen, state) = setup(method)
+  shardings = None
+  if mesh_name is not None:
+    mcfg = parallel.mesh_config()
+    mcfg.update(MESHES[mesh_name])
+    mesh = parallel.make_mesh(mcfg)
+    sh = parallel.train_shardings(model, opt, mesh, mcfg.rules, method=method)
+    frozen, state = parallel.place(frozen, sh.frozen), parallel.place(state, sh.state)
+    shardings = sh.step_args
+  else:
+    frozen, state = jax.tree.map(jax.numpy.asarray, (frozen, state))
+  train_step = step_lib.make_train_step(graphdef, frozen, opt, shardings=shardings)
+  losses = []
+  for batch in batches():
+    if shardings is not None:
+      batch = parallel.shard_batch(batch, shardings[2])
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  out = {"losses": losses, "params": {jax.tree_util.keystr(p): np.asarray(x).tolist() for p, x in flat}}
+  if mesh_name is not None:  # shard shape on device 0 vs the whole parameter, and the optimizer state's
+    out["shards"] = {jax.tree_util.keystr(p): [list(x.shape), list(x.addressable_shards[0].data.shape)]
+                     for p, x in flat}
+    mu = optax.tree_utils.tree_get(state.opt_state, "mu")
+    out["mu_shards"] = {jax.tree_util.keystr(p): list(x.addressable_shards[0].data.shape)
+                        for p, x in jax.tree_util.tree_flatten_with_path(mu)[0]}
+  return out
+
+
+def main() -> None:
+  assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  methods = sys.argv[1:] or ["lora", "full"]
+  results = {m: {"single": run(m, None), **{name: run(m, name) for name in MESHES}} for m in methods}
+  print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+  main()
