@@ -46,7 +46,10 @@ def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk):
   from jaxtune.peft.lora import apply_lora  # pylint: disable=g-import-not-at-top
   from jaxtune.train import optim, step  # pylint: disable=g-import-not-at-top
 
-  dtypes = step.default_dtypes(setting)
+  if jax.default_backend() == "cpu":  # smoke runs
+    dtypes = {"dtype": "float32", "param_dtype": "float32"}
+  else:  # bf16 compute; float32 trained weights; under LoRA the frozen base is bf16 too
+    dtypes = {"dtype": "bfloat16", "param_dtype": "bfloat16" if setting == "lora" else "float32"}
   cfg = from_hf_dict(hf_cfg, attention_impl=attn if jax.default_backend() == "gpu" else "xla", remat=remat,
                      **dtypes)
   model = init_model(cfg, seed=0)

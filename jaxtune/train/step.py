@@ -137,7 +137,7 @@ def _jit(fn: Callable, shardings: tuple[Any, Any, Any] | None, donate: bool) -> 
 
 
 def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.GradientTransformation, *,
-                    lr_schedule: optax.Schedule | None = None, loss_chunk: int = 512,
+                    lr_schedule: optax.Schedule | None = None, loss_chunk: int = 128,
                     shardings: tuple[Any, Any, Any] | None = None) -> Callable:
   """A jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
 
@@ -196,7 +196,7 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.Gra
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, frozen: Frozen, *, loss_chunk: int = 512,
+def make_eval_step(graphdef: nnx.GraphDef, frozen: Frozen, *, loss_chunk: int = 128,
                    shardings: tuple[Any, Any, Any] | None = None) -> Callable:
   """A jitted `eval_step(params, batch) -> {loss_sum, tokens, correct}` for [b, T] or [A, b, T] batches.
 

@@ -1,0 +1,227 @@
+"""Compile the train step for a model shape on a mesh, without weights, and print per-device memory.
+
+    python -m jaxtune.parallel.dry_run --config configs/llama3_8b_lora.py --num_devices 8,16
+    python -m jaxtune.parallel.dry_run --model llama3.1-70b --method full --num_devices 64 --seq 2048
+
+The model is built with `nnx.eval_shape` (shapes only), so nothing is downloaded but config.json
+(or a preset below). The mesh is made of N fake CPU devices and XLA's own memory analysis of the
+compiled per-device program gives the numbers; a CPU compile approximates the TPU one (different
+fusion and layout choices, no TPU-only kernels), so leave ~10-15% headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxtune.models.config import ModelConfig, from_hf_dict
+from jaxtune.models.transformer import CausalLM
+from jaxtune.parallel import mesh as mesh_lib
+from jaxtune.parallel import sharding as sharding_lib
+from jaxtune.peft import apply_lora
+from jaxtune.peft.lora import LoRADropoutKey, LoRAParam
+from jaxtune.train import optim
+from jaxtune.train import step as step_lib
+
+# The config.json fields that set memory, for the models of docs/scaling.md (rope and norms do not matter here).
+PRESETS = {
+    "llama3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "llama3.1-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                         num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
+    "qwen2.5-72b": dict(model_type="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=29568,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
+    "gemma2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                      num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256),
+    "gemma2-27b": dict(model_type="gemma2", vocab_size=256000, hidden_size=4608, intermediate_size=36864,
+                       num_hidden_layers=46, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                       query_pre_attn_scalar=144),
+}
+HUB_IDS = {"meta-llama/Llama-3.1-8B": "llama3.1-8b", "meta-llama/Llama-3.1-8B-Instruct": "llama3.1-8b",
+           "meta-llama/Llama-3.1-70B": "llama3.1-70b", "meta-llama/Llama-3.1-70B-Instruct": "llama3.1-70b",
+           "Qwen/Qwen2.5-7B": "qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
+           "Qwen/Qwen2.5-72B": "qwen2.5-72b", "Qwen/Qwen2.5-72B-Instruct": "qwen2.5-72b",
+           "google/gemma-2-9b": "gemma2-9b", "google/gemma-2-9b-it": "gemma2-9b",
+           "google/gemma-2-27b": "gemma2-27b", "google/gemma-2-27b-it": "gemma2-27b"}
+GIB = 1024**3
+
+
+@dataclasses.dataclass
+class Report:
+  """Per-device bytes of one compiled train step."""
+
+  devices: int
+  mesh: dict[str, int]
+  params: int  # frozen + trainable weights (from the shardings)
+  trainable: int
+  optimizer: int
+  batch: int
+  temp: int  # XLA temporaries: activations, gradients in flight, all-gathered weights
+  argument: int  # XLA: inputs (state, frozen, batch)
+  output: int
+  alias: int  # outputs written into donated inputs
+  code: int
+
+  @property
+  def peak(self) -> int:
+    return self.argument + self.output - self.alias + self.temp + self.code
+
+  def line(self) -> str:
+    g = lambda b: f"{b / GIB:7.2f}"  # noqa: E731
+    mesh = "x".join(str(self.mesh[a]) for a in mesh_lib.AXES)
+    return (f"{self.devices:5d} {mesh:>9} {g(self.params)} {g(self.trainable)} {g(self.optimizer)} {g(self.temp)} "
+            f"{g(self.peak)}")
+
+
+HEADER = "devices  d x f x t  params  trained  optim.  act/tmp  peak (GiB per device)"
+
+
+def _load_config_file(path: str) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("dry_run_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def model_config(model: str = "", model_config_path: str = "", config_model_path: str = "", **runtime: Any
+                 ) -> ModelConfig:
+  """ModelConfig from a preset name, a config.json path, or a run config's model.path (dir or known hub id)."""
+  if model_config_path:
+    return from_hf_dict(json.loads(pathlib.Path(model_config_path).read_text()), model_config_path, **runtime)
+  name = model or HUB_IDS.get(config_model_path, "")
+  if name:
+    if name not in PRESETS:
+      raise ValueError(f"--model: unknown {name!r}; presets: {', '.join(PRESETS)}.")
+    return from_hf_dict(PRESETS[name], name, **runtime)
+  local = pathlib.Path(config_model_path).expanduser() / "config.json"
+  if config_model_path and local.is_file():
+    return from_hf_dict(json.loads(local.read_text()), str(local), **runtime)
+  raise ValueError(f"no model shape for {config_model_path!r}: pass --model ({', '.join(PRESETS)}) or "
+                   "--model_config path/to/config.json.")
+
+
+@contextlib.contextmanager
+def _layer_input_constraint(mesh: jax.sharding.Mesh, rules: Any):
+  """Preview of the one-line model change (see docs/scaling.md): each layer's input split by batch rows.
+
+  Without it XLA's propagation splits activations along the model dimension under FSDP and
+  gathers the batch instead; with it, weights are gathered one layer at a time, as FSDP intends.
+  """
+  from jaxtune.models import transformer  # pylint: disable=g-import-not-at-top
+  original = transformer.Block.__call__
+
+  def call(self, x_BTD, *args, **kwargs):
+    x_BTD = sharding_lib.constrain(x_BTD, ("batch", "length", "act_embed"), mesh, rules)
+    return original(self, x_BTD, *args, **kwargs)
+
+  transformer.Block.__call__ = call
+  try:
+    yield
+  finally:
+    transformer.Block.__call__ = original
+
+
+def compile_report(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Any, *, method: str, lora_rank: int,
+                   optimizer: Any, rows: int, seq: int, accum: int = 1, constrain: bool = True) -> Report:
+  """Compiles one train step of an abstract model on `mesh`; returns XLA's per-device memory."""
+  def build():
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    if method == "lora":
+      apply_lora(model, rank=lora_rank, alpha=2.0 * lora_rank, rngs=nnx.Rngs(1))
+    return model
+
+  abstract = nnx.eval_shape(build)
+  trainable = LoRAParam if method == "lora" else nnx.Param
+  graphdef, params, keys, rest = nnx.split(abstract, trainable, LoRADropoutKey, ...)
+  sds = lambda tree: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))  # noqa
+  params_sds, frozen = sds(params), step_lib.Frozen(sds(rest), sds(keys))
+  scalar = jax.ShapeDtypeStruct((), np.int32)
+  state = step_lib.TrainState(params_sds, jax.eval_shape(optimizer.init, params_sds), scalar,
+                              jax.ShapeDtypeStruct((2,), np.uint32), scalar, scalar)
+  batch = {k: jax.ShapeDtypeStruct((accum, rows // accum, seq), np.int32) for k in step_lib.BATCH_KEYS}
+  sh = sharding_lib.train_shardings(abstract, optimizer, mesh, rules, method=method)
+
+  def step(state, frozen, batch):
+    return step_lib.make_train_step(graphdef, frozen, optimizer)(state, batch)
+
+  jitted = jax.jit(step, in_shardings=sh.step_args, out_shardings=(sh.state, None), donate_argnums=0)
+  with _layer_input_constraint(mesh, rules) if constrain else contextlib.nullcontext():
+    stats = jitted.lower(state, frozen, batch).compile().memory_analysis()
+  trained = sharding_lib.per_device_bytes(state.params, sh.state.params)
+  return Report(
+      devices=mesh.size, mesh=dict(mesh.shape), params=trained + sharding_lib.per_device_bytes(frozen, sh.frozen),
+      trainable=trained, optimizer=sharding_lib.per_device_bytes(state.opt_state, sh.state.opt_state),
+      batch=sharding_lib.per_device_bytes(batch, jax.tree.map(lambda _: sh.batch, batch)),
+      temp=stats.temp_size_in_bytes, argument=stats.argument_size_in_bytes, output=stats.output_size_in_bytes,
+      alias=stats.alias_size_in_bytes, code=stats.generated_code_size_in_bytes)
+
+
+def main(argv: list[str] | None = None) -> list[Report]:
+  p = argparse.ArgumentParser(prog="python -m jaxtune.parallel.dry_run", description=__doc__.split("\n")[0])
+  p.add_argument("--config", help="configs/X.py: model.path, peft, optim, data sizes, mesh")
+  p.add_argument("--model", default="", help=f"a preset shape: {', '.join(PRESETS)}")
+  p.add_argument("--model_config", default="", help="an HF config.json instead of the config's model.path")
+  p.add_argument("--num_devices", default="8", help="comma-separated device counts, e.g. 8,16,32")
+  p.add_argument("--method", choices=("lora", "full"), help="override peft.method")
+  p.add_argument("--preset", choices=tuple(mesh_lib.PRESETS), help="override mesh.preset")
+  p.add_argument("--seq", type=int, help="override data.max_seq_len")
+  p.add_argument("--batch_per_device", type=int, help="rows per data-parallel device (else data.batch_size)")
+  p.add_argument("--remat", help="override model.remat")
+  p.add_argument("--no_constraint", action="store_true", help="compile the model as is (no layer-input constraint)")
+  p.add_argument("--json", action="store_true", help="print one JSON line per report too")
+  args = p.parse_args(argv)
+
+  from jaxtune.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = _load_config_file(args.config) if args.config else config_lib.default_config()
+  config.unlock()
+  for key, value in (("peft.method", args.method), ("data.max_seq_len", args.seq), ("model.remat", args.remat)):
+    if value is not None:
+      node, leaf = config, key.split(".")
+      for part in leaf[:-1]:
+        node = node[part]
+      node[leaf[-1]] = value
+  mesh_cfg = config.get("mesh") or mesh_lib.mesh_config()
+  if args.preset:
+    mesh_cfg = ml_collections.ConfigDict(mesh_cfg.to_dict())
+    mesh_cfg.preset = args.preset
+  config = config_lib.resolve(config, "tpu")  # TPU dtypes: bfloat16 compute, float32 masters for full training
+  cfg = model_config(args.model, args.model_config, config.model.path, dtype=config.model.dtype,
+                     param_dtype=config.model.param_dtype, remat=config.model.remat)
+  counts = [int(n) for n in args.num_devices.split(",")]
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", max(counts))
+  optimizer = optim.make_optimizer(config.optim, config.train.steps)
+  print(f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, seq {config.data.max_seq_len}, "
+        f"remat {cfg.remat}, {cfg.dtype} compute / {cfg.param_dtype} params, optimizer {config.optim.name}; "
+        "CPU compile (approximates TPU)")
+  print(HEADER)
+  reports = []
+  for n in counts:
+    mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:n])
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = batch_ways * args.batch_per_device if args.batch_per_device else config.data.batch_size
+    accum = 1 if args.batch_per_device else config.train.grad_accum
+    report = compile_report(cfg, mesh, mesh_cfg.rules, method=config.peft.method, lora_rank=config.peft.lora.rank,
+                            optimizer=optimizer, rows=rows, seq=config.data.max_seq_len, accum=accum,
+                            constrain=not args.no_constraint)
+    print(report.line(), flush=True)
+    if args.json:
+      print(json.dumps({**dataclasses.asdict(report), "peak": report.peak}))
+    reports.append(report)
+  return reports
+
+
+if __name__ == "__main__":
+  main()
