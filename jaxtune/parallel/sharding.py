@@ -117,6 +117,10 @@ def place(tree: Any, shardings: Any) -> Any:
   Works with several processes as long as every process holds the same values (same seed, same checkpoint).
   """
   def put(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding == sharding:  # already in place (e.g. from load_model_sharded)
+      return x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # a global array: reshard on the devices
+      return jax.device_put(x, sharding)
     host = np.asarray(jax.device_get(x)) if not isinstance(x, np.ndarray) else x
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

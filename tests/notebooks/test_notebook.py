@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 
 import nbformat
 import pytest
@@ -87,5 +88,5 @@ def test_notebook_learns_the_task(tmp_path, smollm2_dir, monkeypatch):
   _, text = _run(tmp_path, smollm2_dir, monkeypatch, STEPS=10, EVAL_EXAMPLES=8,
                  CONFIG_OVERRIDES={"task.max_new_tokens": 24})
   _check_outputs(text, tmp_path / "out")
-  score = lambda label: int(text.split(f"exact match {label} training:")[1].split("%")[0])  # noqa: E731
+  score = lambda label: int(re.search(rf"exact match {label} training:\s+(\d+)% of", text)[1])  # noqa: E731
   assert score("after") >= score("before") + 25, text

@@ -148,9 +148,14 @@ def test_presets_match_one_device_and_split_parameters():
       assert _max_diff(got["params"], single["params"]) < 5e-4, (method, name)
       # every parameter with a dimension the mesh splits: 1/frac of it on a device
       for key, (whole, shard) in got["shards"].items():
-        if name == "dp" or "norm" in key:
-          continue
-        assert np.prod(whole) // np.prod(shard) == frac, (method, name, key, whole, shard)
+        split = np.prod(whole) // np.prod(shard)
+        if method == "full" and name != "dp" and "norm" not in key:
+          assert split == frac, (method, name, key, whole, shard)
+        else:  # an adapter splits along the dimensions it shares with its weight: B of q has no `embed`
+          assert frac % split == 0, (method, name, key, whole, shard)
+      if method == "lora" and name != "dp":
+        assert got["shards"]["['layers']['attn']['q']['adapter']['lora_a']"][1][1] == 64 // (8 // frac * 0 + (
+            8 if name == "fsdp" else 2))  # A [L, D, r]: D over fsdp
       assert got["mu_shards"] == {k: s for k, (_, s) in got["shards"].items()}  # Adam moments split like params
   assert moved > 1e-3  # the params did train (LoRA B and full weights moved)
 
