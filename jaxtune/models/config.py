@@ -72,6 +72,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention_impl: str = "xla"  # "xla" | "cudnn" | "splash"
   remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+  # Sharding of the [B, T, D] activations entering each layer (a jax.sharding.NamedSharding), set by the
+  # mesh stage: under FSDP it keeps activations split by batch rows, so XLA gathers one layer's weights
+  # at a time instead of the whole batch.
+  activation_sharding: Any = None
 
   @property
   def scale(self) -> float:

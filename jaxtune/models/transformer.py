@@ -243,7 +243,7 @@ class CausalLM(nnx.Module):
     """Final-norm hidden states [B, T, D] (and the updated cache or None)."""
     cfg = self.config
     B, T = input_ids.shape
-    x = self.embed[...][input_ids].astype(cfg.dtype)
+    x = self._constrain(self.embed[...][input_ids].astype(cfg.dtype))
     if cfg.scale_embeddings:
       x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=cfg.dtype)
     inputs, cache = self._layer_inputs(B, T, attention_mask, segment_ids, positions, cache)
@@ -251,6 +251,10 @@ class CausalLM(nnx.Module):
     if cache is not None:
       cache = dataclasses.replace(cache, k=kv[0], v=kv[1], index=cache.index + T)
     return self.final_norm(x), cache
+
+  def _constrain(self, x_BTD: jax.Array) -> jax.Array:
+    sharding = self.config.activation_sharding
+    return x_BTD if sharding is None else jax.lax.with_sharding_constraint(x_BTD, sharding)
 
   def _layer_inputs(self, B, T, attention_mask, segment_ids, positions, cache):
     cfg = self.config
@@ -283,7 +287,7 @@ class CausalLM(nnx.Module):
 
     def body(x, xs):
       layer_state, is_sliding, kv = xs
-      x, kv = nnx.merge(graphdef, layer_state)(x, is_sliding, inputs, kv)
+      x, kv = nnx.merge(graphdef, layer_state)(self._constrain(x), is_sliding, inputs, kv)
       return x, kv
 
     if cfg.remat != "none":

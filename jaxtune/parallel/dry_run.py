@@ -12,7 +12,6 @@ fusion and layout choices, no TPU-only kernels), so leave ~10-15% headroom.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -112,30 +111,14 @@ def model_config(model: str = "", model_config_path: str = "", config_model_path
                    "--model_config path/to/config.json.")
 
 
-@contextlib.contextmanager
-def _layer_input_constraint(mesh: jax.sharding.Mesh, rules: Any):
-  """Preview of the one-line model change (see docs/scaling.md): each layer's input split by batch rows.
-
-  Without it XLA's propagation splits activations along the model dimension under FSDP and
-  gathers the batch instead; with it, weights are gathered one layer at a time, as FSDP intends.
-  """
-  from jaxtune.models import transformer  # pylint: disable=g-import-not-at-top
-  original = transformer.Block.__call__
-
-  def call(self, x_BTD, *args, **kwargs):
-    x_BTD = sharding_lib.constrain(x_BTD, ("batch", "length", "act_embed"), mesh, rules)
-    return original(self, x_BTD, *args, **kwargs)
-
-  transformer.Block.__call__ = call
-  try:
-    yield
-  finally:
-    transformer.Block.__call__ = original
-
-
 def compile_report(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Any, *, method: str, lora_rank: int,
                    optimizer: Any, rows: int, seq: int, accum: int = 1, constrain: bool = True) -> Report:
   """Compiles one train step of an abstract model on `mesh`; returns XLA's per-device memory."""
+  if constrain:  # each layer's input split by batch rows (see CausalLM._constrain)
+    rows_spec = sharding_lib.spec(("batch", "length", "act_embed"), (rows // accum, seq, cfg.hidden_size), mesh,
+                                  rules)
+    cfg = cfg.replace(activation_sharding=jax.sharding.NamedSharding(mesh, rows_spec))
+
   def build():
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
     if method == "lora":
@@ -157,8 +140,7 @@ def compile_report(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Any, *, met
     return step_lib.make_train_step(graphdef, frozen, optimizer)(state, batch)
 
   jitted = jax.jit(step, in_shardings=sh.step_args, out_shardings=(sh.state, None), donate_argnums=0)
-  with _layer_input_constraint(mesh, rules) if constrain else contextlib.nullcontext():
-    stats = jitted.lower(state, frozen, batch).compile().memory_analysis()
+  stats = jitted.lower(state, frozen, batch).compile().memory_analysis()
   trained = sharding_lib.per_device_bytes(state.params, sh.state.params)
   return Report(
       devices=mesh.size, mesh=dict(mesh.shape), params=trained + sharding_lib.per_device_bytes(frozen, sh.frozen),
