@@ -8,6 +8,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# On 2 cores, torch's and XLA's thread pools fight; the reference side runs single-threaded instead.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

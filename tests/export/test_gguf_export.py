@@ -25,7 +25,6 @@ from jaxtune.hf import gguf as gguf_import
 from jaxtune.hf.load import load_model
 from jaxtune.models.config import RopeSpec
 
-torch.set_num_threads(1)  # torch's threads and JAX's contend for the 2 cores
 Q = gguf.GGMLQuantizationType
 
 

@@ -25,7 +25,6 @@ from jaxtune.hf.safetensors_io import SafetensorsFile
 
 PROMPT, NEW, SEQ = 8, 16, 24
 pytestmark = pytest.mark.filterwarnings("ignore:.*holds no tokenizer files")  # tiny_hf saves no tokenizer
-torch.set_num_threads(1)  # torch's threads and JAX's contend for the 2 cores: forwards 100x slower otherwise
 
 
 @dataclasses.dataclass

@@ -20,7 +20,6 @@ from jaxtune.hf.load import load_model
 from jaxtune.peft import apply_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*holds no tokenizer files")  # tiny_hf saves no tokenizer
-torch.set_num_threads(1)  # torch's threads and JAX's contend for the 2 cores
 
 
 def _assert_identical(out_dir, source_dir):
