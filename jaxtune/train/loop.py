@@ -61,6 +61,11 @@ class Run:
   def say(self, message: str) -> None:
     log_lib.info(message, self.main)
 
+  def close(self) -> None:
+    """Waits for pending checkpoint writes; stops the data threads."""
+    self.ckpts.close()
+    self.train_iter.close()
+
   def save(self, step: int, metrics: dict | None = None) -> None:
     self.ckpts.save(step, self.state, data_state=self.train_iter.get_state(), config=self.config.to_dict(),
                     metrics=metrics)
@@ -77,18 +82,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
     config.output_dir = str(workdir)
   config_lib.validate(config, jax.process_count())
   run = setup(config_lib.resolve(config, jax.default_backend()))
-  results: dict[str, Any] = {}
-  before = None
-  if run.examples and run.config.task.before and run.start == 0:  # LoRA B starts at zero: the base model
-    before = _score_task(run, "before training")
-    results["eval/exact_match_before"] = before.score
-
   logger = log_lib.MetricsLogger(
       run.run_dir, enabled=run.main, tensorboard=config.logging.tensorboard,
       wandb_project=config.logging.wandb_project, wandb_entity=config.logging.wandb_entity,
       wandb_run_name=config.logging.wandb_run_name, config=run.config.to_dict(), start_step=run.start)
+  results: dict[str, Any] = {}
   try:
-    if before is not None:
+    before = None
+    if run.examples and config.task.before and run.start == 0:  # LoRA B starts at zero: this is the base model
+      before = _score_task(run, "before training")
+      results["eval/exact_match_before"] = before.score
       logger.log(0, {"eval/exact_match_before": before.score})
     step, stopped, final = _train_loop(run, logger)
     if stopped in ("sigterm", "nonfinite"):
@@ -100,8 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
       run.say(_side_by_side(run.examples, before, after, config.task.show))
   finally:
     logger.close()
-    run.ckpts.close()
-    run.train_iter.close()
+    run.close()
   run.say(f"checkpoint: {run.ckpts.path(step)}  (metrics: {run.run_dir / log_lib.METRICS_FILE})")
   if stopped == "data":
     run.say(f"the training data ran out after {step} steps (data.num_epochs={config.data.num_epochs}).")
@@ -122,6 +124,28 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   if main:
     config_lib.write(config, run_dir)
 
+  try:
+    run = _build(config, run_dir, main, ckpts)
+  except BaseException:
+    ckpts.close()
+    raise
+  if config.resume == "auto":
+    try:
+      restored = ckpts.restore(run.state, config.to_dict())
+    except BaseException:
+      run.close()
+      raise
+    if restored is not None:
+      run.state, run.start = restored.state, restored.step
+      if restored.data_state is not None:
+        run.train_iter.set_state(restored.data_state)
+      run.say(f"resumed from {restored.path} (step {restored.step})")
+  return run
+
+
+def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
+           ckpts: ckpt_lib.Checkpoints) -> Run:
+  """Tokenizer, data iterators, task examples, model (+ LoRA) and a fresh TrainState."""
   model_path = builtin_models.resolve(config.model.path, config.model.cache_dir)
   tokenizer = hf_load.load_tokenizer(model_path)
   pid, pcount = jax.process_index(), jax.process_count()
@@ -140,16 +164,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
   graphdef, frozen, state = step_lib.init_train_state(model, optimizer, method=config.peft.method,
                                                       seed=config.train.seed)
-  run = Run(config, run_dir, main, model_path, tokenizer, train_iter, val_data, examples, graphdef, frozen, state,
-            optimizer, ckpts)
-  if config.resume == "auto":
-    restored = ckpts.restore(state, config.to_dict())
-    if restored is not None:
-      run.state, run.start = restored.state, restored.step
-      if restored.data_state is not None:
-        train_iter.set_state(restored.data_state)
-      run.say(f"resumed from {restored.path} (step {restored.step})")
-  return run
+  return Run(config, run_dir, main, model_path, tokenizer, train_iter, val_data, examples, graphdef, frozen, state,
+             optimizer, ckpts)
 
 
 def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | None, dict[str, float]]:
@@ -162,9 +178,11 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
   if run.val_data is not None:
     eval_step = step_lib.make_eval_step(run.graphdef, run.frozen)
     evaluate = lambda: _evaluate(eval_step, run.state.params, run.val_data, config)  # noqa: E731
+  trained = sum(x.size for x in jax.tree.leaves(run.state.params))
+  total = trained + sum(x.size for x in jax.tree.leaves(run.frozen.weights))
+  run.say(f"training {trained:,} of {total:,} parameters ({config.peft.method}) on "
+          f"{run.train_iter.stats.examples} examples, steps {run.start + 1}..{steps}; run directory {run.run_dir}")
   progress = log_lib.Progress(steps, run.start, bar=config.logging.progress, enabled=run.main)
-  run.say(f"training ({config.peft.method}) on {run.train_iter.stats.examples} examples, steps {run.start + 1}.."
-          f"{steps}; run directory {run.run_dir}")
   step, stopped, window = run.start, None, []
   with _Preemption() as preemption:
     for step in range(run.start + 1, steps + 1):

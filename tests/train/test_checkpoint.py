@@ -81,6 +81,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
   assert int(tiny_runs.saved_state(run_dir, steps[0])["step"]) == steps[0]
 
 
+# Orbax leaves un-awaited read coroutines behind when an array file is truncated; they are harmless.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
   config = tiny_runs.tiny(tmp_path, cache, **{"train.steps": 12, "checkpoint.every": 5, "train.eval": False,
                                               "train.eval_every": 0})

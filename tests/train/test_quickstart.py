@@ -35,7 +35,6 @@ def test_reduced_quickstart_learns_the_task(tmp_path, smollm2_dir, capsys):
   config.checkpoint.every = 0
   config.logging.progress = False
   config.task.num_examples = config.task.batch_size = 8
-  config.task.max_new_tokens = 24
   result = loop.train(config)
 
   out = capsys.readouterr().out
