@@ -64,7 +64,8 @@ def _generate(graphdef, state, input_ids_BP, mask_BP, stop_ids, key, *, max_new_
   B, P = input_ids_BP.shape
   cache = KVCache.create(model.config, B, P + max_new_tokens)
   positions = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
-  logits, cache = model(input_ids_BP, segment_ids=mask_BP, positions=positions, cache=cache)
+  hidden, cache = model.hidden_states(input_ids_BP, segment_ids=mask_BP, positions=positions, cache=cache)
+  logits = model.logits(hidden[:, -1:])  # only the last prompt position predicts anything we keep
   next_pos = positions[:, -1] + 1
   key, sub = jax.random.split(key)
   token = _sample(logits[:, -1], sub, temperature, top_k, top_p)

@@ -253,8 +253,14 @@ class CausalLM(nnx.Module):
     return self.final_norm(x), cache
 
   def _constrain(self, x_BTD: jax.Array) -> jax.Array:
+    """Pins [B, T, D] activations to config.activation_sharding (a hint: skipped when B does not divide)."""
     sharding = self.config.activation_sharding
-    return x_BTD if sharding is None else jax.lax.with_sharding_constraint(x_BTD, sharding)
+    if sharding is None:
+      return x_BTD
+    size = sharding.mesh.size
+    if x_BTD.shape[0] % (size // sharding.shard_shape((size, 1, 1))[0]):
+      return x_BTD  # e.g. a generation batch that does not split over the data axes
+    return jax.lax.with_sharding_constraint(x_BTD, sharding)
 
   def _layer_inputs(self, B, T, attention_mask, segment_ids, positions, cache):
     cfg = self.config

@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from jaxtune.data.config import data_config
+from jaxtune.parallel.mesh import mesh_config
 from jaxtune.train.builtin_models import BUILTIN_MODELS
 from jaxtune.train.optim import make_optimizer, optim_config
 
@@ -53,6 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
   c.optim = optim_config()
+
+  c.mesh = mesh_config()  # preset dp | fsdp | fsdp_tp, axis sizes, logical-axis rules (jaxtune/parallel/mesh.py)
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000,  # optimizer updates

@@ -21,8 +21,10 @@ import numpy as np
 from flax import nnx
 
 from jaxtune import data as data_lib
+from jaxtune import parallel
 from jaxtune import tasks
 from jaxtune.hf import load as hf_load
+from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
 from jaxtune.train import builtin_models
 from jaxtune.train import checkpoint as ckpt_lib
@@ -53,6 +55,7 @@ class Run:
   state: step_lib.TrainState
   optimizer: Any
   ckpts: ckpt_lib.Checkpoints
+  shardings: parallel.TrainShardings  # where params, optimizer state and batches live on the mesh
   start: int = 0  # the step restored from (0: a fresh run)
 
   def model(self):
@@ -155,29 +158,45 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
     val_data = data_lib.load_split(config.data, tokenizer, "validation")
   examples = tasks.load_examples(config.task.test_file, config.task.num_examples) if config.task.test_file else []
 
-  model = hf_load.load_model(model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                             attention_impl=config.model.attention_impl, remat=config.model.remat)
+  mesh = parallel.make_mesh(config.mesh)
+  rules = config.mesh.rules
+  rows = parallel.batch_sharding(mesh, rules, accumulated=False)
+  row_shards = mesh.size // rows.shard_shape((mesh.size, 1))[0]
+  micro_rows = config.data.batch_size // config.train.grad_accum
+  if micro_rows % row_shards:
+    raise config_lib.ConfigError(
+        f"data.batch_size / train.grad_accum = {micro_rows} rows per micro-batch do not split over the {row_shards} "
+        f"devices that share the batch (mesh {dict(mesh.shape)}); make it a multiple of {row_shards}.")
+  activations = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*rows.spec, None))
+  # Every process reads only the slices of each tensor that its own devices hold.
+  model = parallel_load.load_model_sharded(
+      model_path, mesh, rules, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+      attention_impl=config.model.attention_impl, remat=config.model.remat, activation_sharding=activations)
   if config.peft.method == "lora":
     lora = config.peft.lora
     apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, use_rslora=lora.use_rslora,
                targets=lora.targets, rngs=nnx.Rngs(config.train.seed))
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
+  shardings = parallel.train_shardings(model, optimizer, mesh, rules, method=config.peft.method)
   graphdef, frozen, state = step_lib.init_train_state(model, optimizer, method=config.peft.method,
                                                       seed=config.train.seed)
+  frozen, state = parallel.place(frozen, shardings.frozen), parallel.place(state, shardings.state)
   return Run(config, run_dir, main, model_path, tokenizer, train_iter, val_data, examples, graphdef, frozen, state,
-             optimizer, ckpts)
+             optimizer, ckpts, shardings)
 
 
 def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | None, dict[str, float]]:
   """Steps run.start+1 .. train.steps; returns (last step, why it stopped early or None, final eval)."""
   config = run.config
   cfg_train, steps = config.train, config.train.steps
+  sh = run.shardings
   train_step = step_lib.make_train_step(run.graphdef, run.frozen, run.optimizer,
-                                        lr_schedule=optim.make_schedule(config.optim, steps))
+                                        lr_schedule=optim.make_schedule(config.optim, steps), shardings=sh.step_args)
   evaluate = None
   if run.val_data is not None:
-    eval_step = step_lib.make_eval_step(run.graphdef, run.frozen)
-    evaluate = lambda: _evaluate(eval_step, run.state.params, run.val_data, config)  # noqa: E731
+    eval_rows = parallel.batch_sharding(sh.batch.mesh, config.mesh.rules, accumulated=False)
+    eval_step = step_lib.make_eval_step(run.graphdef, run.frozen, shardings=(sh.state.params, sh.frozen, eval_rows))
+    evaluate = lambda: _evaluate(eval_step, run.state.params, run.val_data, config, eval_rows)  # noqa: E731
   trained = sum(x.size for x in jax.tree.leaves(run.state.params))
   total = trained + sum(x.size for x in jax.tree.leaves(run.frozen.weights))
   run.say(f"training {trained:,} of {total:,} parameters ({config.peft.method}) on "
@@ -191,7 +210,8 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
         step, stopped = step - 1, "data"
         break
       tokens = float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
-      run.state, metrics = train_step(run.state, _micro_batches(batch, cfg_train.grad_accum))
+      run.state, metrics = train_step(run.state, parallel.shard_batch(_micro_batches(batch, cfg_train.grad_accum),
+                                                                      sh.batch))
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       window.append(metrics)
       tokens_per_s = progress.tokens_per_second(tokens)
@@ -274,7 +294,8 @@ def _micro_batches(batch: dict[str, np.ndarray], grad_accum: int) -> dict[str, n
   return {k: v.reshape((grad_accum, v.shape[0] // grad_accum) + v.shape[1:]) for k, v in batch.items()}
 
 
-def _evaluate(eval_step: Callable, params: Any, val_data: Any, config: ml_collections.ConfigDict) -> dict[str, float]:
+def _evaluate(eval_step: Callable, params: Any, val_data: Any, config: ml_collections.ConfigDict,
+              rows: jax.sharding.NamedSharding) -> dict[str, float]:
   """Loss, perplexity and token accuracy on the validation split (its first train.eval_batches batches)."""
   micro = config.data.batch_size // config.train.grad_accum
   loader = data_lib.loader_for(val_data, config.data, process_index=jax.process_index(),
@@ -283,7 +304,7 @@ def _evaluate(eval_step: Callable, params: Any, val_data: Any, config: ml_collec
   for i, batch in enumerate(loader):
     if config.train.eval_batches and i >= config.train.eval_batches:
       break
-    out = jax.device_get(eval_step(params, batch))
+    out = jax.device_get(eval_step(params, parallel.shard_batch(batch, rows)))
     totals += [float(out["loss_sum"]), float(out["tokens"]), float(out["correct"])]
   loader.close()
   loss = totals[0] / max(totals[1], 1.0)
