@@ -16,14 +16,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.config import ModelConfig
 
-_NO_WINDOW = np.iinfo(np.int32).max
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,

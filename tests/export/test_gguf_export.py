@@ -13,7 +13,6 @@ import gguf
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 import transformers
 
 import tiny_hf

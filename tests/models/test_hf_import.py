@@ -9,7 +9,6 @@ import textwrap
 import numpy as np
 import pytest
 import safetensors.numpy
-import torch
 
 import jaxtune
 from jaxtune.hf.safetensors_io import CheckpointError, SafetensorsFile
