@@ -45,29 +45,28 @@ def random_tokens(batch: int, seq: int, vocab: int, seed: int = 0):
 
 
 # ---------------------------------------------------------------------------------------------- jaxtune side
-def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int = 512, remat: str = "none"):
-  """(step_fn, n_trainable): step_fn() runs one real jaxtune train step and blocks on it."""
+def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: float = LR):
+  """(run, n_trainable, n_frozen): run() does one real jaxtune train step on random tokens and blocks on it."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from jaxtune.hf.load import init_model  # pylint: disable=g-import-not-at-top
-  from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
   from jaxtune.peft.lora import apply_lora  # pylint: disable=g-import-not-at-top
   from jaxtune.train import optim, step  # pylint: disable=g-import-not-at-top
 
-  cfg = from_hf_dict(hf_cfg, dtype="float32", param_dtype="float32", attention_impl="xla", remat=remat)
   model = init_model(cfg, seed=0)
   if setting == "lora":
     apply_lora(model, rank=LORA["rank"], alpha=LORA["alpha"], dropout=0.0, rngs=nnx.Rngs(1))
   ocfg = optim.optim_config()
-  ocfg.lr, ocfg.schedule, ocfg.weight_decay, ocfg.clip_norm = LR, "constant", 0.0, 1.0
+  ocfg.lr, ocfg.schedule, ocfg.weight_decay, ocfg.clip_norm = lr, "constant", 0.0, 1.0
   tx = optim.make_optimizer(ocfg, total_steps=10**6)
   graphdef, frozen, state = step.init_train_state(model, tx, method=setting)
   del model
   n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
+  n_frozen = sum(x.size for x in jax.tree.leaves(frozen.weights))
   train_step = step.make_train_step(graphdef, frozen, tx, loss_chunk=loss_chunk)
-  ids = random_tokens(batch, seq, hf_cfg["vocab_size"])[None]
+  ids = random_tokens(batch, seq, cfg.vocab_size)[None]
   data = {"input_ids": ids, "loss_mask": np.ones_like(ids), "segment_ids": np.ones_like(ids),
           "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
   holder = {"state": state}
@@ -76,6 +75,15 @@ def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int =
     holder["state"], metrics = train_step(holder["state"], data)
     return float(metrics["loss"])  # blocks until the step is done
 
+  return run, n_trainable, n_frozen
+
+
+def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int = 512, remat: str = "none"):
+  """(step_fn, n_trainable): step_fn() runs one real jaxtune train step (float32, XLA attention)."""
+  from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
+
+  cfg = from_hf_dict(hf_cfg, dtype="float32", param_dtype="float32", attention_impl="xla", remat=remat)
+  run, n_trainable, _ = jaxtune_step(cfg, setting, batch, seq, loss_chunk)
   return run, n_trainable
 
 

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from bench.train_cpu import HF_TARGETS, LORA, SMOKE, _ask, random_tokens
+from bench.train_cpu import HF_TARGETS, LORA, SMOKE, _ask, jaxtune_step, random_tokens
 
 LLAMA32_1B = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=2048,
@@ -38,13 +38,8 @@ LR = 1e-4
 
 def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk):
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from jaxtune.hf.load import init_model  # pylint: disable=g-import-not-at-top
   from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
-  from jaxtune.peft.lora import apply_lora  # pylint: disable=g-import-not-at-top
-  from jaxtune.train import optim, step  # pylint: disable=g-import-not-at-top
 
   if jax.default_backend() == "cpu":  # smoke runs
     dtypes = {"dtype": "float32", "param_dtype": "float32"}
@@ -52,25 +47,8 @@ def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk):
     dtypes = {"dtype": "bfloat16", "param_dtype": "bfloat16" if setting == "lora" else "float32"}
   cfg = from_hf_dict(hf_cfg, attention_impl=attn if jax.default_backend() == "gpu" else "xla", remat=remat,
                      **dtypes)
-  model = init_model(cfg, seed=0)
-  if setting == "lora":
-    apply_lora(model, rank=LORA["rank"], alpha=LORA["alpha"], dropout=0.0, rngs=nnx.Rngs(1))
-  ocfg = optim.optim_config()
-  ocfg.lr, ocfg.schedule, ocfg.weight_decay, ocfg.clip_norm = LR, "constant", 0.0, 1.0
-  tx = optim.make_optimizer(ocfg, total_steps=10**6)
-  graphdef, frozen, state = step.init_train_state(model, tx, method=setting)
-  counted = frozen.weights if setting == "lora" else (state.params, frozen.weights)  # base weights only
-  n_params = sum(x.size for x in jax.tree.leaves(counted))
-  del model
-  train_step = step.make_train_step(graphdef, frozen, tx, loss_chunk=loss_chunk)
-  ids = random_tokens(batch, seq, hf_cfg["vocab_size"])[None]
-  data = {"input_ids": ids, "loss_mask": np.ones_like(ids), "segment_ids": np.ones_like(ids),
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
-  holder = {"state": state}
-
-  def run():
-    holder["state"], metrics = train_step(holder["state"], data)
-    return float(metrics["loss"])
+  run, n_trainable, n_frozen = jaxtune_step(cfg, setting, batch, seq, loss_chunk, lr=LR)
+  n_params = n_frozen if setting == "lora" else n_trainable + n_frozen  # base weights only
 
   def peak_gb():
     stats = jax.devices()[0].memory_stats() or {}
