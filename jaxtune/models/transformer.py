@@ -237,6 +237,17 @@ class CausalLM(nnx.Module):
     cap = self.config.final_softcap
     return jnp.tanh(logits / cap) * cap if cap else logits
 
+  def head_weight(self) -> tuple[jax.Array, str] | None:
+    """The LM head for fused losses: (embedding [V, D], "VD") if tied, else (kernel [D, V], "DV").
+
+    None when the head is not a plain matrix (an adapter is attached): use `logits` then.
+    """
+    if self.lm_head is None:
+      return self.embed[...], "VD"
+    if self.lm_head.adapter is None and self.lm_head.bias is None:
+      return self.lm_head.kernel[...], "DV"
+    return None
+
   def hidden_states(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, cache=None):
     """Final-norm hidden states [B, T, D] (and the updated cache or None)."""
     cfg = self.config

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxtune.train.cross_entropy import fused_cross_entropy
 from jaxtune.peft.lora import LoRADropoutKey, LoRAParam, refresh_dropout_keys
 
 METHODS = ("lora", "full")
@@ -86,10 +87,11 @@ def model_from_state(graphdef: nnx.GraphDef, frozen: Frozen, params: Any) -> nnx
 
 def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], *, chunk: int = 512
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(summed cross-entropy, trained tokens, correct argmax predictions) over one [b, T] batch, float32.
+  """(summed cross-entropy, trained tokens, correct top-1 predictions) over one [b, T] batch, float32.
 
-  Logits are computed `chunk` positions at a time and recomputed in the backward pass, so
-  the full [b, T, V] float32 logits never exist at once.
+  Logits are computed `chunk` positions at a time, so the full [b, T, V] float32 logits never
+  exist at once. A plain head goes through `fused_cross_entropy` (gradients formed in the same
+  pass); a head with an adapter through `_checkpointed_loss` (chunks recomputed in the backward).
   """
   ids = batch["input_ids"]
   segments = batch.get("segment_ids")
@@ -98,6 +100,17 @@ def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], *, chunk: int = 512
   if segments is not None:  # a target must be in the same (non-padding) segment as the token before it
     weights *= ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
   h, targets = hidden[:, :-1], ids[:, 1:]
+  head = model.head_weight()
+  if head is not None:  # the usual case: logits and their gradient in one pass (train/cross_entropy.py)
+    w, layout = head
+    loss_sum, correct = fused_cross_entropy(h, w.astype(h.dtype), targets, weights, layout=layout,
+                                            softcap=model.config.final_softcap, chunk=chunk)
+    return loss_sum, jnp.sum(weights), correct
+  return _checkpointed_loss(model, h, targets, weights, chunk)
+
+
+def _checkpointed_loss(model, h, targets, weights, chunk):
+  """Loss and correct sums through `model.logits` (any head, adapters included), chunk positions at a time."""
   b, n = targets.shape
   size = max(min(chunk, n), 1)
   num = -(-n // size)
@@ -113,7 +126,7 @@ def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], *, chunk: int = 512
     logits = model.logits(h_c).astype(jnp.float32)
     target_logit = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
-    correct = (jnp.argmax(logits, axis=-1) == t_c).astype(jnp.float32)
+    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     return (carry[0] + jnp.sum(nll * w_c), carry[1] + jnp.sum(correct * w_c)), None
 
   zero = jnp.zeros((), jnp.float32)

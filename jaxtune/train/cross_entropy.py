@@ -1,0 +1,116 @@
+"""Cross-entropy fused with the LM head: chunked logits, gradients computed on the way forward.
+
+The logits of a 49k-262k vocabulary are the largest tensor of a step ([N, V] float32). This
+op never holds more than one chunk of them, and it never computes them twice: while a
+chunk's logits are live it also forms d loss / d logits = (softmax - onehot) * weight and
+contracts it at once into the gradient of the hidden states ([N, D], saved for the backward
+pass) and, only if the head weight is being trained, of the weight. The backward pass just
+scales those by the incoming cotangent. Against checkpointing each chunk (the previous
+design) this saves one [N, D] x [D, V] product per step: 58 GFLOP, 7% of a SmolLM2-135M LoRA
+step at 4 x 256 tokens (bench/NOTES.md).
+
+Shape letters: B batch, T positions, C positions in a chunk, D hidden, V vocabulary. Chunks
+run over positions, so a batch sharded over B stays sharded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+LAYOUTS = ("VD", "DV")  # tied embedding [V, D]; untied lm_head kernel [D, V]
+
+
+def fused_cross_entropy(h_BTD: jax.Array, w: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, *,
+                        layout: str, softcap: float | None = None, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+  """(sum of weight * nll, sum of weight * [target is the top logit]) over B x T tokens, float32.
+
+  w: the LM head, [V, D] (layout "VD", tied embeddings) or [D, V] ("DV"). softcap: the final
+  logit soft-cap (Gemma 2) or None. chunk: positions whose logits exist at once (B x chunk tokens).
+  A target counts as correct when its logit equals the maximum (ties count as correct, unlike
+  argmax, which picks the first maximal index; with float logits ties are vanishingly rare).
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+  return _fused(h_BTD, w, targets_BT.astype(jnp.int32), weights_BT.astype(jnp.float32), layout, softcap,
+                max(int(chunk), 1))
+
+
+def _chunked(x: jax.Array, size: int) -> jax.Array:
+  """[B, T, ...] -> [num, B, size, ...], zero-padded along T."""
+  b, t = x.shape[:2]
+  num = -(-t // size)
+  x = jnp.pad(x, [(0, 0), (0, num * size - t)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape((b, num, size) + x.shape[2:]), 1, 0)
+
+
+def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_w: bool):
+  """Loss and correct sums; with grad_h / grad_w also d(loss_sum)/dh [B, T, D] and d(loss_sum)/dw (w's layout)."""
+  b, t, d = h.shape
+  size = max(min(chunk, t), 1)
+  vocab = w.shape[0] if layout == "VD" else w.shape[1]
+  head = f"BCD,{layout}->BCV"
+
+  def body(carry, xs):
+    loss, correct, dw_DV = carry
+    h_c, t_c, w_c = xs
+    z = jnp.einsum(head, h_c, w, preferred_element_type=jnp.float32)
+    if softcap:
+      tanh = jnp.tanh(z / softcap)
+      z = tanh * softcap
+    zmax = jnp.max(z, axis=-1, keepdims=True)
+    lse = zmax + jnp.log(jnp.sum(jnp.exp(z - zmax), axis=-1, keepdims=True))
+    target = jnp.take_along_axis(z, t_c[..., None], axis=-1)
+    loss += jnp.sum((lse - target)[..., 0] * w_c)
+    correct += jnp.sum((target >= zmax)[..., 0].astype(jnp.float32) * w_c)
+    dh_c = None
+    if grad_h or grad_w:
+      onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_c[..., None]
+      g_BCV = (jnp.exp(z - lse) - onehot.astype(jnp.float32)) * w_c[..., None]
+      if softcap:
+        g_BCV = g_BCV * (1.0 - tanh * tanh)
+      if grad_h:
+        dh_c = jnp.einsum(f"BCV,{layout}->BCD", g_BCV.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        dh_c = dh_c.astype(h.dtype)
+      if grad_w:  # [D, BC] x [BC, V]: transpose the small operand, not the [BC, V] one (see lora_matmul)
+        h_DN = jax.lax.optimization_barrier(h_c.reshape(-1, d).T.astype(jnp.float32))
+        dw_DV += h_DN @ g_BCV.reshape(-1, vocab)
+    return (loss, correct, dw_DV), dh_c
+
+  zero = jnp.zeros((), jnp.float32)
+  dw0 = jnp.zeros((d, vocab), jnp.float32) if grad_w else zero
+  xs = (_chunked(h, size), _chunked(targets, size), _chunked(weights, size))
+  (loss, correct, dw_DV), dh = jax.lax.scan(body, (zero, zero, dw0), xs)
+  dh = jnp.moveaxis(dh, 0, 1).reshape(b, -1, d)[:, :t] if grad_h else None
+  dw = None
+  if grad_w:
+    dw = (dw_DV.T if layout == "VD" else dw_DV).astype(w.dtype)
+  return loss, correct, dh, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(h, w, targets, weights, layout, softcap, chunk):
+  loss, correct, _, _ = _scan(h, w, targets, weights, layout, softcap, chunk, grad_h=False, grad_w=False)
+  return loss, correct
+
+
+def _fused_fwd(h, w, targets, weights, layout, softcap, chunk):
+  # symbolic_zeros: each differentiable input arrives as CustomVJPPrimal(value, perturbed), so the
+  # weight gradient is computed only when the head is trained (not under LoRA).
+  loss, correct, dh, dw = _scan(h.value, w.value, targets.value, weights.value, layout, softcap, chunk,
+                                grad_h=h.perturbed, grad_w=w.perturbed)
+  return (loss, correct), (dh, dw)
+
+
+def _fused_bwd(layout, softcap, chunk, res, cotangents):
+  del layout, softcap, chunk
+  dh, dw = res
+  g = cotangents[0]  # the accuracy output has no gradient
+  g = jnp.zeros((), jnp.float32) if isinstance(g, jax.custom_derivatives.SymbolicZero) else g
+  scale = lambda x: None if x is None else (x * g.astype(x.dtype))  # noqa: E731
+  return scale(dh), scale(dw), None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
