@@ -61,14 +61,66 @@ def attend(
     raise ValueError(f"unknown attention impl {impl!r}; choose 'xla', 'cudnn' or 'dot_product'.")
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+  q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  out_BKGTH = _grouped_attention(q_BKGTH, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3), mask_BTS,
+                                 scale, softcap)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap):
+  """(logits [B, K, G, T, S] float32 with masked entries at _MASKED, tanh of the soft-cap or None)."""
+  logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32) * scale
+  tanh = None
   if softcap is not None:
-    logits = jnp.tanh(logits / softcap) * softcap
-  logits = jnp.where(mask_BTS[:, None, None], logits, _MASKED)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
-  return out_BTKGH.reshape(B, T, N, H)
+    tanh = jnp.tanh(logits / softcap)
+    logits = tanh * softcap
+  return jnp.where(mask_BTS[:, None, None], logits, _MASKED), tanh
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _grouped_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap):
+  """softmax(mask(cap(scale q k^T))) v for queries grouped per KV head; [B, K, G, T, H].
+
+  A custom backward for two reasons, both measured on the CPU step (bench/NOTES.md):
+  - memory: only the softmax's row max and sum ([B, K, G, T] each) are saved, and the probabilities are recomputed
+    in the backward (one q k^T product), instead of a [B, K, G, T, S] float32 tensor per layer;
+  - layout: the key and value gradients contract over queries; they are computed transposed
+    ([.., H, S], small operands transposed behind barriers) rather than letting XLA's CPU
+    backend transpose the [.., T, S] probabilities.
+  """
+  return _attention_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap)[0]
+
+
+def _attention_fwd(q, k, v, mask, scale, softcap):
+  logits, _ = _masked_logits(q, k, mask, scale, softcap)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.exp(logits - m)
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  out = jnp.einsum("BKGTS,BKSH->BKGTH", (e / denom).astype(v.dtype), v)
+  # max and sum, not their log-sum-exp: m + log(S) rounds back to m on a fully masked row (m = _MASKED)
+  return out, (q, k, v, mask, m, denom)
+
+
+def _attention_bwd(scale, softcap, res, dout):
+  q, k, v, mask, m, denom = res
+  barrier = jax.lax.optimization_barrier
+  B, K, G, T, H = q.shape
+  logits, tanh = _masked_logits(q, k, mask, scale, softcap)
+  probs = jnp.exp(logits - m) / denom  # float32 [B, K, G, T, S]
+  dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dout, v, preferred_element_type=jnp.float32)
+  dlogits = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))
+  if softcap is not None:
+    dlogits = dlogits * (1.0 - tanh * tanh)
+  dlogits = jnp.where(mask[:, None, None], dlogits, 0.0) * scale
+  rows = lambda x: x.reshape(B, K, G * T, x.shape[-1])  # noqa: E731  [B, K, G*T, last]
+  dq = jnp.einsum("BKGTS,BKSH->BKGTH", dlogits.astype(q.dtype), k)
+  # dk^T = q^T dlogits, dv^T = dout^T probs: [B, K, H, G*T] x [B, K, G*T, S]
+  dk_T = jnp.einsum("BKHM,BKMS->BKHS", barrier(rows(q).transpose(0, 1, 3, 2)), rows(dlogits).astype(q.dtype))
+  dv_T = jnp.einsum("BKHM,BKMS->BKHS", barrier(rows(dout).transpose(0, 1, 3, 2)), rows(probs).astype(v.dtype))
+  return dq, barrier(dk_T).transpose(0, 1, 3, 2), barrier(dv_T).transpose(0, 1, 3, 2), None
+
+
+_grouped_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 SPLASH_BLOCK = 128  # splash attention's default block size: sequence lengths must be a multiple of it

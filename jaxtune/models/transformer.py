@@ -168,8 +168,11 @@ class Block(nnx.Module):
       self.post_attn_norm, self.post_mlp_norm = RMSNorm(D, **norm), RMSNorm(D, **norm)
 
   def __call__(self, x_BTD, is_sliding, inputs: LayerInputs, kv_cache=None):
-    cos_sin = jax.tree.map(lambda s, f: jnp.where(is_sliding, s, f), inputs.cos_sin_sliding, inputs.cos_sin_full)
-    mask = jnp.where(is_sliding, inputs.mask_sliding_BTS, inputs.mask_full_BTS)
+    # Pick this layer's rope tables and mask; a model without sliding layers shares one of each
+    # (no per-layer select, so the mask stays loop-invariant and is not saved once per layer).
+    pick = lambda sliding, full: full if sliding is full else jnp.where(is_sliding, sliding, full)  # noqa: E731
+    cos_sin = jax.tree.map(pick, inputs.cos_sin_sliding, inputs.cos_sin_full)
+    mask = pick(inputs.mask_sliding_BTS, inputs.mask_full_BTS)
     h, kv_cache = self.attn(self.pre_attn_norm(x_BTD), cos_sin, mask, kv_cache, inputs.cache_index, is_sliding,
                             inputs.segment_ids_BT)
     if self.post_attn_norm is not None:
