@@ -12,6 +12,7 @@ K key/value heads, H head dim, F MLP hidden, V vocabulary, L layers.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.models import attention as attn_lib
+from jaxtune.models import matmul
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.config import ModelConfig
 
@@ -52,9 +54,16 @@ class Linear(nnx.Module):
       bias_axes = kernel_axes[-len(bias_shape):]
       self.bias = nnx.Param(jnp.zeros(stack + bias_shape, param_dtype), axes=stack_axes + bias_axes)
     self.adapter = nnx.data(None)  # data, not static: a PEFT transform assigns a module here later
+    self.n_in = len(layout[1]) if (layout := matmul.flat_layout(einsum)) else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum(self.einsum, x, self.kernel[...].astype(self.dtype))
+    kernel = self.kernel[...].astype(self.dtype)
+    if self.n_in is not None and kernel.ndim == len(self.einsum.split("->")[0].split(",")[1]):
+      lead, out = x.shape[:x.ndim - self.n_in], kernel.shape[self.n_in:]  # one [M, I] x [I, O] product
+      y = matmul.dense(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:self.n_in]), -1))
+      y = y.reshape(lead + out)
+    else:
+      y = jnp.einsum(self.einsum, x, kernel)
     if self.adapter is not None:
       y = y + self.adapter(x).astype(y.dtype)
     if self.bias is not None:

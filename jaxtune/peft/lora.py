@@ -17,7 +17,6 @@ model calls and generation never drop; the train step sets it False).
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.hf import mapping
+from jaxtune.models.matmul import flat_layout, lora_matmul
 from jaxtune.models.transformer import CausalLM, Linear
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -70,9 +70,8 @@ class LoRA(nnx.Module):
     self.a_einsum = f"{x_spec},{ins}{r}->{batch}{r}"
     self.b_einsum = f"{batch}{r},{r}{outs}->{y_spec}"
     self.k_spec, self.ins, self.outs = k_spec, ins, outs
-    # x = [batch..., in...] and y = [batch..., out...] (true of every Linear in models/): then the
-    # adapter runs as one 2-D product with the layout-aware backward of `lora_matmul`.
-    self.flat = x_spec == batch + ins and y_spec == batch + outs
+    # Every Linear of models/ is a flat product: the adapter then runs as one 2-D `lora_matmul`.
+    self.flat = flat_layout(einsum) is not None
     self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), use_rslora
     self.scale = float(alpha) / (math.sqrt(rank) if use_rslora else rank)
     self.dtype = dtype
@@ -109,38 +108,6 @@ class LoRA(nnx.Module):
   def delta(self) -> jax.Array:
     """scale * A @ B in the kernel's layout [stack..., kernel letters], in float32."""
     return _delta(self.lora_a[...], self.lora_b[...], self.k_spec, self.ins, self.outs, self.scale)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lora_matmul(x_MI: jax.Array, a_IR: jax.Array, b_RO: jax.Array, scale: float) -> jax.Array:
-  """scale * (x @ A) @ B for x [M, I] (M = tokens), A [I, r], B [r, O]; never forms A @ B.
-
-  The custom backward exists for layout, not math. The factor gradients contract over the M
-  tokens (dA = x^T dh, dB = h^T dy). Left to autodiff, XLA's CPU backend lays such a dot out
-  by transposing the *large* operand (a [M, O] copy per adapted projection per layer: 1.2 s
-  of a 7.1 s SmolLM2-shape step, bench/NOTES.md). Here the small [M, r] operand is
-  transposed instead, behind optimization barriers so the simplifier cannot fold the
-  transposes back into the dots, and every product is a plain [m, k] x [k, n].
-  """
-  return _lora_fwd(x_MI, a_IR, b_RO, scale)[0]
-
-
-def _lora_fwd(x, a, b, scale):
-  h = (x @ a) * jnp.asarray(scale, x.dtype)  # [M, r], saved: small
-  return h @ b, (x, a, b, h)
-
-
-def _lora_bwd(scale, res, dy_MO):
-  x, a, b, h = res
-  barrier = jax.lax.optimization_barrier
-  dh = (dy_MO @ b.T) * jnp.asarray(scale, dy_MO.dtype)  # [M, r]
-  dx = dh @ a.T
-  da_RI = barrier(dh.T) @ x  # [r, M] x [M, I]
-  db = barrier(h.T) @ dy_MO  # [r, M] x [M, O]
-  return dx, barrier(da_RI).T, db
-
-
-lora_matmul.defvjp(_lora_fwd, _lora_bwd)
 
 
 @jax.jit(static_argnums=(2, 3, 4, 5))

@@ -1,0 +1,91 @@
+"""Token x weight products as plain 2-D matmuls, with backward passes chosen for their layout.
+
+The weight gradients of a linear layer contract over tokens: dW = x^T dy for x [M, I], dy
+[M, O], M = batch x sequence. Left to autodiff, XLA's CPU backend lays such a product out by
+transposing one operand inside whatever elementwise fusion produced it, and picks the operand
+by position, not size. On the SmolLM2-135M CPU step (bench/NOTES.md) those fused transposes
+cost up to 17 ms each where a standalone transpose of the same array takes 1.4 ms: 1.2 s of a
+7.1 s LoRA step and 0.7 s of a 7.2 s full step. The products below transpose a chosen operand
+explicitly, behind an optimization barrier so the simplifier cannot fold the transpose back
+into the dot, and every product is a plain [m, k] x [k, n]. The math is unchanged
+(tests/models/test_matmul.py); on GPU and TPU the extra barriers cost a few small copies.
+
+Shape letters: M tokens, I inputs, O outputs, R LoRA rank.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_barrier = jax.lax.optimization_barrier
+
+
+def flat_layout(einsum: str) -> tuple[str, str, str] | None:
+  """(batch, in, out) letters when `einsum` is x [batch..., in...] . w [in..., out...] -> [batch..., out...].
+
+  That is every Linear of the model ("BTD,DNH->BTNH", "BTNH,NHD->BTD", ...): such a product
+  is one [M, I] x [I, O] matmul after reshapes that move no data. None for any other einsum.
+  """
+  x_spec, rest = einsum.replace(" ", "").split(",")
+  w_spec, y_spec = rest.split("->")
+  ins = "".join(c for c in w_spec if c in x_spec)
+  outs = "".join(c for c in w_spec if c not in x_spec)
+  batch = "".join(c for c in x_spec if c not in w_spec)
+  if ins and w_spec == ins + outs and x_spec == batch + ins and y_spec == batch + outs:
+    return batch, ins, outs
+  return None
+
+
+@jax.custom_vjp
+def dense(x_MI: jax.Array, w_IO: jax.Array) -> jax.Array:
+  """x @ w; the weight gradient, when w is trained, is (x^T, transposed explicitly) @ dy."""
+  return x_MI @ w_IO
+
+
+def _dense_fwd(x, w):
+  # symbolic zeros: inputs arrive as CustomVJPPrimal(value, perturbed). A frozen weight (LoRA)
+  # needs neither its gradient nor the saved x.
+  x_saved = x.value if w.perturbed else None
+  return x.value @ w.value, (x_saved, w.value, x.perturbed)
+
+
+def _dense_bwd(res, dy):
+  x, w, x_perturbed = res
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    return None, None
+  dx = (dy @ w.T).astype(w.dtype) if x_perturbed else None
+  dw = (_barrier(x.T) @ dy).astype(w.dtype) if x is not None else None
+  return dx, dw
+
+
+dense.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_matmul(x_MI: jax.Array, a_IR: jax.Array, b_RO: jax.Array, scale: float) -> jax.Array:
+  """scale * (x @ A) @ B for x [M, I], A [I, R], B [R, O]; never forms A @ B.
+
+  Both factor gradients contract over tokens; the small [M, R] operand is the one transposed
+  (dA is formed as [R, I] and transposed back: also small).
+  """
+  return _lora_fwd(x_MI, a_IR, b_RO, scale)[0]
+
+
+def _lora_fwd(x, a, b, scale):
+  h = (x @ a) * jnp.asarray(scale, x.dtype)  # [M, R], saved: small
+  return h @ b, (x, a, b, h)
+
+
+def _lora_bwd(scale, res, dy_MO):
+  x, a, b, h = res
+  dh = (dy_MO @ b.T) * jnp.asarray(scale, dy_MO.dtype)  # [M, R]
+  dx = dh @ a.T
+  da_RI = _barrier(dh.T) @ x  # [R, M] x [M, I]
+  db = _barrier(h.T) @ dy_MO  # [R, M] x [M, O]
+  return dx, _barrier(da_RI).T, db
+
+
+lora_matmul.defvjp(_lora_fwd, _lora_bwd)
