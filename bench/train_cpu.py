@@ -78,7 +78,8 @@ def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: f
   return run, n_trainable, n_frozen
 
 
-def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int = 512, remat: str = "none"):
+def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int = 128,
+             remat: str = "dots_no_batch"):
   """(step_fn, n_trainable): step_fn() runs one real jaxtune train step (float32, XLA attention)."""
   from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
 
@@ -197,7 +198,8 @@ def main(argv=None) -> dict:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--loss-chunk", type=int, default=128, help="jaxtune cross-entropy chunk (positions); see NOTES")
-  p.add_argument("--remat", default="none", help="jaxtune remat policy: none | full | dots | dots_no_batch")
+  p.add_argument("--remat", default="dots_no_batch",
+                 help="jaxtune remat policy: none | full | dots | dots_no_batch (the training default)")
   p.add_argument("--hf-attn", default="sdpa", help="transformers attention: sdpa | eager")
   p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jaxtune worker (ablations)")
   p.add_argument("--no-ce-remat", action="store_true",

@@ -99,7 +99,8 @@ def test_bfloat16_checkpoint_loads_into_any_dtype(tmp_path):
   assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
 
 
-def test_remat_policies_agree_on_loss_and_grads(gemma2_dir):
+@pytest.mark.parametrize("policy", ["dots", "dots_no_batch", "full"])
+def test_remat_policies_agree_on_loss_and_grads(gemma2_dir, policy):
   ids = np.arange(3, 19)[None]
 
   def loss_and_grad(remat):
@@ -107,7 +108,7 @@ def test_remat_policies_agree_on_loss_and_grads(gemma2_dir):
     model = jaxtune.load_model(gemma2_dir, remat=remat)
     return nnx.value_and_grad(lambda m: m(ids).sum())(model)
 
-  (l0, g0), (l1, g1) = loss_and_grad("none"), loss_and_grad("dots")
+  (l0, g0), (l1, g1) = loss_and_grad("none"), loss_and_grad(policy)
   np.testing.assert_allclose(l0, l1, rtol=1e-5)  # fusion order differs; values do not
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
