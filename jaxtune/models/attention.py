@@ -20,7 +20,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+ATTENTION_NAME = "attention"  # checkpoint_name of the attention output and softmax statistics
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows give a uniform softmax, not NaN
 
 
@@ -97,7 +99,10 @@ def _attention_fwd(q, k, v, mask, scale, softcap):
   e = jnp.exp(logits - m)
   denom = jnp.sum(e, axis=-1, keepdims=True)
   out = jnp.einsum("BKGTS,BKSH->BKGTH", (e / denom).astype(v.dtype), v)
-  # max and sum, not their log-sum-exp: m + log(S) rounds back to m on a fully masked row (m = _MASKED)
+  # Named so remat policies can keep them (transformer._REMAT_POLICIES): the backward then needs
+  # no forward recompute of the attention. Max and sum, not their log-sum-exp: m + log(S) rounds
+  # back to m on a fully masked row (m = _MASKED).
+  out, m, denom = (checkpoint_name(x, ATTENTION_NAME) for x in (out, m, denom))
   return out, (q, k, v, mask, m, denom)
 
 

@@ -24,10 +24,15 @@ from jaxtune.models import matmul
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.config import ModelConfig
 
+_KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(attn_lib.ATTENTION_NAME)
+# "dots*" keep the attention output and softmax statistics too: otherwise the backward pass reruns
+# the whole attention forward (its products have batch dimensions) before its own recompute.
 _REMAT_POLICIES = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots,
+                                                            _KEEP_ATTENTION),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
 }
 
 
