@@ -39,9 +39,22 @@ def flat_layout(einsum: str) -> tuple[str, str, str] | None:
   return None
 
 
+def _token_contraction(x_MI: jax.Array, dy_MO: jax.Array) -> jax.Array:
+  """x^T dy [I, O], transposing whichever of x and dy is smaller.
+
+  The transposed operand is usually produced by an elementwise fusion (a norm, a recomputed
+  activation), and XLA fuses that producer into the transpose: a strided loop, ~9 ms per
+  [1024, 1536] array here. When dy is the smaller, dy^T x is formed and the [O, I] product,
+  a plain copy, is transposed back.
+  """
+  if x_MI.shape[1] <= dy_MO.shape[1]:
+    return _barrier(x_MI.T) @ dy_MO
+  return _barrier(_barrier(dy_MO.T) @ x_MI).T
+
+
 @jax.custom_vjp
 def dense(x_MI: jax.Array, w_IO: jax.Array) -> jax.Array:
-  """x @ w; the weight gradient, when w is trained, is (x^T, transposed explicitly) @ dy."""
+  """x @ w; the weight gradient, when w is trained, is x^T dy by `_token_contraction`."""
   return x_MI @ w_IO
 
 
@@ -57,7 +70,7 @@ def _dense_bwd(res, dy):
   if isinstance(dy, jax.custom_derivatives.SymbolicZero):
     return None, None
   dx = (dy @ w.T).astype(w.dtype) if x_perturbed else None
-  dw = (_barrier(x.T) @ dy).astype(w.dtype) if x is not None else None
+  dw = _token_contraction(x, dy).astype(w.dtype) if x is not None else None
   return dx, dw
 
 
