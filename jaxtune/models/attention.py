@@ -103,17 +103,20 @@ def _attention_fwd(q, k, v, mask, scale, softcap):
   # no forward recompute of the attention. Max and sum, not their log-sum-exp: m + log(S) rounds
   # back to m on a fully masked row (m = _MASKED).
   out, m, denom = (checkpoint_name(x, ATTENTION_NAME) for x in (out, m, denom))
-  return out, (q, k, v, mask, m, denom)
+  return out, (q, k, v, mask, m, denom, out)
 
 
 def _attention_bwd(scale, softcap, res, dout):
-  q, k, v, mask, m, denom = res
+  q, k, v, mask, m, denom, out = res
   barrier = jax.lax.optimization_barrier
   B, K, G, T, H = q.shape
   logits, tanh = _masked_logits(q, k, mask, scale, softcap)
   probs = jnp.exp(logits - m) / denom  # float32 [B, K, G, T, S]
   dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dout, v, preferred_element_type=jnp.float32)
-  dlogits = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))
+  # softmax backward: dlogits = p * (dp - sum_s p dp); that row sum equals dout . out, a [T, H]
+  # product instead of a reduction over the [T, S] tensor (as in FlashAttention's backward).
+  row = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  dlogits = probs * (dprobs - row)
   if softcap is not None:
     dlogits = dlogits * (1.0 - tanh * tanh)
   dlogits = jnp.where(mask[:, None, None], dlogits, 0.0) * scale
