@@ -152,7 +152,8 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--attn", default="cudnn", help="jaxtune attention on GPU: cudnn | xla")
-  p.add_argument("--remat", default="none", help="jaxtune remat: none | full | dots | dots_no_batch")
+  p.add_argument("--remat", default="dots_no_batch",
+                 help="jaxtune remat: none | full | dots | dots_no_batch (the training default)")
   p.add_argument("--loss-chunk", type=int, default=512)
   p.add_argument("--hf-attn", default="sdpa")
   p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card")
