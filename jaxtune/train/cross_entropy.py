@@ -61,14 +61,16 @@ def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_
       tanh = jnp.tanh(z / softcap)
       z = tanh * softcap
     zmax = jnp.max(z, axis=-1, keepdims=True)
-    lse = zmax + jnp.log(jnp.sum(jnp.exp(z - zmax), axis=-1, keepdims=True))
+    e = jnp.exp(z - zmax)  # one exp for the loss and the gradient
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    lse = zmax + jnp.log(total)
     target = jnp.take_along_axis(z, t_c[..., None], axis=-1)
     loss += jnp.sum((lse - target)[..., 0] * w_c)
     correct += jnp.sum((target >= zmax)[..., 0].astype(jnp.float32) * w_c)
     dh_c = None
     if grad_h or grad_w:
       onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_c[..., None]
-      g_BCV = (jnp.exp(z - lse) - onehot.astype(jnp.float32)) * w_c[..., None]
+      g_BCV = (e / total - onehot.astype(jnp.float32)) * w_c[..., None]
       if softcap:
         g_BCV = g_BCV * (1.0 - tanh * tanh)
       if grad_h:
