@@ -59,13 +59,14 @@ class Linear(nnx.Module):
       bias_axes = kernel_axes[-len(bias_shape):]
       self.bias = nnx.Param(jnp.zeros(stack + bias_shape, param_dtype), axes=stack_axes + bias_axes)
     self.adapter = nnx.data(None)  # data, not static: a PEFT transform assigns a module here later
-    self.n_in = len(layout[1]) if (layout := matmul.flat_layout(einsum)) else None
+    self.flat = matmul.flat_layout(einsum)  # (batch, in, out) letters: one 2-D product; None: einsum
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...].astype(self.dtype)
-    if self.n_in is not None and kernel.ndim == len(self.einsum.split("->")[0].split(",")[1]):
-      lead, out = x.shape[:x.ndim - self.n_in], kernel.shape[self.n_in:]  # one [M, I] x [I, O] product
-      y = matmul.dense(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:self.n_in]), -1))
+    if self.flat is not None and kernel.ndim == len(self.flat[1]) + len(self.flat[2]):  # no stack axes left
+      n_in = len(self.flat[1])
+      lead, out = x.shape[:x.ndim - n_in], kernel.shape[n_in:]  # [M, I] x [I, O]
+      y = matmul.dense(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:n_in]), -1))
       y = y.reshape(lead + out)
     else:
       y = jnp.einsum(self.einsum, x, kernel)

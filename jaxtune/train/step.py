@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxtune.train.cross_entropy import fused_cross_entropy
 from jaxtune.peft.lora import LoRADropoutKey, LoRAParam, refresh_dropout_keys
+from jaxtune.train.cross_entropy import fused_cross_entropy
 
 METHODS = ("lora", "full")
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")

@@ -71,6 +71,25 @@ def test_chunked_loss_matches_full_logits(base):
   assert float(correct) == ((logits.argmax(-1) == targets) * weights).sum()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_and_checkpointed_losses_agree(monkeypatch, tied):
+  """The fused head loss (plain heads) and the checkpointed one (heads with adapters): same values, same grads."""
+  model = init_model(from_hf_dict(dict(TINY, tie_word_embeddings=tied)), seed=1)
+  batch = {k: jnp.asarray(v) for k, v in make_batch(3).items()}
+  graphdef, params = nnx.split(model)
+
+  def value_and_grads():
+    f = lambda p: step_lib.loss_fn(nnx.merge(graphdef, p), batch, chunk=4)[0]  # noqa: E731
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  fused = value_and_grads()
+  monkeypatch.setattr(type(model), "head_weight", lambda self: None)  # as if the head had an adapter
+  checkpointed = value_and_grads()
+  np.testing.assert_allclose(fused[0], checkpointed[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(checkpointed[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+
+
 @pytest.fixture(scope="module")
 def lora_run(base):
   """A LoRA model with dropout, its split, and a compiled AdamW train step."""
