@@ -76,7 +76,7 @@ def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_
       if grad_h:
         dh_c = jnp.einsum(f"BCV,{layout}->BCD", g_BCV.astype(w.dtype), w, preferred_element_type=jnp.float32)
         dh_c = dh_c.astype(h.dtype)
-      if grad_w:  # [D, BC] x [BC, V]: transpose the small operand, not the [BC, V] one (see lora_matmul)
+      if grad_w:  # [D, BC] x [BC, V]: transpose the small operand, not the [BC, V] one (models/matmul.py)
         h_DN = jax.lax.optimization_barrier(h_c.reshape(-1, d).T.astype(jnp.float32))
         dw_DV += h_DN @ g_BCV.reshape(-1, vocab)
     return (loss, correct, dw_DV), dh_c
