@@ -8,7 +8,8 @@ cost up to 17 ms each where a standalone transpose of the same array takes 1.4 m
 7.1 s LoRA step and 0.7 s of a 7.2 s full step. The products below transpose a chosen operand
 explicitly, behind an optimization barrier so the simplifier cannot fold the transpose back
 into the dot, and every product is a plain [m, k] x [k, n]. The math is unchanged
-(tests/models/test_matmul.py); on GPU and TPU the extra barriers cost a few small copies.
+(tests/models/test_matmul.py). The transposes chosen here are small, but their effect on GPU
+and TPU step time has not been measured yet (bench/train_gpu.py).
 
 Shape letters: M tokens, I inputs, O outputs, R LoRA rank.
 """
