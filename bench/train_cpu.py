@@ -152,16 +152,21 @@ def worker(args) -> None:
     with jax.profiler.trace(args.profile, create_perfetto_trace=True):
       run()
   print(json.dumps({"build_s": build, "first_step_s": first, "trainable": n, "loss": loss}), flush=True)
+  serve(run)
+  print(json.dumps({"peak_rss_gb": peak_rss_gb()}), flush=True)
+
+
+def serve(run) -> None:
+  """Answers `run N` lines on stdin with {"times": [s per step], "loss": last} until `quit`."""
   for line in sys.stdin:
     if line.strip() == "quit":
       break
-    times = []
+    times, loss = [], None
     for _ in range(int(line.split()[1])):
       t0 = time.perf_counter()
       loss = run()
       times.append(time.perf_counter() - t0)
     print(json.dumps({"times": times, "loss": loss}), flush=True)
-  print(json.dumps({"peak_rss_gb": peak_rss_gb()}), flush=True)
 
 
 def _start(side: str, args) -> subprocess.Popen:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from bench.train_cpu import HF_TARGETS, LORA, SMOKE, _ask, jaxtune_step, random_tokens
+from bench.train_cpu import HF_TARGETS, LORA, SMOKE, _ask, jaxtune_step, random_tokens, serve
 
 LLAMA32_1B = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=2048,
@@ -104,15 +104,7 @@ def worker(args) -> None:
   for _ in range(args.warmup - 1):
     run()
   print(json.dumps({"first_step_s": first, "params": n}), flush=True)
-  for line in sys.stdin:
-    if line.strip() == "quit":
-      break
-    times = []
-    for _ in range(int(line.split()[1])):
-      t0 = time.perf_counter()
-      run()
-      times.append(time.perf_counter() - t0)
-    print(json.dumps({"times": times}), flush=True)
+  serve(run)
   print(json.dumps({"peak_gb": peak()}), flush=True)
 
 
