@@ -8,7 +8,9 @@ Each side runs in its own worker process (clean peak RSS), both built from the s
 config dict (SmolLM2-135M shape, random weights), float32, AdamW (weight decay 0, clip 1.0),
 batch 4 x 256 random tokens, loss on every token. After warm-up the parent asks the
 workers in turn for `--steps` steps, `--rounds` times, alternating which goes first, and
-reports the median step time over all measured steps.
+reports the median step time over all measured steps. The jaxtune worker runs with
+glibc.malloc.hugetlb=1, as `python -m jaxtune.train` does (jaxtune/train/host.py);
+`--hugepages none|both` are the ablations.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from jaxtune.train import host
 
 SMOLLM2_135M = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
@@ -157,16 +161,18 @@ def worker(args) -> None:
 
 
 def serve(run) -> None:
-  """Answers `run N` lines on stdin with {"times": [s per step], "loss": last} until `quit`."""
+  """Answers `run N` lines on stdin with {"times": [s per step], "loss": last, "page_faults": per step}
+  until `quit`."""
   for line in sys.stdin:
     if line.strip() == "quit":
       break
-    times, loss = [], None
+    times, loss, faults = [], None, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(int(line.split()[1])):
       t0 = time.perf_counter()
       loss = run()
       times.append(time.perf_counter() - t0)
-    print(json.dumps({"times": times, "loss": loss}), flush=True)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(len(times), 1)
+    print(json.dumps({"times": times, "loss": loss, "page_faults": faults}), flush=True)
 
 
 def _start(side: str, args) -> subprocess.Popen:
@@ -180,6 +186,9 @@ def _start(side: str, args) -> subprocess.Popen:
   env = dict(os.environ)
   if side == "jaxtune" and args.xla_flags:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  if args.hugepages == "both" or (args.hugepages == "cli" and side == "jaxtune"):
+    # What `python -m jaxtune.train` re-executes itself with (jaxtune/train/host.py).
+    env = host.huge_page_environ(env, glibc=host.glibc_version(), thp=host.thp_mode()) or env
   return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
 
 
@@ -206,6 +215,9 @@ def main(argv=None) -> dict:
   p.add_argument("--remat", default="dots_no_batch",
                  help="jaxtune remat policy: none | full | dots | dots_no_batch (the training default)")
   p.add_argument("--hf-attn", default="sdpa", help="transformers attention: sdpa | eager")
+  p.add_argument("--hugepages", choices=("cli", "none", "both"), default="cli",
+                 help="glibc.malloc.hugetlb=1 for: cli = the jaxtune side, as `python -m jaxtune.train` runs "
+                      "(HF as it ships); none; both (ablations, see NOTES item 12)")
   p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jaxtune worker (ablations)")
   p.add_argument("--no-ce-remat", action="store_true",
                  help="ablation: patch out the jax.checkpoint around the chunked cross-entropy")
@@ -219,7 +231,7 @@ def main(argv=None) -> dict:
   if args.smoke:
     args.rounds, args.steps, args.warmup, args.batch, args.seq = 1, 1, 1, 2, 32
   sides = args.sides.split(",")
-  procs, info, times = {}, {}, {s: [] for s in sides}
+  procs, info, times, faults = {}, {}, {s: [] for s in sides}, {s: [] for s in sides}
   for s in sides:  # built and warmed one at a time: never two heavy jobs at once
     procs[s] = _start(s, args)
     info[s] = _ask(procs[s])
@@ -229,6 +241,7 @@ def main(argv=None) -> dict:
     for s in (sides if r % 2 == 0 else sides[::-1]):
       got = _ask(procs[s], f"run {args.steps}")
       times[s] += got["times"]
+      faults[s].append(got["page_faults"])
       print(f"round {r + 1} {s}: " + " ".join(f"{t:.2f}" for t in got["times"]) + f" s/step, loss {got['loss']:.3f}",
             flush=True)
   for s in sides:
@@ -238,17 +251,21 @@ def main(argv=None) -> dict:
   rows = {}
   for s in sides:
     med = statistics.median(times[s])
-    rows[s] = dict(info[s], step_s=med, step_min_s=min(times[s]), tokens_per_s=tokens / med, times=times[s])
+    rows[s] = dict(info[s], step_s=med, step_min_s=min(times[s]), tokens_per_s=tokens / med, times=times[s],
+                   page_faults_per_step=statistics.median(faults[s]))
   print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} float32, median of {len(times[sides[0]])} steps/side")
-  print(f"{'side':8} {'tokens/s':>9} {'step s':>7} {'min s':>6} {'peak RSS GB':>11} {'first step s':>12}")
+  print(f"hugepages: {args.hugepages}")
+  print(f"{'side':8} {'tokens/s':>9} {'step s':>7} {'min s':>6} {'peak RSS GB':>11} {'first step s':>12} "
+        f"{'faults/step':>11}")
   for s, row in rows.items():
     print(f"{s:8} {row['tokens_per_s']:9.1f} {row['step_s']:7.2f} {row['step_min_s']:6.2f} "
-          f"{row['peak_rss_gb']:11.2f} {row['first_step_s']:12.1f}")
+          f"{row['peak_rss_gb']:11.2f} {row['first_step_s']:12.1f} {row['page_faults_per_step']:11,.0f}")
   if "jaxtune" in rows and "hf" in rows:
     j, h = rows["jaxtune"], rows["hf"]
     print(f"ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
           f"peak RSS {j['peak_rss_gb'] / h['peak_rss_gb']:.2f}x")
-  result = {"setting": args.setting, "batch": args.batch, "seq": args.seq, "smoke": args.smoke, "sides": rows}
+  result = {"setting": args.setting, "batch": args.batch, "seq": args.seq, "smoke": args.smoke,
+            "hugepages": args.hugepages, "sides": rows}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

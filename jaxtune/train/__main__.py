@@ -12,6 +12,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from jaxtune.train import host
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 
 
@@ -39,5 +41,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages()  # CPU runs: huge pages for XLA's per-step buffers (see host.py)
   flags.mark_flag_as_required("config")
   app.run(main)
