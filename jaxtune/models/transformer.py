@@ -144,8 +144,10 @@ class Attention(nnx.Module):
                                    softcap=self.softcap)
     else:  # splash has no KV-cache decoding: generation runs the portable path
       impl = "xla" if self.impl == "splash" else self.impl
+      # Without a cache every query and key slot is 0..T-1: the mask is causal, blocks above the diagonal skip.
+      blocks = attn_lib.causal_block_count(x_BTD.shape[1]) if kv_cache is None else 1
       out = attn_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, scale=self.scale,
-                            softcap=self.softcap, impl=impl)
+                            softcap=self.softcap, impl=impl, causal_blocks=blocks)
     return self.o(out), kv_cache
 
 

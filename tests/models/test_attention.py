@@ -38,3 +38,30 @@ def test_values_and_gradients_match_the_formula(softcap):
     got, want = jax.grad(f, argnums=(0, 1, 2))(q, k, v), jax.grad(g, argnums=(0, 1, 2))(q, k, v)
   for name, a, b in zip("qkv", got, want):
     np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("blocks, window, softcap", [(2, None, None), (3, None, 2.0), (4, 5, None), (6, 3, None)])
+def test_causal_blocks_match_the_formula(blocks, window, softcap):
+  """Skipping the blocks above the diagonal changes nothing a real (non-padding) query sees: values and gradients."""
+  T2 = 12
+  ks = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(ks[0], (B, T2, N, H))
+  k, v = jax.random.normal(ks[1], (B, T2, K, H)), jax.random.normal(ks[2], (B, T2, K, H))
+  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0], [1] * T2])  # packed, with a padding tail
+  slots = jnp.broadcast_to(jnp.arange(T2), (B, T2))
+  mask = attn_lib.attention_mask(slots, slots, segments, segments, window)
+  real = (segments != 0)[:, :, None, None]
+  cot = jax.random.normal(ks[3], (B, T2, N, H)) * real  # padding rows' outputs are never used
+  with jax.default_matmul_precision("highest"):
+    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, causal_blocks=blocks) * cot)  # noqa: E731
+    g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, softcap) * cot)  # noqa: E731
+    out = attn_lib.attend(q, k, v, mask, scale=0.3, softcap=softcap, causal_blocks=blocks)
+    np.testing.assert_allclose(out * real, _reference(q, k, v, mask, 0.3, softcap) * real, atol=1e-5)
+    got, want = jax.grad(f, argnums=(0, 1, 2))(q, k, v), jax.grad(g, argnums=(0, 1, 2))(q, k, v)
+  for name, a, b in zip("qkv", got, want):
+    np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("T, want", [(32, 1), (255, 1), (256, 2), (300, 2), (512, 4), (1024, 8), (8192, 8), (4099, 1)])
+def test_causal_block_count(T, want):
+  assert attn_lib.causal_block_count(T) == want

@@ -17,17 +17,18 @@ def pair(request, tmp_path_factory):
   return request.param, tiny_hf.build(request.param, directory), jaxtune.load_model(directory)
 
 
-def test_logits_match_transformers_with_right_padding(pair):
+@pytest.mark.parametrize("seq", [SEQ, 256])  # 256: the attention runs as two causal blocks
+def test_logits_match_transformers_with_right_padding(pair, seq):
   family, hf_model, model = pair
   rng = np.random.default_rng(0)
-  ids = rng.integers(3, 128, size=(BATCH, SEQ))
-  mask = np.ones((BATCH, SEQ), np.int64)
+  ids = rng.integers(3, 128, size=(BATCH, seq))
+  mask = np.ones((BATCH, seq), np.int64)
   mask[1, 13:] = 0  # right padding
   mask[2, 5:] = 0
   with torch.no_grad():
     ref = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
   out = np.asarray(model(ids, mask))
-  assert out.shape == (BATCH, SEQ, 128)
+  assert out.shape == (BATCH, seq, 128)
   valid = mask.astype(bool)
   scale = np.abs(ref[valid]).max()
   assert np.abs(out - ref)[valid].max() <= 1e-4 * scale, family
