@@ -78,28 +78,51 @@ def _dense_bwd(res, dy):
 dense.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def lora_matmul(x_MI: jax.Array, a_IR: jax.Array, b_RO: jax.Array, scale: float) -> jax.Array:
-  """scale * (x @ A) @ B for x [M, I], A [I, R], B [R, O]; never forms A @ B.
+  """scale * (x @ A) @ B for x [M, I], A [I, R], B [R, O]; never forms A @ B."""
+  return shared_lora_matmul(x_MI, (a_IR,), (b_RO,), (scale,))[0]
 
-  Both factor gradients contract over tokens; the small [M, R] operand is the one transposed
-  (dA is formed as [R, I] and transposed back: also small).
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def shared_lora_matmul(x_MI: jax.Array, a: tuple[jax.Array, ...], b: tuple[jax.Array, ...],
+                       scales: tuple[float, ...]) -> tuple[jax.Array, ...]:
+  """[scale_i * (x @ A_i) @ B_i] for adapters that read the same x (q/k/v, gate/up): A_i [I, R_i], B_i [R_i, O_i].
+
+  The A factors run as one product with [A_1 | A_2 | ...] [I, sum R_i], in the forward and for
+  both backward products over A (dx and dA): a [M, I] x [I, 16] product is memory-bound, so
+  three of them cost about three reads of x where one [I, 48] product costs one (NOTES item 15).
+  Both factor gradients contract over tokens; the small [M, R] operands are the ones
+  transposed (dA is formed as [R, I] and transposed back: also small). Never forms A @ B.
   """
-  return _lora_fwd(x_MI, a_IR, b_RO, scale)[0]
+  return _shared_lora_fwd(x_MI, a, b, scales)[0]
 
 
-def _lora_fwd(x, a, b, scale):
-  h = (x @ a) * jnp.asarray(scale, x.dtype)  # [M, R], saved: small
-  return h @ b, (x, a, b, h)
+def _shared_lora_fwd(x, a, b, scales):
+  ranks = [ai.shape[1] for ai in a]
+  h = x @ (jnp.concatenate(a, axis=1) if len(a) > 1 else a[0])  # [M, sum R], saved: small
+  hs = _split(h, ranks)
+  hs = [hi * jnp.asarray(si, x.dtype) for hi, si in zip(hs, scales)]
+  return tuple(hi @ bi for hi, bi in zip(hs, b)), (x, a, b, hs)
 
 
-def _lora_bwd(scale, res, dy_MO):
-  x, a, b, h = res
-  dh = (dy_MO @ b.T) * jnp.asarray(scale, dy_MO.dtype)  # [M, R]
-  dx = dh @ a.T
-  da_RI = _barrier(dh.T) @ x  # [R, M] x [M, I]
-  db = _barrier(h.T) @ dy_MO  # [R, M] x [M, O]
-  return dx, _barrier(da_RI).T, db
+def _split(t: jax.Array, sizes: list[int], axis: int = 1) -> list[jax.Array]:
+  if len(sizes) == 1:
+    return [t]
+  bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
+  return jnp.split(t, bounds, axis=axis)
 
 
-lora_matmul.defvjp(_lora_fwd, _lora_bwd)
+def _shared_lora_bwd(scales, res, dys):
+  x, a, b, hs = res
+  ranks = [ai.shape[1] for ai in a]
+  dh = [(dy @ bi.T) * jnp.asarray(si, dy.dtype) for dy, bi, si in zip(dys, b, scales)]  # [M, R_i]
+  dh = jnp.concatenate(dh, axis=1) if len(dh) > 1 else dh[0]
+  a_cat = jnp.concatenate(a, axis=1) if len(a) > 1 else a[0]
+  dx = dh @ a_cat.T  # the sum of every adapter's dx
+  da_RI = _barrier(dh.T) @ x  # [sum R, M] x [M, I]
+  da = tuple(_barrier(piece).T for piece in _split(da_RI, ranks, axis=0))
+  db = tuple(_barrier(hi.T) @ dy for hi, dy in zip(hs, dys))  # [R_i, M] x [M, O_i]
+  return dx, da, db
+
+
+shared_lora_matmul.defvjp(_shared_lora_fwd, _shared_lora_bwd)

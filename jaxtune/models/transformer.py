@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +61,8 @@ class Linear(nnx.Module):
     self.adapter = nnx.data(None)  # data, not static: a PEFT transform assigns a module here later
     self.flat = matmul.flat_layout(einsum)  # (batch, in, out) letters: one 2-D product; None: einsum
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, adapter_delta: jax.Array | None = None) -> jax.Array:
+    """y for x; adapter_delta: the adapter's output when computed already (`shared_input`)."""
     kernel = self.kernel[...].astype(self.dtype)
     if self.flat is not None and kernel.ndim == len(self.flat[1]) + len(self.flat[2]):  # no stack axes left
       n_in = len(self.flat[1])
@@ -70,11 +71,24 @@ class Linear(nnx.Module):
       y = y.reshape(lead + out)
     else:
       y = jnp.einsum(self.einsum, x, kernel)
-    if self.adapter is not None:
-      y = y + self.adapter(x).astype(y.dtype)
+    if adapter_delta is None and self.adapter is not None:
+      adapter_delta = self.adapter(x)
+    if adapter_delta is not None:
+      y = y + adapter_delta.astype(y.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def shared_input(linears: Sequence[Linear], x: jax.Array) -> list[jax.Array]:
+  """[linear(x) for linear in linears]; their adapters share work on the common x when they can
+  (an adapter type offering `shared_deltas`, as LoRA does: one product for all the A factors)."""
+  adapters = [linear.adapter for linear in linears]
+  share = getattr(adapters[0], "shared_deltas", None)
+  deltas = share(adapters, x) if share is not None else None
+  if deltas is None:
+    return [linear(x) for linear in linears]
+  return [linear(x, delta) for linear, delta in zip(linears, deltas)]
 
 
 class RMSNorm(nnx.Module):
@@ -130,7 +144,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD, cos_sin, mask_BTS, kv_cache=None, cache_index=None, is_sliding=None,
                segment_ids_BT=None):
-    q, k, v = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
+    q, k, v = shared_input((self.q, self.k, self.v), x_BTD)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope_lib.apply_rope(q, *cos_sin), rope_lib.apply_rope(k, *cos_sin)
@@ -164,9 +178,9 @@ class MLP(nnx.Module):
     self.activation = cfg.activation
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    gate = self.gate(x_BTD)
+    gate, up = shared_input((self.gate, self.up), x_BTD)
     act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return self.down(act * self.up(x_BTD))
+    return self.down(act * up)
 
 
 class Block(nnx.Module):

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.hf import mapping
-from jaxtune.models.matmul import flat_layout, lora_matmul
+from jaxtune.models.matmul import flat_layout, lora_matmul, shared_lora_matmul
 from jaxtune.models.transformer import CausalLM, Linear
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -104,6 +104,27 @@ class LoRA(nnx.Module):
       return y.reshape(lead + b.shape[1:])
     h = jnp.einsum(self.a_einsum, x, a)
     return jnp.einsum(self.b_einsum, h * jnp.asarray(self.scale, h.dtype), b)
+
+  def _flat_factors(self) -> tuple[jax.Array, jax.Array] | None:
+    """(A [I, r], B [r, O]) when this adapter can run as a 2-D product with no dropout to draw, else None."""
+    a = self.lora_a[...]
+    if not self.flat or a.ndim != len(self.ins) + 1 or (self.dropout > 0 and not self.deterministic):
+      return None
+    return a.astype(self.dtype).reshape(-1, self.rank), self.lora_b[...].astype(self.dtype).reshape(self.rank, -1)
+
+  @staticmethod
+  def shared_deltas(adapters: Sequence[Any], x: jax.Array) -> list[jax.Array] | None:
+    """The deltas of adapters that all read x (q/k/v, gate/up) from one `shared_lora_matmul`, or None
+    when they cannot share it (not all LoRA, dropout active, mixed dtypes, outside the layer scan)."""
+    if len(adapters) < 2 or not all(isinstance(ad, LoRA) for ad in adapters):
+      return None
+    factors = [ad._flat_factors() for ad in adapters]  # pylint: disable=protected-access
+    if any(f is None for f in factors) or len({(ad.ins, jnp.dtype(ad.dtype)) for ad in adapters}) != 1:
+      return None
+    lead = x.shape[:x.ndim - len(adapters[0].ins)]
+    ys = shared_lora_matmul(x.reshape(math.prod(lead), -1), tuple(a for a, _ in factors),
+                            tuple(b for _, b in factors), tuple(ad.scale for ad in adapters))
+    return [y.reshape(lead + ad.lora_b[...].shape[1:]) for y, ad in zip(ys, adapters)]
 
   def delta(self) -> jax.Array:
     """scale * A @ B in the kernel's layout [stack..., kernel letters], in float32."""

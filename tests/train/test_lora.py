@@ -102,6 +102,29 @@ def test_merged_kernels_give_the_adapter_model_logits(base):
   np.testing.assert_allclose(np.asarray(_logits(unloaded, IDS)), out, atol=2e-5, rtol=1e-5)
 
 
+def test_shared_input_adapters_match_separate_ones(base, monkeypatch):
+  """q/k/v and gate/up adapters run as one A product each: same loss and LoRA gradients as one adapter at a time."""
+  model = _with_lora(base)
+  _randomize_b(model)
+  graphdef, params, rest = nnx.split(model, lora.LoRAParam, ...)
+  calls = []
+
+  def loss_and_grads(params, rest):  # jitted afresh for each path: the adapters' choice is made when tracing
+    def loss(params):
+      return jnp.sum(jnp.tanh(nnx.merge(graphdef, params, rest)(IDS)))
+    return jax.value_and_grad(loss)(params)
+
+  real = lora.shared_lora_matmul
+  monkeypatch.setattr(lora, "shared_lora_matmul", lambda *a: calls.append(len(a[1])) or real(*a))
+  shared = jax.jit(loss_and_grads)(params, rest)
+  assert sorted(set(calls)) == [2, 3]  # gate/up and q/k/v
+  monkeypatch.setattr(lora.LoRA, "shared_deltas", staticmethod(lambda adapters, x: None))
+  separate = jax.jit(loss_and_grads)(params, rest)
+  np.testing.assert_allclose(shared[0], separate[0], rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(shared[1]), jax.tree.leaves(separate[1])):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_dropout_is_off_by_default_and_keyed(base):
   model = _with_lora(base, dropout=0.5)
   _randomize_b(model)
