@@ -41,6 +41,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages()  # CPU runs: huge pages for XLA's per-step buffers (see host.py)
+  host.reexec_with_huge_pages("jaxtune.train")  # CPU runs: huge pages for XLA's per-step buffers (host.py)
   flags.mark_flag_as_required("config")
   app.run(main)

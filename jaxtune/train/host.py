@@ -67,12 +67,19 @@ def huge_page_environ(environ: Mapping[str, str], *, glibc: tuple[int, int] | No
   return env
 
 
-def reexec_with_huge_pages() -> None:
+def launched_as(module: str, orig_argv: list[str]) -> bool:
+  """Whether the interpreter's own command line is `python [options] -m module ...`."""
+  return any(a == "-m" and b == module for a, b in zip(orig_argv, orig_argv[1:])) or f"-m{module}" in orig_argv
+
+
+def reexec_with_huge_pages(module: str) -> None:
   """Re-executes this process (same argv) with glibc.malloc.hugetlb=1 when that helps; else returns.
 
-  Call it first thing in a CLI's `__main__`, before threads or files are opened.
+  Call it first thing in the `__main__` of `module`, before threads or files are opened. Only a
+  process started as `python -m module` is re-executed: run any other way (`runpy` or `%run` in
+  a notebook kernel, an embedding program) its command line is not ours to repeat.
   """
-  if not sys.platform.startswith("linux"):
+  if not sys.platform.startswith("linux") or not launched_as(module, sys.orig_argv):
     return
   env = huge_page_environ(os.environ, glibc=glibc_version(), thp=thp_mode())
   if env is None:

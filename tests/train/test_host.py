@@ -43,15 +43,30 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
   assert host.thp_mode(str(tmp_path / "missing")) is None
 
 
-def test_reexec_keeps_argv_and_sets_the_tunable_once():
-  """A real re-execution: the child sees its own arguments again and the tunable, and does not loop."""
-  code = ("import os, sys; from jaxtune.train import host; print('start', flush=True); "
-          "host.reexec_with_huge_pages(); print(sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))")
+@pytest.mark.parametrize("argv, want", [
+    (["python", "-m", "jaxtune.train", "--config", "c.py"], True),
+    (["python", "-X", "dev", "-m", "jaxtune.train"], True),
+    (["python", "-mjaxtune.train"], True),
+    (["python", "-m", "ipykernel_launcher", "-f", "k.json"], False),  # a notebook kernel running the module
+    (["python", "script.py", "jaxtune.train"], False),
+])
+def test_launched_as(argv, want):
+  assert host.launched_as("jaxtune.train", argv) is want
+
+
+def test_reexec_keeps_argv_and_sets_the_tunable_once(tmp_path):
+  """A real re-execution of `python -m module`: the child sees its arguments again and the tunable, once."""
+  (tmp_path / "reexec_probe.py").write_text(
+      "import os, sys\nfrom jaxtune.train import host\nprint('start', flush=True)\n"
+      "host.reexec_with_huge_pages('reexec_probe')\nprint(sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))\n")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXTUNE_REEXECUTED", "JAXTUNE_HUGEPAGES")}
-  out = subprocess.run([sys.executable, "-c", code, "a", "b"], env=env, capture_output=True, text=True, check=True,
-                       timeout=60).stdout.splitlines()
+  env["PYTHONPATH"] = os.pathsep.join([str(tmp_path)] + sys.path)
+  run = lambda *argv: subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,  # noqa: E731
+                                     check=True, timeout=60, cwd=tmp_path).stdout.splitlines()
   expected = host.huge_page_environ(env, glibc=host.glibc_version(), thp=host.thp_mode())
   if expected is None:  # this machine needs nothing: the process runs on as it is
-    assert out == ["start", "['a', 'b'] None"]
+    assert run("-m", "reexec_probe", "a", "b") == ["start", "['a', 'b'] None"]
   else:  # 'start' twice: once before and once after the exec
-    assert out == ["start", "start", "['a', 'b'] glibc.malloc.hugetlb=1"]
+    assert run("-m", "reexec_probe", "a", "b") == ["start", "start", "['a', 'b'] glibc.malloc.hugetlb=1"]
+  # Not started as `-m reexec_probe` (here: as a script): never re-executed.
+  assert run(str(tmp_path / "reexec_probe.py"), "a") == ["start", "['a'] None"]
