@@ -84,11 +84,9 @@ def shared_input(linears: Sequence[Linear], x: jax.Array) -> list[jax.Array]:
   """[linear(x) for linear in linears]; their adapters share work on the common x when they can
   (an adapter type offering `shared_deltas`, as LoRA does: one product for all the A factors)."""
   adapters = [linear.adapter for linear in linears]
-  share = getattr(adapters[0], "shared_deltas", None)
-  deltas = share(adapters, x) if share is not None else None
-  if deltas is None:
-    return [linear(x) for linear in linears]
-  return [linear(x, delta) for linear, delta in zip(linears, deltas)]
+  share = next((ad.shared_deltas for ad in adapters if hasattr(ad, "shared_deltas")), None)
+  deltas = (share(adapters, x) if share is not None else None) or [None] * len(linears)
+  return [linear(x) if delta is None else linear(x, delta) for linear, delta in zip(linears, deltas)]
 
 
 class RMSNorm(nnx.Module):

@@ -113,18 +113,26 @@ class LoRA(nnx.Module):
     return a.astype(self.dtype).reshape(-1, self.rank), self.lora_b[...].astype(self.dtype).reshape(self.rank, -1)
 
   @staticmethod
-  def shared_deltas(adapters: Sequence[Any], x: jax.Array) -> list[jax.Array] | None:
-    """The deltas of adapters that all read x (q/k/v, gate/up) from one `shared_lora_matmul`, or None
-    when they cannot share it (not all LoRA, dropout active, mixed dtypes, outside the layer scan)."""
-    if len(adapters) < 2 or not all(isinstance(ad, LoRA) for ad in adapters):
+  def shared_deltas(adapters: Sequence[Any], x: jax.Array) -> list[jax.Array | None] | None:
+    """Deltas for the adapters that all read x (q/k/v, gate/up), from one `shared_lora_matmul`.
+
+    Entries are None for the adapters left to run on their own: not LoRA, dropout active, another
+    dtype, outside the layer scan. None overall when fewer than two can share (PEFT's default
+    targets, q and v only, still share).
+    """
+    factors = [ad._flat_factors() if isinstance(ad, LoRA) else None for ad in adapters]  # pylint: disable=protected-access
+    kinds = [(ad.ins, jnp.dtype(ad.dtype)) if f is not None else None for ad, f in zip(adapters, factors)]
+    first = next((k for k in kinds if k is not None), None)
+    group = [i for i, k in enumerate(kinds) if k is not None and k == first]
+    if len(group) < 2:
       return None
-    factors = [ad._flat_factors() for ad in adapters]  # pylint: disable=protected-access
-    if any(f is None for f in factors) or len({(ad.ins, jnp.dtype(ad.dtype)) for ad in adapters}) != 1:
-      return None
-    lead = x.shape[:x.ndim - len(adapters[0].ins)]
-    ys = shared_lora_matmul(x.reshape(math.prod(lead), -1), tuple(a for a, _ in factors),
-                            tuple(b for _, b in factors), tuple(ad.scale for ad in adapters))
-    return [y.reshape(lead + ad.lora_b[...].shape[1:]) for y, ad in zip(ys, adapters)]
+    lead = x.shape[:x.ndim - len(adapters[group[0]].ins)]
+    ys = shared_lora_matmul(x.reshape(math.prod(lead), -1), tuple(factors[i][0] for i in group),
+                            tuple(factors[i][1] for i in group), tuple(adapters[i].scale for i in group))
+    deltas = [None] * len(adapters)
+    for i, y in zip(group, ys):
+      deltas[i] = y.reshape(lead + adapters[i].lora_b[...].shape[1:])
+    return deltas
 
   def delta(self) -> jax.Array:
     """scale * A @ B in the kernel's layout [stack..., kernel letters], in float32."""

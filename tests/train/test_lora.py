@@ -102,9 +102,11 @@ def test_merged_kernels_give_the_adapter_model_logits(base):
   np.testing.assert_allclose(np.asarray(_logits(unloaded, IDS)), out, atol=2e-5, rtol=1e-5)
 
 
-def test_shared_input_adapters_match_separate_ones(base, monkeypatch):
-  """q/k/v and gate/up adapters run as one A product each: same loss and LoRA gradients as one adapter at a time."""
-  model = _with_lora(base)
+@pytest.mark.parametrize("targets, groups", [("all-linear", [2, 3]), (["q_proj", "v_proj"], [2])])
+def test_shared_input_adapters_match_separate_ones(base, monkeypatch, targets, groups):
+  """Adapters on one input (q/k/v, gate/up; or PEFT's default q and v) run as one A product: same loss and
+  LoRA gradients as one adapter at a time."""
+  model = _with_lora(base, targets=targets)
   _randomize_b(model)
   graphdef, params, rest = nnx.split(model, lora.LoRAParam, ...)
   calls = []
@@ -117,7 +119,7 @@ def test_shared_input_adapters_match_separate_ones(base, monkeypatch):
   real = lora.shared_lora_matmul
   monkeypatch.setattr(lora, "shared_lora_matmul", lambda *a: calls.append(len(a[1])) or real(*a))
   shared = jax.jit(loss_and_grads)(params, rest)
-  assert sorted(set(calls)) == [2, 3]  # gate/up and q/k/v
+  assert sorted(set(calls)) == groups  # adapters per shared product
   monkeypatch.setattr(lora.LoRA, "shared_deltas", staticmethod(lambda adapters, x: None))
   separate = jax.jit(loss_and_grads)(params, rest)
   np.testing.assert_allclose(shared[0], separate[0], rtol=1e-5)
