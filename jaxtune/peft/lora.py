@@ -70,8 +70,7 @@ class LoRA(nnx.Module):
     self.a_einsum = f"{x_spec},{ins}{r}->{batch}{r}"
     self.b_einsum = f"{batch}{r},{r}{outs}->{y_spec}"
     self.k_spec, self.ins, self.outs = k_spec, ins, outs
-    # Every Linear of models/ is a flat product: the adapter then runs as one 2-D `lora_matmul`.
-    self.flat = flat_layout(einsum) is not None
+    self.flat = flat_layout(einsum) is not None  # then it runs as 2-D products (`_factors_2d`)
     self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), use_rslora
     self.scale = float(alpha) / (math.sqrt(rank) if use_rslora else rank)
     self.dtype = dtype
@@ -91,24 +90,32 @@ class LoRA(nnx.Module):
       self.dropout_key = LoRADropoutKey(data.reshape(stack + data.shape[1:]), axes=stack_axes + (None,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.dropout > 0 and not self.deterministic:
+    if self._dropout_active():
       key = jax.random.wrap_key_data(self.dropout_key[...])
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+    factors = self._factors_2d()
+    if factors is not None:
+      lead = x.shape[:x.ndim - len(self.ins)]
+      return lora_matmul(x.reshape(math.prod(lead), -1), *factors, self.scale).reshape(lead + self._out_shape())
     a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
-    n_in = len(self.ins)
-    if self.flat and a.ndim == n_in + 1:  # inside the layer scan the stack axes are already sliced off
-      lead = x.shape[:x.ndim - n_in]
-      y = lora_matmul(x.reshape(math.prod(lead), -1), a.reshape(-1, self.rank), b.reshape(self.rank, -1),
-                      self.scale)
-      return y.reshape(lead + b.shape[1:])
     h = jnp.einsum(self.a_einsum, x, a)
     return jnp.einsum(self.b_einsum, h * jnp.asarray(self.scale, h.dtype), b)
 
-  def _flat_factors(self) -> tuple[jax.Array, jax.Array] | None:
-    """(A [I, r], B [r, O]) when this adapter can run as a 2-D product with no dropout to draw, else None."""
+  def _dropout_active(self) -> bool:
+    return self.dropout > 0 and not self.deterministic
+
+  def _out_shape(self) -> tuple[int, ...]:
+    return self.lora_b[...].shape[-len(self.outs):]
+
+  def _factors_2d(self) -> tuple[jax.Array, jax.Array] | None:
+    """(A [I, r], B [r, O]) in the compute dtype when this adapter runs as 2-D products, else None.
+
+    Every Linear of models/ is a flat product; inside the layer scan the stack axes are already
+    sliced off, and then A and B reshape to matrices without moving data.
+    """
     a = self.lora_a[...]
-    if not self.flat or a.ndim != len(self.ins) + 1 or (self.dropout > 0 and not self.deterministic):
+    if not self.flat or a.ndim != len(self.ins) + 1:
       return None
     return a.astype(self.dtype).reshape(-1, self.rank), self.lora_b[...].astype(self.dtype).reshape(self.rank, -1)
 
@@ -120,7 +127,8 @@ class LoRA(nnx.Module):
     dtype, outside the layer scan. None overall when fewer than two can share (PEFT's default
     targets, q and v only, still share).
     """
-    factors = [ad._flat_factors() if isinstance(ad, LoRA) else None for ad in adapters]  # pylint: disable=protected-access
+    # pylint: disable=protected-access
+    factors = [ad._factors_2d() if isinstance(ad, LoRA) and not ad._dropout_active() else None for ad in adapters]
     kinds = [(ad.ins, jnp.dtype(ad.dtype)) if f is not None else None for ad, f in zip(adapters, factors)]
     first = next((k for k in kinds if k is not None), None)
     group = [i for i, k in enumerate(kinds) if k is not None and k == first]
@@ -131,7 +139,7 @@ class LoRA(nnx.Module):
                             tuple(factors[i][1] for i in group), tuple(adapters[i].scale for i in group))
     deltas = [None] * len(adapters)
     for i, y in zip(group, ys):
-      deltas[i] = y.reshape(lead + adapters[i].lora_b[...].shape[1:])
+      deltas[i] = y.reshape(lead + adapters[i]._out_shape())
     return deltas
 
   def delta(self) -> jax.Array:
