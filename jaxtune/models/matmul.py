@@ -98,14 +98,17 @@ def shared_lora_matmul(x_MI: jax.Array, a: tuple[jax.Array, ...], b: tuple[jax.A
 
 
 def _shared_lora_fwd(x, a, b, scales):
-  ranks = [ai.shape[1] for ai in a]
-  h = x @ (jnp.concatenate(a, axis=1) if len(a) > 1 else a[0])  # [M, sum R], saved: small
-  hs = _split(h, ranks)
+  a_cat = _cat(a, axis=1)  # [I, sum R], saved: small (the backward needs the same concatenation)
+  hs = _split(x @ a_cat, [bi.shape[0] for bi in b], axis=1)  # [M, R_i], saved: small
   hs = [hi * jnp.asarray(si, x.dtype) for hi, si in zip(hs, scales)]
-  return tuple(hi @ bi for hi, bi in zip(hs, b)), (x, a, b, hs)
+  return tuple(hi @ bi for hi, bi in zip(hs, b)), (x, a_cat, b, hs)
 
 
-def _split(t: jax.Array, sizes: list[int], axis: int = 1) -> list[jax.Array]:
+def _cat(parts: tuple[jax.Array, ...] | list[jax.Array], axis: int) -> jax.Array:
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+def _split(t: jax.Array, sizes: list[int], axis: int) -> list[jax.Array]:
   if len(sizes) == 1:
     return [t]
   bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
@@ -113,14 +116,11 @@ def _split(t: jax.Array, sizes: list[int], axis: int = 1) -> list[jax.Array]:
 
 
 def _shared_lora_bwd(scales, res, dys):
-  x, a, b, hs = res
-  ranks = [ai.shape[1] for ai in a]
-  dh = [(dy @ bi.T) * jnp.asarray(si, dy.dtype) for dy, bi, si in zip(dys, b, scales)]  # [M, R_i]
-  dh = jnp.concatenate(dh, axis=1) if len(dh) > 1 else dh[0]
-  a_cat = jnp.concatenate(a, axis=1) if len(a) > 1 else a[0]
+  x, a_cat, b, hs = res
+  dh = _cat([(dy @ bi.T) * jnp.asarray(si, dy.dtype) for dy, bi, si in zip(dys, b, scales)], axis=1)  # [M, sum R]
   dx = dh @ a_cat.T  # the sum of every adapter's dx
   da_RI = _barrier(dh.T) @ x  # [sum R, M] x [M, I]
-  da = tuple(_barrier(piece).T for piece in _split(da_RI, ranks, axis=0))
+  da = tuple(_barrier(piece).T for piece in _split(da_RI, [bi.shape[0] for bi in b], axis=0))
   db = tuple(_barrier(hi.T) @ dy for hi, dy in zip(hs, dys))  # [R_i, M] x [M, O_i]
   return dx, da, db
 
