@@ -69,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
       eval_batches=0,  # validation batches per evaluation; 0: the whole split
       log_every=10,  # steps between logged training metrics
       max_nan_streak=10,  # stop after this many skipped (NaN/inf) steps in a row
+      overlap=True,  # read step s's metrics after dispatching step s+1 (saves, evals, stops stay exact)
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(

@@ -202,7 +202,15 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
   run.say(f"training {trained:,} of {total:,} parameters ({config.peft.method}) on "
           f"{run.train_iter.stats.examples} examples, steps {run.start + 1}..{steps}; run directory {run.run_dir}")
   progress = log_lib.Progress(steps, run.start, bar=config.logging.progress, enabled=run.main)
-  step, stopped, window = run.start, None, []
+  record = _Recorder(logger, progress, cfg_train.log_every, steps)
+  # Overlap: step s's metrics are read only once step s + 1 is on the device, so the host's work
+  # (next batch, transfer, dispatch, logging) hides behind device compute. A step is read at once
+  # when anything needs its state: a checkpoint, an eval, the last step, a stop signal, or a
+  # non-finite streak that this step could bring to train.max_nan_streak. So every save, eval
+  # and stop happens at exactly the step it would without overlap.
+  step, stopped = run.start, None
+  streak = int(run.state.nonfinite_streak)  # of the newest step whose metrics the host has read
+  pending = None  # (step, metrics on the device, tokens): dispatched, not read yet
   with _Preemption() as preemption:
     for step in range(run.start + 1, steps + 1):
       batch = next(run.train_iter, None)
@@ -212,29 +220,35 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
       tokens = float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
       run.state, metrics = train_step(run.state, parallel.shard_batch(_micro_batches(batch, cfg_train.grad_accum),
                                                                       sh.batch))
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      window.append(metrics)
-      tokens_per_s = progress.tokens_per_second(tokens)
-      progress.update(step, metrics["loss"], metrics["lr"], tokens_per_s)
-      if step % cfg_train.log_every == 0 or step == steps:
-        logger.log(step, _train_metrics(window, tokens_per_s, int(run.state.skipped)))
-        window = []
-      if metrics["nonfinite_streak"] >= cfg_train.max_nan_streak:
+      if pending is not None:
+        streak = record(*pending)["nonfinite_streak"]
+        pending = None
+      save = bool(config.checkpoint.every) and step % config.checkpoint.every == 0
+      eval_now = evaluate is not None and bool(cfg_train.eval_every) and step % cfg_train.eval_every == 0
+      signalled = preemption.requested or _preempted_elsewhere(run.ckpts, step)
+      if (cfg_train.overlap and step < steps and not (save or eval_now or signalled)
+          and streak + 1 < cfg_train.max_nan_streak):
+        pending = (step, metrics, tokens)
+        continue
+      streak = record(step, metrics, tokens)["nonfinite_streak"]
+      if streak >= cfg_train.max_nan_streak:
         stopped = "nonfinite"
         break
-      if preemption.requested or _preempted_elsewhere(run.ckpts, step):
+      if signalled:
         stopped = "sigterm"
         break
       if step == steps:
         break
       eval_metrics = None
-      if evaluate is not None and cfg_train.eval_every and step % cfg_train.eval_every == 0:
+      if eval_now:
         eval_metrics = evaluate()
         logger.log(step, eval_metrics)
         progress.write(f"step {step}: eval loss {eval_metrics['eval/loss']:.4f}, "
                        f"token accuracy {eval_metrics['eval/accuracy']:.3f}")
-      if config.checkpoint.every and step % config.checkpoint.every == 0:
+      if save:
         run.save(step, eval_metrics)
+  if pending is not None:  # the data ran out right after a step left unread
+    record(*pending)
   progress.close()
   if stopped is not None and stopped != "data":
     return step, stopped, {}
@@ -312,14 +326,33 @@ def _evaluate(eval_step: Callable, params: Any, val_data: Any, config: ml_collec
           "eval/accuracy": totals[2] / max(totals[1], 1.0), "eval/tokens": totals[1]}
 
 
-def _train_metrics(window: list[dict[str, float]], tokens_per_s: float | None, skipped: int) -> dict[str, float]:
+class _Recorder:
+  """Reads a dispatched step's metrics, updates the progress bar, logs every log_every steps and the last."""
+
+  def __init__(self, logger: log_lib.MetricsLogger, progress: log_lib.Progress, log_every: int, last: int):
+    self._logger, self._progress, self._log_every, self._last = logger, progress, log_every, last
+    self._window: list[dict[str, float]] = []  # the steps since the last log line
+
+  def __call__(self, step: int, metrics: dict[str, jax.Array], tokens: float) -> dict[str, float]:
+    """Blocks until `step` has finished; returns its metrics as floats."""
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self._window.append(metrics)
+    tokens_per_s = self._progress.tokens_per_second(tokens)
+    self._progress.update(step, metrics["loss"], metrics["lr"], tokens_per_s)
+    if step % self._log_every == 0 or step == self._last:
+      self._logger.log(step, _train_metrics(self._window, tokens_per_s))
+      self._window = []
+    return metrics
+
+
+def _train_metrics(window: list[dict[str, float]], tokens_per_s: float | None) -> dict[str, float]:
   """Token-weighted loss and accuracy over the steps since the last log line; the latest lr and grad norm."""
   finite = [m for m in window if m["skipped"] == 0]
   weight = sum(m["trained_tokens"] for m in finite)
   mean = lambda key: sum(m[key] * m["trained_tokens"] for m in finite) / weight if weight else float("nan")  # noqa: E731
   out = {"train/loss": mean("loss"), "train/accuracy": mean("accuracy"), "train/lr": window[-1]["lr"],
          "train/grad_norm": window[-1]["grad_norm"], "train/trained_tokens": sum(m["trained_tokens"] for m in window),
-         "train/skipped_total": skipped}
+         "train/skipped_total": int(window[-1]["skipped_total"])}
   if tokens_per_s is not None:
     out["train/tokens_per_s"] = tokens_per_s
   return out

@@ -198,7 +198,8 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.Gra
     # The optimizer has applied step - skipped updates; that count indexes its schedule.
     lr = lr_schedule(state.step - state.skipped) if lr_schedule is not None else jnp.nan
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32), "trained_tokens": tokens,
-               "accuracy": correct / denom, "skipped": bad, "nonfinite_streak": new_state.nonfinite_streak}
+               "accuracy": correct / denom, "skipped": bad, "skipped_total": new_state.skipped,
+               "nonfinite_streak": new_state.nonfinite_streak}
     return new_state, metrics
 
   jitted = _jit(step, shardings, donate=True)

@@ -1,4 +1,4 @@
-"""The training loop on the tiny config: loss goes down, what a run writes, LoRA/full checkpoints, NaN stop."""
+"""The training loop on the tiny config: loss goes down, what a run writes, checkpoints, NaN stop, overlap."""
 
 import json
 import math
@@ -20,6 +20,39 @@ def lora_run(tmp_path_factory, cache):
   run_dir = tmp_path_factory.mktemp("lora_run")
   config = tiny_runs.tiny(run_dir, cache, **{"train.steps": 30, "train.eval_every": 15, "checkpoint.every": 10})
   return run_dir, loop.train(config)
+
+
+def _trace(monkeypatch) -> list[str]:
+  """From now on, the loop's step dispatches ("d3"), metric reads ("r3") and saves ("s3"), in order."""
+  events = []
+  make_step, record, save = loop.step_lib.make_train_step, loop._Recorder.__call__, loop.Run.save
+
+  def traced_make_step(*args, **kwargs):
+    step = make_step(*args, **kwargs)
+
+    def traced(state, batch):
+      events.append(f"d{int(state.step) + 1}")
+      return step(state, batch)
+    return traced
+
+  def traced_record(self, step, metrics, tokens):
+    events.append(f"r{step}")
+    return record(self, step, metrics, tokens)
+
+  def traced_save(self, step, metrics=None):
+    events.append(f"s{step}")
+    return save(self, step, metrics)
+
+  monkeypatch.setattr(loop.step_lib, "make_train_step", traced_make_step)
+  monkeypatch.setattr(loop._Recorder, "__call__", traced_record)
+  monkeypatch.setattr(loop.Run, "save", traced_save)
+  return events
+
+
+def _short(run_dir, cache, **overrides):
+  """7 steps, evals after steps 3 and 6, checkpoints after 4 and 7."""
+  return tiny_runs.tiny(run_dir, cache, **{"train.steps": 7, "train.eval_every": 3, "checkpoint.every": 4,
+                                           "checkpoint.keep": 5, **overrides})
 
 
 def test_loss_goes_down_and_eval_runs(lora_run):
@@ -71,17 +104,49 @@ def test_full_finetuning_checkpoints_every_weight(tmp_path, cache):
   assert "eval/loss" not in result
 
 
-def test_nonfinite_streak_stops_with_last_good_checkpoint(tmp_path, cache):
+def test_nonfinite_streak_stops_with_last_good_checkpoint(tmp_path, cache, monkeypatch):
   # A learning rate of 1e30 makes the first update overflow the forward pass: every later
   # step is non-finite, skipped, and the run stops after max_nan_streak of them.
-  config = tiny_runs.tiny(tmp_path, cache, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.schedule": "constant",
-                                              "train.max_nan_streak": 3, "train.eval": False, "train.eval_every": 0})
+  events = _trace(monkeypatch)
+  config = _short(tmp_path, cache, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.schedule": "constant",
+                                      "train.max_nan_streak": 3, "train.eval": False, "train.eval_every": 0,
+                                      "checkpoint.every": 0})
   with pytest.raises(loop.NonFiniteLossError, match="3 non-finite"):
     loop.train(config)
-  steps = tiny_runs.complete_steps(tmp_path)
-  assert steps and steps[-1] < 10
-  state = tiny_runs.saved_state(tmp_path, steps[-1])
-  assert int(state["skipped"]) == 3 and int(state["nonfinite_streak"]) == 3
+  # Step 3 ends a streak of 2, so step 4 could end one of 3: it is read before anything else is dispatched.
+  assert events == ["d1", "d2", "r1", "d3", "r2", "d4", "r3", "r4", "s4"]
+  assert tiny_runs.complete_steps(tmp_path) == [4]
+  state = tiny_runs.saved_state(tmp_path, 4)
+  assert int(state["step"]) == 4 and int(state["skipped"]) == 3 and int(state["nonfinite_streak"]) == 3
   assert all(np.isfinite(v).all() for k, v in state.items() if k.startswith("params/"))
   lines = [m for m in tiny_runs.metrics(tmp_path) if "train/loss" in m]
   assert lines[-1]["train/loss"] is None and lines[-1]["train/skipped_total"] == 3  # NaN is written as null
+
+
+def test_overlap_reads_each_step_after_the_next_dispatch_and_changes_nothing(tmp_path, cache, monkeypatch):
+  events = _trace(monkeypatch)
+  overlapped = loop.train(_short(tmp_path / "overlap", cache))
+  # Steps 3 and 6 evaluate, step 4 saves, step 7 is the last: each is read before the next dispatch.
+  assert events == ["d1", "d2", "r1", "d3", "r2", "r3", "d4", "r4", "s4", "d5", "d6", "r5", "r6", "d7", "r7", "s7"]
+  events.clear()
+  synced = loop.train(_short(tmp_path / "sync", cache, **{"train.overlap": False}))
+  assert events == ["d1", "r1", "d2", "r2", "d3", "r3", "d4", "r4", "s4", "d5", "r5", "d6", "r6", "d7", "r7", "s7"]
+
+  drop = lambda lines: [{k: v for k, v in m.items() if k != "train/tokens_per_s"} for m in lines]  # noqa: E731
+  assert drop(tiny_runs.metrics(tmp_path / "overlap")) == drop(tiny_runs.metrics(tmp_path / "sync"))
+  assert overlapped["eval/loss"] == synced["eval/loss"]
+  for step in (4, 7):
+    a, b = tiny_runs.saved_state(tmp_path / "overlap", step), tiny_runs.saved_state(tmp_path / "sync", step)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), step
+
+
+def test_data_running_out_reads_the_last_step(tmp_path, cache, monkeypatch):
+  lines = (tiny_runs.CONFIGS.parent / "data" / "quickstart" / "train.jsonl").read_text().splitlines()
+  (tmp_path / "three_batches.jsonl").write_text("\n".join(lines[:24]) + "\n")  # batch_size 8
+  events = _trace(monkeypatch)
+  result = loop.train(_short(tmp_path / "run", cache, **{
+      "data.train": (str(tmp_path / "three_batches.jsonl"),), "data.num_epochs": 1, "train.steps": 10,
+      "train.eval": False, "train.eval_every": 0, "checkpoint.every": 0}))
+  assert events == ["d1", "d2", "r1", "d3", "r2", "r3", "s3"]
+  assert result["step"] == 3 and result["checkpoint"].endswith("checkpoints/3")
+  assert [m["step"] for m in tiny_runs.metrics(tmp_path / "run") if "train/loss" in m] == [1, 2, 3]
