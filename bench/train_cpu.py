@@ -6,7 +6,9 @@
 
 Each side runs in its own worker process (clean peak RSS), both built from the same HF
 config dict (SmolLM2-135M shape, random weights), float32, AdamW (weight decay 0, clip 1.0),
-batch 4 x 256 random tokens, loss on every token. After warm-up the parent asks the
+batch 4 x 256 random tokens, loss on every token (`--trained-fraction F`: each row is four
+64-token examples whose first (1 - F) x 64 tokens are an untrained prompt, as in chat data; HF
+gets labels -100 there). After warm-up the parent asks the
 workers in turn for `--steps` steps, `--rounds` times, alternating which goes first, and
 reports the median step time over all measured steps. The jaxtune worker runs with
 glibc.malloc.hugetlb=1, as `python -m jaxtune.train` does (jaxtune/train/host.py);
@@ -48,8 +50,16 @@ def random_tokens(batch: int, seq: int, vocab: int, seed: int = 0):
   return np.random.default_rng(seed).integers(0, vocab, (batch, seq), dtype=np.int32)
 
 
+def loss_mask(batch: int, seq: int, trained_fraction: float, example: int = 64):
+  """[batch, seq] int32: 1 where the token is a target. Each `example`-token span starts with its untrained prompt."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  prompt = round((1.0 - trained_fraction) * example)
+  return np.broadcast_to((np.arange(seq) % example >= prompt).astype(np.int32), (batch, seq)).copy()
+
+
 # ---------------------------------------------------------------------------------------------- jaxtune side
-def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: float = LR):
+def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: float = LR,
+                 trained_fraction: float = 1.0):
   """(run, n_trainable, n_frozen): run() does one real jaxtune train step on random tokens and blocks on it."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -71,7 +81,8 @@ def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: f
   n_frozen = sum(x.size for x in jax.tree.leaves(frozen.weights))
   train_step = step.make_train_step(graphdef, frozen, tx, loss_chunk=loss_chunk)
   ids = random_tokens(batch, seq, cfg.vocab_size)[None]
-  data = {"input_ids": ids, "loss_mask": np.ones_like(ids), "segment_ids": np.ones_like(ids),
+  data = {"input_ids": ids, "loss_mask": loss_mask(batch, seq, trained_fraction)[None],
+          "segment_ids": np.ones_like(ids),
           "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
   holder = {"state": state}
 
@@ -83,17 +94,17 @@ def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: f
 
 
 def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int = 128,
-             remat: str = "dots_no_batch"):
+             remat: str = "dots_no_batch", trained_fraction: float = 1.0):
   """(step_fn, n_trainable): step_fn() runs one real jaxtune train step (float32, XLA attention)."""
   from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
 
   cfg = from_hf_dict(hf_cfg, dtype="float32", param_dtype="float32", attention_impl="xla", remat=remat)
-  run, n_trainable, _ = jaxtune_step(cfg, setting, batch, seq, loss_chunk)
+  run, n_trainable, _ = jaxtune_step(cfg, setting, batch, seq, loss_chunk, trained_fraction=trained_fraction)
   return run, n_trainable
 
 
 # --------------------------------------------------------------------------------------------- HF + PEFT side
-def hf_side(hf_cfg: dict, setting: str, batch: int, seq: int, attn: str = "sdpa"):
+def hf_side(hf_cfg: dict, setting: str, batch: int, seq: int, attn: str = "sdpa", trained_fraction: float = 1.0):
   """(step_fn, n_trainable): one transformers (+ PEFT) step: forward with labels, backward, clip, AdamW."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -110,9 +121,10 @@ def hf_side(hf_cfg: dict, setting: str, batch: int, seq: int, attn: str = "sdpa"
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
   ids = torch.from_numpy(random_tokens(batch, seq, hf_cfg["vocab_size"]).astype("int64"))
+  labels = torch.where(torch.from_numpy(loss_mask(batch, seq, trained_fraction)) > 0, ids, -100)
 
   def run() -> float:
-    loss = model(input_ids=ids, labels=ids).loss
+    loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -142,9 +154,9 @@ def worker(args) -> None:
     from jaxtune.train import step as step_lib  # pylint: disable=g-import-not-at-top
     step_lib.jax = _NoCheckpoint(jax)
   if args.worker == "jaxtune":
-    run, n = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.loss_chunk, args.remat)
+    run, n = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.loss_chunk, args.remat, args.trained_fraction)
   else:
-    run, n = hf_side(hf_cfg, args.setting, args.batch, args.seq, args.hf_attn)
+    run, n = hf_side(hf_cfg, args.setting, args.batch, args.seq, args.hf_attn, args.trained_fraction)
   build = time.perf_counter() - t0
   t0 = time.perf_counter()
   loss = run()
@@ -179,7 +191,7 @@ def _start(side: str, args) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "bench.train_cpu", "--worker", side, "--setting", args.setting,
          "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
          "--loss-chunk", str(args.loss_chunk), "--remat", args.remat, "--hf-attn", args.hf_attn,
-         "--profile", args.profile]
+         "--profile", args.profile, "--trained-fraction", str(args.trained_fraction)]
   cmd += ["--smoke"] if args.smoke else []
   cmd += ["--no-ce-remat"] if args.no_ce_remat else []
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,6 +223,8 @@ def main(argv=None) -> dict:
   p.add_argument("--warmup", type=int, default=2, help="unmeasured steps (the first compiles)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--trained-fraction", type=float, default=1.0,
+                 help="share of each 64-token example that is a target (chat data: the rest is the prompt)")
   p.add_argument("--loss-chunk", type=int, default=128, help="jaxtune cross-entropy chunk (positions); see NOTES")
   p.add_argument("--remat", default="dots_no_batch",
                  help="jaxtune remat policy: none | full | dots | dots_no_batch (the training default)")
@@ -254,7 +268,7 @@ def main(argv=None) -> dict:
     rows[s] = dict(info[s], step_s=med, step_min_s=min(times[s]), tokens_per_s=tokens / med, times=times[s],
                    page_faults_per_step=statistics.median(faults[s]))
   print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} float32, median of {len(times[sides[0]])} steps/side")
-  print(f"hugepages: {args.hugepages}")
+  print(f"hugepages: {args.hugepages}, trained fraction: {args.trained_fraction}")
   print(f"{'side':8} {'tokens/s':>9} {'step s':>7} {'min s':>6} {'peak RSS GB':>11} {'first step s':>12} "
         f"{'faults/step':>11}")
   for s, row in rows.items():
@@ -265,7 +279,7 @@ def main(argv=None) -> dict:
     print(f"ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
           f"peak RSS {j['peak_rss_gb'] / h['peak_rss_gb']:.2f}x")
   result = {"setting": args.setting, "batch": args.batch, "seq": args.seq, "smoke": args.smoke,
-            "hugepages": args.hugepages, "sides": rows}
+            "hugepages": args.hugepages, "trained_fraction": args.trained_fraction, "sides": rows}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

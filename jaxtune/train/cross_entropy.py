@@ -47,15 +47,24 @@ def _chunked(x: jax.Array, size: int) -> jax.Array:
 
 
 def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_w: bool):
-  """Loss and correct sums; with grad_h / grad_w also d(loss_sum)/dh [B, T, D] and d(loss_sum)/dw (w's layout)."""
+  """Loss and correct sums; with grad_h / grad_w also d(loss_sum)/dh [B, T, D] and d(loss_sum)/dw (w's layout).
+
+  Positions without loss weight (prompts, padding) need no logits. Each row's weighted positions
+  are moved to its front (a stable sort, so [B, T] keeps its sharding over B), and the chunks
+  past the longest row's count skip the head entirely (`lax.cond`): the head's work follows the
+  trained tokens, not the sequence length. dh is moved back to the original positions.
+  """
   b, t, d = h.shape
   size = max(min(chunk, t), 1)
   vocab = w.shape[0] if layout == "VD" else w.shape[1]
   head = f"BCD,{layout}->BCV"
+  order_BT = jnp.argsort(weights == 0, axis=1, stable=True)  # weighted positions first, in order
+  h_s = jnp.take_along_axis(h, order_BT[..., None], axis=1)
+  targets, weights = jnp.take_along_axis(targets, order_BT, axis=1), jnp.take_along_axis(weights, order_BT, axis=1)
+  live_chunks = -(-jnp.max(jnp.sum(weights != 0, axis=1)) // size)
 
-  def body(carry, xs):
+  def chunk_sums(carry, h_c, t_c, w_c):
     loss, correct, dw_DV = carry
-    h_c, t_c, w_c = xs
     z = jnp.einsum(head, h_c, w, preferred_element_type=jnp.float32)
     if softcap:
       tanh = jnp.tanh(z / softcap)
@@ -81,11 +90,19 @@ def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_
         dw_DV += h_DN @ g_BCV.reshape(-1, vocab)
     return (loss, correct, dw_DV), dh_c
 
+  def body(carry, xs):
+    i, h_c, t_c, w_c = xs
+    skip = lambda carry, h_c, *_: (carry, jnp.zeros_like(h_c) if grad_h else None)  # noqa: E731
+    return jax.lax.cond(i < live_chunks, chunk_sums, skip, carry, h_c, t_c, w_c)
+
   zero = jnp.zeros((), jnp.float32)
   dw0 = jnp.zeros((d, vocab), jnp.float32) if grad_w else zero
-  xs = (_chunked(h, size), _chunked(targets, size), _chunked(weights, size))
-  (loss, correct, dw_DV), dh = jax.lax.scan(body, (zero, zero, dw0), xs)
-  dh = jnp.moveaxis(dh, 0, 1).reshape(b, -1, d)[:, :t] if grad_h else None
+  xs = (_chunked(h_s, size), _chunked(targets, size), _chunked(weights, size))
+  (loss, correct, dw_DV), dh_s = jax.lax.scan(body, (zero, zero, dw0), (jnp.arange(xs[0].shape[0]),) + xs)
+  dh = None
+  if grad_h:  # back from the sorted positions: dh[b, order[b, j]] = dh_s[b, j]
+    dh_s = jnp.moveaxis(dh_s, 0, 1).reshape(b, -1, d)[:, :t]
+    dh = jnp.take_along_axis(dh_s, jnp.argsort(order_BT, axis=1)[..., None], axis=1)
   dw = None
   if grad_w:
     dw = (dw_DV.T if layout == "VD" else dw_DV).astype(w.dtype)

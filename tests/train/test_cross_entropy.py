@@ -88,3 +88,30 @@ def test_unknown_layout_is_refused():
   h, w, targets, weights = _inputs("VD")
   with pytest.raises(ValueError, match="layout"):
     fused_cross_entropy(h, w, targets, weights, layout="DD")
+
+
+def test_positions_without_weight_skip_the_head():
+  """Each row's 2 weighted positions fill chunk 0 after sorting; the other 3 chunks never reach the head.
+
+  The hidden states at unweighted positions are NaN: had any of them met the head, the sums (0 x NaN)
+  and their gradients would be NaN.
+  """
+  h, w, targets, _ = _inputs("VD")
+  t = 8
+  h, targets = jnp.concatenate([h, h[:, :1]], 1), jnp.concatenate([targets, targets[:, :1]], 1)  # T = 8
+  weights = np.zeros((B, t), np.float32)
+  weights[0, [1, 6]] = 1.0
+  weights[1, [0, 3]] = 0.5
+  poisoned = jnp.where(jnp.asarray(weights)[..., None] > 0, h, jnp.nan)
+  f = lambda h: fused_cross_entropy(h, w, targets, weights, layout="VD", chunk=2)  # noqa: E731
+  with jax.default_matmul_precision("highest"):
+    loss, correct = f(poisoned)
+    want = _reference(h, w, targets, weights, "VD", None)
+    np.testing.assert_allclose(loss, want[0], rtol=1e-5)
+    assert float(correct) == float(want[1])
+    dh = jax.grad(lambda h: f(h)[0])(poisoned)
+    want_dh = jax.grad(lambda h: _reference(h, w, targets, weights, "VD", None)[0])(h)
+  np.testing.assert_allclose(dh, want_dh, atol=1e-5)  # in the original positions; zero where unweighted
+  assert not np.asarray(dh)[weights == 0].any()
+  zero, _ = fused_cross_entropy(poisoned, w, targets, np.zeros_like(weights), layout="VD", chunk=2)
+  assert float(zero) == 0.0  # nothing weighted: no chunk runs at all
