@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -30,6 +31,7 @@ from jaxtune.train import builtin_models
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
 from jaxtune.train import logging as log_lib
+from jaxtune.train import memory as memory_lib
 from jaxtune.train import optim
 from jaxtune.train import step as step_lib
 
@@ -197,6 +199,7 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
     eval_rows = parallel.batch_sharding(sh.batch.mesh, config.mesh.rules, accumulated=False)
     eval_step = step_lib.make_eval_step(run.graphdef, run.frozen, shardings=(sh.state.params, sh.frozen, eval_rows))
     evaluate = lambda: _evaluate(eval_step, run.state.params, run.val_data, config, eval_rows)  # noqa: E731
+  _check_memory(run, train_step)
   trained = sum(x.size for x in jax.tree.leaves(run.state.params))
   total = trained + sum(x.size for x in jax.tree.leaves(run.frozen.weights))
   run.say(f"training {trained:,} of {total:,} parameters ({config.peft.method}) on "
@@ -260,6 +263,22 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
   if run.ckpts.latest_step() != step:
     run.save(step, final or None)
   return step, stopped, final
+
+
+def _check_memory(run: Run, train_step: step_lib.TrainStep) -> None:
+  """Compiles the step for full-length rows before the first batch; stops if it cannot fit (train/memory.py)."""
+  config = run.config
+  accum = config.train.grad_accum
+  shape = (accum, config.data.batch_size // accum, config.data.max_seq_len)  # the longest rows a batch can have
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.shardings.batch) for k in step_lib.BATCH_KEYS}
+  memory = memory_lib.of_compiled(train_step.lower(run.state, batch).compile())
+  free = memory_lib.device_free(jax.local_devices()[0], jax.local_device_count())
+  if memory is None:
+    return
+  run.say(f"train step: {memory.describe()}" + (f"; {free.where} has {free.bytes / memory_lib.GIB:.2f} GiB free"
+                                                  if free else ""))
+  if free is not None:
+    memory_lib.check(memory, free, shape=shape, method=config.peft.method)
 
 
 def _stop(run: Run, step: int, why: str) -> dict[str, Any]:

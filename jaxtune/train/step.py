@@ -151,8 +151,8 @@ def _jit(fn: Callable, shardings: tuple[Any, Any, Any] | None, donate: bool) -> 
 
 def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.GradientTransformation, *,
                     lr_schedule: optax.Schedule | None = None, loss_chunk: int = 128,
-                    shardings: tuple[Any, Any, Any] | None = None) -> Callable:
-  """A jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
+                    shardings: tuple[Any, Any, Any] | None = None) -> TrainStep:
+  """A jitted `train_step(state, batch) -> (state, metrics)` (a TrainStep); the state is donated.
 
   Gradients are summed over the A micro-batches and divided by the trained tokens of all
   of them, so A micro-batches update exactly like one batch A times the size. A
@@ -202,12 +202,24 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.Gra
                "nonfinite_streak": new_state.nonfinite_streak}
     return new_state, metrics
 
-  jitted = _jit(step, shardings, donate=True)
+  return TrainStep(_jit(step, shardings, donate=True), frozen)
 
-  def train_step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
-    return jitted(state, frozen, _micro_batches(batch))
 
-  return train_step
+class TrainStep:
+  """`train_step(state, batch) -> (state, metrics)`, jitted, the state donated.
+
+  `lower(state, batch)` lowers it ahead of time (state and batch may be ShapeDtypeStructs; batch
+  int32 [A, b, T]); compiling that fills the same cache the calls use.
+  """
+
+  def __init__(self, jitted: Callable, frozen: Frozen):
+    self._jitted, self._frozen = jitted, frozen
+
+  def __call__(self, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+    return self._jitted(state, self._frozen, _micro_batches(batch))
+
+  def lower(self, state: Any, batch: dict[str, Any]) -> jax.stages.Lowered:
+    return self._jitted.lower(state, self._frozen, {k: batch[k] for k in BATCH_KEYS if k in batch})
 
 
 def make_eval_step(graphdef: nnx.GraphDef, frozen: Frozen, *, loss_chunk: int = 128,

@@ -27,13 +27,15 @@ def _trace(monkeypatch) -> list[str]:
   events = []
   make_step, record, save = loop.step_lib.make_train_step, loop._Recorder.__call__, loop.Run.save
 
+  class Traced(loop.step_lib.TrainStep):
+    def __call__(self, state, batch):
+      events.append(f"d{int(state.step) + 1}")
+      return super().__call__(state, batch)
+
   def traced_make_step(*args, **kwargs):
     step = make_step(*args, **kwargs)
-
-    def traced(state, batch):
-      events.append(f"d{int(state.step) + 1}")
-      return step(state, batch)
-    return traced
+    step.__class__ = Traced
+    return step
 
   def traced_record(self, step, metrics, tokens):
     events.append(f"r{step}")
