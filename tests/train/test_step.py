@@ -163,26 +163,21 @@ def test_nonfinite_step_is_skipped_and_counted(lora_run):
 
 def test_each_batch_shape_compiles_once(lora_run, caplog):
   """Two bucket lengths, and the donated state fed back (step counter, rng, learning rate): no recompiles."""
-  graphdef, frozen, state0, train_step, _ = lora_run
+  _, _, state0, train_step, _ = lora_run
   long = accumulate(make_batch(4, seed=2), 2)
-  short = {k: v[..., :12] for k, v in long.items()}  # a shorter bucket of the same rows
-  compiles = lambda: [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]  # noqa: E731
+  short = {k: v[..., :12] for k, v in long.items()}  # a shorter bucket of the same rows; no other test uses it
+  compiles = lambda: [m for m in caplog.messages if m.startswith("Compiling jit(step)")]  # noqa: E731
   with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
-    opt = optax.adamw(1e-3)  # a step built here compiles at its first call: the log does show compiles
-    fresh_step = step_lib.make_train_step(graphdef, frozen, opt, loss_chunk=8)
-    fresh_step(step_lib.TrainState(**{**vars(state0), "opt_state": opt.init(state0.params)}), short)
-    assert len(compiles()) == 1
-    caplog.clear()
     state = jax.tree.map(jnp.asarray, state0)
     for batch in (long, short, short, long, long, short):
       state, metrics = train_step(state, batch)
     assert np.isfinite(float(metrics["loss"])) and int(state.step) == 6
-    assert len(compiles()) <= 2, [r.getMessage() for r in compiles()]  # at most once per shape ...
+    assert 1 <= len(compiles()) <= 2, compiles()  # the short shape is new here (the log does show compiles) ...
     caplog.clear()
     for batch in (short, long, short):
       state, metrics = train_step(state, batch)
     float(metrics["loss"])
-    assert not compiles(), [r.getMessage() for r in compiles()]  # ... and never again
+    assert not compiles(), compiles()  # ... and nothing compiles again
 
 
 @pytest.fixture(scope="module")
