@@ -333,13 +333,15 @@ def _evaluate(eval_step: Callable, params: Any, val_data: Any, config: ml_collec
   micro = config.data.batch_size // config.train.grad_accum
   loader = data_lib.loader_for(val_data, config.data, process_index=jax.process_index(),
                                process_count=jax.process_count(), batch_size=micro * jax.process_count())
-  totals = np.zeros(3)
+  outs = []  # read once at the end, so batch i + 1 is dispatched while batch i runs
   for i, batch in enumerate(loader):
     if config.train.eval_batches and i >= config.train.eval_batches:
       break
-    out = jax.device_get(eval_step(params, parallel.shard_batch(batch, rows)))
-    totals += [float(out["loss_sum"]), float(out["tokens"]), float(out["correct"])]
+    outs.append(eval_step(params, parallel.shard_batch(batch, rows)))
   loader.close()
+  totals = np.zeros(3)  # float64 sums on the host
+  for out in jax.device_get(outs):
+    totals += [float(out["loss_sum"]), float(out["tokens"]), float(out["correct"])]
   loss = totals[0] / max(totals[1], 1.0)
   return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0)),
           "eval/accuracy": totals[2] / max(totals[1], 1.0), "eval/tokens": totals[1]}
