@@ -272,9 +272,9 @@ def _check_memory(run: Run, train_step: step_lib.TrainStep) -> None:
   shape = (accum, config.data.batch_size // accum, config.data.max_seq_len)  # the longest rows a batch can have
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.shardings.batch) for k in step_lib.BATCH_KEYS}
   memory = memory_lib.of_compiled(train_step.lower(run.state, batch).compile())
-  free = memory_lib.device_free(jax.local_devices()[0], jax.local_device_count())
   if memory is None:
     return
+  free = memory_lib.device_free(jax.local_devices()[0], jax.local_device_count())
   run.say(f"train step: {memory.describe()}" + (f"; {free.where} has {free.bytes / memory_lib.GIB:.2f} GiB free"
                                                   if free else ""))
   if free is not None:
