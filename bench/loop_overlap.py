@@ -14,24 +14,40 @@ seconds gains in proportion to its host gap, which is what this bench measures.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import statistics
-import sys
 import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def one_run(overlap: bool, steps: int, workdir: pathlib.Path, cache: pathlib.Path) -> float:
-  sys.path.insert(0, str(REPO / "tests" / "train"))
-  import tiny_runs  # pylint: disable=g-import-not-at-top
+def tiny_config(workdir: pathlib.Path, **overrides):
+  """configs/tiny.py (loaded by path, as --config does) with its run and cache dirs under `workdir`."""
+  spec = importlib.util.spec_from_file_location("configs_tiny", REPO / "configs" / "tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.output_dir = str(workdir / "run")
+  config.model.cache_dir, config.data.cache_dir = str(workdir.parent / "models"), str(workdir.parent / "data")
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def one_run(overlap: bool, steps: int, workdir: pathlib.Path) -> float:
+  """tokens/s of one whole tiny run (train/tokens_per_s of its last step)."""
   from jaxtune.train import loop  # pylint: disable=g-import-not-at-top
 
-  config = tiny_runs.tiny(workdir, cache, **{"train.steps": steps, "train.overlap": overlap, "train.log_every": 10,
-                                             "train.eval": False, "train.eval_every": 0, "checkpoint.every": 0})
+  config = tiny_config(workdir, **{"train.steps": steps, "train.overlap": overlap, "train.log_every": 10,
+                                   "train.eval": False, "train.eval_every": 0, "checkpoint.every": 0})
   loop.train(config)
-  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(x) for x in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
   return [m for m in lines if "train/tokens_per_s" in m][-1]["train/tokens_per_s"]
 
 
@@ -44,10 +60,9 @@ def main(argv=None) -> dict:
 
   got = {True: [], False: []}
   with tempfile.TemporaryDirectory() as tmp:
-    cache = pathlib.Path(tmp) / "cache"
     for r in range(args.rounds):
       for overlap in ((True, False) if r % 2 == 0 else (False, True)):
-        tps = one_run(overlap, args.steps, pathlib.Path(tmp) / f"run_{r}_{overlap}", cache)
+        tps = one_run(overlap, args.steps, pathlib.Path(tmp) / f"run_{r}_{overlap}")
         got[overlap].append(tps)
         print(f"round {r}: overlap={overlap}: {tps:,.0f} tokens/s", flush=True)
   on, off = statistics.median(got[True]), statistics.median(got[False])
