@@ -1,6 +1,6 @@
 """The train loop with and without host/device overlap (`train.overlap`), alternating, in one process.
 
-    python -m bench.loop_overlap                      # configs/tiny.py, 300 steps, 3 rounds
+    python -m bench.loop_overlap                      # configs/tiny.py, 1,000 steps, 5 rounds
     python -m bench.loop_overlap --steps 40 --rounds 1   # a quick look
 
 Each run is a whole `jaxtune.train` run of the tiny config (data pipeline, logging every 10
@@ -53,8 +53,8 @@ def one_run(overlap: bool, steps: int, workdir: pathlib.Path) -> float:
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--steps", type=int, default=1000)
+  p.add_argument("--rounds", type=int, default=5)
   args = p.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
 
