@@ -80,15 +80,20 @@ def loader_for(
     dataset = grain.experimental.ThreadPrefetchIterDataset(
         dataset, prefetch_buffer_size=data_cfg.prefetch
     )
-  return BatchIterator(iter(dataset), stats, plan.fingerprint)
+  return BatchIterator(iter(dataset), stats, plan.fingerprint, plan.longest_row())
 
 
 class BatchIterator(grain.DatasetIterator):
-  """This host's batches, with `stats` and a JSON-serialisable `get_state()`/`set_state()`."""
+  """This host's batches, with `stats` and a JSON-serialisable `get_state()`/`set_state()`.
 
-  def __init__(self, parent: grain.DatasetIterator, stats: pipeline.DataStats, fingerprint: str):
+  longest_row: the longest row (T) any of its batches can have, in any epoch.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, stats: pipeline.DataStats, fingerprint: str,
+               longest_row: int):
     super().__init__(parent)
     self.stats = stats
+    self.longest_row = longest_row
     self._fingerprint = fingerprint
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -193,6 +198,12 @@ class _Plan:
       rows = rows + [np.zeros(0, np.int64)] * (self.batch_size - len(rows) % self.batch_size)
     size = self.batch_size
     return [rows[i : i + size] for i in range(0, len(rows) - size + 1, size)]
+
+  def longest_row(self) -> int:
+    """max_seq_len when packing; else the bucket of the longest example (batches hold any example)."""
+    if self.packing or not self.num_examples:
+      return self.max_seq_len
+    return packing.bucket_for(int(self.lengths.max()), self.buckets)
 
   def _bucket(self, rows: list[np.ndarray]) -> int:
     longest = max((int(self.lengths[r].max()) for r in rows if len(r)), default=1)

@@ -266,10 +266,10 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
 
 
 def _check_memory(run: Run, train_step: step_lib.TrainStep) -> None:
-  """Compiles the step for full-length rows before the first batch; stops if it cannot fit (train/memory.py)."""
+  """Compiles the step for the data's longest rows before the first batch; stops if it cannot fit (train/memory.py)."""
   config = run.config
   accum = config.train.grad_accum
-  shape = (accum, config.data.batch_size // accum, config.data.max_seq_len)  # the longest rows a batch can have
+  shape = (accum, config.data.batch_size // accum, run.train_iter.longest_row)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.shardings.batch) for k in step_lib.BATCH_KEYS}
   memory = memory_lib.of_compiled(train_step.lower(run.state, batch).compile())
   if memory is None:

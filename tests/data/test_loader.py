@@ -114,12 +114,17 @@ def test_packed_batches_have_max_seq_len_and_cover_each_epoch(tmp_path):
   tokens = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
   assert it.stats.packing_efficiency == pytest.approx(tokens / (len(batches) * 2 * 64))
   assert it.stats.batches_per_epoch == len(batches)
+  assert it.longest_row == 64
 
 
 def test_unpacked_batches_use_only_bucket_lengths(tmp_path):
   cfg = _cfg(tmp_path, packing=False, bucket_lengths=(16, 32), num_epochs=2)
-  batches = _batches(loader.loader_for(make_split([make_examples(LENGTHS)]), cfg))
+  it = loader.loader_for(make_split([make_examples(LENGTHS)]), cfg)
+  batches = _batches(it)
   assert {b["input_ids"].shape[1] for b in batches} <= {16, 32, 64}
+  assert it.longest_row == max(b["input_ids"].shape[1] for b in batches) == 64  # examples up to 59 tokens
+  short = loader.loader_for(make_split([make_examples(np.minimum(LENGTHS, 30))]), cfg)
+  assert short.longest_row == 32  # what the train step is compiled and memory-checked for first
   for b in batches:
     assert (b["segment_ids"].max(axis=1) == 1).all()
     lengths = (b["segment_ids"] > 0).sum(axis=1)
