@@ -271,6 +271,7 @@ def _check_memory(run: Run, train_step: step_lib.TrainStep) -> None:
   accum = config.train.grad_accum
   shape = (accum, config.data.batch_size // accum, run.train_iter.longest_row)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.shardings.batch) for k in step_lib.BATCH_KEYS}
+  run.say(f"compiling the train step for batches of shape {list(shape)} (micro-batches, rows, tokens)")
   memory = memory_lib.of_compiled(train_step.lower(run.state, batch).compile())
   if memory is None:
     return
