@@ -31,12 +31,7 @@ def tiny_config(workdir: pathlib.Path, **overrides):
   config = module.get_config()
   config.output_dir = str(workdir / "run")
   config.model.cache_dir, config.data.cache_dir = str(workdir.parent / "models"), str(workdir.parent / "data")
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -36,12 +36,7 @@ def tiny(run_dir: pathlib.Path, cache: pathlib.Path, **overrides):
   config.output_dir = str(run_dir)
   config.model.cache_dir = str(cache / "models")
   config.data.cache_dir = str(cache / "data")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
