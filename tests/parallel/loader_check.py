@@ -1,7 +1,8 @@
 """Run as a script: the sharded loader against the plain loader (8 fake devices), or its host memory (2 processes).
 
     python tests/parallel/loader_check.py equal CKPT_DIR
-    python tests/parallel/loader_check.py memory CKPT_DIR PROCESS_ID PORT   (two processes, 2 devices each)
+    python tests/parallel/loader_check.py memory CKPT_DIR PROCESS_ID PORT [WARM_DIR]   (two processes, 2 devices each;
+      WARM_DIR, a small checkpoint loaded before the measurement, takes the one-time runtime costs out of it)
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ def anon() -> int:
   return int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon")).split()[1]) * 1024
 
 
-def memory(directory: str, pid: int, port: int) -> dict:
+def memory(directory: str, pid: int, port: int, warm: str | None = None) -> dict:
   distributed.initialize(distributed.DistributedSpec.from_env({}, f"127.0.0.1:{port}", 2, pid))
   cfg = parallel.mesh_config()  # fsdp over the 4 devices of both processes: each process holds half
   mesh = parallel.make_mesh(cfg)
   jax.numpy.ones(1).block_until_ready()
+  if warm:
+    jax.block_until_ready(nnx.state(load_model_sharded(warm, mesh, cfg.rules)))
   before, peak, done = anon(), [0], threading.Event()
 
   def sample():
@@ -69,5 +72,5 @@ def memory(directory: str, pid: int, port: int) -> dict:
 
 
 if __name__ == "__main__":
-  result = equal(sys.argv[2]) if sys.argv[1] == "equal" else memory(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+  result = equal(sys.argv[2]) if sys.argv[1] == "equal" else memory(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:])
   print("RESULTS " + json.dumps(result), flush=True)
