@@ -85,28 +85,42 @@ def model_from_state(graphdef: nnx.GraphDef, frozen: Frozen, params: Any) -> nnx
   return nnx.merge(graphdef, params, frozen.weights, frozen.dropout_keys)
 
 
-def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], *, chunk: int = 512
+def loss_weights(batch: dict[str, jax.Array]) -> jax.Array:
+  """Which targets the loss counts, float32 [..., T - 1]: the token's loss_mask, within its segment.
+
+  Works on [b, T] and on [A, b, T] (all micro-batches) alike.
+  """
+  weights = batch["loss_mask"][..., 1:].astype(jnp.float32)
+  segments = batch.get("segment_ids")
+  if segments is not None:  # a target must be in the same (non-padding) segment as the token before it
+    weights *= ((segments[..., 1:] == segments[..., :-1]) & (segments[..., 1:] != 0)).astype(jnp.float32)
+  return weights
+
+
+def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], *, chunk: int = 512, scale: Any = None
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(summed cross-entropy, trained tokens, correct top-1 predictions) over one [b, T] batch, float32.
 
   Logits are computed `chunk` positions at a time, so the full [b, T, V] float32 logits never
   exist at once. A plain head goes through `fused_cross_entropy` (gradients formed in the same
   pass); a head with an adapter through `_checkpointed_loss` (chunks recomputed in the backward).
+  scale: when given, multiplies every token's weight in the two sums (not in the token count).
+  The train step passes 1 / (trained tokens of the whole batch), so the loss comes out as the
+  mean and its gradient needs no separate divide: one pass less over every gradient.
   """
   ids = batch["input_ids"]
-  segments = batch.get("segment_ids")
-  hidden, _ = model.hidden_states(ids, segment_ids=segments, positions=batch.get("positions"))
-  weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  if segments is not None:  # a target must be in the same (non-padding) segment as the token before it
-    weights *= ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
+  hidden, _ = model.hidden_states(ids, segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+  weights = loss_weights(batch)
+  scaled = weights if scale is None else weights * scale
   h, targets = hidden[:, :-1], ids[:, 1:]
   head = model.head_weight()
   if head is not None:  # the usual case: logits and their gradient in one pass (train/cross_entropy.py)
     w, layout = head
-    loss_sum, correct = fused_cross_entropy(h, w.astype(h.dtype), targets, weights, layout=layout,
+    loss_sum, correct = fused_cross_entropy(h, w.astype(h.dtype), targets, scaled, layout=layout,
                                             softcap=model.config.final_softcap, chunk=chunk)
-    return loss_sum, jnp.sum(weights), correct
-  return _checkpointed_loss(model, h, targets, weights, chunk)
+  else:
+    loss_sum, correct = _checkpointed_loss(model, h, targets, scaled, chunk)
+  return loss_sum, jnp.sum(weights), correct
 
 
 def _checkpointed_loss(model, h, targets, weights, chunk):
@@ -131,7 +145,7 @@ def _checkpointed_loss(model, h, targets, weights, chunk):
 
   zero = jnp.zeros((), jnp.float32)
   (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), (chunks(h), chunks(targets), chunks(weights)))
-  return loss_sum, jnp.sum(weights), correct
+  return loss_sum, correct
 
 
 def _micro_batches(batch: dict[str, Any]) -> dict[str, jax.Array]:
@@ -154,14 +168,18 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.Gra
                     shardings: tuple[Any, Any, Any] | None = None) -> TrainStep:
   """A jitted `train_step(state, batch) -> (state, metrics)` (a TrainStep); the state is donated.
 
-  Gradients are summed over the A micro-batches and divided by the trained tokens of all
-  of them, so A micro-batches update exactly like one batch A times the size. A
+  Each token's loss is weighted by 1 / (trained tokens of all A micro-batches), counted from the
+  batch before any forward pass, so the summed gradients are already the mean's and A
+  micro-batches update exactly like one batch A times the size. A
   non-finite loss or gradient norm leaves params and optimizer state unchanged.
   shardings: optional (state, frozen, batch) shardings for jit.
   """
 
   def step(state: TrainState, frozen: Frozen, batch: dict[str, jax.Array]):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    tokens = jnp.sum(loss_weights(batch))
+    scale = 1.0 / jnp.maximum(tokens, 1.0)
 
     def micro(carry, xs):
       i, mb = xs
@@ -170,23 +188,22 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.Gra
       def loss_of(params):
         model = nnx.merge(graphdef, params, frozen.weights, keys)
         model.set_attributes(deterministic=False, raise_if_not_found=False)  # adapter dropout on
-        loss_sum, tokens, correct = loss_fn(model, mb, chunk=loss_chunk)
-        return loss_sum, (tokens, correct)
+        loss, _, correct = loss_fn(model, mb, chunk=loss_chunk, scale=scale)
+        return loss, correct
 
-      (loss_sum, (tokens, correct)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+      (loss, correct), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
       acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[0], grads)
-      return (acc, carry[1] + loss_sum, carry[2] + tokens, carry[3] + correct), None
+      return (acc, carry[1] + loss, carry[2] + correct), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     zero = jnp.zeros((), jnp.float32)
-    init, micro_batches = (zeros, zero, zero, zero), batch["input_ids"].shape[0]
+    init, micro_batches = (zeros, zero, zero), batch["input_ids"].shape[0]
     if micro_batches == 1:  # no loop: a smaller program that compiles faster
-      (grads, loss_sum, tokens, correct), _ = micro(init, (0, jax.tree.map(lambda x: x[0], batch)))
+      (grads, loss, accuracy), _ = micro(init, (0, jax.tree.map(lambda x: x[0], batch)))
     else:
-      (grads, loss_sum, tokens, correct), _ = jax.lax.scan(micro, init, (jnp.arange(micro_batches), batch))
-    denom = jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
-    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+      (grads, loss, accuracy), _ = jax.lax.scan(micro, init, (jnp.arange(micro_batches), batch))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -198,7 +215,7 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.Gra
     # The optimizer has applied step - skipped updates; that count indexes its schedule.
     lr = lr_schedule(state.step - state.skipped) if lr_schedule is not None else jnp.nan
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32), "trained_tokens": tokens,
-               "accuracy": correct / denom, "skipped": bad, "skipped_total": new_state.skipped,
+               "accuracy": accuracy, "skipped": bad, "skipped_total": new_state.skipped,
                "nonfinite_streak": new_state.nonfinite_streak}
     return new_state, metrics
 
