@@ -75,21 +75,33 @@ def test_chunked_loss_matches_full_logits(base):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_fused_and_checkpointed_losses_agree(monkeypatch, tied):
-  """The fused head loss (plain heads) and the checkpointed one (heads with adapters): same values, same grads."""
+  """The fused head loss (plain heads) and the checkpointed one (heads with adapters): same values, same grads.
+
+  Each also scales by `scale` exactly as the train step uses it: loss and gradient are scale times the sums'.
+  """
   model = init_model(from_hf_dict(dict(TINY, tie_word_embeddings=tied)), seed=1)
   batch = {k: jnp.asarray(v) for k, v in make_batch(3).items()}
   graphdef, params = nnx.split(model)
 
-  def value_and_grads():
-    f = lambda p: step_lib.loss_fn(nnx.merge(graphdef, p), batch, chunk=4)[0]  # noqa: E731
-    return jax.jit(jax.value_and_grad(f))(params)
+  def value_and_grads():  # one compile each, at scale 1 and 1/8
+    f = lambda p, s: step_lib.loss_fn(nnx.merge(graphdef, p), batch, chunk=4, scale=s)[0]  # noqa: E731
+    f = jax.jit(jax.value_and_grad(f))
+    return f(params, jnp.float32(1.0)), f(params, jnp.float32(0.125))
 
-  fused = value_and_grads()
+  def assert_close(x, y):
+    np.testing.assert_allclose(x[0], y[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(x[1]), jax.tree.leaves(y[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+
+  def times(s, x):
+    return jax.tree.map(lambda a: a * s, x)
+
+  fused, fused_scaled = value_and_grads()
   monkeypatch.setattr(type(model), "head_weight", lambda self: None)  # as if the head had an adapter
-  checkpointed = value_and_grads()
-  np.testing.assert_allclose(fused[0], checkpointed[0], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(checkpointed[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+  checkpointed, checkpointed_scaled = value_and_grads()
+  assert_close(fused, checkpointed)
+  assert_close(fused_scaled, times(0.125, fused))
+  assert_close(checkpointed_scaled, times(0.125, checkpointed))
 
 
 @pytest.fixture(scope="module")
