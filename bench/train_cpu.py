@@ -10,7 +10,11 @@ batch 4 x 256 random tokens, loss on every token (`--trained-fraction F`: each r
 64-token examples whose first (1 - F) x 64 tokens are an untrained prompt, as in chat data; HF
 gets labels -100 there). After warm-up the parent asks the
 workers in turn for `--steps` steps, `--rounds` times, alternating which goes first, and
-reports the median step time over all measured steps. The jaxtune worker runs with
+reports the median step time over all measured steps. Each turn starts with `--settle`
+unmeasured steps on either side (default 1): the first jaxtune step after HF's turn is 1.5-2.3 s
+slower, because the kernel compacts the memory HF's turn fragmented to find huge pages again
+(bench/NOTES.md, item 12). A training run that has the machine to itself never pays that;
+`--settle 0` measures it too. The jaxtune worker runs with
 glibc.malloc.hugetlb=1, as `python -m jaxtune.train` does (jaxtune/train/host.py);
 `--hugepages none|both` are the ablations.
 """
@@ -173,18 +177,24 @@ def worker(args) -> None:
 
 
 def serve(run) -> None:
-  """Answers `run N` lines on stdin with {"times": [s per step], "loss": last, "page_faults": per step}
-  until `quit`."""
+  """Answers `run N [S]` lines on stdin (S unmeasured steps, then N measured ones) with
+  {"times": [s per step], "loss": last, "page_faults": per step, "settle_times": [s]} until `quit`."""
   for line in sys.stdin:
     if line.strip() == "quit":
       break
+    words = line.split()
+    settle = [time.perf_counter()]
+    for _ in range(int(words[2]) if len(words) > 2 else 0):
+      run()
+      settle.append(time.perf_counter())
+    settle_times = [b - a for a, b in zip(settle, settle[1:])]
     times, loss, faults = [], None, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(int(line.split()[1])):
+    for _ in range(int(words[1])):
       t0 = time.perf_counter()
       loss = run()
       times.append(time.perf_counter() - t0)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(len(times), 1)
-    print(json.dumps({"times": times, "loss": loss, "page_faults": faults}), flush=True)
+    print(json.dumps({"times": times, "loss": loss, "page_faults": faults, "settle_times": settle_times}), flush=True)
 
 
 def _start(side: str, args) -> subprocess.Popen:
@@ -221,6 +231,7 @@ def main(argv=None) -> dict:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=3, help="measured steps per side per round")
   p.add_argument("--warmup", type=int, default=2, help="unmeasured steps (the first compiles)")
+  p.add_argument("--settle", type=int, default=1, help="unmeasured steps at the start of every turn, both sides")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--trained-fraction", type=float, default=1.0,
@@ -245,7 +256,8 @@ def main(argv=None) -> dict:
   if args.smoke:
     args.rounds, args.steps, args.warmup, args.batch, args.seq = 1, 1, 1, 2, 32
   sides = args.sides.split(",")
-  procs, info, times, faults = {}, {}, {s: [] for s in sides}, {s: [] for s in sides}
+  procs, info = {}, {}
+  times, settle, faults = ({s: [] for s in sides} for _ in range(3))
   for s in sides:  # built and warmed one at a time: never two heavy jobs at once
     procs[s] = _start(s, args)
     info[s] = _ask(procs[s])
@@ -253,11 +265,13 @@ def main(argv=None) -> dict:
           f"{info[s]['trainable']:,} trainable", flush=True)
   for r in range(args.rounds):
     for s in (sides if r % 2 == 0 else sides[::-1]):
-      got = _ask(procs[s], f"run {args.steps}")
+      got = _ask(procs[s], f"run {args.steps} {args.settle}")
       times[s] += got["times"]
+      settle[s] += got["settle_times"]
       faults[s].append(got["page_faults"])
-      print(f"round {r + 1} {s}: " + " ".join(f"{t:.2f}" for t in got["times"]) + f" s/step, loss {got['loss']:.3f}",
-            flush=True)
+      unmeasured = "".join(f" ({t:.2f})" for t in got["settle_times"])
+      print(f"round {r + 1} {s}:{unmeasured} " + " ".join(f"{t:.2f}" for t in got["times"])
+            + f" s/step, loss {got['loss']:.3f}", flush=True)
   for s in sides:
     info[s].update(_ask(procs[s], "quit"))
     procs[s].wait()
@@ -266,9 +280,10 @@ def main(argv=None) -> dict:
   for s in sides:
     med = statistics.median(times[s])
     rows[s] = dict(info[s], step_s=med, step_min_s=min(times[s]), tokens_per_s=tokens / med, times=times[s],
-                   page_faults_per_step=statistics.median(faults[s]))
+                   settle_times=settle[s], page_faults_per_step=statistics.median(faults[s]))
   print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} float32, median of {len(times[sides[0]])} steps/side")
-  print(f"hugepages: {args.hugepages}, trained fraction: {args.trained_fraction}")
+  print(f"hugepages: {args.hugepages}, trained fraction: {args.trained_fraction}, "
+        f"unmeasured steps per turn: {args.settle} (shown in parentheses)")
   print(f"{'side':8} {'tokens/s':>9} {'step s':>7} {'min s':>6} {'peak RSS GB':>11} {'first step s':>12} "
         f"{'faults/step':>11}")
   for s, row in rows.items():
@@ -279,7 +294,8 @@ def main(argv=None) -> dict:
     print(f"ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
           f"peak RSS {j['peak_rss_gb'] / h['peak_rss_gb']:.2f}x")
   result = {"setting": args.setting, "batch": args.batch, "seq": args.seq, "smoke": args.smoke,
-            "hugepages": args.hugepages, "trained_fraction": args.trained_fraction, "sides": rows}
+            "hugepages": args.hugepages, "trained_fraction": args.trained_fraction, "settle": args.settle,
+            "sides": rows}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
