@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU benchmark as one device call (bench/train_gpu.py; docs/benchmarks.md, "GPU").
+#
+# The device machine has jax (CUDA), flax, optax, torch, transformers and peft but no package
+# registry; of what this benchmark imports it lacks only ml_collections. Here, once:
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0
+# then run this script there with `.whl` carried; it writes the log to $OUT/train_gpu.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, flax, optax, torch, transformers, peft; print('jax', jax.__version__, jax.devices(), \
+'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__)"
+PYTHONUNBUFFERED=1 timeout 540 python3 -m bench.train_gpu "$@" 2>&1 | tee "${OUT:-/tmp}/train_gpu.log"
