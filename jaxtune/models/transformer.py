@@ -18,21 +18,24 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import matmul
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.config import ModelConfig
 
-_KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(attn_lib.ATTENTION_NAME)
+ADAPTED_NAME = "adapted"  # checkpoint_name of a Linear's output when an adapter adds to it
+_KEEP_NAMED = jax.checkpoint_policies.save_only_these_names(attn_lib.ATTENTION_NAME, ADAPTED_NAME)
 # "dots*" keep the attention output and softmax statistics too: otherwise the backward pass reruns
 # the whole attention forward (its products have batch dimensions) before its own recompute.
+# They also keep an adapted Linear's output (base product + adapter delta): otherwise both
+# products are saved and the backward adds them again (bench/NOTES.md item 21).
 _REMAT_POLICIES = {
     "full": None,
-    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots,
-                                                            _KEEP_ATTENTION),
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _KEEP_NAMED),
     "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_NAMED),
 }
 
 
@@ -73,10 +76,10 @@ class Linear(nnx.Module):
       y = jnp.einsum(self.einsum, x, kernel)
     if adapter_delta is None and self.adapter is not None:
       adapter_delta = self.adapter(x)
-    if adapter_delta is not None:
-      y = y + adapter_delta.astype(y.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if adapter_delta is not None:  # named: remat policies save this sum, not its two products
+      y = checkpoint_name(y + adapter_delta.astype(y.dtype), ADAPTED_NAME)
     return y
 
 
