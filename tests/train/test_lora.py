@@ -1,6 +1,8 @@
 """LoRA as a parameter-tree transform: shapes, axes, targets, exactness at init, merging, dropout, PEFT parity."""
 
+import math
 import pathlib
+import re
 import sys
 
 import jax
@@ -163,3 +165,21 @@ def test_forward_and_export_match_peft(tmp_path):
   with torch.no_grad():
     ref = peft_model(input_ids=torch.tensor(IDS, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(np.asarray(_logits(model, IDS)), ref, atol=1e-4, rtol=1e-4)  # B != 0: adapters matter
+
+
+@pytest.mark.parametrize("remat", ["dots_no_batch", "dots"])
+def test_remat_saves_each_adapted_output_once(remat, capsys):
+  """Under the dots policies the backward keeps base + delta as one array per projection, not both products."""
+  model = _with_lora(init_model(from_hf_dict(TINY, remat=remat), seed=0))
+  graphdef, adapters, rest = nnx.split(model, lora.LoRAParam, ...)
+  ids = jnp.asarray(IDS)
+  jax.ad_checkpoint.print_saved_residuals(lambda p: nnx.merge(graphdef, p, rest)(ids).sum(), adapters)
+  sizes = [math.prod(int(d) for d in re.search(r"\[([\d,]*)\]", line).group(1).split(",") if d)
+           for line in capsys.readouterr().out.splitlines() if "output of scan" in line]  # stacked over layers
+  L, (B, T), D, F = TINY["num_hidden_layers"], IDS.shape, TINY["hidden_size"], TINY["intermediate_size"]
+  N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
+  assert N * H == F  # so q's output and gate's and up's have one size
+  # One saved array per adapted output, whatever its layout (before: two, the base product and the adapter's).
+  assert sizes.count(L * B * T * N * H) == 4  # q, gate, up, and the attention output (its own name)
+  assert sizes.count(L * B * T * K * H) == 2  # k, v
+  assert sizes.count(L * B * T * D) == 2  # o, down
