@@ -17,4 +17,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, flax, optax, torch, transformers, peft; print('jax', jax.__version__, jax.devices(), \
 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__)"
-PYTHONUNBUFFERED=1 timeout 540 python3 -m bench.train_gpu "$@" 2>&1 | tee "${OUT:-/tmp}/train_gpu.log"
+PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-540}" python3 -m bench.train_gpu "$@" 2>&1 | tee "${OUT:-/tmp}/${BENCH_LOG:-train_gpu.log}"
