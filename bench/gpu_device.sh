@@ -17,4 +17,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, flax, optax, torch, transformers, peft; print('jax', jax.__version__, jax.devices(), \
 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__)"
-PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-540}" python3 -m bench.train_gpu "$@" 2>&1 | tee "${OUT:-/tmp}/${BENCH_LOG:-train_gpu.log}"
+log="${OUT:-/tmp}/${BENCH_LOG:-train_gpu.log}"  # BENCH_TIMEOUT, BENCH_LOG: for several runs in one call
+PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-540}" python3 -m bench.train_gpu "$@" 2>&1 | tee "$log"

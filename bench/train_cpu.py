@@ -11,7 +11,7 @@ batch 4 x 256 random tokens, loss on every token (`--trained-fraction F`: each r
 gets labels -100 there). After warm-up the parent asks the
 workers in turn for `--steps` steps, `--rounds` times, alternating which goes first, and
 reports the median step time over all measured steps. Each turn starts with `--settle`
-unmeasured steps on either side (default 1): the first jaxtune step after HF's turn is 1.5-2.3 s
+unmeasured steps on either side (default 1): the first jaxtune step after HF's turn is 1.5-2.6 s
 slower, because the kernel compacts the memory HF's turn fragmented to find huge pages again
 (bench/NOTES.md, item 12). A training run that has the machine to itself never pays that;
 `--settle 0` measures it too. The jaxtune worker runs with

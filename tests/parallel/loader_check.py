@@ -72,5 +72,8 @@ def memory(directory: str, pid: int, port: int, warm: str | None = None) -> dict
 
 
 if __name__ == "__main__":
-  result = equal(sys.argv[2]) if sys.argv[1] == "equal" else memory(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:])
+  if sys.argv[1] == "equal":
+    result = equal(sys.argv[2])
+  else:
+    result = memory(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:])
   print("RESULTS " + json.dumps(result), flush=True)
