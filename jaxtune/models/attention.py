@@ -41,6 +41,29 @@ def attention_mask(
   return mask
 
 
+CUDNN_MAX_HEAD_DIM = 128  # cuDNN's flash attention on any GPU generation (256 only on Hopper with cuDNN >= 9.5)
+
+
+def auto_impl(platform: str, dtype: str, head_dim: int, softcap: float | None) -> tuple[str, str]:
+  """(implementation, reason) for attention_impl="auto".
+
+  cuDNN on GPU wherever its fused kernel applies: 1.27x (LoRA) and 1.20x (full) the XLA path's
+  train step on an H200, Llama 3.2 1B, bf16, T=2048 (bench/NOTES.md item 22). It needs 16-bit
+  inputs, a head dim that is a multiple of 8 and at most 128, and no logit soft-capping.
+  Elsewhere the portable XLA path; splash on TPU stays opt-in (it needs sequence lengths that
+  are multiples of 128, and has not been measured on TPU hardware).
+  """
+  if platform != "gpu":
+    return "xla", f"{platform}: the portable path"
+  if dtype not in ("bfloat16", "float16"):
+    return "xla", f"cuDNN attention needs bfloat16/float16; the compute dtype is {dtype}"
+  if softcap is not None:
+    return "xla", "cuDNN attention has no logit soft-capping"
+  if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+    return "xla", f"head_dim {head_dim}: cuDNN attention needs a multiple of 8, at most {CUDNN_MAX_HEAD_DIM}"
+  return "cudnn", f"GPU, {dtype}, head_dim {head_dim}"
+
+
 def causal_block_count(T: int, min_size: int = 128, most: int = 8) -> int:
   """Query blocks for causal block skipping at length T: the most (<= `most`) dividing T whose size is
   >= `min_size`, else 1.

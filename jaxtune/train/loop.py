@@ -25,6 +25,8 @@ from jaxtune import data as data_lib
 from jaxtune import parallel
 from jaxtune import tasks
 from jaxtune.hf import load as hf_load
+from jaxtune.models import attention as attn_lib
+from jaxtune.models import config as model_config_lib
 from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
 from jaxtune.train import builtin_models
@@ -86,7 +88,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
     config = ml_collections.ConfigDict(config.to_dict())
     config.output_dir = str(workdir)
   config_lib.validate(config, jax.process_count())
-  run = setup(config_lib.resolve(config, jax.default_backend()))
+  # The checkpoint's config.json (fetched first for a hub id) decides what attention "auto" can use.
+  checkpoint = model_config_lib.load_config(
+      hf_load.resolve(builtin_models.resolve(config.model.path, config.model.cache_dir)))
+  platform = jax.default_backend()
+  run = setup(config_lib.resolve(config, platform, checkpoint))
+  if config.model.attention_impl == "auto":
+    _, why = attn_lib.auto_impl(platform, run.config.model.dtype, checkpoint.head_dim, checkpoint.attn_softcap)
+    run.say(f"attention: {run.config.model.attention_impl} (auto: {why})")
   logger = log_lib.MetricsLogger(
       run.run_dir, enabled=run.main, tensorboard=config.logging.tensorboard,
       wandb_project=config.logging.wandb_project, wandb_entity=config.logging.wandb_entity,

@@ -122,6 +122,15 @@ def test_kv_cache_decoding_equals_full_forward(gemma2_dir):
   assert np.argmax(full[len(prompt) - 1:], axis=-1).tolist() == new
 
 
+def test_cudnn_models_decode_with_the_portable_path(tmp_path):
+  """cuDNN serves the cache-free forward only: KV-cache decoding of a cudnn model runs XLA's path,
+  so on CPU (no cuDNN) it generates exactly what the xla model does."""
+  tiny_hf.build("llama", tmp_path)
+  prompt = list(range(3, 15))
+  want = generate_ids(jaxtune.load_model(tmp_path), [prompt], max_new_tokens=6)[0]
+  assert generate_ids(jaxtune.load_model(tmp_path, attention_impl="cudnn"), [prompt], max_new_tokens=6)[0] == want
+
+
 def test_sampling_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 400)

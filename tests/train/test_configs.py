@@ -6,6 +6,8 @@ import subprocess
 import pytest
 
 import tiny_runs
+from jaxtune.models.config import from_hf_dict
+from jaxtune.train import builtin_models
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
 from jaxtune.train import loop
@@ -34,6 +36,20 @@ def test_config_file_builds(name):
   resolved = config_lib.resolve(config, "tpu")
   assert resolved.model.dtype == "bfloat16"
   assert resolved.model.param_dtype == ("float32" if config.peft.method == "full" else "bfloat16")
+
+
+def test_auto_attention_follows_the_checkpoint_on_gpu():
+  config = tiny_runs.load_config("tiny")
+  llama = from_hf_dict(builtin_models.TINY_CONFIG)  # head_dim 8, no soft-capping
+  gemma2 = from_hf_dict({**builtin_models.TINY_CONFIG, "model_type": "gemma2"})  # soft-capped
+  assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "cudnn"
+  assert config_lib.resolve(config, "gpu", gemma2).model.attention_impl == "xla"
+  assert config_lib.resolve(config, "cpu", llama).model.attention_impl == "xla"
+  assert config_lib.resolve(config, "gpu").model.attention_impl == "xla"  # checkpoint unknown: portable
+  config.model.dtype = "float32"
+  assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "xla"
+  config.model.dtype, config.model.attention_impl = "auto", "xla"
+  assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "xla"  # a choice is kept
 
 
 def test_training_configs_are_all_there():
