@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark as one device call (bench/train_gpu.py; docs/benchmarks.md, "GPU").
+# The GPU benchmark (or profile) as one device call (bench/train_gpu.py; docs/benchmarks.md, "GPU").
 #
 # The device machine has jax (CUDA), flax, optax, torch, transformers and peft but no package
 # registry; of what this benchmark imports it lacks only ml_collections. Here, once:
@@ -17,5 +17,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, flax, optax, torch, transformers, peft; print('jax', jax.__version__, jax.devices(), \
 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__)"
-log="${OUT:-/tmp}/${BENCH_LOG:-train_gpu.log}"  # BENCH_TIMEOUT, BENCH_LOG: for several runs in one call
-PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-540}" python3 -m bench.train_gpu "$@" 2>&1 | tee "$log"
+# BENCH_TIMEOUT, BENCH_LOG: for several runs in one call; BENCH_MODULE=bench.profile_step for a profile.
+log="${OUT:-/tmp}/${BENCH_LOG:-train_gpu.log}"
+PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-540}" python3 -m "${BENCH_MODULE:-bench.train_gpu}" "$@" 2>&1 | tee "$log"

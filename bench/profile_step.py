@@ -1,0 +1,146 @@
+"""Where jaxtune's train step spends its device time: one profiled step, summed by HLO op and kind.
+
+    python -m bench.profile_step --setting lora          # the GPU benchmark's step (bench/train_gpu.py)
+    python -m bench.profile_step --setting full --top 40
+    python -m bench.profile_step --smoke                 # tiny shape; runs on CPU too
+
+Builds the same step as `bench.train_gpu` (Llama 3.2 1B shape, 4 x 2048, bf16 on GPU), times a
+few steps, then traces `--profile-steps` more with jax.profiler and reads the trace back
+(jax.profiler.ProfileData). Every device event that names its HLO op is summed per op and per
+kind (matmul, attention, elementwise/reduction fusions, copies and slices, collectives), and the
+table reports milliseconds per step and the share of the device's busy time. On CPU the
+events are XLA's thunks on the host threads, so the shares are of op time summed over threads.
+The trace stays in --trace-dir for TensorBoard/XProf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import statistics
+import tempfile
+import time
+
+from bench import train_gpu
+
+# Kind of a device event, tried in order on "<kernel name> <hlo op>" (cuDNN, cuBLAS and XLA names).
+KINDS = (
+    ("attention", re.compile(r"sdpa|fmha|flash|attention", re.I)),
+    ("matmul", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|matmul|\bdot[._\b]|convolution|ynn_fusion", re.I)),
+    ("collective", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective", re.I)),
+    ("copy/slice", re.compile(r"memcpy|memset|copy|dynamic[-_]update[-_]slice|dynamic[-_]slice|transpose|"
+                              r"concatenate", re.I)),
+    ("reduction", re.compile(r"reduce", re.I)),
+)
+
+
+CONTROL_FLOW = re.compile(r"^(while|cond|conditional|call)[._]")  # spans its body's ops (CPU): not counted
+
+
+def kind_of(kernel: str, hlo_op: str) -> str:
+  text = f"{kernel} {hlo_op}"
+  return next((kind for kind, pattern in KINDS if pattern.search(text)), "elementwise/other")
+
+
+def op_events(xplane_file: str) -> list[tuple[str, str, int, int, str]]:
+  """(kernel name, hlo op, start ns, duration ns, jax scope) of every event that names an HLO op;
+  device planes when there are any, else the host's (CPU). The scope (the op's jax name stack,
+  where the trace records one) tells which layer or loss an op belongs to."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  planes = list(jax.profiler.ProfileData.from_file(xplane_file).planes)
+  device = [p for p in planes if p.name.startswith("/device:")]
+  events = []
+  for plane in device or [p for p in planes if p.name.startswith("/host:CPU")]:
+    for line in plane.lines:
+      for e in line.events:
+        stats = dict(e.stats)
+        if "hlo_op" in stats and not CONTROL_FLOW.match(str(stats["hlo_op"])):
+          scope = str(stats.get("tf_op") or stats.get("name") or "")
+          events.append((e.name, str(stats["hlo_op"]), int(e.start_ns), int(e.duration_ns), scope))
+  return events
+
+
+def busy_ns(events) -> int:
+  """Length of the union of the events' intervals (time the device ran anything)."""
+  total, end = 0, None
+  for start, dur in sorted((e[2], e[3]) for e in events):
+    if end is None or start > end:
+      total, end = total + dur, start + dur
+    elif start + dur > end:
+      total, end = total + start + dur - end, start + dur
+  return total
+
+
+def summarise(events, steps: int, top: int) -> str:
+  per_op: dict[str, list] = collections.defaultdict(lambda: [0, 0, "", "", ""])  # ns, count, kind, kernel, scope
+  per_kind: collections.Counter = collections.Counter()
+  for kernel, op, _, dur, scope in events:
+    row = per_op[op]
+    row[0] += dur
+    row[1] += 1
+    row[2] = row[2] or kind_of(kernel, op)
+    row[3] = row[3] or kernel
+    row[4] = row[4] or scope
+    per_kind[row[2]] += dur
+  summed = sum(per_kind.values()) or 1
+  busy = busy_ns(events)
+  lines = [f"device busy {busy / steps / 1e6:.1f} ms/step; op time summed {summed / steps / 1e6:.1f} ms/step",
+           f"{'kind':18} {'ms/step':>9} {'share':>6}"]
+  lines += [f"{kind:18} {ns / steps / 1e6:9.2f} {ns / summed:6.1%}" for kind, ns in per_kind.most_common()]
+  lines += ["", f"top {top} ops", f"{'ms/step':>8} {'share':>6} {'n/step':>6}  {'kind':18} {'hlo op':28} kernel | scope"]
+  for op, (ns, n, kind, kernel, scope) in sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]:
+    lines.append(f"{ns / steps / 1e6:8.2f} {ns / summed:6.1%} {n / steps:6.0f}  {kind:18} {op[:28]:28} "
+                 f"{kernel[:60]}" + (f" | {scope[-60:]}" if scope else ""))
+  return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--setting", default="lora", choices=("lora", "full"))
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--attn", default="cudnn")
+  p.add_argument("--remat", default="dots_no_batch")
+  p.add_argument("--loss-chunk", type=int, default=512)
+  p.add_argument("--timed-steps", type=int, default=3)
+  p.add_argument("--profile-steps", type=int, default=2)
+  p.add_argument("--top", type=int, default=30)
+  p.add_argument("--trace-dir", default="")
+  p.add_argument("--smoke", action="store_true")
+  args = p.parse_args(argv)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if args.smoke:
+    args.batch, args.seq, args.loss_chunk = 2, 32, 16
+  hf_cfg = train_gpu.SMOKE if args.smoke else train_gpu.LLAMA32_1B
+  run, _, peak_gb = train_gpu.jax_side(hf_cfg, args.setting, args.batch, args.seq, args.attn, args.remat,
+                                       args.loss_chunk)
+  t0 = time.perf_counter()
+  run()
+  first = time.perf_counter() - t0
+  run()
+  times = []
+  for _ in range(args.timed_steps):
+    t0 = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t0)
+  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="jaxtune_profile_")
+  with jax.profiler.trace(trace_dir):
+    for _ in range(args.profile_steps):
+      run()
+  xplane = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+  step_s = statistics.median(times)
+  head = (f"{args.setting} on {jax.devices()[0].device_kind}: batch {args.batch} x {args.seq}, attention "
+          f"{args.attn}, remat {args.remat}; step {step_s * 1e3:.1f} ms (median of {len(times)}), "
+          f"{args.batch * args.seq / step_s:,.0f} tokens/s, first step {first:.1f} s, peak {peak_gb():.1f} GB\n"
+          f"trace: {xplane}")
+  report = head + "\n" + summarise(op_events(xplane), args.profile_steps, args.top)
+  print(report, flush=True)
+  return report
+
+
+if __name__ == "__main__":
+  main()
