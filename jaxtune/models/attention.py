@@ -17,6 +17,7 @@ and prefill without a KV cache.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +45,16 @@ def attention_mask(
 CUDNN_MAX_HEAD_DIM = 128  # cuDNN's flash attention on any GPU generation (256 only on Hopper with cuDNN >= 9.5)
 
 
-def auto_impl(platform: str, dtype: str, head_dim: int, softcap: float | None) -> tuple[str, str]:
-  """(implementation, reason) for attention_impl="auto".
+def auto_impl(platform: str, dtype: str, head_dim: int, softcap: float | None,
+              seq_lens: Sequence[int] = ()) -> tuple[str, str]:
+  """(implementation, reason) for attention_impl="auto"; seq_lens: every row length training will see.
 
   cuDNN on GPU wherever its fused kernel applies: 1.27x (LoRA) and 1.20x (full) the XLA path's
   train step on an H200, Llama 3.2 1B, bf16, T=2048 (bench/NOTES.md item 22). It needs 16-bit
-  inputs, a head dim that is a multiple of 8 and at most 128, and no logit soft-capping.
-  Elsewhere the portable XLA path; splash on TPU stays opt-in (it needs sequence lengths that
-  are multiples of 128, and has not been measured on TPU hardware).
+  inputs, a head dim that is a multiple of 8 and at most 128, no logit soft-capping, and (with
+  the mask it is given) even sequence lengths. Elsewhere the portable XLA path; splash on TPU
+  stays opt-in (it needs sequence lengths that are multiples of 128, and has not been measured
+  on TPU hardware).
   """
   if platform != "gpu":
     return "xla", f"{platform}: the portable path"
@@ -61,6 +64,9 @@ def auto_impl(platform: str, dtype: str, head_dim: int, softcap: float | None) -
     return "xla", "cuDNN attention has no logit soft-capping"
   if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
     return "xla", f"head_dim {head_dim}: cuDNN attention needs a multiple of 8, at most {CUDNN_MAX_HEAD_DIM}"
+  odd = [t for t in seq_lens if t % 2]
+  if odd:
+    return "xla", f"cuDNN attention with a mask needs even sequence lengths; rows of {odd} tokens"
   return "cudnn", f"GPU, {dtype}, head_dim {head_dim}"
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxtune.data import packing
 from jaxtune.data.config import data_config
 from jaxtune.models import attention as attn_lib
 from jaxtune.models.config import ModelConfig
@@ -200,6 +201,14 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     if task.num_examples < 1 or task.batch_size < 1 or task.max_new_tokens < 1:
       _fail("task", "num_examples, batch_size and max_new_tokens must be >= 1")
 
+  try:
+    lengths = row_lengths(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  odd = [t for t in lengths if t % 2]
+  if config.model.attention_impl == "cudnn" and odd:
+    _fail("data.max_seq_len / data.bucket_lengths", f"rows of {odd} tokens, but cuDNN attention with a mask "
+          "needs even lengths", "make them even, or use model.attention_impl=auto or xla")
   _check_model_fits(config)
   try:
     make_optimizer(config.optim, train.steps)  # builds no state: checks names, schedule and warmup
@@ -225,6 +234,17 @@ def _check_model_fits(config: ml_collections.ConfigDict) -> None:
           f"lower it to {limit} or less")
 
 
+def row_lengths(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Every row length the training and validation batches can have (packed rows: max_seq_len)."""
+  return packing.bucket_lengths(tuple(config.data.bucket_lengths), config.data.max_seq_len)
+
+
+def auto_attention(config: ml_collections.ConfigDict, platform: str, model_config: ModelConfig) -> tuple[str, str]:
+  """(implementation, reason) that model.attention_impl="auto" resolves to; model.dtype must be resolved."""
+  return attn_lib.auto_impl(platform, config.model.dtype, model_config.head_dim, model_config.attn_softcap,
+                            row_lengths(config))
+
+
 def resolve(config: ml_collections.ConfigDict, platform: str,
             model_config: ModelConfig | None = None) -> ml_collections.ConfigDict:
   """A copy with every "auto" made concrete for `platform` ("cpu", "gpu", "tpu").
@@ -241,8 +261,7 @@ def resolve(config: ml_collections.ConfigDict, platform: str,
   if model.attention_impl == "auto":
     model.attention_impl = "xla"
     if model_config is not None:
-      model.attention_impl, _ = attn_lib.auto_impl(platform, model.dtype, model_config.head_dim,
-                                                   model_config.attn_softcap)
+      model.attention_impl, _ = auto_attention(config, platform, model_config)
   config.lock()
   return config
 

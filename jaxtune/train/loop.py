@@ -25,7 +25,6 @@ from jaxtune import data as data_lib
 from jaxtune import parallel
 from jaxtune import tasks
 from jaxtune.hf import load as hf_load
-from jaxtune.models import attention as attn_lib
 from jaxtune.models import config as model_config_lib
 from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
@@ -94,7 +93,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   platform = jax.default_backend()
   run = setup(config_lib.resolve(config, platform, checkpoint))
   if config.model.attention_impl == "auto":
-    _, why = attn_lib.auto_impl(platform, run.config.model.dtype, checkpoint.head_dim, checkpoint.attn_softcap)
+    _, why = config_lib.auto_attention(run.config, platform, checkpoint)
     run.say(f"attention: {run.config.model.attention_impl} (auto: {why})")
   logger = log_lib.MetricsLogger(
       run.run_dir, enabled=run.main, tensorboard=config.logging.tensorboard,

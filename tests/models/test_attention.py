@@ -67,16 +67,20 @@ def test_causal_block_count(T, want):
   assert attn_lib.causal_block_count(T) == want
 
 
-@pytest.mark.parametrize("platform, dtype, head_dim, softcap, want", [
-    ("gpu", "bfloat16", 64, None, "cudnn"),      # Llama 3.2 1B, measured 1.27x / 1.20x on an H200
-    ("gpu", "float16", 128, None, "cudnn"),
-    ("gpu", "float32", 64, None, "xla"),         # cuDNN's fused kernel takes 16-bit inputs only
-    ("gpu", "bfloat16", 256, 50.0, "xla"),       # Gemma 2: soft-capped logits
-    ("gpu", "bfloat16", 256, None, "xla"),       # Gemma 3: head dim above 128
-    ("gpu", "bfloat16", 60, None, "xla"),        # not a multiple of 8
-    ("cpu", "bfloat16", 64, None, "xla"),
-    ("tpu", "bfloat16", 128, None, "xla"),       # splash stays opt-in
+EVEN = (256, 2048)  # row lengths
+
+
+@pytest.mark.parametrize("platform, dtype, head_dim, softcap, lens, want", [
+    ("gpu", "bfloat16", 64, None, EVEN, "cudnn"),       # Llama 3.2 1B, measured 1.27x / 1.20x on an H200
+    ("gpu", "float16", 128, None, EVEN, "cudnn"),
+    ("gpu", "float32", 64, None, EVEN, "xla"),          # cuDNN's fused kernel takes 16-bit inputs only
+    ("gpu", "bfloat16", 256, 50.0, EVEN, "xla"),        # Gemma 2: soft-capped logits
+    ("gpu", "bfloat16", 256, None, EVEN, "xla"),        # Gemma 3: head dim above 128
+    ("gpu", "bfloat16", 60, None, EVEN, "xla"),         # not a multiple of 8
+    ("gpu", "bfloat16", 64, None, (64, 127), "xla"),    # an odd row length: the masked kernel needs even ones
+    ("cpu", "bfloat16", 64, None, EVEN, "xla"),
+    ("tpu", "bfloat16", 128, None, EVEN, "xla"),        # splash stays opt-in
 ])
-def test_auto_impl_picks_cudnn_only_where_it_applies(platform, dtype, head_dim, softcap, want):
-  impl, why = attn_lib.auto_impl(platform, dtype, head_dim, softcap)
+def test_auto_impl_picks_cudnn_only_where_it_applies(platform, dtype, head_dim, softcap, lens, want):
+  impl, why = attn_lib.auto_impl(platform, dtype, head_dim, softcap, lens)
   assert impl == want and why

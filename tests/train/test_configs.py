@@ -46,6 +46,11 @@ def test_auto_attention_follows_the_checkpoint_on_gpu():
   assert config_lib.resolve(config, "gpu", gemma2).model.attention_impl == "xla"
   assert config_lib.resolve(config, "cpu", llama).model.attention_impl == "xla"
   assert config_lib.resolve(config, "gpu").model.attention_impl == "xla"  # checkpoint unknown: portable
+  config.data.max_seq_len = 255  # an odd row length: cuDNN's masked kernel needs even ones
+  assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "xla"
+  impl, why = config_lib.auto_attention(config_lib.resolve(config, "gpu"), "gpu", llama)
+  assert impl == "xla" and "[255]" in why
+  config.data.max_seq_len = 256
   config.model.dtype = "float32"
   assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "xla"
   config.model.dtype, config.model.attention_impl = "auto", "xla"
@@ -74,6 +79,9 @@ BAD = [
     ({"train.steps": 0}, "train.steps: 0 must be >= 1"),
     ({"train.grad_accum": 3}, "data.batch_size: 8 rows do not split into train.grad_accum=3"),
     ({"data.train": ()}, "data.train: no training data"),
+    ({"data.bucket_lengths": (4096,)}, "data.bucket_lengths: [4096] outside 1..max_seq_len"),
+    ({"model.attention_impl": "cudnn", "data.bucket_lengths": (63, 128)},
+     "data.max_seq_len / data.bucket_lengths: rows of [63] tokens, but cuDNN attention"),
     ({"data.train": ("missing.jsonl",)}, "data.train: missing.jsonl does not exist"),
     ({"data.validation": (), "train.eval_every": 5}, "train.eval_every: 5 but there is no validation data"),
     ({"checkpoint.keep_best": True, "checkpoint.every": 7}, "checkpoint.every=7 is not a multiple of "
