@@ -95,8 +95,15 @@ def attend(
     softcap: float | None = None,
     impl: str = "xla",
     causal_blocks: int = 1,
+    save_inputs: bool = True,
 ) -> jnp.ndarray:
   """Grouped-query attention; returns [B, T, N, H] in q's dtype.
+
+  save_inputs (XLA path): name q, k and v, grouped by KV head, for the dots remat policies. The
+  backward then reads them as saved, and recomputes neither the caller's rope nor the transposes,
+  while the projections' outputs, which nothing else reads back, are not kept instead (the same
+  memory). Pass False when the backward needs those outputs anyway (q/k norms read their input),
+  so that they are not kept twice.
 
   causal_blocks > 1 (XLA path) is a promise that mask_BTS is causal in the plain sense, key t
   never visible to query t' < t, as in self-attention without a cache: the queries are then
@@ -118,6 +125,8 @@ def attend(
   K = k_BSKH.shape[2]
   q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
   k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+  if save_inputs:  # kept by the dots remat policies in the layout the backward reads (see the docstring)
+    q_BKGTH, k_BKSH, v_BKSH = (checkpoint_name(x, ATTENTION_NAME) for x in (q_BKGTH, k_BKSH, v_BKSH))
   if causal_blocks > 1 and T % causal_blocks == 0 and k_BSKH.shape[1] == T:
     size = T // causal_blocks
     out_BKGTH = jnp.concatenate([  # query block i: keys up to its last query

@@ -167,19 +167,40 @@ def test_forward_and_export_match_peft(tmp_path):
   np.testing.assert_allclose(np.asarray(_logits(model, IDS)), ref, atol=1e-4, rtol=1e-4)  # B != 0: adapters matter
 
 
+def _saved_layer_residuals(model, capsys) -> list[tuple[int, ...]]:
+  """Shapes of what the backward of the adapters' gradient keeps from the layer scan ([L, ...] each)."""
+  graphdef, adapters, rest = nnx.split(model, lora.LoRAParam, ...)
+  jax.ad_checkpoint.print_saved_residuals(lambda p: nnx.merge(graphdef, p, rest)(jnp.asarray(IDS)).sum(), adapters)
+  return [tuple(int(d) for d in re.search(r"\[([\d,]*)\]", line).group(1).split(",") if d)
+          for line in capsys.readouterr().out.splitlines() if "output of scan" in line]
+
+
 @pytest.mark.parametrize("remat", ["dots_no_batch", "dots"])
 def test_remat_saves_each_adapted_output_once(remat, capsys):
-  """Under the dots policies the backward keeps base + delta as one array per projection, not both products."""
-  model = _with_lora(init_model(from_hf_dict(TINY, remat=remat), seed=0))
-  graphdef, adapters, rest = nnx.split(model, lora.LoRAParam, ...)
-  ids = jnp.asarray(IDS)
-  jax.ad_checkpoint.print_saved_residuals(lambda p: nnx.merge(graphdef, p, rest)(ids).sum(), adapters)
-  sizes = [math.prod(int(d) for d in re.search(r"\[([\d,]*)\]", line).group(1).split(",") if d)
-           for line in capsys.readouterr().out.splitlines() if "output of scan" in line]  # stacked over layers
+  """Under the dots policies the backward keeps base + delta as one array per projection, not both products,
+  and q, k and v only as the attention reads them (after rope, grouped by KV head)."""
+  shapes = _saved_layer_residuals(_with_lora(init_model(from_hf_dict(TINY, remat=remat), seed=0)), capsys)
+  sizes = [math.prod(s) for s in shapes]
   L, (B, T), D, F = TINY["num_hidden_layers"], IDS.shape, TINY["hidden_size"], TINY["intermediate_size"]
   N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
   assert N * H == F  # so q's output and gate's and up's have one size
-  # One saved array per adapted output, whatever its layout (before: two, the base product and the adapter's).
+  # One saved array per adapted output (before session 5: two, the base product and the adapter's).
   assert sizes.count(L * B * T * N * H) == 4  # q, gate, up, and the attention output (its own name)
   assert sizes.count(L * B * T * K * H) == 2  # k, v
   assert sizes.count(L * B * T * D) == 2  # o, down
+  # q, k and v are kept after rope, in the attention's grouped layout, so the backward recomputes
+  # neither (session 6); the projections' own outputs are not kept besides.
+  assert shapes.count((L, B, K, N // K, T, H)) == 2  # q and the attention output
+  assert shapes.count((L, B, K, T, H)) == 2  # k, v
+
+
+def test_remat_with_qk_norms_keeps_q_and_k_once(capsys):
+  """q/k norms read the projections' outputs in the backward, so those are kept, and q, k and v are
+  not kept a second time after rope (Qwen3 and Gemma 3 keep the recompute and save the memory)."""
+  model = _with_lora(init_model(from_hf_dict({**TINY, "model_type": "qwen3"}, remat="dots_no_batch"), seed=0))
+  shapes = _saved_layer_residuals(model, capsys)
+  L, (B, T) = TINY["num_hidden_layers"], IDS.shape
+  N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
+  assert shapes.count((L, B, K, N // K, T, H)) == 1  # the attention output only
+  assert shapes.count((L, B, K, T, H)) == 0
+  assert [math.prod(s) for s in shapes].count(L * B * T * K * H) == 2  # k and v, as projected
