@@ -27,6 +27,15 @@ ATTENTION_NAME = "attention"  # checkpoint_name of the attention output and soft
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows give a uniform softmax, not NaN
 
 
+def keeps_fused_outputs(prim, *_, **__) -> bool:
+  """Remat policy: keep the output and softmax statistics of cuDNN's attention forward.
+
+  jax.nn.dot_product_attention names none of its residuals, so without this a remat policy that
+  keeps only products and names reruns the whole cuDNN forward inside the backward; the XLA path
+  keeps the same two arrays by name (ATTENTION_NAME)."""
+  return prim.name == "dot_product_attention_fwd_wrapper"
+
+
 def attention_mask(
     q_slot_BT: jnp.ndarray,
     kv_slot_BS: jnp.ndarray,
@@ -99,8 +108,9 @@ def attend(
 ) -> jnp.ndarray:
   """Grouped-query attention; returns [B, T, N, H] in q's dtype.
 
-  save_inputs (XLA path): name q, k and v, grouped by KV head, for the dots remat policies. The
-  backward then reads them as saved, and recomputes neither the caller's rope nor the transposes,
+  save_inputs: name q, k and v as the kernel reads them (the XLA path: grouped by KV head) for the
+  dots remat policies. The backward then reads them as saved, and recomputes neither the caller's
+  rope nor the transposes,
   while the projections' outputs, which nothing else reads back, are not kept instead (the same
   memory). Pass False when the backward needs those outputs anyway (q/k norms read their input),
   so that they are not kept twice.
@@ -115,6 +125,8 @@ def attend(
   if impl in ("cudnn", "dot_product"):
     if softcap is not None:
       raise ValueError(f"attention impl {impl!r} has no logit soft-capping (Gemma 2); use attention_impl='xla'.")
+    if save_inputs:
+      q_BTNH, k_BSKH, v_BSKH = (checkpoint_name(x, ATTENTION_NAME) for x in (q_BTNH, k_BSKH, v_BSKH))
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale,
         implementation="cudnn" if impl == "cudnn" else "xla",

@@ -26,9 +26,12 @@ from jaxtune.models import rope as rope_lib
 from jaxtune.models.config import ModelConfig
 
 ADAPTED_NAME = "adapted"  # checkpoint_name of a Linear's output when an adapter adds to it
-_KEEP_NAMED = jax.checkpoint_policies.save_only_these_names(attn_lib.ATTENTION_NAME, ADAPTED_NAME)
-# "dots*" keep the attention output and softmax statistics too: otherwise the backward pass reruns
-# the whole attention forward (its products have batch dimensions) before its own recompute.
+_KEEP_NAMED = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.save_only_these_names(attn_lib.ATTENTION_NAME, ADAPTED_NAME),
+    attn_lib.keeps_fused_outputs)
+# "dots*" keep the attention output and softmax statistics too (named on the XLA path, by primitive
+# for cuDNN's): otherwise the backward pass reruns the whole attention forward (its products have
+# batch dimensions) before its own recompute.
 # They also keep an adapted Linear's output (base product + adapter delta): otherwise both
 # products are saved and the backward adds them again (bench/NOTES.md item 21).
 _REMAT_POLICIES = {

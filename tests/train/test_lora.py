@@ -204,3 +204,18 @@ def test_remat_with_qk_norms_keeps_q_and_k_once(capsys):
   assert shapes.count((L, B, K, N // K, T, H)) == 1  # the attention output only
   assert shapes.count((L, B, K, T, H)) == 0
   assert [math.prod(s) for s in shapes].count(L * B * T * K * H) == 2  # k and v, as projected
+
+
+def test_remat_keeps_cudnn_attention_outputs(monkeypatch, capsys):
+  """cuDNN's attention names none of its residuals: the dots policies keep its forward's output and
+  softmax statistics by primitive, so the backward does not rerun the forward. Traced on CPU (no
+  compile), with jax's cuDNN version probe answered."""
+  from jax._src.cudnn import fused_attention_stablehlo  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+  cfg = from_hf_dict(TINY, remat="dots_no_batch", attention_impl="cudnn", dtype="bfloat16", param_dtype="bfloat16")
+  shapes = _saved_layer_residuals(_with_lora(init_model(cfg, seed=0)), capsys)
+  L, (B, T) = TINY["num_hidden_layers"], IDS.shape
+  N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
+  assert (L, B, N, T) in shapes  # the softmax statistics
+  assert shapes.count((L, B, T, N, H)) == 2  # q after rope, and the attention output
+  assert shapes.count((L, B, T, K, H)) == 2  # k after rope, v
