@@ -110,10 +110,9 @@ def attend(
 
   save_inputs: name q, k and v as the kernel reads them (the XLA path: grouped by KV head) for the
   dots remat policies. The backward then reads them as saved, and recomputes neither the caller's
-  rope nor the transposes,
-  while the projections' outputs, which nothing else reads back, are not kept instead (the same
-  memory). Pass False when the backward needs those outputs anyway (q/k norms read their input),
-  so that they are not kept twice.
+  rope nor the transposes, while the projections' outputs, which nothing else reads back, are not
+  kept instead (the same memory). Pass False when the backward needs those outputs anyway (q/k
+  norms read their input), so that they are not kept twice.
 
   causal_blocks > 1 (XLA path) is a promise that mask_BTS is causal in the plain sense, key t
   never visible to query t' < t, as in self-attention without a cache: the queries are then
