@@ -51,7 +51,7 @@ def attention_mask(
   return mask
 
 
-CUDNN_MAX_HEAD_DIM = 128  # cuDNN's flash attention on any GPU generation (256 only on Hopper with cuDNN >= 9.5)
+CUDNN_MAX_HEAD_DIM = 128  # cuDNN's flash attention on any GPU; 256 needs Hopper or later and is not measured
 
 
 def auto_impl(platform: str, dtype: str, head_dim: int, softcap: float | None,

@@ -88,12 +88,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
     config.output_dir = str(workdir)
   config_lib.validate(config, jax.process_count())
   # The checkpoint's config.json (fetched first for a hub id) decides what attention "auto" can use.
-  checkpoint = model_config_lib.load_config(
+  model_cfg = model_config_lib.load_config(
       hf_load.resolve(builtin_models.resolve(config.model.path, config.model.cache_dir)))
   platform = jax.default_backend()
-  run = setup(config_lib.resolve(config, platform, checkpoint))
+  run = setup(config_lib.resolve(config, platform, model_cfg))
   if config.model.attention_impl == "auto":
-    _, why = config_lib.auto_attention(run.config, platform, checkpoint)
+    _, why = config_lib.auto_attention(run.config, platform, model_cfg)
     run.say(f"attention: {run.config.model.attention_impl} (auto: {why})")
   logger = log_lib.MetricsLogger(
       run.run_dir, enabled=run.main, tensorboard=config.logging.tensorboard,
