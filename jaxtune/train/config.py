@@ -45,9 +45,10 @@ def default_config() -> ml_collections.ConfigDict:
       param_dtype="auto",  # auto: float32 masters for trained weights; the compute dtype for a frozen LoRA base
       attention_impl="auto",  # auto: cudnn on GPU where it applies, else xla; splash on request
       # none | full | dots | dots_no_batch (rematerialise layer activations). dots_no_batch keeps the
-      # weight products (an adapted layer's output once, base + delta) and the attention's inputs
-      # and outputs, and recomputes the rest. On the CPU benchmark it was as fast as none and cut peak RSS by 0.6 GB (LoRA) / 1.4 GB (full); saving
-      # the adapted outputs once cut LoRA's by another 0.5 GB (bench/NOTES.md items 7, 21, 24).
+      # weight products (an adapted layer's output once, base + delta) and the attention's inputs and
+      # outputs, and recomputes the rest. On the CPU benchmark it was as fast as none and cut peak RSS
+      # by 0.6 GB (LoRA) / 1.4 GB (full); saving the adapted outputs once cut LoRA's by another 0.5 GB
+      # (bench/NOTES.md items 7, 21, 24).
       remat="dots_no_batch",
       cache_dir="~/.cache/jaxtune/models",  # where built-in models are converted to
   ))
