@@ -32,7 +32,10 @@ def keeps_fused_outputs(prim, *_, **__) -> bool:
 
   jax.nn.dot_product_attention names none of its residuals, so without this a remat policy that
   keeps only products and names reruns the whole cuDNN forward inside the backward; the XLA path
-  keeps the same two arrays by name (ATTENTION_NAME)."""
+  keeps the same arrays by name (ATTENTION_NAME). Splash attention's forward (a pallas_call named
+  splash_mha_fwd*) is deliberately not kept: it stores its statistics in float32 broadcast over
+  128 lanes, [N, T, 128] per row, as large as its output, and the trade has not been measured on
+  a TPU."""
   return prim.name == "dot_product_attention_fwd_wrapper"
 
 
@@ -227,8 +230,10 @@ def _splash_kernel(num_heads: int, seq_len: int, window: int | None, softcap: fl
 
 
 def splash_attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, is_sliding, *, window: int | None, scale: float,
-                  softcap: float | None = None) -> jax.Array:
-  """Causal (optionally sliding-window) self-attention over packed rows with Pallas splash attention."""
+                  softcap: float | None = None, save_inputs: bool = True) -> jax.Array:
+  """Causal (optionally sliding-window) self-attention over packed rows with Pallas splash attention.
+
+  save_inputs as in `attend` (q as the kernel reads it; k and v before their heads are repeated)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 
   B, T, N, H = q_BTNH.shape
@@ -238,6 +243,8 @@ def splash_attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, is_sliding, *, window:
   interpret = jax.default_backend() != "tpu"
   groups = N // k_BTKH.shape[2]
   q = (q_BTNH * scale).transpose(0, 2, 1, 3)
+  if save_inputs:
+    q, k_BTKH, v_BTKH = (checkpoint_name(x, ATTENTION_NAME) for x in (q, k_BTKH, v_BTKH))
   k = jnp.repeat(k_BTKH, groups, axis=2).transpose(0, 2, 1, 3)
   v = jnp.repeat(v_BTKH, groups, axis=2).transpose(0, 2, 1, 3)
   segments = kernel_lib.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)

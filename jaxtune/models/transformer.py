@@ -159,7 +159,7 @@ class Attention(nnx.Module):
       kv_cache = (k, v)
     if self.impl == "splash" and kv_cache is None:
       out = attn_lib.splash_attend(q, k, v, segment_ids_BT, is_sliding, window=self.window, scale=self.scale,
-                                   softcap=self.softcap)
+                                   softcap=self.softcap, save_inputs=self.q_norm is None)
     else:  # KV-cache decoding runs the portable path: splash has none, cuDNN's is not measured
       impl = "xla" if self.impl == "splash" or (self.impl == "cudnn" and kv_cache is not None) else self.impl
       # Without a cache every query and key slot is 0..T-1: the mask is causal, blocks above the diagonal skip.

@@ -167,10 +167,10 @@ def test_forward_and_export_match_peft(tmp_path):
   np.testing.assert_allclose(np.asarray(_logits(model, IDS)), ref, atol=1e-4, rtol=1e-4)  # B != 0: adapters matter
 
 
-def _saved_layer_residuals(model, capsys) -> list[tuple[int, ...]]:
+def _saved_layer_residuals(model, capsys, ids=IDS) -> list[tuple[int, ...]]:
   """Shapes of what the backward of the adapters' gradient keeps from the layer scan ([L, ...] each)."""
   graphdef, adapters, rest = nnx.split(model, lora.LoRAParam, ...)
-  jax.ad_checkpoint.print_saved_residuals(lambda p: nnx.merge(graphdef, p, rest)(jnp.asarray(IDS)).sum(), adapters)
+  jax.ad_checkpoint.print_saved_residuals(lambda p: nnx.merge(graphdef, p, rest)(jnp.asarray(ids)).sum(), adapters)
   return [tuple(int(d) for d in re.search(r"\[([\d,]*)\]", line).group(1).split(",") if d)
           for line in capsys.readouterr().out.splitlines() if "output of scan" in line]
 
@@ -219,3 +219,15 @@ def test_remat_keeps_cudnn_attention_outputs(monkeypatch, capsys):
   assert (L, B, N, T) in shapes  # the softmax statistics
   assert shapes.count((L, B, T, N, H)) == 2  # q after rope, and the attention output
   assert shapes.count((L, B, T, K, H)) == 2  # k after rope, v
+
+
+def test_remat_keeps_splash_inputs_as_the_kernel_reads_them(capsys):
+  """Splash attention (traced on CPU) keeps q scaled and head-major, and k and v before their heads are
+  repeated, in place of the projections' outputs; its forward's statistics are not kept."""
+  cfg = from_hf_dict({**TINY, "head_dim": 128}, remat="dots_no_batch", attention_impl="splash")
+  ids = np.random.default_rng(0).integers(3, 128, size=(1, 128)).astype(np.int32)  # splash: T % 128 == 0
+  shapes = _saved_layer_residuals(_with_lora(init_model(cfg, seed=0)), capsys, ids)
+  L, N, K = TINY["num_hidden_layers"], TINY["num_attention_heads"], TINY["num_key_value_heads"]
+  assert (L, 1, N, 128, 128) in shapes  # q: [B, N, T, H]
+  assert (L, 1, 128, N, 128) not in shapes  # not the projection's [B, T, N, H] besides
+  assert shapes.count((L, 1, 128, K, 128)) == 2  # k, v
