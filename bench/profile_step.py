@@ -90,7 +90,8 @@ def summarise(events, steps: int, top: int) -> str:
   lines = [f"device busy {busy / steps / 1e6:.1f} ms/step; op time summed {summed / steps / 1e6:.1f} ms/step",
            f"{'kind':18} {'ms/step':>9} {'share':>6}"]
   lines += [f"{kind:18} {ns / steps / 1e6:9.2f} {ns / summed:6.1%}" for kind, ns in per_kind.most_common()]
-  lines += ["", f"top {top} ops", f"{'ms/step':>8} {'share':>6} {'n/step':>6}  {'kind':18} {'hlo op':28} kernel | scope"]
+  lines += ["", f"top {top} ops",
+            f"{'ms/step':>8} {'share':>6} {'n/step':>6}  {'kind':18} {'hlo op':28} kernel | scope"]
   for op, (ns, n, kind, kernel, scope) in sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]:
     lines.append(f"{ns / steps / 1e6:8.2f} {ns / summed:6.1%} {n / steps:6.0f}  {kind:18} {op[:28]:28} "
                  f"{kernel[:60]}" + (f" | {scope[-60:]}" if scope else ""))
