@@ -231,3 +231,4 @@ def test_remat_keeps_splash_inputs_as_the_kernel_reads_them(capsys):
   assert (L, 1, N, 128, 128) in shapes  # q: [B, N, T, H]
   assert (L, 1, 128, N, 128) not in shapes  # not the projection's [B, T, N, H] besides
   assert shapes.count((L, 1, 128, K, 128)) == 2  # k, v
+  assert (L, N, 128, 128) not in shapes  # the kernel's output and [N, T, lanes] statistics: rerun in the backward
