@@ -29,9 +29,10 @@ def _fake_state(scale: float) -> dict:
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, cache):
   ref_dir, cut_dir = tmp_path / "reference", tmp_path / "interrupted"
-  # One after the other: the reference compiles the step once for all three runs (persistent XLA cache).
-  reference = tiny_runs.run(tiny_runs.cli_args(ref_dir, cache, **SETTINGS), tmp_path / "reference.log")
-  assert reference.returncode == 0, reference.stdout[-3000:]
+  # The reference runs beside the victim (their start-ups overlap); the resumed run comes after
+  # both and finds the step in the persistent XLA cache. The model and data caches are written
+  # atomically, so the two may build them at once.
+  reference = tiny_runs.start(tiny_runs.cli_args(ref_dir, cache, **SETTINGS), tmp_path / "reference.log")
   victim = tiny_runs.start(tiny_runs.cli_args(cut_dir, cache, **SETTINGS), tmp_path / "victim.log")
   try:
     # Kill once step 15's checkpoint is complete and training has gone past it (steps 16.. are lost).
@@ -43,6 +44,12 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, cache):
   finally:
     if victim.poll() is None:
       victim.kill()
+    try:
+      reference.wait(240)
+    finally:
+      if reference.poll() is None:
+        reference.kill()
+  assert reference.returncode == 0, (tmp_path / "reference.log").read_text()[-3000:]
   assert reached and alive, (tmp_path / "victim.log").read_text()[-3000:]
   killed_at = tiny_runs.logged_step(cut_dir)
   assert killed_at < STEPS

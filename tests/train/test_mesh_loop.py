@@ -9,21 +9,28 @@ import pytest
 import tiny_runs
 
 
-def _run(run_dir, cache, devices: int, preset: str, method: str) -> list[float]:
+def _start(run_dir, cache, devices: int, preset: str, method: str) -> subprocess.Popen:
   env = tiny_runs.env()
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   args = tiny_runs.cli_args(run_dir, cache, **{"mesh.preset": preset, "peft.method": method, "train.steps": 4,
                                                "data.batch_size": 16,
                                                "checkpoint.every": 0, "train.eval": False, "task.test_file": ""})
-  subprocess.run(args, env=env, check=True, capture_output=True, text=True, timeout=600)
+  return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _losses(proc: subprocess.Popen, run_dir) -> list[float]:
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
   lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
   return [l["train/loss"] for l in lines if "train/loss" in l]
 
 
 @pytest.mark.parametrize("preset,method", [("fsdp_tp", "lora"), ("fsdp", "full")])
 def test_mesh_run_matches_one_device(tmp_path, preset, method):
-  cache = tmp_path / "cache"
-  one = _run(tmp_path / "one", cache, 1, "fsdp", method)
-  eight = _run(tmp_path / "eight", cache, 8, preset, method)
+  # Both runs at once: most of each is single-threaded start-up, which then overlaps. Separate
+  # caches, so neither reads a half-written conversion of the other's.
+  one_proc = _start(tmp_path / "one", tmp_path / "cache1", 1, "fsdp", method)
+  eight_proc = _start(tmp_path / "eight", tmp_path / "cache8", 8, preset, method)
+  one, eight = _losses(one_proc, tmp_path / "one"), _losses(eight_proc, tmp_path / "eight")
   assert len(one) == len(eight) == 4
   np.testing.assert_allclose(eight, one, rtol=2e-4)
