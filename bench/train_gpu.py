@@ -36,6 +36,27 @@ LLAMA32_1B = dict(
 LR = 1e-4
 
 
+# Probes of the cuDNN call, for A/B runs on a GPU (bench/NOTES.md item 29); not library options.
+# This benchmark's rows are one unpadded sequence each, so all of them compute the same function.
+CUDNN_PROBES = {
+    "cudnn_causal": "is_causal=True besides the mask (cuDNN may skip the tiles above the diagonal)",
+    "cudnn_causal_nomask": "is_causal=True and no mask (no [B, 1, T, S] bias to read; unpacked rows only)",
+}
+
+
+def _probe_cudnn(variant: str) -> None:
+  """Makes jaxtune's jax.nn.dot_product_attention calls in this worker process use `variant`."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  plain = jax.nn.dot_product_attention
+
+  def call(query, key, value, bias=None, mask=None, **kwargs):
+    kwargs["is_causal"] = True
+    return plain(query, key, value, bias, None if variant == "cudnn_causal_nomask" else mask, **kwargs)
+
+  jax.nn.dot_product_attention = call
+
+
 def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk):
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -45,8 +66,13 @@ def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk):
     dtypes = {"dtype": "float32", "param_dtype": "float32"}
   else:  # bf16 compute; float32 trained weights; under LoRA the frozen base is bf16 too
     dtypes = {"dtype": "bfloat16", "param_dtype": "bfloat16" if setting == "lora" else "float32"}
-  cfg = from_hf_dict(hf_cfg, attention_impl=attn if jax.default_backend() == "gpu" else "xla", remat=remat,
-                     **dtypes)
+  impl = attn
+  if attn in CUDNN_PROBES:
+    _probe_cudnn(attn)
+    impl = "cudnn"
+  if jax.default_backend() != "gpu":  # smoke runs: the probes go through the same call's XLA implementation
+    impl = "dot_product" if attn in CUDNN_PROBES else "xla"
+  cfg = from_hf_dict(hf_cfg, attention_impl=impl, remat=remat, **dtypes)
   run, n_trainable, n_frozen = jaxtune_step(cfg, setting, batch, seq, loss_chunk, lr=LR)
   n_params = n_frozen if setting == "lora" else n_trainable + n_frozen  # base weights only
 
@@ -110,7 +136,8 @@ def worker(args) -> None:
 
 def run_setting(args, setting: str) -> dict:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  procs, info, times = {}, {}, {"jaxtune": [], "hf": []}
+  procs, info, times = {}, {}, {side: [] for side in args.sides.split(",")}
+  losses = {}
   for side in times:
     cmd = [sys.executable, "-m", "bench.train_gpu", "--worker", side, "--settings", setting, "--batch",
            str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--attn", args.attn,
@@ -119,9 +146,12 @@ def run_setting(args, setting: str) -> dict:
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # both workers share the card
     procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
     info[side] = _ask(procs[side])
+  order = list(times)
   for r in range(args.rounds):
-    for side in (("jaxtune", "hf") if r % 2 == 0 else ("hf", "jaxtune")):
-      times[side] += _ask(procs[side], f"run {args.steps}")["times"]
+    for side in (order if r % 2 == 0 else order[::-1]):
+      reply = _ask(procs[side], f"run {args.steps}")
+      times[side] += reply["times"]
+      losses[side] = reply["loss"]
   for side in times:
     info[side].update(_ask(procs[side], "quit"))
     procs[side].wait()
@@ -130,7 +160,7 @@ def run_setting(args, setting: str) -> dict:
   for side, ts in times.items():
     step_s = statistics.median(ts)
     flops = (6 if setting == "full" else 4) * info[side]["params"] * tokens
-    rows[side] = dict(info[side], step_s=step_s, tokens_per_s=tokens / step_s,
+    rows[side] = dict(info[side], step_s=step_s, tokens_per_s=tokens / step_s, loss=losses[side],
                       mfu=flops / step_s / (args.peak_tflops * 1e12))
   return rows
 
@@ -143,7 +173,10 @@ def main(argv=None) -> dict:
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--attn", default="cudnn", help="jaxtune attention on GPU: cudnn | xla")
+  p.add_argument("--attn", default="cudnn", choices=("cudnn", "xla", *CUDNN_PROBES),
+                 help="jaxtune attention on GPU: cudnn | xla, or a probe: " +
+                 "; ".join(f"{k}: {v}" for k, v in CUDNN_PROBES.items()))
+  p.add_argument("--sides", default="jaxtune,hf", help="jaxtune,hf | jaxtune (A/B runs of jaxtune variants)")
   p.add_argument("--remat", default="dots_no_batch",
                  help="jaxtune remat: none | full | dots | dots_no_batch (the training default)")
   p.add_argument("--loss-chunk", type=int, default=512)
@@ -158,12 +191,15 @@ def main(argv=None) -> dict:
   if args.smoke:
     args.batch, args.seq, args.rounds, args.steps, args.warmup = 2, 32, 1, 1, 1
   results = {s: run_setting(args, s) for s in args.settings.split(",")}
-  print(f"\nLlama 3.2 1B shape, batch {args.batch} x {args.seq}, bf16; median step; MFU vs {args.peak_tflops} TFLOP/s")
-  print(f"{'setting':8} {'side':8} {'tokens/s':>9} {'step s':>7} {'peak GB':>8} {'MFU':>6} {'first s':>8}")
+  print(f"\nLlama 3.2 1B shape, batch {args.batch} x {args.seq}, bf16; median step; MFU vs {args.peak_tflops} TFLOP/s; "
+        f"jaxtune attention {args.attn}, remat {args.remat}")
+  print(f"{'setting':8} {'side':8} {'tokens/s':>9} {'step s':>7} {'peak GB':>8} {'MFU':>6} {'first s':>8} {'loss':>8}")
   for s, rows in results.items():
     for side, row in rows.items():
       print(f"{s:8} {side:8} {row['tokens_per_s']:9.0f} {row['step_s']:7.3f} {row['peak_gb']:8.1f} "
-            f"{row['mfu']:6.1%} {row['first_step_s']:8.1f}")
+            f"{row['mfu']:6.1%} {row['first_step_s']:8.1f} {row['loss']:8.4f}")
+    if set(rows) != {"jaxtune", "hf"}:
+      continue
     j, h = rows["jaxtune"], rows["hf"]
     print(f"{s:8} ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
           f"peak memory {j['peak_gb'] / max(h['peak_gb'], 1e-9):.2f}x")

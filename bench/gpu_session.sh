@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU check a session owes, as ONE device call (device time is ~15 min a session, and each
+# call costs a machine start). Run with `.whl` carried (see bench/gpu_device.sh) and a timeout
+# of 600 s. Parts, in order of value, each under its own time limit (~9 min in all):
+#   1. the benchmark against HF + PEFT, both settings (the figures of docs/benchmarks.md "GPU");
+#   2. two probes of the cuDNN call, jaxtune only (bench/NOTES.md item 29): is_causal besides the
+#      mask, and is_causal with no mask;
+#   3. where a step's time goes, LoRA and full (python -m bench.profile_step);
+#   4. the training CLI on configs/tiny.py, which must log `attention: cudnn (auto: ...)`.
+# Logs go to $OUT/session_*.log; a summary of all parts is printed last. SESSION_SMOKE=1 runs every
+# part at its smoke size (on CPU too, with python3 being a jaxtune environment), to check the script.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp}"
+part() {  # part NAME SECONDS MODULE ARGS...: bench/gpu_device.sh with its own log and limit
+  local name=$1 limit=$2 module=$3
+  shift 3
+  echo "=== $name (limit ${limit} s)"
+  BENCH_LOG="session_${name}.log" BENCH_TIMEOUT="$limit" BENCH_MODULE="$module" bash bench/gpu_device.sh "$@" \
+    ${SESSION_SMOKE:+--smoke} > /dev/null 2>&1
+  echo "    exit $?, $(wc -l < "$out/session_${name}.log") lines"
+}
+part bench 200 bench.train_gpu
+part causal 90 bench.train_gpu --sides jaxtune --attn cudnn_causal
+part causal_nomask 90 bench.train_gpu --sides jaxtune --attn cudnn_causal_nomask
+part profile_lora 60 bench.profile_step --setting lora --top 25
+part profile_full 60 bench.profile_step --setting full --top 25
+
+echo "=== cli (limit 60 s)"
+PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} timeout 60 python3 -m jaxtune.train --config configs/tiny.py --config.train.steps=20 \
+  --config.output_dir=/tmp/jt_tiny_$$ --config.model.cache_dir=/tmp/jt_cache --config.data.cache_dir=/tmp/jt_data \
+  > "$out/session_cli.log" 2>&1
+echo "    exit $?"
+
+echo
+echo "##### summary"
+head -3 "$out/session_bench.log"  # card, versions
+for name in bench causal causal_nomask; do
+  echo "--- $name"
+  sed -n '/^Llama 3.2 1B shape/,$p' "$out/session_${name}.log"
+  grep -m3 -i 'error\|Traceback' "$out/session_${name}.log"
+done
+for name in profile_lora profile_full; do
+  echo "--- $name"
+  sed -n '/: batch [0-9]* x /,/^top/p' "$out/session_${name}.log" | grep -v '^trace'
+  sed -n '/^top/,$p' "$out/session_${name}.log" | sed -n 2,14p
+  grep -m3 -i 'error\|Traceback' "$out/session_${name}.log"
+done
+echo "--- cli"
+grep -m1 'attention:' "$out/session_cli.log"
+tail -3 "$out/session_cli.log"
