@@ -16,7 +16,8 @@ slower, because the kernel compacts the memory HF's turn fragmented to find huge
 (bench/NOTES.md, item 12). A training run that has the machine to itself never pays that;
 `--settle 0` measures it too. The jaxtune worker runs with
 glibc.malloc.hugetlb=1, as `python -m jaxtune.train` does (jaxtune/train/host.py);
-`--hugepages none|both` are the ablations.
+`--hugepages none|both` are the ablations. Before each turn the parent measures the machine's
+own float32 product rate (`machine_rate`) and prints it with the turn: it drifts by ~10% here.
 """
 
 from __future__ import annotations
@@ -214,6 +215,23 @@ def _start(side: str, args) -> subprocess.Popen:
   return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
 
 
+def machine_rate(seconds: float = 0.5) -> float:
+  """GFLOP/s of a float32 1024^3 product (numpy) looped for `seconds` here, while both workers wait.
+
+  This machine's speed drifts by ~10% within minutes (docs/benchmarks.md, session 7). jaxtune's step
+  runs near the product rate and follows that drift, so every turn is printed with the rate
+  measured just before it. A ratio is only clean when the rates of its turns agree."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  a = np.ones((1024, 1024), np.float32)
+  a @ a  # pylint: disable=pointless-statement
+  n, t0 = 0, time.perf_counter()
+  while (elapsed := time.perf_counter() - t0) < seconds:
+    a @ a  # pylint: disable=pointless-statement
+    n += 1
+  return 2 * 1024**3 * n / elapsed / 1e9
+
+
 def _ask(proc: subprocess.Popen, line: str | None = None) -> dict:
   if line is not None:
     proc.stdin.write(line + "\n")
@@ -257,7 +275,7 @@ def main(argv=None) -> dict:
     args.rounds, args.steps, args.warmup, args.batch, args.seq = 1, 1, 1, 2, 32
   sides = args.sides.split(",")
   procs, info = {}, {}
-  times, settle, faults = ({s: [] for s in sides} for _ in range(3))
+  times, settle, faults, rates = ({s: [] for s in sides} for _ in range(4))
   for s in sides:  # built and warmed one at a time: never two heavy jobs at once
     procs[s] = _start(s, args)
     info[s] = _ask(procs[s])
@@ -265,13 +283,14 @@ def main(argv=None) -> dict:
           f"{info[s]['trainable']:,} trainable", flush=True)
   for r in range(args.rounds):
     for s in (sides if r % 2 == 0 else sides[::-1]):
+      rates[s].append(machine_rate())
       got = _ask(procs[s], f"run {args.steps} {args.settle}")
       times[s] += got["times"]
       settle[s] += got["settle_times"]
       faults[s].append(got["page_faults"])
       unmeasured = "".join(f" ({t:.2f})" for t in got["settle_times"])
-      print(f"round {r + 1} {s}:{unmeasured} " + " ".join(f"{t:.2f}" for t in got["times"])
-            + f" s/step, loss {got['loss']:.3f}", flush=True)
+      print(f"round {r + 1} {s} [machine {rates[s][-1]:.0f} GFLOP/s]:{unmeasured} "
+            + " ".join(f"{t:.2f}" for t in got["times"]) + f" s/step, loss {got['loss']:.3f}", flush=True)
   for s in sides:
     info[s].update(_ask(procs[s], "quit"))
     procs[s].wait()
@@ -280,7 +299,8 @@ def main(argv=None) -> dict:
   for s in sides:
     med = statistics.median(times[s])
     rows[s] = dict(info[s], step_s=med, step_min_s=min(times[s]), tokens_per_s=tokens / med, times=times[s],
-                   settle_times=settle[s], page_faults_per_step=statistics.median(faults[s]))
+                   settle_times=settle[s], page_faults_per_step=statistics.median(faults[s]),
+                   machine_gflops=rates[s])
   print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} float32, median of {len(times[sides[0]])} steps/side")
   print(f"hugepages: {args.hugepages}, trained fraction: {args.trained_fraction}, "
         f"unmeasured steps per turn: {args.settle} (shown in parentheses)")
@@ -293,6 +313,9 @@ def main(argv=None) -> dict:
     j, h = rows["jaxtune"], rows["hf"]
     print(f"ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
           f"peak RSS {j['peak_rss_gb'] / h['peak_rss_gb']:.2f}x")
+  every = [x for s in sides for x in rates[s]]
+  print(f"machine float32 product rate before each turn: {min(every):.0f}-{max(every):.0f} GFLOP/s "
+        f"({max(every) / min(every) - 1:.0%} apart)")
   result = {"setting": args.setting, "batch": args.batch, "seq": args.seq, "smoke": args.smoke,
             "hugepages": args.hugepages, "trained_fraction": args.trained_fraction, "settle": args.settle,
             "sides": rows}
