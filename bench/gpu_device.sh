@@ -7,7 +7,7 @@
 #     python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0
 # then run this script there with `.whl` carried; it writes the log to $OUT/train_gpu.log.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1

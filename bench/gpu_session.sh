@@ -10,7 +10,7 @@
 # Logs go to $OUT/session_*.log; a summary of all parts is printed last. SESSION_SMOKE=1 runs every
 # part at its smoke size (on CPU too, with python3 being a jaxtune environment), to check the script.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out="${OUT:-/tmp}"
 part() {  # part NAME SECONDS MODULE ARGS...: bench/gpu_device.sh with its own log and limit
   local name=$1 limit=$2 module=$3
