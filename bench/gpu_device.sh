@@ -13,10 +13,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     || exit 1
   export PYTHONPATH=/tmp/site
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import jax, flax, optax, torch, transformers, peft; print('jax', jax.__version__, jax.devices(), \
+# BENCH_TIMEOUT, BENCH_LOG: for several runs in one call; BENCH_MODULE=bench.profile_step for a profile.
+# The log starts with the card and the versions, so every raw log names what it ran on.
+log="${OUT:-/tmp}/${BENCH_LOG:-train_gpu.log}"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import jax, flax, optax, torch, transformers, peft; print('jax', jax.__version__, jax.devices(), \
 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__)"
-# BENCH_TIMEOUT, BENCH_LOG: for several runs in one call; BENCH_MODULE=bench.profile_step for a profile.
-log="${OUT:-/tmp}/${BENCH_LOG:-train_gpu.log}"
-PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-540}" python3 -m "${BENCH_MODULE:-bench.train_gpu}" "$@" 2>&1 | tee "$log"
+  PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-540}" python3 -m "${BENCH_MODULE:-bench.train_gpu}" "$@"
+} 2>&1 | tee "$log"

@@ -20,10 +20,6 @@ part() {  # part NAME SECONDS MODULE ARGS...: bench/gpu_device.sh with its own l
     ${SESSION_SMOKE:+--smoke} > /dev/null 2>&1
   echo "    exit $?, $(cat "$out/session_${name}.log" 2>/dev/null | wc -l) lines"
 }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import jax, flax, optax, torch, transformers, peft; print('jax', jax.__version__, 'flax', \
-flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, \
-'peft', peft.__version__)"; } > "$out/session_machine.log" 2>&1
 part bench 200 bench.train_gpu
 part causal 90 bench.train_gpu --sides jaxtune --attn cudnn_causal
 part causal_nomask 90 bench.train_gpu --sides jaxtune --attn cudnn_causal_nomask
@@ -38,7 +34,7 @@ echo "    exit $?"
 
 echo
 echo "##### summary"
-cat "$out/session_machine.log"  # card, driver, versions
+head -2 "$out/session_bench.log"  # card, driver, versions
 for name in bench causal causal_nomask; do
   echo "--- $name"
   sed -n '/^Llama 3.2 1B shape/,$p' "$out/session_${name}.log"
