@@ -74,8 +74,12 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def fixture_cache(request: pytest.FixtureRequest) -> pathlib.Path:
-    return pathlib.Path(request.config.cache.mkdir("jaxtune-fixtures"))
+def fixture_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """pytest's cache folder, kept between runs; a per-session folder under `-p no:cacheprovider`."""
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        return tmp_path_factory.mktemp("jaxtune-fixtures")
+    return pathlib.Path(cache.mkdir("jaxtune-fixtures"))
 
 
 @pytest.fixture(scope="session")
