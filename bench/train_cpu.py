@@ -215,6 +215,22 @@ def _start(side: str, args) -> subprocess.Popen:
   return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
 
 
+def cpu_model() -> str:
+  """The CPU's model name and the vector extensions that decide float32 product speed, from /proc/cpuinfo.
+
+  Printed with every run: between sessions this VM moved from an AMD EPYC (AVX2) to an Intel Xeon
+  with AVX-512 and AMX, and the ratio moved with it (docs/benchmarks.md, session 8)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return "unknown"
+  name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+  flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+  vector = [f for f in ("avx2", "fma", "avx512f", "amx_bf16") if f in flags]
+  return f"{name} x {os.cpu_count()} ({', '.join(vector) or 'no AVX2'})"
+
+
 def machine_rate(seconds: float = 0.5) -> float:
   """GFLOP/s of a float32 1024^3 product (numpy) looped for `seconds` here, while both workers wait.
 
@@ -302,6 +318,7 @@ def main(argv=None) -> dict:
                    settle_times=settle[s], page_faults_per_step=statistics.median(faults[s]),
                    machine_gflops=rates[s])
   print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} float32, median of {len(times[sides[0]])} steps/side")
+  print(f"cpu: {cpu_model()}")
   print(f"hugepages: {args.hugepages}, trained fraction: {args.trained_fraction}, "
         f"unmeasured steps per turn: {args.settle} (shown in parentheses)")
   print(f"{'side':8} {'tokens/s':>9} {'step s':>7} {'min s':>6} {'peak RSS GB':>11} {'first step s':>12} "
@@ -316,7 +333,7 @@ def main(argv=None) -> dict:
   every = [x for s in sides for x in rates[s]]
   print(f"machine float32 product rate before each turn: {min(every):.0f}-{max(every):.0f} GFLOP/s "
         f"({max(every) / min(every) - 1:.0%} apart)")
-  result = {"setting": args.setting, "batch": args.batch, "seq": args.seq, "smoke": args.smoke,
+  result = {"cpu": cpu_model(), "setting": args.setting, "batch": args.batch, "seq": args.seq, "smoke": args.smoke,
             "hugepages": args.hugepages, "trained_fraction": args.trained_fraction, "settle": args.settle,
             "sides": rows}
   if args.json:
