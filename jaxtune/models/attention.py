@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxtune.models import matmul
+
 ATTENTION_NAME = "attention"  # checkpoint_name of the attention output and softmax statistics
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows give a uniform softmax, not NaN
 
@@ -182,7 +184,7 @@ def _attention_fwd(q, k, v, mask, scale, softcap):
   m = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - m)
   denom = jnp.sum(e, axis=-1, keepdims=True)
-  out = jnp.einsum("BKGTS,BKSH->BKGTH", (e / denom).astype(v.dtype), v)
+  out = matmul.product("BKGTS,BKSH->BKGTH", (e / denom).astype(v.dtype), v)
   # Named so remat policies can keep them (transformer._REMAT_POLICIES): the backward then needs
   # no forward recompute of the attention. Max and sum, not their log-sum-exp: m + log(S) rounds
   # back to m on a fully masked row (m = _MASKED).
@@ -205,10 +207,10 @@ def _attention_bwd(scale, softcap, res, dout):
     dlogits = dlogits * (1.0 - tanh * tanh)
   dlogits = jnp.where(mask[:, None, None], dlogits, 0.0) * scale
   rows = lambda x: x.reshape(B, K, G * T, x.shape[-1])  # noqa: E731  [B, K, G*T, last]
-  dq = jnp.einsum("BKGTS,BKSH->BKGTH", dlogits.astype(q.dtype), k)
+  dq = matmul.product("BKGTS,BKSH->BKGTH", dlogits.astype(q.dtype), k)
   # dk^T = q^T dlogits, dv^T = dout^T probs: [B, K, H, G*T] x [B, K, G*T, S]
-  dk_T = jnp.einsum("BKHM,BKMS->BKHS", barrier(rows(q).transpose(0, 1, 3, 2)), rows(dlogits).astype(q.dtype))
-  dv_T = jnp.einsum("BKHM,BKMS->BKHS", barrier(rows(dout).transpose(0, 1, 3, 2)), rows(probs).astype(v.dtype))
+  dk_T = matmul.product("BKHM,BKMS->BKHS", barrier(rows(q).transpose(0, 1, 3, 2)), rows(dlogits).astype(q.dtype))
+  dv_T = matmul.product("BKHM,BKMS->BKHS", barrier(rows(dout).transpose(0, 1, 3, 2)), rows(probs).astype(v.dtype))
   return dq, barrier(dk_T).transpose(0, 1, 3, 2), barrier(dv_T).transpose(0, 1, 3, 2), None
 
 

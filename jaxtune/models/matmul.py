@@ -11,6 +11,9 @@ into the dot, and every product is a plain [m, k] x [k, n]. The math is unchange
 (tests/models/test_matmul.py). The transposes chosen here are small, but their effect on GPU
 and TPU step time has not been measured yet (bench/train_gpu.py).
 
+16-bit products on CPU go through `wide_product` (see there): asked for a float32 result, XLA
+runs them on the CPU's bfloat16 units, several times faster than a 16-bit result.
+
 Shape letters: M tokens, I inputs, O outputs, R LoRA rank.
 """
 
@@ -22,6 +25,44 @@ import jax
 import jax.numpy as jnp
 
 _barrier = jax.lax.optimization_barrier
+_SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
+
+
+def wide_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array | None:
+  """einsum(spec, a, b) asked for a float32 result and cast back to a's dtype, where that is faster; else None.
+
+  Applies on CPU to two operands of the same 16-bit dtype. There XLA runs a bfloat16 product that
+  returns float32 on the CPU's bfloat16 units (AMX on session 8's Xeon: 1,230-1,490 GFLOP/s),
+  while the same product returning bfloat16, which is what `a @ b` asks for, takes a generic
+  path (218-253 GFLOP/s). Both accumulate in float32, so only the final rounding can differ
+  (0.015% of the elements of a [1024, 576] x [576, 1536] product). It is one dot_general with
+  no transposed operand spelled out: `a @ b.T` with a float32 result stays on the slow path
+  (243 GFLOP/s) where the equivalent einsum does not (1,340). The bfloat16 LoRA step on CPU
+  went from 3.56 to 2.25 s (bench/NOTES.md item 31).
+
+  None elsewhere: on GPU and TPU the products stay as they were, because XLA may or may not fold
+  the cast back into the GEMM there, and that is unmeasured. None for float32, whose products
+  keep the forms measured for them below.
+  """
+  if not _widens(a, b):
+    return None
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _widens(a: jax.Array, b: jax.Array) -> bool:
+  return jax.default_backend() == "cpu" and a.dtype == b.dtype and a.dtype in _SIXTEEN_BIT
+
+
+def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b, for a plain 2-D spec ("mi,io->mo"); through `wide_product` where that applies."""
+  wide = wide_product(spec, a, b)
+  return a @ b if wide is None else wide
+
+
+def product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum(spec, a, b), through `wide_product` where that applies."""
+  out = wide_product(spec, a, b)
+  return jnp.einsum(spec, a, b) if out is None else out
 
 
 def flat_layout(einsum: str) -> tuple[str, str, str] | None:
@@ -48,6 +89,9 @@ def _token_contraction(x_MI: jax.Array, dy_MO: jax.Array) -> jax.Array:
   [1024, 1536] array here. When dy is the smaller, dy^T x is formed and the [O, I] product,
   a plain copy, is transposed back.
   """
+  wide = wide_product("mi,mo->io", x_MI, dy_MO)
+  if wide is not None:
+    return wide
   if x_MI.shape[1] <= dy_MO.shape[1]:
     return _barrier(x_MI.T) @ dy_MO
   return _barrier(_barrier(dy_MO.T) @ x_MI).T
@@ -56,21 +100,24 @@ def _token_contraction(x_MI: jax.Array, dy_MO: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def dense(x_MI: jax.Array, w_IO: jax.Array) -> jax.Array:
   """x @ w; the weight gradient, when w is trained, is x^T dy by `_token_contraction`."""
-  return x_MI @ w_IO
+  return _mm("mi,io->mo", x_MI, w_IO)
 
 
 def _dense_fwd(x, w):
   # symbolic zeros: inputs arrive as CustomVJPPrimal(value, perturbed). A frozen weight (LoRA)
   # needs neither its gradient nor the saved x.
   x_saved = x.value if w.perturbed else None
-  return x.value @ w.value, (x_saved, w.value, x.perturbed)
+  return _mm("mi,io->mo", x.value, w.value), (x_saved, w.value, x.perturbed)
 
 
 def _dense_bwd(res, dy):
   x, w, x_perturbed = res
   if isinstance(dy, jax.custom_derivatives.SymbolicZero):
     return None, None
-  dx = (dy @ w.T).astype(w.dtype) if x_perturbed else None
+  dx = None
+  if x_perturbed:
+    wide = wide_product("mo,io->mi", dy, w)
+    dx = (dy @ w.T if wide is None else wide).astype(w.dtype)
   dw = _token_contraction(x, dy).astype(w.dtype) if x is not None else None
   return dx, dw
 
@@ -99,9 +146,10 @@ def shared_lora_matmul(x_MI: jax.Array, a: tuple[jax.Array, ...], b: tuple[jax.A
 
 def _shared_lora_fwd(x, a, b, scales):
   a_cat = _cat(a, axis=1)  # [I, sum R], saved: small (the backward needs the same concatenation)
-  hs = _split(x @ a_cat, [bi.shape[0] for bi in b], axis=1)  # [M, R_i], saved: small
+  hs = _split(_mm("mi,ir->mr", x, a_cat), [bi.shape[0] for bi in b], axis=1)  # [M, R_i], saved: small
   hs = [hi * jnp.asarray(si, x.dtype) for hi, si in zip(hs, scales)]
-  return tuple(hi @ bi for hi, bi in zip(hs, b)), (x, a_cat, b, hs)
+  return tuple(_mm("mr,ro->mo", hi, bi) for hi, bi in zip(hs, b)), (x, a_cat, b, hs)
+
 
 
 def _cat(parts: tuple[jax.Array, ...] | list[jax.Array], axis: int) -> jax.Array:
@@ -117,10 +165,17 @@ def _split(t: jax.Array, sizes: list[int], axis: int) -> list[jax.Array]:
 
 def _shared_lora_bwd(scales, res, dys):
   x, a_cat, b, hs = res
+  sizes = [bi.shape[0] for bi in b]
+  if _widens(x, a_cat) and all(_widens(dy, bi) for dy, bi in zip(dys, b)):  # 16-bit on CPU: no transposes
+    dh = _cat([wide_product("mo,ro->mr", dy, bi) * jnp.asarray(si, dy.dtype) for dy, bi, si in zip(dys, b, scales)],
+              axis=1)
+    da = tuple(_split(wide_product("mi,mr->ir", x, dh), sizes, axis=1))
+    db = tuple(wide_product("mr,mo->ro", hi, dy) for hi, dy in zip(hs, dys))
+    return wide_product("mr,ir->mi", dh, a_cat), da, db
   dh = _cat([(dy @ bi.T) * jnp.asarray(si, dy.dtype) for dy, bi, si in zip(dys, b, scales)], axis=1)  # [M, sum R]
   dx = dh @ a_cat.T  # the sum of every adapter's dx
   da_RI = _barrier(dh.T) @ x  # [sum R, M] x [M, I]
-  da = tuple(_barrier(piece).T for piece in _split(da_RI, [bi.shape[0] for bi in b], axis=0))
+  da = tuple(_barrier(piece).T for piece in _split(da_RI, sizes, axis=0))
   db = tuple(_barrier(hi.T) @ dy for hi, dy in zip(hs, dys))  # [R_i, M] x [M, O_i]
   return dx, da, db
 

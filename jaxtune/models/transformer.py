@@ -76,7 +76,7 @@ class Linear(nnx.Module):
       y = matmul.dense(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:n_in]), -1))
       y = y.reshape(lead + out)
     else:
-      y = jnp.einsum(self.einsum, x, kernel)
+      y = matmul.product(self.einsum, x, kernel)
     if adapter_delta is None and self.adapter is not None:
       adapter_delta = self.adapter(x)
     if self.bias is not None:

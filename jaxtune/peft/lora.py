@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.hf import mapping
-from jaxtune.models.matmul import flat_layout, lora_matmul, shared_lora_matmul
+from jaxtune.models.matmul import flat_layout, lora_matmul, product, shared_lora_matmul
 from jaxtune.models.transformer import CausalLM, Linear
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -99,8 +99,8 @@ class LoRA(nnx.Module):
       lead = x.shape[:x.ndim - len(self.ins)]
       return lora_matmul(x.reshape(math.prod(lead), -1), *factors, self.scale).reshape(lead + self._out_shape())
     a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
-    h = jnp.einsum(self.a_einsum, x, a)
-    return jnp.einsum(self.b_einsum, h * jnp.asarray(self.scale, h.dtype), b)
+    h = product(self.a_einsum, x, a)
+    return product(self.b_einsum, h * jnp.asarray(self.scale, h.dtype), b)
 
   def _dropout_active(self) -> bool:
     return self.dropout > 0 and not self.deterministic

@@ -1,6 +1,7 @@
 """The XLA attention path (custom backward) against the plain softmax formula: values and gradients."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,6 +44,34 @@ def test_values_and_gradients_match_the_formula(softcap):
     got, want = _grads(f, q, k, v), _grads(g, q, k, v)
   for name, a, b in zip("qkv", got, want):
     np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_bfloat16_on_cpu_takes_float32_result_products_and_stays_close():
+  """bf16 attention on CPU: every product returns float32 (the fast path, models/matmul.wide_product), and
+  values and gradients stay within bf16 error of the float32 ones."""
+  ks = jax.random.split(jax.random.key(2), 4)
+  q = jax.random.normal(ks[0], (B, T, N, H))
+  k, v = jax.random.normal(ks[1], (B, T, K, H)), jax.random.normal(ks[2], (B, T, K, H))
+  slots = jnp.broadcast_to(jnp.arange(T), (B, T))
+  mask = attn_lib.attention_mask(slots, slots, jnp.ones((B, T), jnp.int32), jnp.ones((B, T), jnp.int32))
+  cot = jax.random.normal(ks[3], (B, T, N, H))
+  f = lambda *a: jnp.sum((attn_lib.attend(*a, mask, scale=0.3) * cot.astype(a[0].dtype)).astype(jnp.float32))  # noqa: E731
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  results = {str(e.outvars[0].aval.dtype) for e in _all_eqns(jax.make_jaxpr(jax.grad(f, (0, 1, 2)))(*bf16).jaxpr)
+             if e.primitive.name == "dot_general"}
+  assert results == {"float32"}
+  with jax.default_matmul_precision("highest"):
+    want = _grads(f, q, k, v)
+  for name, a, b in zip("qkv", _grads(f, *bf16), want):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.03 * float(np.abs(b).max()), err_msg=f"d{name}")
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _all_eqns(sub)
 
 
 @pytest.mark.parametrize("blocks, window, softcap", [(2, None, None), (3, None, 2.0), (4, 5, None), (6, 3, None)])

@@ -1,6 +1,7 @@
 """The layout-aware products against plain autodiff: same values, same gradients."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,3 +80,80 @@ def test_shared_lora_matmul_matches_autodiff():
 ])
 def test_flat_layout(einsum, want):
   assert matmul.flat_layout(einsum) == want
+
+
+def _dot_result_types(fn, *args) -> set[str]:
+  """The result dtypes of every dot_general in fn's jaxpr, custom VJP bodies included."""
+  found = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.add(str(eqn.outvars[0].aval.dtype))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def _bf16(*arrays):
+  return tuple(a.astype(jnp.bfloat16) for a in arrays)
+
+
+def test_wide_product_on_cpu_rounds_once_from_float32():
+  """16-bit operands on CPU: one float32-result product cast back, equal to the f32 product rounded to bf16
+  (within one bf16 step: both sum in float32, in orders that may differ). float32 and mixed operands: None."""
+  x, w, _, _, _ = _arrays()
+  xb, wb = _bf16(x, w)
+  got = matmul.wide_product("mi,io->mo", xb, wb)
+  assert got.dtype == jnp.bfloat16
+  assert _dot_result_types(lambda a, b: matmul.wide_product("mi,io->mo", a, b), xb, wb) == {"float32"}
+  exact = np.asarray(xb, np.float64) @ np.asarray(wb, np.float64)
+  step = np.abs(exact) * 2.0**-7 + 1e-6  # one bf16 step at each value
+  np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - exact), step)
+  assert matmul.wide_product("mi,io->mo", x, w) is None
+  assert matmul.wide_product("mi,io->mo", xb, w) is None
+
+
+def test_sixteen_bit_products_use_float32_results_on_cpu_only(monkeypatch):
+  """dense and the LoRA products, forward and backward: float32-result dots on CPU; elsewhere as before."""
+  x, w, _, _, dy = _bf16(*_arrays())
+  a, b = _bf16(*_arrays(1)[2:4])
+
+  def step(x, w, a, b):
+    y = matmul.dense(x, w) + matmul.lora_matmul(x, a, b, 2.0)
+    return jnp.sum((y * dy).astype(jnp.float32))
+
+  grads = lambda *p: jax.grad(step, (0, 1, 2, 3))(*p)  # noqa: E731
+  assert _dot_result_types(grads, x, w, a, b) == {"float32"}
+  monkeypatch.setattr(matmul.jax, "default_backend", lambda: "gpu")
+  jax.clear_caches()  # custom_vjp keeps its traces: retrace under the patched backend
+  assert _dot_result_types(grads, x, w, a, b) == {"bfloat16"}
+  monkeypatch.undo()
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_sixteen_bit_gradients_match_float32(backend, monkeypatch):
+  """Both product forms give bf16 values and gradients of dense + shared LoRA within bf16 error of float32."""
+  monkeypatch.setattr(matmul.jax, "default_backend", lambda: backend)
+  jax.clear_caches()
+  x, w, _, _, _ = _arrays()
+  ks = jax.random.split(jax.random.key(7), 5)
+  a = (jax.random.normal(ks[0], (I, 4)), jax.random.normal(ks[1], (I, 2)))
+  b = (jax.random.normal(ks[2], (4, O)), jax.random.normal(ks[3], (2, O)))
+  dy = jax.random.normal(ks[4], (M, O))
+
+  def loss(x, w, a, b):
+    ys = matmul.shared_lora_matmul(x, a, b, (0.5, 2.0))
+    return jnp.sum(((matmul.dense(x, w) + ys[0] + ys[1]) * dy.astype(x.dtype)).astype(jnp.float32))
+
+  with jax.default_matmul_precision("highest"):
+    want = jax.grad(loss, (0, 1, 2, 3))(x, w, a, b)
+  got = jax.grad(loss, (0, 1, 2, 3))(*_bf16(x, w), _bf16(*a), _bf16(*b))
+  for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), h, atol=0.05 * float(np.abs(h).max()), rtol=0.05)
+  monkeypatch.undo()
+  jax.clear_caches()
