@@ -5,7 +5,8 @@
     python -m bench.train_cpu --setting lora --smoke   # tiny shape, 1 round of 1 step: seconds
 
 Each side runs in its own worker process (clean peak RSS), both built from the same HF
-config dict (SmolLM2-135M shape, random weights), float32, AdamW (weight decay 0, clip 1.0),
+config dict (SmolLM2-135M shape, random weights), float32 (`--dtype bfloat16`: bf16 compute on
+both sides, see jax_side and hf_side), AdamW (weight decay 0, clip 1.0),
 batch 4 x 256 random tokens, loss on every token (`--trained-fraction F`: each row is four
 64-token examples whose first (1 - F) x 64 tokens are an untrained prompt, as in chat data; HF
 gets labels -100 there). After warm-up the parent asks the
@@ -99,25 +100,36 @@ def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: f
 
 
 def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int = 128,
-             remat: str = "dots_no_batch", trained_fraction: float = 1.0):
-  """(step_fn, n_trainable): step_fn() runs one real jaxtune train step (float32, XLA attention)."""
+             remat: str = "dots_no_batch", trained_fraction: float = 1.0, dtype: str = "float32"):
+  """(step_fn, n_trainable): step_fn() runs one real jaxtune train step (XLA attention).
+
+  dtype bfloat16: bf16 compute; float32 trained weights; under LoRA the frozen base is bf16 too
+  (the training CLI's param_dtype="auto", and bench/train_gpu.py's setting)."""
   from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
 
-  cfg = from_hf_dict(hf_cfg, dtype="float32", param_dtype="float32", attention_impl="xla", remat=remat)
+  param_dtype = "bfloat16" if dtype == "bfloat16" and setting == "lora" else "float32"
+  cfg = from_hf_dict(hf_cfg, dtype=dtype, param_dtype=param_dtype, attention_impl="xla", remat=remat)
   run, n_trainable, _ = jaxtune_step(cfg, setting, batch, seq, loss_chunk, trained_fraction=trained_fraction)
   return run, n_trainable
 
 
 # --------------------------------------------------------------------------------------------- HF + PEFT side
-def hf_side(hf_cfg: dict, setting: str, batch: int, seq: int, attn: str = "sdpa", trained_fraction: float = 1.0):
-  """(step_fn, n_trainable): one transformers (+ PEFT) step: forward with labels, backward, clip, AdamW."""
+def hf_side(hf_cfg: dict, setting: str, batch: int, seq: int, attn: str = "sdpa", trained_fraction: float = 1.0,
+            dtype: str = "float32"):
+  """(step_fn, n_trainable): one transformers (+ PEFT) step: forward with labels, backward, clip, AdamW.
+
+  dtype bfloat16: the forward under torch.autocast(bfloat16); under LoRA the base weights are
+  bf16 (PEFT keeps its adapters in float32), for full fine-tuning float32 (bench/train_gpu.py's setting)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
   config = transformers.LlamaConfig(**hf_cfg)
   config._attn_implementation = attn  # pylint: disable=protected-access
-  model = transformers.LlamaForCausalLM(config).to(torch.float32)
+  bf16 = dtype == "bfloat16"
+  model = transformers.LlamaForCausalLM(config).to(torch.bfloat16 if bf16 and setting == "lora" else torch.float32)
   if setting == "lora":
     import peft  # pylint: disable=g-import-not-at-top
     model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
@@ -129,7 +141,8 @@ def hf_side(hf_cfg: dict, setting: str, batch: int, seq: int, attn: str = "sdpa"
   labels = torch.where(torch.from_numpy(loss_mask(batch, seq, trained_fraction)) > 0, ids, -100)
 
   def run() -> float:
-    loss = model(input_ids=ids, labels=labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+      loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -159,9 +172,10 @@ def worker(args) -> None:
     from jaxtune.train import step as step_lib  # pylint: disable=g-import-not-at-top
     step_lib.jax = _NoCheckpoint(jax)
   if args.worker == "jaxtune":
-    run, n = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.loss_chunk, args.remat, args.trained_fraction)
+    run, n = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.loss_chunk, args.remat, args.trained_fraction,
+                      args.dtype)
   else:
-    run, n = hf_side(hf_cfg, args.setting, args.batch, args.seq, args.hf_attn, args.trained_fraction)
+    run, n = hf_side(hf_cfg, args.setting, args.batch, args.seq, args.hf_attn, args.trained_fraction, args.dtype)
   build = time.perf_counter() - t0
   t0 = time.perf_counter()
   loss = run()
@@ -202,7 +216,7 @@ def _start(side: str, args) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "bench.train_cpu", "--worker", side, "--setting", args.setting,
          "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
          "--loss-chunk", str(args.loss_chunk), "--remat", args.remat, "--hf-attn", args.hf_attn,
-         "--profile", args.profile, "--trained-fraction", str(args.trained_fraction)]
+         "--profile", args.profile, "--trained-fraction", str(args.trained_fraction), "--dtype", args.dtype]
   cmd += ["--smoke"] if args.smoke else []
   cmd += ["--no-ce-remat"] if args.no_ce_remat else []
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,6 +280,9 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=3, help="measured steps per side per round")
   p.add_argument("--warmup", type=int, default=2, help="unmeasured steps (the first compiles)")
   p.add_argument("--settle", type=int, default=1, help="unmeasured steps at the start of every turn, both sides")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype of both sides; float32 is the issue's setting, bfloat16 an extra one "
+                      "(CPUs with bf16 units, such as AMX)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--trained-fraction", type=float, default=1.0,
@@ -317,7 +334,7 @@ def main(argv=None) -> dict:
     rows[s] = dict(info[s], step_s=med, step_min_s=min(times[s]), tokens_per_s=tokens / med, times=times[s],
                    settle_times=settle[s], page_faults_per_step=statistics.median(faults[s]),
                    machine_gflops=rates[s])
-  print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} float32, median of {len(times[sides[0]])} steps/side")
+  print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} {args.dtype}, median of {len(times[sides[0]])} steps/side")
   print(f"cpu: {cpu_model()}")
   print(f"hugepages: {args.hugepages}, trained fraction: {args.trained_fraction}, "
         f"unmeasured steps per turn: {args.settle} (shown in parentheses)")
@@ -333,7 +350,7 @@ def main(argv=None) -> dict:
   every = [x for s in sides for x in rates[s]]
   print(f"machine float32 product rate before each turn: {min(every):.0f}-{max(every):.0f} GFLOP/s "
         f"({max(every) / min(every) - 1:.0%} apart)")
-  result = {"cpu": cpu_model(), "setting": args.setting, "batch": args.batch, "seq": args.seq, "smoke": args.smoke,
+  result = {"cpu": cpu_model(), "setting": args.setting, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "smoke": args.smoke,
             "hugepages": args.hugepages, "trained_fraction": args.trained_fraction, "settle": args.settle,
             "sides": rows}
   if args.json:
