@@ -31,14 +31,15 @@ _SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
 def wide_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array | None:
   """einsum(spec, a, b) asked for a float32 result and cast back to a's dtype, where that is faster; else None.
 
-  Applies on CPU to two operands of the same 16-bit dtype. There XLA runs a bfloat16 product that
-  returns float32 on the CPU's bfloat16 units (AMX on session 8's Xeon: 1,230-1,490 GFLOP/s),
-  while the same product returning bfloat16, which is what `a @ b` asks for, takes a generic
-  path (218-253 GFLOP/s). Both accumulate in float32, so only the final rounding can differ
-  (0.015% of the elements of a [1024, 576] x [576, 1536] product). It is one dot_general with
-  no transposed operand spelled out: `a @ b.T` with a float32 result stays on the slow path
-  (243 GFLOP/s) where the equivalent einsum does not (1,340). The bfloat16 LoRA step on CPU
-  went from 3.56 to 2.25 s (bench/NOTES.md item 31).
+  Applies when the default backend (where jaxtune's programs run) is the CPU, to two operands of
+  the same 16-bit dtype. There XLA runs a bfloat16 product that returns float32 on the CPU's
+  bfloat16 units (AMX on session 8's Xeon: 1,230-1,490 GFLOP/s), while the same product
+  returning bfloat16, which is what `a @ b` asks for, takes a generic path (218-253 GFLOP/s).
+  Both accumulate in float32, so only the final rounding can differ (0.015% of the elements of
+  a [1024, 576] x [576, 1536] product). Callers pass the operands as they are stored and let the
+  spec say which axes contract: `a @ b.T` with a float32 result stays on the slow path (243
+  GFLOP/s) where the equivalent einsum does not (1,340). The bfloat16 LoRA step on CPU went from
+  3.44-3.61 to 2.25-2.38 s (bench/NOTES.md item 31).
 
   None elsewhere: on GPU and TPU the products stay as they were, because XLA may or may not fold
   the cast back into the GEMM there, and that is unmeasured. None for float32, whose products
@@ -149,7 +150,6 @@ def _shared_lora_fwd(x, a, b, scales):
   hs = _split(_mm("mi,ir->mr", x, a_cat), [bi.shape[0] for bi in b], axis=1)  # [M, R_i], saved: small
   hs = [hi * jnp.asarray(si, x.dtype) for hi, si in zip(hs, scales)]
   return tuple(_mm("mr,ro->mo", hi, bi) for hi, bi in zip(hs, b)), (x, a_cat, b, hs)
-
 
 
 def _cat(parts: tuple[jax.Array, ...] | list[jax.Array], axis: int) -> jax.Array:
