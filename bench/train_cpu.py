@@ -334,7 +334,8 @@ def main(argv=None) -> dict:
     rows[s] = dict(info[s], step_s=med, step_min_s=min(times[s]), tokens_per_s=tokens / med, times=times[s],
                    settle_times=settle[s], page_faults_per_step=statistics.median(faults[s]),
                    machine_gflops=rates[s])
-  print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} {args.dtype}, median of {len(times[sides[0]])} steps/side")
+  print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} {args.dtype}, "
+        f"median of {len(times[sides[0]])} steps/side")
   print(f"cpu: {cpu_model()}")
   print(f"hugepages: {args.hugepages}, trained fraction: {args.trained_fraction}, "
         f"unmeasured steps per turn: {args.settle} (shown in parentheses)")
@@ -350,9 +351,9 @@ def main(argv=None) -> dict:
   every = [x for s in sides for x in rates[s]]
   print(f"machine float32 product rate before each turn: {min(every):.0f}-{max(every):.0f} GFLOP/s "
         f"({max(every) / min(every) - 1:.0%} apart)")
-  result = {"cpu": cpu_model(), "setting": args.setting, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "smoke": args.smoke,
-            "hugepages": args.hugepages, "trained_fraction": args.trained_fraction, "settle": args.settle,
-            "sides": rows}
+  result = {"cpu": cpu_model(), "setting": args.setting, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
+            "smoke": args.smoke, "hugepages": args.hugepages, "trained_fraction": args.trained_fraction,
+            "settle": args.settle, "sides": rows}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

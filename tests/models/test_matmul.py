@@ -101,6 +101,20 @@ def _bf16(*arrays):
   return tuple(a.astype(jnp.bfloat16) for a in arrays)
 
 
+@pytest.fixture
+def backend(monkeypatch):
+  """backend(name): matmul sees `name` as jax's default backend until the test ends; traces are
+  cleared on the way in and out (custom_vjp keeps its traces, which would keep the other form)."""
+
+  def set_backend(name: str) -> None:
+    monkeypatch.setattr(matmul.jax, "default_backend", lambda: name)
+    jax.clear_caches()
+
+  yield set_backend
+  monkeypatch.undo()
+  jax.clear_caches()
+
+
 def test_wide_product_on_cpu_rounds_once_from_float32():
   """16-bit operands on CPU: one float32-result product cast back, equal to the f32 product rounded to bf16
   (within one bf16 step: both sum in float32, in orders that may differ). float32 and mixed operands: None."""
@@ -116,7 +130,7 @@ def test_wide_product_on_cpu_rounds_once_from_float32():
   assert matmul.wide_product("mi,io->mo", xb, w) is None
 
 
-def test_sixteen_bit_products_use_float32_results_on_cpu_only(monkeypatch):
+def test_sixteen_bit_products_use_float32_results_on_cpu_only(backend):
   """dense and the LoRA products, forward and backward: float32-result dots on CPU; elsewhere as before."""
   x, w, _, _, dy = _bf16(*_arrays())
   a, b = _bf16(*_arrays(1)[2:4])
@@ -127,18 +141,14 @@ def test_sixteen_bit_products_use_float32_results_on_cpu_only(monkeypatch):
 
   grads = lambda *p: jax.grad(step, (0, 1, 2, 3))(*p)  # noqa: E731
   assert _dot_result_types(grads, x, w, a, b) == {"float32"}
-  monkeypatch.setattr(matmul.jax, "default_backend", lambda: "gpu")
-  jax.clear_caches()  # custom_vjp keeps its traces: retrace under the patched backend
+  backend("gpu")
   assert _dot_result_types(grads, x, w, a, b) == {"bfloat16"}
-  monkeypatch.undo()
-  jax.clear_caches()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu"])
-def test_sixteen_bit_gradients_match_float32(backend, monkeypatch):
-  """Both product forms give bf16 values and gradients of dense + shared LoRA within bf16 error of float32."""
-  monkeypatch.setattr(matmul.jax, "default_backend", lambda: backend)
-  jax.clear_caches()
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_sixteen_bit_gradients_match_float32(name, backend):
+  """Both product forms give bf16 gradients of dense + shared LoRA within bf16 error of float32."""
+  backend(name)
   x, w, _, _, _ = _arrays()
   ks = jax.random.split(jax.random.key(7), 5)
   a = (jax.random.normal(ks[0], (I, 4)), jax.random.normal(ks[1], (I, 2)))
@@ -155,5 +165,3 @@ def test_sixteen_bit_gradients_match_float32(backend, monkeypatch):
   for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g, np.float32), h, atol=0.05 * float(np.abs(h).max()), rtol=0.05)
-  monkeypatch.undo()
-  jax.clear_caches()
