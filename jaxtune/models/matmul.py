@@ -54,12 +54,6 @@ def _widens(a: jax.Array, b: jax.Array) -> bool:
   return jax.default_backend() == "cpu" and a.dtype == b.dtype and a.dtype in _SIXTEEN_BIT
 
 
-def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b, for a plain 2-D spec ("mi,io->mo"); through `wide_product` where that applies."""
-  wide = wide_product(spec, a, b)
-  return a @ b if wide is None else wide
-
-
 def product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """einsum(spec, a, b), through `wide_product` where that applies."""
   out = wide_product(spec, a, b)
@@ -101,14 +95,14 @@ def _token_contraction(x_MI: jax.Array, dy_MO: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def dense(x_MI: jax.Array, w_IO: jax.Array) -> jax.Array:
   """x @ w; the weight gradient, when w is trained, is x^T dy by `_token_contraction`."""
-  return _mm("mi,io->mo", x_MI, w_IO)
+  return product("mi,io->mo", x_MI, w_IO)
 
 
 def _dense_fwd(x, w):
   # symbolic zeros: inputs arrive as CustomVJPPrimal(value, perturbed). A frozen weight (LoRA)
   # needs neither its gradient nor the saved x.
   x_saved = x.value if w.perturbed else None
-  return _mm("mi,io->mo", x.value, w.value), (x_saved, w.value, x.perturbed)
+  return product("mi,io->mo", x.value, w.value), (x_saved, w.value, x.perturbed)
 
 
 def _dense_bwd(res, dy):
@@ -147,9 +141,9 @@ def shared_lora_matmul(x_MI: jax.Array, a: tuple[jax.Array, ...], b: tuple[jax.A
 
 def _shared_lora_fwd(x, a, b, scales):
   a_cat = _cat(a, axis=1)  # [I, sum R], saved: small (the backward needs the same concatenation)
-  hs = _split(_mm("mi,ir->mr", x, a_cat), [bi.shape[0] for bi in b], axis=1)  # [M, R_i], saved: small
+  hs = _split(product("mi,ir->mr", x, a_cat), [bi.shape[0] for bi in b], axis=1)  # [M, R_i], saved: small
   hs = [hi * jnp.asarray(si, x.dtype) for hi, si in zip(hs, scales)]
-  return tuple(_mm("mr,ro->mo", hi, bi) for hi, bi in zip(hs, b)), (x, a_cat, b, hs)
+  return tuple(product("mr,ro->mo", hi, bi) for hi, bi in zip(hs, b)), (x, a_cat, b, hs)
 
 
 def _cat(parts: tuple[jax.Array, ...] | list[jax.Array], axis: int) -> jax.Array:

@@ -1,11 +1,11 @@
 """The XLA attention path (custom backward) against the plain softmax formula: values and gradients."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxprs import dot_result_types
 from jaxtune.models import attention as attn_lib
 
 B, T, N, K, H = 2, 6, 4, 2, 8
@@ -60,21 +60,12 @@ def test_bfloat16_on_cpu_takes_float32_result_products_and_stays_close():
     return jnp.sum((attn_lib.attend(q, k, v, mask, scale=0.3) * cot.astype(q.dtype)).astype(jnp.float32))
 
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-  results = {str(e.outvars[0].aval.dtype) for e in _all_eqns(jax.make_jaxpr(jax.grad(f, (0, 1, 2)))(*bf16).jaxpr)
-             if e.primitive.name == "dot_general"}
-  assert results == {"float32"}
+  assert dot_result_types(jax.grad(f, (0, 1, 2)), *bf16) == {"float32"}
   with jax.default_matmul_precision("highest"):
     want = _grads(f, q, k, v)
   for name, a, b in zip("qkv", _grads(f, *bf16), want):
     assert a.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.03 * float(np.abs(b).max()), err_msg=f"d{name}")
-
-
-def _all_eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _all_eqns(sub)
 
 
 @pytest.mark.parametrize("blocks, window, softcap", [(2, None, None), (3, None, 2.0), (4, 5, None), (6, 3, None)])

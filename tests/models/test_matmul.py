@@ -1,11 +1,11 @@
 """The layout-aware products against plain autodiff: same values, same gradients."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxprs import dot_result_types
 from jaxtune.models import matmul
 
 M, I, O, R = 12, 8, 10, 3
@@ -82,21 +82,6 @@ def test_flat_layout(einsum, want):
   assert matmul.flat_layout(einsum) == want
 
 
-def _dot_result_types(fn, *args) -> set[str]:
-  """The result dtypes of every dot_general in fn's jaxpr, custom VJP bodies included."""
-  found = set()
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        found.add(str(eqn.outvars[0].aval.dtype))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
-
-
 def _bf16(*arrays):
   return tuple(a.astype(jnp.bfloat16) for a in arrays)
 
@@ -122,7 +107,7 @@ def test_wide_product_on_cpu_rounds_once_from_float32():
   xb, wb = _bf16(x, w)
   got = matmul.wide_product("mi,io->mo", xb, wb)
   assert got.dtype == jnp.bfloat16
-  assert _dot_result_types(lambda a, b: matmul.wide_product("mi,io->mo", a, b), xb, wb) == {"float32"}
+  assert dot_result_types(lambda a, b: matmul.wide_product("mi,io->mo", a, b), xb, wb) == {"float32"}
   exact = np.asarray(xb, np.float64) @ np.asarray(wb, np.float64)
   step = np.abs(exact) * 2.0**-7 + 1e-6  # one bf16 step at each value
   np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - exact), step)
@@ -139,10 +124,10 @@ def test_sixteen_bit_products_use_float32_results_on_cpu_only(backend):
     y = matmul.dense(x, w) + matmul.lora_matmul(x, a, b, 2.0)
     return jnp.sum((y * dy).astype(jnp.float32))
 
-  grads = lambda *p: jax.grad(step, (0, 1, 2, 3))(*p)  # noqa: E731
-  assert _dot_result_types(grads, x, w, a, b) == {"float32"}
+  grads = jax.grad(step, (0, 1, 2, 3))
+  assert dot_result_types(grads, x, w, a, b) == {"float32"}
   backend("gpu")
-  assert _dot_result_types(grads, x, w, a, b) == {"bfloat16"}
+  assert dot_result_types(grads, x, w, a, b) == {"bfloat16"}
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
