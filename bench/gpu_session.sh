@@ -23,8 +23,17 @@ part() {  # part NAME SECONDS MODULE ARGS...: bench/gpu_device.sh with its own l
 part bench 200 bench.train_gpu
 part causal 90 bench.train_gpu --sides jaxtune --attn cudnn_causal
 part causal_nomask 90 bench.train_gpu --sides jaxtune --attn cudnn_causal_nomask
-part profile_lora 60 bench.profile_step --setting lora --top 25
-part profile_full 60 bench.profile_step --setting full --top 25
+# Each profile also keeps its trace and the optimised HLO of its step; both come back in one tarball.
+for setting in lora full; do
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/dump_$setting --xla_dump_hlo_as_text" \
+    part "profile_$setting" 60 bench.profile_step --setting "$setting" --top 40 --trace-dir "/tmp/trace_$setting"
+done
+mkdir -p /tmp/artifacts
+for setting in lora full; do
+  cp "$(find "/tmp/trace_$setting" -name '*.xplane.pb' | tail -1)" "/tmp/artifacts/trace_$setting.xplane.pb"
+  cp "$(ls -S /tmp/dump_$setting/*after_optimizations.txt | head -1)" "/tmp/artifacts/hlo_$setting.txt"
+done 2>/dev/null
+tar -czf "$out/profile_artifacts.tar.gz" -C /tmp artifacts && ls -la "$out/profile_artifacts.tar.gz"
 
 echo "=== cli (limit 60 s)"
 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} timeout 60 python3 -m jaxtune.train --config configs/tiny.py --config.train.steps=20 \
@@ -43,7 +52,7 @@ done
 for name in profile_lora profile_full; do
   echo "--- $name"
   sed -n '/: batch [0-9]* x /,/^top/p' "$out/session_${name}.log" | grep -v '^trace'
-  sed -n '/^top/,$p' "$out/session_${name}.log" | sed -n 2,14p
+  sed -n '/^top/,$p' "$out/session_${name}.log" | sed -n 2,20p
   grep -m3 -i 'error\|Traceback' "$out/session_${name}.log"
 done
 echo "--- cli"
