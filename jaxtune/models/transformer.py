@@ -163,9 +163,8 @@ class Attention(nnx.Module):
     else:  # KV-cache decoding runs the portable path: splash has none, cuDNN's is not measured
       impl = "xla" if self.impl == "splash" or (self.impl == "cudnn" and kv_cache is not None) else self.impl
       # Without a cache every query and key slot is 0..T-1: the mask is causal, blocks above the diagonal skip.
-      blocks = attn_lib.causal_block_count(x_BTD.shape[1]) if kv_cache is None else 1
       out = attn_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, scale=self.scale,
-                            softcap=self.softcap, impl=impl, causal_blocks=blocks, save_inputs=self.q_norm is None)
+                            softcap=self.softcap, impl=impl, causal=kv_cache is None, save_inputs=self.q_norm is None)
     return self.o(out), kv_cache
 
 

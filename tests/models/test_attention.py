@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from jaxprs import dot_result_types
+import jaxtune
+from jaxtune.generation import generate_ids
 from jaxtune.models import attention as attn_lib
+import tiny_hf
 
 B, T, N, K, H = 2, 6, 4, 2, 8
 
@@ -81,14 +84,55 @@ def test_causal_blocks_match_the_formula(blocks, window, softcap):
   real = (segments != 0)[:, :, None, None]
   cot = jax.random.normal(ks[3], (B, T2, N, H)) * real  # padding rows' outputs are never used
   with jax.default_matmul_precision("highest"):
-    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, causal_blocks=blocks) * cot)  # noqa: E731
+    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, causal=True, causal_blocks=blocks) * cot)  # noqa: E731
     g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, softcap) * cot)  # noqa: E731
-    out = jax.jit(attn_lib.attend, static_argnames=("scale", "softcap", "causal_blocks"))(
-        q, k, v, mask, scale=0.3, softcap=softcap, causal_blocks=blocks)
+    out = jax.jit(attn_lib.attend, static_argnames=("scale", "softcap", "causal", "causal_blocks"))(
+        q, k, v, mask, scale=0.3, softcap=softcap, causal=True, causal_blocks=blocks)
     np.testing.assert_allclose(out * real, _reference(q, k, v, mask, 0.3, softcap) * real, atol=1e-5)
     got, want = _grads(f, q, k, v), _grads(g, q, k, v)
   for name, a, b in zip("qkv", got, want):
     np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_fused_path_told_causal_matches_the_formula():
+  """impl="dot_product" is jax.nn.dot_product_attention, the call cuDNN runs behind; causal=True adds
+  is_causal to the packed mask, which must change nothing a real query sees: values and gradients."""
+  T2 = 12
+  ks = jax.random.split(jax.random.key(2), 4)
+  q = jax.random.normal(ks[0], (B, T2, N, H))
+  k, v = jax.random.normal(ks[1], (B, T2, K, H)), jax.random.normal(ks[2], (B, T2, K, H))
+  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0], [1] * T2])  # packed, with a padding tail
+  slots = jnp.broadcast_to(jnp.arange(T2), (B, T2))
+  mask = attn_lib.attention_mask(slots, slots, segments, segments)
+  real = (segments != 0)[:, :, None, None]
+  cot = jax.random.normal(ks[3], (B, T2, N, H)) * real
+  with jax.default_matmul_precision("highest"):
+    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, impl="dot_product", causal=True) * cot)  # noqa: E731
+    g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, None) * cot)  # noqa: E731
+    out = attn_lib.attend(q, k, v, mask, scale=0.3, impl="dot_product", causal=True)
+    np.testing.assert_allclose(out * real, _reference(q, k, v, mask, 0.3, None) * real, atol=1e-5)
+    for name, a, b in zip("qkv", _grads(f, q, k, v), _grads(g, q, k, v)):
+      np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_model_tells_the_fused_kernel_causal_only_without_a_cache(monkeypatch, tmp_path):
+  """A forward pass without a KV cache passes is_causal=True to cuDNN's call; decoding with a cache
+  runs the XLA path (its key slots are not the query slots) and never reaches that call."""
+  calls = []
+  plain = jax.nn.dot_product_attention
+
+  def record(*args, is_causal=False, implementation=None, **kwargs):  # cuDNN's call, run by XLA on CPU
+    calls.append((implementation, is_causal))
+    return plain(*args, is_causal=is_causal, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+  tiny_hf.build("llama", tmp_path)
+  model = jaxtune.load_model(tmp_path, attention_impl="cudnn")
+  model(np.arange(3, 11)[None])
+  assert calls and set(calls) == {("cudnn", True)}
+  seen = len(calls)
+  generate_ids(model, [[3, 4, 5]], max_new_tokens=2)
+  assert len(calls) == seen
 
 
 @pytest.mark.parametrize("T, want", [(32, 1), (255, 1), (256, 2), (300, 2), (512, 4), (1024, 8), (8192, 8), (4099, 1)])
