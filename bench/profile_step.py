@@ -8,9 +8,12 @@ Builds the same step as `bench.train_gpu` (Llama 3.2 1B shape, 4 x 2048, bf16 on
 few steps, then traces `--profile-steps` more with jax.profiler and reads the trace back
 (jax.profiler.ProfileData). Every device event that names its HLO op is summed per op and per
 kind (matmul, attention, elementwise/reduction fusions, copies and slices, collectives), and the
-table reports milliseconds per step and the share of the device's busy time. On CPU the
-events are XLA's thunks on the host threads, so the shares are of op time summed over threads.
-The trace stays in --trace-dir for TensorBoard/XProf.
+table reports milliseconds per step and the share of the device's busy time. On GPU, XLA runs
+the step as command buffers (CUDA graphs), whose kernels all name their buffer as the HLO op; such
+a kernel is counted under its own name instead, which is its fusion's name. On CPU the events are
+XLA's thunks on the host threads, so the shares are of op time summed over threads. The trace
+stays in --trace-dir for TensorBoard/XProf; `--from-trace FILE --profile-steps N` summarises a
+trace taken earlier (one brought back from a device machine, say) without running anything.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from bench import train_gpu
 
 # Kind of a device event, tried in order on "<kernel name> <hlo op>" (cuDNN, cuBLAS and XLA names).
 KINDS = (
-    ("attention", re.compile(r"sdpa|fmha|flash|attention", re.I)),
+    ("attention", re.compile(r"sdpa|fmha|flash|attention|cudnn", re.I)),
     ("matmul", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|matmul|\bdot[._\b]|convolution|ynn_fusion", re.I)),
     ("collective", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective", re.I)),
     ("copy/slice", re.compile(r"memcpy|memset|copy|dynamic[-_]update[-_]slice|dynamic[-_]slice|transpose|"
@@ -37,6 +40,7 @@ KINDS = (
 
 
 CONTROL_FLOW = re.compile(r"^(while|cond|conditional|call)[._]")  # spans its body's ops (CPU): not counted
+COMMAND_BUFFER = re.compile(r"^command_buffer")  # a CUDA graph (GPU): its kernels are told apart by name
 
 
 def kind_of(kernel: str, hlo_op: str) -> str:
@@ -59,7 +63,10 @@ def op_events(xplane_file: str) -> list[tuple[str, str, int, int, str]]:
         stats = dict(e.stats)
         if "hlo_op" in stats and not CONTROL_FLOW.match(str(stats["hlo_op"])):
           scope = str(stats.get("tf_op") or stats.get("name") or "")
-          events.append((e.name, str(stats["hlo_op"]), int(e.start_ns), int(e.duration_ns), scope))
+          op = str(stats["hlo_op"])
+          if COMMAND_BUFFER.match(op):  # XLA names a fused kernel after its fusion, "_" for "."
+            op = re.sub(r"_(\d+)$", r".\1", e.name)
+          events.append((e.name, op, int(e.start_ns), int(e.duration_ns), scope))
   return events
 
 
@@ -110,8 +117,13 @@ def main(argv=None) -> str:
   p.add_argument("--profile-steps", type=int, default=2)
   p.add_argument("--top", type=int, default=30)
   p.add_argument("--trace-dir", default="")
+  p.add_argument("--from-trace", default="", help="summarise this .xplane.pb (of --profile-steps steps) and exit")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
+  if args.from_trace:
+    report = summarise(op_events(args.from_trace), args.profile_steps, args.top)
+    print(report, flush=True)
+    return report
   import jax  # pylint: disable=g-import-not-at-top
 
   if args.smoke:
