@@ -2,9 +2,14 @@
 # The GPU benchmark (or profile) as one device call (bench/train_gpu.py; docs/benchmarks.md, "GPU").
 #
 # The device machine has jax (CUDA), flax, optax, torch, transformers and peft but no package
-# registry; of what this benchmark imports it lacks only ml_collections. Here, once:
+# registry; of what this benchmark imports it lacks only ml_collections, and the training CLI
+# (bench/gpu_session.sh's last part) also needs grain, array_record, portpicker and tensorboardX.
+# Here, once (session 9's versions; the platform flags fetch the device's Python 3.12 builds):
 #     echo /.whl/ >> .git/info/exclude
 #     python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#       grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 tensorboardX==2.6.5
 # then run this script there with `.whl` carried; it writes the log to $OUT/train_gpu.log.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1

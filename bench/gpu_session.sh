@@ -3,8 +3,9 @@
 # call costs a machine start). Run with `.whl` carried (see bench/gpu_device.sh) and a timeout
 # of 600 s. Parts, in order of value, each under its own time limit (~9 min in all):
 #   1. the benchmark against HF + PEFT, both settings (the figures of docs/benchmarks.md "GPU");
-#   2. two probes of the cuDNN call, jaxtune only (bench/NOTES.md item 29): is_causal besides the
-#      mask, and is_causal with no mask;
+#   2. three jaxtune-only runs on rows of 4 packed examples (bench/NOTES.md item 33): the library's
+#      masked cuDNN call, then jax's private packed-layout cuDNN call told the segments instead of a
+#      mask, as documented and with k/v repeated to the query heads; the loss column says which agree;
 #   3. where a step's time goes, LoRA and full (python -m bench.profile_step);
 #   4. the training CLI on configs/tiny.py, which must log `attention: cudnn (auto: ...)`.
 # Logs go to $OUT/session_*.log; a summary of all parts is printed last. SESSION_SMOKE=1 runs every
@@ -21,8 +22,9 @@ part() {  # part NAME SECONDS MODULE ARGS...: bench/gpu_device.sh with its own l
   echo "    exit $?, $(cat "$out/session_${name}.log" 2>/dev/null | wc -l) lines"
 }
 part bench 200 bench.train_gpu
-part causal 90 bench.train_gpu --sides jaxtune --attn cudnn_causal
-part causal_nomask 90 bench.train_gpu --sides jaxtune --attn cudnn_causal_nomask
+part seg_mask 90 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn
+part seg_cudnn 90 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn_segments
+part seg_rep 90 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn_segments_rep
 # Each profile also keeps its trace and the optimised HLO of its step; both come back in one tarball.
 for setting in lora full; do
   XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/dump_$setting --xla_dump_hlo_as_text" \
@@ -44,7 +46,7 @@ echo "    exit $?"
 echo
 echo "##### summary"
 head -2 "$out/session_bench.log"  # card, driver, versions
-for name in bench causal causal_nomask; do
+for name in bench seg_mask seg_cudnn seg_rep; do
   echo "--- $name"
   sed -n '/^Llama 3.2 1B shape/,$p' "$out/session_${name}.log"
   grep -m3 -i 'error\|Traceback' "$out/session_${name}.log"

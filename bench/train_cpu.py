@@ -65,8 +65,10 @@ def loss_mask(batch: int, seq: int, trained_fraction: float, example: int = 64):
 
 # ---------------------------------------------------------------------------------------------- jaxtune side
 def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: float = LR,
-                 trained_fraction: float = 1.0):
-  """(run, n_trainable, n_frozen): run() does one real jaxtune train step on random tokens and blocks on it."""
+                 trained_fraction: float = 1.0, segments: int = 1):
+  """(run, n_trainable, n_frozen): run() does one real jaxtune train step on random tokens and blocks on it.
+
+  segments: examples packed into each row, of seq / segments tokens each (1: one sequence per row, as HF sees)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -87,9 +89,12 @@ def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: f
   n_frozen = sum(x.size for x in jax.tree.leaves(frozen.weights))
   train_step = step.make_train_step(graphdef, frozen, tx, loss_chunk=loss_chunk)
   ids = random_tokens(batch, seq, cfg.vocab_size)[None]
+  if seq % segments:
+    raise ValueError(f"{segments} segments do not divide a row of {seq} tokens")
+  slot = np.arange(seq, dtype=np.int32)
   data = {"input_ids": ids, "loss_mask": loss_mask(batch, seq, trained_fraction)[None],
-          "segment_ids": np.ones_like(ids),
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
+          "segment_ids": np.broadcast_to(1 + slot // (seq // segments), ids.shape).copy(),
+          "positions": np.broadcast_to(slot % (seq // segments), ids.shape).copy()}
   holder = {"state": state}
 
   def run() -> float:

@@ -39,25 +39,49 @@ LR = 1e-4
 # Probes of the cuDNN call, for A/B runs on a GPU (bench/NOTES.md item 29); not library options.
 # This benchmark's rows are one unpadded sequence each, so all of them compute the same function.
 CUDNN_PROBES = {
-    "cudnn_causal": "is_causal=True besides the mask (cuDNN may skip the tiles above the diagonal)",
+    "cudnn_causal": "is_causal=True besides the mask (the library's call since session 9)",
     "cudnn_causal_nomask": "is_causal=True and no mask (no [B, 1, T, S] bias to read; unpacked rows only)",
+    "cudnn_segments": "no mask: jax's private cuDNN call told each row's --segments as lengths and offsets",
+    "cudnn_segments_rep": "cudnn_segments with k and v repeated to the query heads (in case GQA offsets are off)",
 }
 
 
-def _probe_cudnn(variant: str) -> None:
-  """Makes jaxtune's jax.nn.dot_product_attention calls in this worker process use `variant`."""
+def _probe_cudnn(variant: str, segments: int) -> None:
+  """Makes jaxtune's jax.nn.dot_product_attention calls in this worker process use `variant`.
+
+  The segment probes ask cuDNN's packed (ragged) layout for what the mask says: `segments` examples
+  of T / segments tokens per row, causal within each, which is the batch `--segments` builds. They
+  use jax._src.cudnn.fused_attention_stablehlo (Hopper only; jax has no public way to pass segments)
+  and ignore the mask they are given, so they are only valid on that batch; the loss column checks
+  them against `--attn cudnn` on the same batch. Off GPU (smoke runs) they run the masked call.
+  """
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   plain = jax.nn.dot_product_attention
 
+  def segmented(query, key, value, scale):
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+
+    B, T, N, _ = query.shape
+    if variant == "cudnn_segments_rep":
+      key, value = (jnp.repeat(x, N // x.shape[2], axis=2) for x in (key, value))
+    length = T // segments
+    lengths = jnp.full((B, segments), length, jnp.int32)
+    offsets = jnp.broadcast_to(jnp.arange(segments + 1, dtype=jnp.int32) * length, (B, segments + 1))
+    return cudnn.dot_product_attention(query, key, value, None, None, lengths, lengths, offsets, offsets,
+                                       scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+
   def call(query, key, value, bias=None, mask=None, **kwargs):
+    if variant.startswith("cudnn_segments") and kwargs.get("implementation") == "cudnn":
+      return segmented(query, key, value, kwargs.get("scale"))
     kwargs["is_causal"] = True
     return plain(query, key, value, bias, None if variant == "cudnn_causal_nomask" else mask, **kwargs)
 
   jax.nn.dot_product_attention = call
 
 
-def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk):
+def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk, segments=1):
   import jax  # pylint: disable=g-import-not-at-top
 
   from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
@@ -68,12 +92,12 @@ def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk):
     dtypes = {"dtype": "bfloat16", "param_dtype": "bfloat16" if setting == "lora" else "float32"}
   impl = attn
   if attn in CUDNN_PROBES:
-    _probe_cudnn(attn)
+    _probe_cudnn(attn, segments)
     impl = "cudnn"
   if jax.default_backend() != "gpu":  # smoke runs: the probes go through the same call's XLA implementation
     impl = "dot_product" if attn in CUDNN_PROBES else "xla"
   cfg = from_hf_dict(hf_cfg, attention_impl=impl, remat=remat, **dtypes)
-  run, n_trainable, n_frozen = jaxtune_step(cfg, setting, batch, seq, loss_chunk, lr=LR)
+  run, n_trainable, n_frozen = jaxtune_step(cfg, setting, batch, seq, loss_chunk, lr=LR, segments=segments)
   n_params = n_frozen if setting == "lora" else n_trainable + n_frozen  # base weights only
 
   def peak_gb():
@@ -121,7 +145,8 @@ def hf_side(hf_cfg, setting, batch, seq, attn):
 def worker(args) -> None:
   hf_cfg = SMOKE if args.smoke else LLAMA32_1B
   if args.worker == "jaxtune":
-    run, n, peak = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.attn, args.remat, args.loss_chunk)
+    run, n, peak = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.attn, args.remat, args.loss_chunk,
+                            args.segments)
   else:
     run, n, peak = hf_side(hf_cfg, args.setting, args.batch, args.seq, args.hf_attn)
   t0 = time.perf_counter()
@@ -141,7 +166,8 @@ def run_setting(args, setting: str) -> dict:
   for side in times:
     cmd = [sys.executable, "-m", "bench.train_gpu", "--worker", side, "--settings", setting, "--batch",
            str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--attn", args.attn,
-           "--remat", args.remat, "--loss-chunk", str(args.loss_chunk), "--hf-attn", args.hf_attn]
+           "--remat", args.remat, "--loss-chunk", str(args.loss_chunk), "--hf-attn", args.hf_attn,
+           "--segments", str(args.segments)]
     cmd += ["--smoke"] if args.smoke else []
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # both workers share the card
     procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
@@ -180,6 +206,8 @@ def main(argv=None) -> dict:
   p.add_argument("--remat", default="dots_no_batch",
                  help="jaxtune remat: none | full | dots | dots_no_batch (the training default)")
   p.add_argument("--loss-chunk", type=int, default=512)
+  p.add_argument("--segments", type=int, default=1,
+                 help="jaxtune only: examples packed into each row (HF always sees one sequence per row)")
   p.add_argument("--hf-attn", default="sdpa")
   p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card")
   p.add_argument("--smoke", action="store_true")
@@ -188,11 +216,13 @@ def main(argv=None) -> dict:
   if args.worker:
     args.setting = args.settings
     return worker(args)
+  if args.segments > 1 and "hf" in args.sides.split(","):
+    p.error("--segments packs jaxtune's rows only; run it with --sides jaxtune")
   if args.smoke:
     args.batch, args.seq, args.rounds, args.steps, args.warmup = 2, 32, 1, 1, 1
   results = {s: run_setting(args, s) for s in args.settings.split(",")}
   print(f"\nLlama 3.2 1B shape, batch {args.batch} x {args.seq}, bf16; median step; MFU vs {args.peak_tflops} TFLOP/s; "
-        f"jaxtune attention {args.attn}, remat {args.remat}")
+        f"jaxtune attention {args.attn}, remat {args.remat}" + (f", {args.segments} segments a row" if args.segments > 1 else ""))
   print(f"{'setting':8} {'side':8} {'tokens/s':>9} {'step s':>7} {'peak GB':>8} {'MFU':>6} {'first s':>8} {'loss':>8}")
   for s, rows in results.items():
     for side, row in rows.items():
