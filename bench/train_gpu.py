@@ -36,8 +36,9 @@ LLAMA32_1B = dict(
 LR = 1e-4
 
 
-# Probes of the cuDNN call, for A/B runs on a GPU (bench/NOTES.md item 29); not library options.
-# This benchmark's rows are one unpadded sequence each, so all of them compute the same function.
+# Probes of the cuDNN call, for A/B runs on a GPU (bench/NOTES.md items 29 and 33); not library options.
+# With --segments 1 (the default) every row is one unpadded sequence, so all of them compute the same
+# function; the segment probes are valid only on the --segments batch they are told about.
 CUDNN_PROBES = {
     "cudnn_causal": "is_causal=True besides the mask (the library's call since session 9)",
     "cudnn_causal_nomask": "is_causal=True and no mask (no [B, 1, T, S] bias to read; unpacked rows only)",
@@ -222,7 +223,8 @@ def main(argv=None) -> dict:
     args.batch, args.seq, args.rounds, args.steps, args.warmup = 2, 32, 1, 1, 1
   results = {s: run_setting(args, s) for s in args.settings.split(",")}
   print(f"\nLlama 3.2 1B shape, batch {args.batch} x {args.seq}, bf16; median step; MFU vs {args.peak_tflops} TFLOP/s; "
-        f"jaxtune attention {args.attn}, remat {args.remat}" + (f", {args.segments} segments a row" if args.segments > 1 else ""))
+        f"jaxtune attention {args.attn}, remat {args.remat}"
+        + (f", {args.segments} segments a row" if args.segments > 1 else ""))
   print(f"{'setting':8} {'side':8} {'tokens/s':>9} {'step s':>7} {'peak GB':>8} {'MFU':>6} {'first s':>8} {'loss':>8}")
   for s, rows in results.items():
     for side, row in rows.items():

@@ -149,9 +149,10 @@ def attend(
   k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
   if save_inputs:  # kept by the dots remat policies in the layout the backward reads (see the docstring)
     q_BKGTH, k_BKSH, v_BKSH = (checkpoint_name(x, ATTENTION_NAME) for x in (q_BKGTH, k_BKSH, v_BKSH))
-  if causal and causal_blocks is None:
+  if not causal:
+    causal_blocks = 1
+  elif causal_blocks is None:
     causal_blocks = causal_block_count(T)
-  causal_blocks = causal_blocks if causal else 1
   if causal_blocks > 1 and T % causal_blocks == 0 and k_BSKH.shape[1] == T:
     size = T // causal_blocks
     out_BKGTH = jnp.concatenate([  # query block i: keys up to its last query

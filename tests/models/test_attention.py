@@ -1,4 +1,4 @@
-"""The XLA attention path (custom backward) against the plain softmax formula: values and gradients."""
+"""Attention against the plain softmax formula, values and gradients: the XLA path (custom backward) and the fused call."""
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +84,8 @@ def test_causal_blocks_match_the_formula(blocks, window, softcap):
   real = (segments != 0)[:, :, None, None]
   cot = jax.random.normal(ks[3], (B, T2, N, H)) * real  # padding rows' outputs are never used
   with jax.default_matmul_precision("highest"):
-    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, causal=True, causal_blocks=blocks) * cot)  # noqa: E731
+    f = lambda *a: jnp.sum(  # noqa: E731
+        attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, causal=True, causal_blocks=blocks) * cot)
     g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, softcap) * cot)  # noqa: E731
     out = jax.jit(attn_lib.attend, static_argnames=("scale", "softcap", "causal", "causal_blocks"))(
         q, k, v, mask, scale=0.3, softcap=softcap, causal=True, causal_blocks=blocks)
