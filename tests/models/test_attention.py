@@ -1,4 +1,4 @@
-"""Attention against the plain softmax formula, values and gradients: the XLA path (custom backward) and the fused call."""
+"""Attention against the plain softmax formula, values and gradients: the XLA path and the fused call."""
 
 import jax
 import jax.numpy as jnp
