@@ -7,8 +7,8 @@ import pytest
 
 from jaxprs import dot_result_types
 import jaxtune
-from jaxtune.generation import generate_ids
 from jaxtune.models import attention as attn_lib
+from jaxtune.models.transformer import KVCache
 import tiny_hf
 
 B, T, N, K, H = 2, 6, 4, 2, 8
@@ -132,7 +132,8 @@ def test_model_tells_the_fused_kernel_causal_only_without_a_cache(monkeypatch, t
   model(np.arange(3, 11)[None])
   assert calls and set(calls) == {("cudnn", True)}
   seen = len(calls)
-  generate_ids(model, [[3, 4, 5]], max_new_tokens=2)
+  cache = KVCache.create(model.config, 1, 8)  # prefill through a cache, as generation does
+  model.hidden_states(np.arange(3, 6)[None], cache=cache)
   assert len(calls) == seen
 
 
