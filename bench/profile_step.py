@@ -13,7 +13,8 @@ the step as command buffers (CUDA graphs), whose kernels all name their buffer a
 a kernel is counted under its own name instead, which is its fusion's name. On CPU the events are
 XLA's thunks on the host threads, so the shares are of op time summed over threads. The trace
 stays in --trace-dir for TensorBoard/XProf; `--from-trace FILE --profile-steps N` summarises a
-trace taken earlier (one brought back from a device machine, say) without running anything.
+trace taken earlier (one brought back from a device machine, say) without running anything, and
+`--hlo` with the step's optimised HLO text puts each op's jax op name in the scope column.
 """
 
 from __future__ import annotations
@@ -70,6 +71,23 @@ def op_events(xplane_file: str) -> list[tuple[str, str, int, int, str]]:
   return events
 
 
+def hlo_op_names(hlo_text_file: str) -> dict[str, str]:
+  """{HLO instruction: its jax op name} from an optimised HLO module's text (XLA_FLAGS=--xla_dump_to=...
+  --xla_dump_hlo_as_text; bench/gpu_session.sh brings one back), to say which jax op a kernel runs."""
+  names = {}
+  with open(hlo_text_file) as f:
+    for line in f:
+      m = re.match(r'\s+(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', line)
+      if m:
+        names[m.group(1)] = m.group(2)
+  return names
+
+
+def with_op_names(events, names: dict[str, str]):
+  """Events whose scope is the jax op name of their HLO instruction, where the HLO names it."""
+  return [(kernel, op, start, dur, names.get(op, scope)) for kernel, op, start, dur, scope in events]
+
+
 def busy_ns(events) -> int:
   """Length of the union of the events' intervals (time the device ran anything)."""
   total, end = 0, None
@@ -118,10 +136,14 @@ def main(argv=None) -> str:
   p.add_argument("--top", type=int, default=30)
   p.add_argument("--trace-dir", default="")
   p.add_argument("--from-trace", default="", help="summarise this .xplane.pb (of --profile-steps steps) and exit")
+  p.add_argument("--hlo", default="", help="with --from-trace: the step's optimised HLO text, to name each op's jax op")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
   if args.from_trace:
-    report = summarise(op_events(args.from_trace), args.profile_steps, args.top)
+    events = op_events(args.from_trace)
+    if args.hlo:
+      events = with_op_names(events, hlo_op_names(args.hlo))
+    report = summarise(events, args.profile_steps, args.top)
     print(report, flush=True)
     return report
   import jax  # pylint: disable=g-import-not-at-top
