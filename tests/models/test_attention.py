@@ -71,18 +71,25 @@ def test_bfloat16_on_cpu_takes_float32_result_products_and_stays_close():
     np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.03 * float(np.abs(b).max()), err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("blocks, window, softcap", [(2, None, None), (3, None, 2.0), (4, 5, None), (6, 3, None)])
-def test_causal_blocks_match_the_formula(blocks, window, softcap):
-  """Skipping the blocks above the diagonal changes nothing a real (non-padding) query sees: values and gradients."""
+def _packed_rows(seed, window=None):
+  """q, k, v of 12 positions, the mask of a packed row with a padding tail and of a plain row, the
+  real (non-padding) queries [B, T, 1, 1], and a cotangent that is zero on padding rows (whose
+  outputs are never used)."""
   T2 = 12
-  ks = jax.random.split(jax.random.key(1), 4)
+  ks = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(ks[0], (B, T2, N, H))
   k, v = jax.random.normal(ks[1], (B, T2, K, H)), jax.random.normal(ks[2], (B, T2, K, H))
-  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0], [1] * T2])  # packed, with a padding tail
+  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0], [1] * T2])
   slots = jnp.broadcast_to(jnp.arange(T2), (B, T2))
   mask = attn_lib.attention_mask(slots, slots, segments, segments, window)
   real = (segments != 0)[:, :, None, None]
-  cot = jax.random.normal(ks[3], (B, T2, N, H)) * real  # padding rows' outputs are never used
+  return q, k, v, mask, real, jax.random.normal(ks[3], (B, T2, N, H)) * real
+
+
+@pytest.mark.parametrize("blocks, window, softcap", [(2, None, None), (3, None, 2.0), (4, 5, None), (6, 3, None)])
+def test_causal_blocks_match_the_formula(blocks, window, softcap):
+  """Skipping the blocks above the diagonal changes nothing a real (non-padding) query sees: values and gradients."""
+  q, k, v, mask, real, cot = _packed_rows(1, window)
   with jax.default_matmul_precision("highest"):
     f = lambda *a: jnp.sum(  # noqa: E731
         attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, causal=True, causal_blocks=blocks) * cot)
@@ -98,15 +105,7 @@ def test_causal_blocks_match_the_formula(blocks, window, softcap):
 def test_fused_path_told_causal_matches_the_formula():
   """impl="dot_product" is jax.nn.dot_product_attention, the call cuDNN runs behind; causal=True adds
   is_causal to the packed mask, which must change nothing a real query sees: values and gradients."""
-  T2 = 12
-  ks = jax.random.split(jax.random.key(2), 4)
-  q = jax.random.normal(ks[0], (B, T2, N, H))
-  k, v = jax.random.normal(ks[1], (B, T2, K, H)), jax.random.normal(ks[2], (B, T2, K, H))
-  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0], [1] * T2])  # packed, with a padding tail
-  slots = jnp.broadcast_to(jnp.arange(T2), (B, T2))
-  mask = attn_lib.attention_mask(slots, slots, segments, segments)
-  real = (segments != 0)[:, :, None, None]
-  cot = jax.random.normal(ks[3], (B, T2, N, H)) * real
+  q, k, v, mask, real, cot = _packed_rows(2)
   with jax.default_matmul_precision("highest"):
     f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, impl="dot_product", causal=True) * cot)  # noqa: E731
     g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, None) * cot)  # noqa: E731
