@@ -63,7 +63,7 @@ def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_
   targets, weights = jnp.take_along_axis(targets, order_BT, axis=1), jnp.take_along_axis(weights, order_BT, axis=1)
   live_chunks = -(-jnp.max(jnp.sum(weights != 0, axis=1)) // size)
 
-  def chunk_sums(carry, h_c, t_c, w_c):
+  def chunk_sums(carry, h_c, t_c, w_c, h_DN):
     loss, correct, dw_DV = carry
     z = jnp.einsum(head, h_c, w, preferred_element_type=jnp.float32)
     if softcap:
@@ -88,20 +88,26 @@ def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_
       g_BCV = g_BCV.astype(w.dtype)
       if grad_h:
         dh_c = jnp.einsum(f"BCV,{layout}->BCD", g_BCV, w, preferred_element_type=jnp.float32).astype(h.dtype)
-      if grad_w:  # [D, BC] x [BC, V]: transpose the small operand, not the [BC, V] one (models/matmul.py)
-        h_DN = jax.lax.optimization_barrier(h_c.reshape(-1, d).T.astype(w.dtype))
-        dw_DV += jnp.matmul(h_DN, g_BCV.reshape(-1, vocab), preferred_element_type=jnp.float32)
+      if grad_w:  # [D, BC] x [BC, V], h transposed before the scan (see below)
+        dw_DV += jnp.matmul(h_DN.astype(w.dtype), g_BCV.reshape(-1, vocab), preferred_element_type=jnp.float32)
     return (loss, correct, dw_DV), dh_c
 
   def body(carry, xs):
-    i, h_c, t_c, w_c = xs
+    i, h_c, t_c, w_c, h_DN = xs
     skip = lambda carry, h_c, *_: (carry, jnp.zeros_like(h_c) if grad_h else None)  # noqa: E731
-    return jax.lax.cond(i < live_chunks, chunk_sums, skip, carry, h_c, t_c, w_c)
+    return jax.lax.cond(i < live_chunks, chunk_sums, skip, carry, h_c, t_c, w_c, h_DN)
 
   zero = jnp.zeros((), jnp.float32)
   dw0 = jnp.zeros((d, vocab), jnp.float32) if grad_w else zero
-  xs = (_chunked(h_s, size), _chunked(targets, size), _chunked(weights, size))
-  (loss, correct, dw_DV), dh_s = jax.lax.scan(body, (zero, zero, dw0), (jnp.arange(xs[0].shape[0]),) + xs)
+  h_c, t_c, w_c = (_chunked(x, size) for x in (h_s, targets, weights))
+  # The weight gradient's [D, BC] operand: every chunk of h transposed once, before the scan, and
+  # read as a scanned input. The [BC, V] operand is never transposed. Transposed inside the loop,
+  # even behind an optimization barrier, a 16-bit [D, BC] operand made XLA's CPU backend run the
+  # product in float32: the bf16 full step on CPU took 3.66 s against 3.46 s this way, at
+  # SmolLM2's shape (bench/NOTES.md item 34).
+  h_DN = jnp.swapaxes(h_c.reshape(h_c.shape[0], -1, d), 1, 2) if grad_w else None
+  xs = (jnp.arange(h_c.shape[0]), h_c, t_c, w_c, h_DN)
+  (loss, correct, dw_DV), dh_s = jax.lax.scan(body, (zero, zero, dw0), xs)
   dh = None
   if grad_h:  # back from the sorted positions: dh[b, order[b, j]] = dh_s[b, j]
     dh_s = jnp.moveaxis(dh_s, 0, 1).reshape(b, -1, d)[:, :t]
