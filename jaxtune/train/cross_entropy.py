@@ -83,8 +83,8 @@ def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_
       if softcap:
         g_BCV = g_BCV * (1.0 - tanh * tanh)
       # Both gradient products take their operands in the head's dtype and accumulate in float32.
-      # For the weight's, float32 operands (as before) ran as a TF32 product on an H200 at ~215
-      # TFLOP/s, 20 ms of a 168 ms full fine-tuning step (bench/NOTES.md item 32).
+      # Float32 operands would make the weight's a TF32 product on a GPU: ~215 TFLOP/s on an H200,
+      # 20 ms of a 168 ms full fine-tuning step against 6 ms in bf16 (bench/NOTES.md item 32).
       g_BCV = g_BCV.astype(w.dtype)
       if grad_h:
         dh_c = jnp.einsum(f"BCV,{layout}->BCD", g_BCV, w, preferred_element_type=jnp.float32).astype(h.dtype)
@@ -101,10 +101,10 @@ def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_
   dw0 = jnp.zeros((d, vocab), jnp.float32) if grad_w else zero
   h_c, t_c, w_c = (_chunked(x, size) for x in (h_s, targets, weights))
   # The weight gradient's [D, BC] operand: every chunk of h transposed once, before the scan, and
-  # read as a scanned input. The [BC, V] operand is never transposed. Transposed inside the loop,
-  # even behind an optimization barrier, a 16-bit [D, BC] operand made XLA's CPU backend run the
-  # product in float32: the bf16 full step on CPU took 3.66 s against 3.46 s this way, at
-  # SmolLM2's shape (bench/NOTES.md item 34).
+  # read as a scanned input (one more copy of h); the [BC, V] operand is never transposed.
+  # Transposed inside the loop, even behind an optimization barrier, a 16-bit [D, BC] operand
+  # made XLA's CPU backend run the product in float32: the bf16 full step at SmolLM2's shape took
+  # 3.66 s that way and takes 3.46 s this way (bench/NOTES.md item 34).
   h_DN = jnp.swapaxes(h_c.reshape(h_c.shape[0], -1, d), 1, 2) if grad_w else None
   xs = (jnp.arange(h_c.shape[0]), h_c, t_c, w_c, h_DN)
   (loss, correct, dw_DV), dh_s = jax.lax.scan(body, (zero, zero, dw0), xs)
