@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check a session owes, as ONE device call (device time is ~15 min a session, and each
 # call costs a machine start). Run with `.whl` carried (see bench/gpu_device.sh) and a timeout
-# of 600 s. Parts, in order of value, each under its own time limit (~9 min in all):
+# of 600 s. Parts, in order of value, each under its own time limit (580 s in all; session 9 ran them in 341 s):
 #   1. the benchmark against HF + PEFT, both settings (the figures of docs/benchmarks.md "GPU");
 #   2. three jaxtune-only runs on rows of 4 packed examples (bench/NOTES.md item 33): the library's
 #      masked cuDNN call, then jax's private packed-layout cuDNN call told the segments instead of a
@@ -21,10 +21,10 @@ part() {  # part NAME SECONDS MODULE ARGS...: bench/gpu_device.sh with its own l
     ${SESSION_SMOKE:+--smoke} > /dev/null 2>&1
   echo "    exit $?, $(cat "$out/session_${name}.log" 2>/dev/null | wc -l) lines"
 }
-part bench 200 bench.train_gpu
-part seg_mask 90 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn
-part seg_cudnn 90 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn_segments
-part seg_rep 90 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn_segments_rep
+part bench 190 bench.train_gpu
+part seg_mask 70 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn
+part seg_cudnn 70 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn_segments
+part seg_rep 70 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn_segments_rep
 # Each profile also keeps its trace and the optimised HLO of its step; both come back in one tarball.
 for setting in lora full; do
   XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/dump_$setting --xla_dump_hlo_as_text" \
