@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check a session owes, as ONE device call (device time is ~15 min a session, and each
 # call costs a machine start). Run with `.whl` carried (see bench/gpu_device.sh) and a timeout
-# of 600 s. Parts, in order of value, each under its own time limit (580 s in all; session 9 ran them in 341 s):
+# of 600 s. Parts, in order of value, each under its own time limit (580 s in all; the set before took 341 s):
 #   1. the benchmark against HF + PEFT, both settings (the figures of docs/benchmarks.md "GPU");
 #   2. three jaxtune-only runs on rows of 4 packed examples (bench/NOTES.md item 33): the library's
 #      masked cuDNN call, then jax's private packed-layout cuDNN call told the segments instead of a
