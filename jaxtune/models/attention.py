@@ -21,9 +21,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.models import matmul
+from jaxtune.models import saved
 
 ATTENTION_NAME = "attention"  # checkpoint_name of the attention output and softmax statistics
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows give a uniform softmax, not NaN
@@ -136,7 +136,7 @@ def attend(
     if softcap is not None:
       raise ValueError(f"attention impl {impl!r} has no logit soft-capping (Gemma 2); use attention_impl='xla'.")
     if save_inputs:
-      q_BTNH, k_BSKH, v_BSKH = (checkpoint_name(x, ATTENTION_NAME) for x in (q_BTNH, k_BSKH, v_BSKH))
+      q_BTNH, k_BSKH, v_BSKH = (saved.name(x, ATTENTION_NAME) for x in (q_BTNH, k_BSKH, v_BSKH))
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale, is_causal=causal,
         implementation="cudnn" if impl == "cudnn" else "xla",
@@ -148,7 +148,7 @@ def attend(
   q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
   k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
   if save_inputs:  # kept by the dots remat policies in the layout the backward reads (see the docstring)
-    q_BKGTH, k_BKSH, v_BKSH = (checkpoint_name(x, ATTENTION_NAME) for x in (q_BKGTH, k_BKSH, v_BKSH))
+    q_BKGTH, k_BKSH, v_BKSH = (saved.name(x, ATTENTION_NAME) for x in (q_BKGTH, k_BKSH, v_BKSH))
   if not causal:
     causal_blocks = 1
   elif causal_blocks is None:
@@ -198,7 +198,7 @@ def _attention_fwd(q, k, v, mask, scale, softcap):
   # Named so remat policies can keep them (transformer._REMAT_POLICIES): the backward then needs
   # no forward recompute of the attention. Max and sum, not their log-sum-exp: m + log(S) rounds
   # back to m on a fully masked row (m = _MASKED).
-  out, m, denom = (checkpoint_name(x, ATTENTION_NAME) for x in (out, m, denom))
+  out, m, denom = (saved.name(x, ATTENTION_NAME, differentiated=False) for x in (out, m, denom))
   return out, (q, k, v, mask, m, denom, out)
 
 
@@ -256,7 +256,7 @@ def splash_attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, is_sliding, *, window:
   groups = N // k_BTKH.shape[2]
   q = (q_BTNH * scale).transpose(0, 2, 1, 3)
   if save_inputs:
-    q, k_BTKH, v_BTKH = (checkpoint_name(x, ATTENTION_NAME) for x in (q, k_BTKH, v_BTKH))
+    q, k_BTKH, v_BTKH = (saved.name(x, ATTENTION_NAME) for x in (q, k_BTKH, v_BTKH))
   k = jnp.repeat(k_BTKH, groups, axis=2).transpose(0, 2, 1, 3)
   v = jnp.repeat(v_BTKH, groups, axis=2).transpose(0, 2, 1, 3)
   segments = kernel_lib.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)

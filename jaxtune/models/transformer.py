@@ -18,24 +18,28 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import matmul
+from jaxtune.models import saved
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.config import ModelConfig
 
 ADAPTED_NAME = "adapted"  # checkpoint_name of a Linear's output when an adapter adds to it
+LAYER_INPUT_NAME = "layer_input"  # checkpoint_name of each layer's input, the scan's carry
+_KEEP_INPUT = jax.checkpoint_policies.save_only_these_names(LAYER_INPUT_NAME)
 _KEEP_NAMED = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.save_only_these_names(attn_lib.ATTENTION_NAME, ADAPTED_NAME),
+    jax.checkpoint_policies.save_only_these_names(attn_lib.ATTENTION_NAME, ADAPTED_NAME, LAYER_INPUT_NAME),
     attn_lib.keeps_fused_outputs)
 # "dots*" keep the attention output and softmax statistics too (named on the XLA path, by primitive
 # for cuDNN's): otherwise the backward pass reruns the whole attention forward (its products have
 # batch dimensions) before its own recompute.
 # They also keep an adapted Linear's output (base product + adapter delta): otherwise both
 # products are saved and the backward adds them again (bench/NOTES.md item 21).
+# Every policy keeps the layer's input by name, which the scan would stack anyway: named, a 16-bit
+# input is stacked as its bits on CPU, like the other names (models/saved.py, NOTES item 37).
 _REMAT_POLICIES = {
-    "full": None,
+    "full": _KEEP_INPUT,
     "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _KEEP_NAMED),
     "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_NAMED),
@@ -82,7 +86,7 @@ class Linear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if adapter_delta is not None:  # named: remat policies save this sum, not its two products
-      y = checkpoint_name(y + adapter_delta.astype(y.dtype), ADAPTED_NAME)
+      y = saved.name(y + adapter_delta.astype(y.dtype), ADAPTED_NAME)
     return y
 
 
@@ -339,7 +343,8 @@ class CausalLM(nnx.Module):
 
     def body(x, xs):
       layer_state, is_sliding, kv = xs
-      x, kv = nnx.merge(graphdef, layer_state)(self._constrain(x), is_sliding, inputs, kv)
+      x = saved.name(self._constrain(x), LAYER_INPUT_NAME)
+      x, kv = nnx.merge(graphdef, layer_state)(x, is_sliding, inputs, kv)
       return x, kv
 
     if cfg.remat != "none":

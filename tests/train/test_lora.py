@@ -167,12 +167,18 @@ def test_forward_and_export_match_peft(tmp_path):
   np.testing.assert_allclose(np.asarray(_logits(model, IDS)), ref, atol=1e-4, rtol=1e-4)  # B != 0: adapters matter
 
 
-def _saved_layer_residuals(model, capsys, ids=IDS) -> list[tuple[int, ...]]:
-  """Shapes of what the backward of the adapters' gradient keeps from the layer scan ([L, ...] each)."""
+def _saved_layer_residuals(model, capsys, ids=IDS, with_dtypes=False) -> list:
+  """Shapes (or (dtype, shape)) of what the backward of the adapters' gradient keeps from the layer scan ([L, ...] each)."""
   graphdef, adapters, rest = nnx.split(model, lora.LoRAParam, ...)
-  jax.ad_checkpoint.print_saved_residuals(lambda p: nnx.merge(graphdef, p, rest)(jnp.asarray(ids)).sum(), adapters)
-  return [tuple(int(d) for d in re.search(r"\[([\d,]*)\]", line).group(1).split(",") if d)
-          for line in capsys.readouterr().out.splitlines() if "output of scan" in line]
+  jax.ad_checkpoint.print_saved_residuals(
+      lambda p: nnx.merge(graphdef, p, rest)(jnp.asarray(ids)).astype(jnp.float32).sum(), adapters)
+  out = []
+  for line in capsys.readouterr().out.splitlines():
+    if "output of scan" in line:
+      dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
+      shape = tuple(int(d) for d in dims.split(",") if d)
+      out.append((dtype, shape) if with_dtypes else shape)
+  return out
 
 
 @pytest.mark.parametrize("remat", ["dots_no_batch", "dots"])
@@ -192,6 +198,20 @@ def test_remat_saves_each_adapted_output_once(remat, capsys):
   # neither (session 6); the projections' own outputs are not kept besides.
   assert shapes.count((L, B, K, N // K, T, H)) == 2  # q and the attention output
   assert shapes.count((L, B, K, T, H)) == 2  # k, v
+
+
+def test_remat_keeps_sixteen_bit_outputs_as_bits_on_cpu(capsys):
+  """A bfloat16 model on CPU keeps its named arrays and each layer's input as their uint16 bits: XLA's CPU backend
+  writes a layer into a uint16 stack in place, where it converts a whole bfloat16 stack to float32 and back for
+  every layer (bench/NOTES.md item 37)."""
+  cfg = from_hf_dict(TINY, remat="dots_no_batch", dtype="bfloat16", param_dtype="bfloat16")
+  kept = _saved_layer_residuals(_with_lora(init_model(cfg, seed=0)), capsys, with_dtypes=True)
+  L, (B, T), D, F = TINY["num_hidden_layers"], IDS.shape, TINY["hidden_size"], TINY["intermediate_size"]
+  N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
+  bits = sorted(shape for dtype, shape in kept if dtype == "u16")
+  assert bits == sorted([(L, B, K, N // K, T, H)] * 2 + [(L, B, K, T, H)] * 2  # q and the attention output; k, v
+                        + [(L, B, T, D)] * 2 + [(L, B, T, F)] * 2), kept  # the layer input and an adapted o; gate, up
+  assert "bf16" not in {dtype for dtype, _ in kept}, kept  # the rest: float32 softmax statistics and LoRA x A
 
 
 def test_remat_with_qk_norms_keeps_q_and_k_once(capsys):
