@@ -76,6 +76,21 @@ def flat_layout(einsum: str) -> tuple[str, str, str] | None:
   return None
 
 
+def _copy_T(a_MN: jax.Array) -> jax.Array:
+  """a.T [N, M], written so that XLA's CPU backend moves the data.
+
+  A plain transpose (behind a barrier or not) reaches XLA's operand upcaster as a layout change
+  of its input, and a 16-bit product with such an operand is upcast to float32 and run off the
+  bfloat16 units: a [576, 1024] x [1024, 1536] weight gradient at 185-193 GFLOP/s instead of
+  307-330, transpose included (Zen 4; bench/NOTES.md item 38). Transposed as [M/k, k, N] ->
+  [N, M/k, k], the array cannot be a relayout of its input, so the copy happens and the product
+  stays 16-bit. The values are those of a.T.
+  """
+  m, n = a_MN.shape
+  k = next((d for d in (8, 4, 2) if m % d == 0), 1)
+  return a_MN.reshape(m // k, k, n).transpose(2, 0, 1).reshape(n, m)
+
+
 def _token_contraction(x_MI: jax.Array, dy_MO: jax.Array) -> jax.Array:
   """x^T dy [I, O], transposing whichever of x and dy is smaller.
 
@@ -84,9 +99,10 @@ def _token_contraction(x_MI: jax.Array, dy_MO: jax.Array) -> jax.Array:
   [1024, 1536] array here. When dy is the smaller, dy^T x is formed and the [O, I] product,
   a plain copy, is transposed back.
   """
-  wide = wide_product("mi,mo->io", x_MI, dy_MO)
-  if wide is not None:
-    return wide
+  if _widens(x_MI, dy_MO):  # 16-bit on CPU: the transposed operand as a real copy (see _copy_T)
+    if x_MI.shape[1] <= dy_MO.shape[1]:
+      return wide_product("im,mo->io", _copy_T(x_MI), dy_MO)
+    return wide_product("om,mi->oi", _copy_T(dy_MO), x_MI).T
   if x_MI.shape[1] <= dy_MO.shape[1]:
     return _barrier(x_MI.T) @ dy_MO
   return _barrier(_barrier(dy_MO.T) @ x_MI).T

@@ -1,5 +1,7 @@
 """The layout-aware products against plain autodiff: same values, same gradients."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +152,30 @@ def test_sixteen_bit_gradients_match_float32(name, backend):
   for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g, np.float32), h, atol=0.05 * float(np.abs(h).max()), rtol=0.05)
+
+
+def test_copy_transpose_equals_the_transpose():
+  for m in (1024, 12, 7):  # blocks of 8, of 4, and none
+    a = np.arange(m * 6, dtype=np.float32).reshape(m, 6)
+    np.testing.assert_array_equal(np.asarray(matmul._copy_T(jnp.asarray(a))), a.T)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU backend compiles the program read here")
+def test_sixteen_bit_weight_gradient_stays_sixteen_bit_in_xla_on_cpu():
+  """A bf16 weight gradient whose operands come from elementwise ops (as in the step): XLA's CPU backend
+  upcasts a product over a plain transpose to float32 (the slow path); over `_copy_T` every product's
+  operands stay bf16 (bench/NOTES.md item 38)."""
+  rng = np.random.default_rng(0)  # big enough for XLA to hand the products to YNNPACK
+  x, w, dy = _bf16(*(rng.standard_normal(shape, np.float32) for shape in ((256, 64), (64, 96), (256, 96))))
+
+  def loss(x, w):
+    return jnp.sum((jnp.sin(matmul.dense(jnp.tanh(x), w)) * dy).astype(jnp.float32))
+
+  hlo = jax.jit(jax.grad(loss, 1)).lower(x, w).compile().as_text()
+  dots = 0
+  for computation in hlo.split("\n\n"):
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))  # every instruction's element type
+    for operands in re.findall(r"\bdot\(([^)]*)\)", computation):
+      dots += 1
+      assert {types[name] for name in re.findall(r"%([\w.\-]+)", operands)} == {"bf16"}, computation
+  assert dots == 2  # the forward product and the weight gradient
