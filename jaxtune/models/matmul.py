@@ -12,7 +12,9 @@ into the dot, and every product is a plain [m, k] x [k, n]. The math is unchange
 and TPU step time has not been measured yet (bench/train_gpu.py).
 
 16-bit products on CPU go through `wide_product` (see there): asked for a float32 result, XLA
-runs them on the CPU's bfloat16 units, several times faster than a 16-bit result.
+runs them on the CPU's bfloat16 units, several times faster than a 16-bit result. Their products
+that contract over tokens read a transposed copy made by `_copy_T`, without which XLA runs them
+in float32 instead.
 
 Shape letters: M tokens, I inputs, O outputs, R LoRA rank.
 """
@@ -176,11 +178,11 @@ def _split(t: jax.Array, sizes: list[int], axis: int) -> list[jax.Array]:
 def _shared_lora_bwd(scales, res, dys):
   x, a_cat, b, hs = res
   sizes = [bi.shape[0] for bi in b]
-  if _widens(x, a_cat) and all(_widens(dy, bi) for dy, bi in zip(dys, b)):  # 16-bit on CPU: no transposes
+  if _widens(x, a_cat) and all(_widens(dy, bi) for dy, bi in zip(dys, b)):  # 16-bit on CPU: see _copy_T
     dh = _cat([wide_product("mo,ro->mr", dy, bi) * jnp.asarray(si, dy.dtype) for dy, bi, si in zip(dys, b, scales)],
               axis=1)
-    da = tuple(_split(wide_product("mi,mr->ir", x, dh), sizes, axis=1))
-    db = tuple(wide_product("mr,mo->ro", hi, dy) for hi, dy in zip(hs, dys))
+    da = tuple(piece.T for piece in _split(wide_product("rm,mi->ri", _copy_T(dh), x), sizes, axis=0))
+    db = tuple(wide_product("rm,mo->ro", _copy_T(hi), dy) for hi, dy in zip(hs, dys))
     return wide_product("mr,ir->mi", dh, a_cat), da, db
   dh = _cat([(dy @ bi.T) * jnp.asarray(si, dy.dtype) for dy, bi, si in zip(dys, b, scales)], axis=1)  # [M, sum R]
   dx = dh @ a_cat.T  # the sum of every adapter's dx

@@ -161,21 +161,23 @@ def test_copy_transpose_equals_the_transpose():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU backend compiles the program read here")
-def test_sixteen_bit_weight_gradient_stays_sixteen_bit_in_xla_on_cpu():
-  """A bf16 weight gradient whose operands come from elementwise ops (as in the step): XLA's CPU backend
-  upcasts a product over a plain transpose to float32 (the slow path); over `_copy_T` every product's
+def test_sixteen_bit_weight_gradients_stay_sixteen_bit_in_xla_on_cpu():
+  """bf16 weight and LoRA factor gradients whose operands come from elementwise ops (as in the step): XLA's CPU
+  backend upcasts a product over a plain transpose to float32 (the slow path); over `_copy_T` every product's
   operands stay bf16 (bench/NOTES.md item 38)."""
   rng = np.random.default_rng(0)  # big enough for XLA to hand the products to YNNPACK
-  x, w, dy = _bf16(*(rng.standard_normal(shape, np.float32) for shape in ((256, 64), (64, 96), (256, 96))))
+  x, w, a, b, dy = _bf16(*(rng.standard_normal(shape, np.float32)
+                           for shape in ((256, 64), (64, 96), (64, 16), (16, 96), (256, 96))))
 
-  def loss(x, w):
-    return jnp.sum((jnp.sin(matmul.dense(jnp.tanh(x), w)) * dy).astype(jnp.float32))
+  def loss(w, a, b):
+    h = jnp.tanh(x)
+    return jnp.sum((jnp.sin(matmul.dense(h, w) + matmul.lora_matmul(h, a, b, 2.0)) * dy).astype(jnp.float32))
 
-  hlo = jax.jit(jax.grad(loss, 1)).lower(x, w).compile().as_text()
+  hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(w, a, b).compile().as_text()
   dots = 0
   for computation in hlo.split("\n\n"):
     types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))  # every instruction's element type
     for operands in re.findall(r"\bdot\(([^)]*)\)", computation):
       dots += 1
       assert {types[name] for name in re.findall(r"%([\w.\-]+)", operands)} == {"bf16"}, computation
-  assert dots == 2  # the forward product and the weight gradient
+  assert dots >= 6  # forward: base, x A, (x A) B; backward: dW, dA, dB (and dy B^T for dA)
