@@ -21,8 +21,8 @@ from flax import nnx
 
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import matmul
-from jaxtune.models import saved
 from jaxtune.models import rope as rope_lib
+from jaxtune.models import saved
 from jaxtune.models.config import ModelConfig
 
 ADAPTED_NAME = "adapted"  # checkpoint_name of a Linear's output when an adapter adds to it
