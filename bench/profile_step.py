@@ -14,7 +14,14 @@ a kernel is counted under its own name instead, which is its fusion's name. On C
 XLA's thunks on the host threads, so the shares are of op time summed over threads. The trace
 stays in --trace-dir for TensorBoard/XProf; `--from-trace FILE --profile-steps N` summarises a
 trace taken earlier (one brought back from a device machine, say) without running anything, and
-`--hlo` with the step's optimised HLO text puts each op's jax op name in the scope column.
+`--hlo` with the step's optimised HLO text puts each op's jax op name in the scope column and adds a
+table of wall time and FLOP rate per product role (layer products, LM head, attention, adapter
+factors, no product). For the CPU step, take both from `bench.train_cpu`:
+
+    python -m bench.train_cpu --setting lora --sides jaxtune --rounds 1 --profile /tmp/tr \
+      --xla-flags="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text"
+    python -m bench.profile_step --from-trace /tmp/tr/plugins/profile/*/*.xplane.pb --profile-steps 1 \
+      --hlo /tmp/hlo/*jit_step.cpu_after_optimizations.txt
 """
 
 from __future__ import annotations
@@ -88,6 +95,90 @@ def with_op_names(events, names: dict[str, str]):
   return [(kernel, op, start, dur, names.get(op, scope)) for kernel, op, start, dur, scope in events]
 
 
+# A product's role, from its shape (`product_costs`): the roles the step's floor is argued from.
+VOCAB_DIM = 16384  # a product with a dimension this large is the LM head's (vocabularies: 32k-262k)
+SKINNY_DIM = 64  # an unbatched product with a dimension this small is an adapter factor's (LoRA rank)
+
+
+def product_costs(hlo_text: str) -> dict[str, tuple[float, str]]:
+  """{HLO instruction: (FLOPs, role)} for every dot of an optimised HLO module, keyed by the fusion
+  that runs it (or the dot itself, unfused). Roles: "attention" (a dot with batch dimensions),
+  "LM head" (a dimension >= VOCAB_DIM), "adapter factors" (an output or contracted dimension
+  <= SKINNY_DIM), else "layer products"."""
+  dots = {}  # computation name -> (flops, role)
+  computation, shapes = None, {}
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%([\w.\-]+) \((.*)\) -> .* \{$", line)
+    if head:
+      computation = head.group(1)
+      shapes = {n: d for n, d in re.findall(r"([\w.\-]+): \w+\[([\d,]*)\]", head.group(2))}
+      continue
+    m = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w+)\((.*)", line)
+    if not m:
+      continue
+    name, out, opcode, rest = m.groups()
+    shapes[name] = out
+    if opcode != "dot":
+      continue
+    lhs = re.match(r"%([\w.\-]+)", rest).group(1)
+    lhs_dims = [int(d) for d in shapes.get(lhs, "").split(",") if d]
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+    k = 1
+    for i in (int(i) for i in contracting.split(",") if i):
+      k *= lhs_dims[i]
+    out_dims = [int(d) for d in out.split(",") if d]
+    flops = 2.0 * k
+    for d in out_dims:
+      flops *= d
+    if "lhs_batch_dims" in rest:
+      role = "attention"
+    elif max(out_dims + [k]) >= VOCAB_DIM:
+      role = "LM head"
+    elif min(out_dims + [k]) <= SKINNY_DIM:
+      role = "adapter factors"
+    else:
+      role = "layer products"
+    dots[computation] = dots[name] = (flops, role)
+  costs = dict(dots)
+  for name, called in re.findall(r"%([\w.\-]+) = .*? fusion\(.*?calls=%([\w.\-]+)", hlo_text):
+    if called in dots:
+      costs[name] = dots[called]
+  return costs
+
+
+def by_role(events, costs: dict[str, tuple[float, str]], steps: int) -> dict[str, tuple[float, float]]:
+  """{role: (wall ms, GFLOP) per step} for the product roles of `product_costs`, "no product" for the rest.
+
+  Ops that run at the same time (XLA's CPU runtime runs independent thunks on its threads) share
+  that wall time equally, so the rows sum to the busy time, and GFLOP over wall is the rate the step
+  got from that role: one near the machine's FMA peak has nothing left to give."""
+  role_of = {op: costs.get(op, (0.0, "no product"))[1] for _, op, _, _, _ in events}
+  flops: collections.Counter = collections.Counter()
+  for _, op, _, _, _ in events:
+    flops[role_of[op]] += costs.get(op, (0.0, ""))[0]
+  wall: collections.Counter = collections.Counter()
+  running: collections.Counter = collections.Counter()
+  last = None
+  for t, delta, op in sorted([(s, 1, op) for _, op, s, _, _ in events] +
+                             [(s + d, -1, op) for _, op, s, d, _ in events]):
+    if last is not None and running:
+      share = (t - last) / sum(running.values())
+      for o, n in running.items():
+        wall[role_of[o]] += share * n
+    running[op] += delta
+    if not running[op]:
+      del running[op]
+    last = t
+  return {role: (ns / steps / 1e6, flops[role] / steps / 1e9) for role, ns in wall.most_common()}
+
+
+def format_roles(roles: dict[str, tuple[float, float]]) -> str:
+  lines = [f"{'role':16} {'wall ms/step':>12} {'GFLOP/step':>10} {'GFLOP/s of wall':>15}"]
+  for role, (ms, gflop) in roles.items():
+    lines.append(f"{role:16} {ms:12.1f} {gflop:10.1f} " + (f"{gflop / ms * 1e3:15.0f}" if gflop else ""))
+  return "\n".join(lines)
+
+
 def busy_ns(events) -> int:
   """Length of the union of the events' intervals (time the device ran anything)."""
   total, end = 0, None
@@ -144,6 +235,9 @@ def main(argv=None) -> str:
     if args.hlo:
       events = with_op_names(events, hlo_op_names(args.hlo))
     report = summarise(events, args.profile_steps, args.top)
+    if args.hlo:
+      with open(args.hlo) as f:
+        report += "\n\n" + format_roles(by_role(events, product_costs(f.read()), args.profile_steps))
     print(report, flush=True)
     return report
   import jax  # pylint: disable=g-import-not-at-top
