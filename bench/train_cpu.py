@@ -198,7 +198,8 @@ def worker(args) -> None:
 
 def serve(run) -> None:
   """Answers `run N [S]` lines on stdin (S unmeasured steps, then N measured ones) with
-  {"times": [s per step], "loss": last, "page_faults": per step, "settle_times": [s]} until `quit`."""
+  {"times": [s per step], "loss": last, "page_faults": per step, "sys_s": kernel CPU s per step,
+  "settle_times": [s]} until `quit`."""
   for line in sys.stdin:
     if line.strip() == "quit":
       break
@@ -208,13 +209,15 @@ def serve(run) -> None:
       run()
       settle.append(time.perf_counter())
     settle_times = [b - a for a, b in zip(settle, settle[1:])]
-    times, loss, faults = [], None, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    times, loss = [], None
     for _ in range(int(words[1])):
       t0 = time.perf_counter()
       loss = run()
       times.append(time.perf_counter() - t0)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(len(times), 1)
-    print(json.dumps({"times": times, "loss": loss, "page_faults": faults, "settle_times": settle_times}), flush=True)
+    after, n = resource.getrusage(resource.RUSAGE_SELF), max(len(times), 1)
+    print(json.dumps({"times": times, "loss": loss, "page_faults": (after.ru_minflt - before.ru_minflt) / n,
+                      "sys_s": (after.ru_stime - before.ru_stime) / n, "settle_times": settle_times}), flush=True)
 
 
 def _start(side: str, args) -> subprocess.Popen:
@@ -313,7 +316,7 @@ def main(argv=None) -> dict:
     args.rounds, args.steps, args.warmup, args.batch, args.seq = 1, 1, 1, 2, 32
   sides = args.sides.split(",")
   procs, info = {}, {}
-  times, settle, faults, rates = ({s: [] for s in sides} for _ in range(4))
+  times, settle, faults, sys_s, rates = ({s: [] for s in sides} for _ in range(5))
   for s in sides:  # built and warmed one at a time: never two heavy jobs at once
     procs[s] = _start(s, args)
     info[s] = _ask(procs[s])
@@ -326,6 +329,7 @@ def main(argv=None) -> dict:
       times[s] += got["times"]
       settle[s] += got["settle_times"]
       faults[s].append(got["page_faults"])
+      sys_s[s].append(got["sys_s"])
       unmeasured = "".join(f" ({t:.2f})" for t in got["settle_times"])
       print(f"round {r + 1} {s} [machine {rates[s][-1]:.0f} GFLOP/s]:{unmeasured} "
             + " ".join(f"{t:.2f}" for t in got["times"]) + f" s/step, loss {got['loss']:.3f}", flush=True)
@@ -338,6 +342,7 @@ def main(argv=None) -> dict:
     med = statistics.median(times[s])
     rows[s] = dict(info[s], step_s=med, step_min_s=min(times[s]), tokens_per_s=tokens / med, times=times[s],
                    settle_times=settle[s], page_faults_per_step=statistics.median(faults[s]),
+                   sys_s_per_step=statistics.median(sys_s[s]),
                    machine_gflops=rates[s])
   print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} {args.dtype}, "
         f"median of {len(times[sides[0]])} steps/side")
@@ -345,10 +350,11 @@ def main(argv=None) -> dict:
   print(f"hugepages: {args.hugepages}, trained fraction: {args.trained_fraction}, "
         f"unmeasured steps per turn: {args.settle} (shown in parentheses)")
   print(f"{'side':8} {'tokens/s':>9} {'step s':>7} {'min s':>6} {'peak RSS GB':>11} {'first step s':>12} "
-        f"{'faults/step':>11}")
+        f"{'faults/step':>11} {'sys s/step':>10}")
   for s, row in rows.items():
     print(f"{s:8} {row['tokens_per_s']:9.1f} {row['step_s']:7.2f} {row['step_min_s']:6.2f} "
-          f"{row['peak_rss_gb']:11.2f} {row['first_step_s']:12.1f} {row['page_faults_per_step']:11,.0f}")
+          f"{row['peak_rss_gb']:11.2f} {row['first_step_s']:12.1f} {row['page_faults_per_step']:11,.0f} "
+          f"{row['sys_s_per_step']:10.2f}")
   if "jaxtune" in rows and "hf" in rows:
     j, h = rows["jaxtune"], rows["hf"]
     print(f"ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
