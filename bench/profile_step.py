@@ -138,7 +138,9 @@ def product_costs(hlo_text: str) -> dict[str, tuple[float, str]]:
       role = "adapter factors"
     else:
       role = "layer products"
-    dots[computation] = dots[name] = (flops, role)
+    dots[name] = (flops, role)
+    # a fusion that runs two dots (rare) counts both, under the role of the last
+    dots[computation] = (dots.get(computation, (0.0, role))[0] + flops, role)
   costs = dict(dots)
   for name, called in re.findall(r"%([\w.\-]+) = .*? fusion\(.*?calls=%([\w.\-]+)", hlo_text):
     if called in dots:
