@@ -16,7 +16,7 @@ stays in --trace-dir for TensorBoard/XProf; `--from-trace FILE --profile-steps N
 trace taken earlier (one brought back from a device machine, say) without running anything, and
 `--hlo` with the step's optimised HLO text puts each op's jax op name in the scope column and adds a
 table of wall time and FLOP rate per product role (layer products, LM head, attention, adapter
-factors, no product). For the CPU step, take both from `bench.train_cpu`:
+factors, no product), then the `--top` ops by their share of wall time, each with its role and rate. For the CPU step, take both from `bench.train_cpu`:
 
     python -m bench.train_cpu --setting lora --sides jaxtune --rounds 1 --profile /tmp/tr \
       --xla-flags="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text"
@@ -148,16 +148,9 @@ def product_costs(hlo_text: str) -> dict[str, tuple[float, str]]:
   return costs
 
 
-def by_role(events, costs: dict[str, tuple[float, str]], steps: int) -> dict[str, tuple[float, float]]:
-  """{role: (wall ms, GFLOP) per step} for the product roles of `product_costs`, "no product" for the rest.
-
-  Ops that run at the same time (XLA's CPU runtime runs independent thunks on its threads) share
-  that wall time equally, so the rows sum to the busy time, and GFLOP over wall is the rate the step
-  got from that role: one near the machine's FMA peak has nothing left to give."""
-  role_of = {op: costs.get(op, (0.0, "no product"))[1] for _, op, _, _, _ in events}
-  flops: collections.Counter = collections.Counter()
-  for _, op, _, _, _ in events:
-    flops[role_of[op]] += costs.get(op, (0.0, ""))[0]
+def wall_by_op(events) -> collections.Counter:
+  """{hlo op: wall ns} over all steps: ops that run at the same time (XLA's CPU runtime runs independent
+  thunks on its threads) share that wall time equally, so the values sum to the busy time."""
   wall: collections.Counter = collections.Counter()
   running: collections.Counter = collections.Counter()
   last = None
@@ -166,12 +159,44 @@ def by_role(events, costs: dict[str, tuple[float, str]], steps: int) -> dict[str
     if last is not None and running:
       share = (t - last) / sum(running.values())
       for o, n in running.items():
-        wall[role_of[o]] += share * n
+        wall[o] += share * n
     running[op] += delta
     if not running[op]:
       del running[op]
     last = t
+  return wall
+
+
+def by_role(events, costs: dict[str, tuple[float, str]], steps: int) -> dict[str, tuple[float, float]]:
+  """{role: (wall ms, GFLOP) per step} for the product roles of `product_costs`, "no product" for the rest.
+
+  Wall time as in `wall_by_op`, so the rows sum to the busy time, and GFLOP over wall is the rate
+  the step got from that role: one near the machine's FMA peak has nothing left to give."""
+  flops: collections.Counter = collections.Counter()
+  wall: collections.Counter = collections.Counter()
+  for _, op, _, _, _ in events:
+    flops[costs.get(op, (0.0, "no product"))[1]] += costs.get(op, (0.0, ""))[0]
+  for op, ns in wall_by_op(events).items():
+    wall[costs.get(op, (0.0, "no product"))[1]] += ns
   return {role: (ns / steps / 1e6, flops[role] / steps / 1e9) for role, ns in wall.most_common()}
+
+
+def format_op_walls(events, costs: dict[str, tuple[float, str]], steps: int, top: int) -> str:
+  """The `top` ops by wall time a step (as in `wall_by_op`), each with its role and, for products, its
+  GFLOP/s of wall: which single op is worth changing, and whether a product is below the machine's rate."""
+  wall, summed, calls, scope = wall_by_op(events), collections.Counter(), collections.Counter(), {}
+  for _, op, _, dur, sc in events:
+    summed[op] += dur
+    calls[op] += 1
+    scope[op] = scope.get(op) or sc
+  lines = [f"top {top} ops by wall",
+           f"{'wall ms':>8} {'sum ms':>8} {'n/step':>6}  {'role':16} {'GFLOP/s':>7}  {'hlo op':28} scope"]
+  for op, ns in wall.most_common(top):
+    flops, role = costs.get(op, (0.0, "no product"))
+    rate = f"{flops * calls[op] / ns:7.0f}" if flops and ns else " " * 7
+    lines.append(f"{ns / steps / 1e6:8.2f} {summed[op] / steps / 1e6:8.2f} {calls[op] / steps:6.0f}  {role:16} "
+                 f"{rate}  {op[:28]:28} {scope[op][-60:]}")
+  return "\n".join(lines)
 
 
 def format_roles(roles: dict[str, tuple[float, float]]) -> str:
@@ -239,7 +264,9 @@ def main(argv=None) -> str:
     report = summarise(events, args.profile_steps, args.top)
     if args.hlo:
       with open(args.hlo) as f:
-        report += "\n\n" + format_roles(by_role(events, product_costs(f.read()), args.profile_steps))
+        costs = product_costs(f.read())
+      report += "\n\n" + format_roles(by_role(events, costs, args.profile_steps))
+      report += "\n\n" + format_op_walls(events, costs, args.profile_steps, args.top)
     print(report, flush=True)
     return report
   import jax  # pylint: disable=g-import-not-at-top

@@ -62,3 +62,17 @@ def test_by_role_splits_overlapping_wall_time_equally():
   assert sum(ms for ms, _ in roles.values()) == pytest.approx(12.0)  # the busy time
   table = profile_step.format_roles(roles)
   assert "layer products" in table.splitlines()[1] and table.splitlines()[1].split()[-1] == "250"  # GFLOP/s of wall
+
+
+def test_format_op_walls_ranks_ops_by_their_share_of_wall_time():
+  costs = {"ynn_fusion.1": (2e9, "layer products")}
+  ms = 1_000_000
+  events = [  # two steps of: a product, 4 ms of it beside a loop
+      ("k", "ynn_fusion.1", 0, 10 * ms, "mi,io->mo"), ("k", "add_fusion", 6 * ms, 4 * ms, "silu"),
+      ("k", "ynn_fusion.1", 20 * ms, 10 * ms, "mi,io->mo"), ("k", "add_fusion", 26 * ms, 4 * ms, "silu"),
+  ]
+  assert profile_step.wall_by_op(events) == {"ynn_fusion.1": pytest.approx(16 * ms), "add_fusion": pytest.approx(4 * ms)}
+  rows = profile_step.format_op_walls(events, costs, steps=2, top=5).splitlines()[2:]
+  product, loop = rows[0].split(), rows[1].split()
+  assert product[:4] == ["8.00", "10.00", "1", "layer"] and product[5] == "250"  # 2 GFLOP in 8 ms of wall
+  assert loop[:4] == ["2.00", "4.00", "1", "no"] and loop[-2:] == ["add_fusion", "silu"]
