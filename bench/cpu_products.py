@@ -85,8 +85,9 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--smoke", action="store_true", help="two small shapes, 3 reps (seconds)")
   args = p.parse_args(argv)
   shapes = (("small", 64, 32, 48), ("skinny", 128, 64, 16)) if args.smoke else STEP_SHAPES
-  rows = measure(shapes, 3 if args.smoke else args.reps, args.threads)
-  print(f"float32 products, GFLOP/s (median of {3 if args.smoke else args.reps}); "
+  reps = 3 if args.smoke else args.reps
+  rows = measure(shapes, reps, args.threads)
+  print(f"float32 products, GFLOP/s (median of {reps}); "
         f"{len(os.sched_getaffinity(0))} CPUs usable, torch threads {args.threads or 'default'}")
   print(format_rows(rows))
   return rows

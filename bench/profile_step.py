@@ -16,7 +16,8 @@ stays in --trace-dir for TensorBoard/XProf; `--from-trace FILE --profile-steps N
 trace taken earlier (one brought back from a device machine, say) without running anything, and
 `--hlo` with the step's optimised HLO text puts each op's jax op name in the scope column and adds a
 table of wall time and FLOP rate per product role (layer products, LM head, attention, adapter
-factors, no product), then the `--top` ops by their share of wall time, each with its role and rate. For the CPU step, take both from `bench.train_cpu`:
+factors, no product), then the `--top` ops by their share of wall time, each with its role and
+rate. For the CPU step, take both from `bench.train_cpu`:
 
     python -m bench.train_cpu --setting lora --sides jaxtune --rounds 1 --profile /tmp/tr \
       --xla-flags="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text"
@@ -148,6 +149,9 @@ def product_costs(hlo_text: str) -> dict[str, tuple[float, str]]:
   return costs
 
 
+NO_PRODUCT = (0.0, "no product")  # the (FLOPs, role) of an op that `product_costs` does not list
+
+
 def wall_by_op(events) -> collections.Counter:
   """{hlo op: wall ns} over all steps: ops that run at the same time (XLA's CPU runtime runs independent
   thunks on its threads) share that wall time equally, so the values sum to the busy time."""
@@ -175,9 +179,10 @@ def by_role(events, costs: dict[str, tuple[float, str]], steps: int) -> dict[str
   flops: collections.Counter = collections.Counter()
   wall: collections.Counter = collections.Counter()
   for _, op, _, _, _ in events:
-    flops[costs.get(op, (0.0, "no product"))[1]] += costs.get(op, (0.0, ""))[0]
+    gflop, role = costs.get(op, NO_PRODUCT)
+    flops[role] += gflop
   for op, ns in wall_by_op(events).items():
-    wall[costs.get(op, (0.0, "no product"))[1]] += ns
+    wall[costs.get(op, NO_PRODUCT)[1]] += ns
   return {role: (ns / steps / 1e6, flops[role] / steps / 1e9) for role, ns in wall.most_common()}
 
 
@@ -192,7 +197,7 @@ def format_op_walls(events, costs: dict[str, tuple[float, str]], steps: int, top
   lines = [f"top {top} ops by wall",
            f"{'wall ms':>8} {'sum ms':>8} {'n/step':>6}  {'role':16} {'GFLOP/s':>7}  {'hlo op':28} scope"]
   for op, ns in wall.most_common(top):
-    flops, role = costs.get(op, (0.0, "no product"))
+    flops, role = costs.get(op, NO_PRODUCT)
     rate = f"{flops * calls[op] / ns:7.0f}" if flops and ns else " " * 7
     lines.append(f"{ns / steps / 1e6:8.2f} {summed[op] / steps / 1e6:8.2f} {calls[op] / steps:6.0f}  {role:16} "
                  f"{rate}  {op[:28]:28} {scope[op][-60:]}")
