@@ -62,7 +62,7 @@ def _generate(graphdef, state, input_ids_BP, mask_BP, stop_ids, key, *, max_new_
               top_k: int | None, top_p: float | None):
   model: CausalLM = nnx.merge(graphdef, state)
   B, P = input_ids_BP.shape
-  cache = KVCache.create(model.config, B, P + max_new_tokens)
+  cache = KVCache.create(model.config, B, P + max_new_tokens, model.options.dtype)
   positions = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
   hidden, cache = model.hidden_states(input_ids_BP, segment_ids=mask_BP, positions=positions, cache=cache)
   logits = model.logits(hidden[:, -1:])  # only the last prompt position predicts anything we keep

@@ -31,7 +31,6 @@ from jaxtune.models.transformer import CausalLM, Linear
 from jaxtune.peft.lora import LoRA
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat")
 
 
 def _module_at(model: CausalLM, path: tuple[str, ...]) -> Any:
@@ -95,7 +94,7 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
 def check_matches_source(cfg: ModelConfig, hf_config: dict, where: pathlib.Path) -> None:
   """The model must have the architecture of the source config.json whose files the export reuses."""
   source = from_hf_dict(hf_config, where=str(where))
-  ours = dataclasses.replace(cfg, **{f: getattr(source, f) for f in _RUNTIME_FIELDS})
+  ours = cfg
   if ours != source:
     short = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."  # noqa: E731
     diffs = [f"{f.name}: model {short(getattr(ours, f.name))}, config.json {short(getattr(source, f.name))}"

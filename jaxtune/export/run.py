@@ -26,6 +26,8 @@ from jaxtune.export.files import ExportError
 from jaxtune.export import gguf as gguf_export
 from jaxtune.export.merged import DEFAULT_MAX_SHARD_BYTES, export_merged
 from jaxtune.hf import load as hf_load
+from jaxtune.models import options as options_lib
+from jaxtune.models.options import ModelOptions
 from jaxtune.models.config import ModelConfig, load_config
 from jaxtune.models.transformer import CausalLM
 from jaxtune.peft.lora import LoRADropoutKey, LoRAParam, apply_lora
@@ -116,14 +118,14 @@ def _run_source(step_dir: pathlib.Path) -> tuple[dict, pathlib.Path, str]:
   return config, source, str(source) if path in builtin_models.BUILTIN_MODELS else path
 
 
-def _with_adapters(cfg: ModelConfig, lora: dict, base: CausalLM | None) -> CausalLM:
+def _with_adapters(cfg: ModelConfig, options: ModelOptions, lora: dict, base: CausalLM | None) -> CausalLM:
   """The model with LoRA adapters of the run's shapes, their values still to be restored.
 
   Built abstractly (no random init, which costs a compile per shape) and then given the
   base's weights, or left abstract where `base` is None.
   """
   def build():
-    return apply_lora(CausalLM(cfg, rngs=nnx.Rngs(0)), rank=lora["rank"], alpha=lora["alpha"],
+    return apply_lora(CausalLM(cfg, options, rngs=nnx.Rngs(0)), rank=lora["rank"], alpha=lora["alpha"],
                       dropout=lora.get("dropout", 0.0), use_rslora=lora.get("use_rslora", False),
                       targets=lora.get("targets", "all-linear"), rngs=nnx.Rngs(0))
 
@@ -144,17 +146,20 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, base_weight
   model_cfg, peft = config.get("model", {}), config.get("peft", {})
   method = peft.get("method", "lora")
   compute = model_cfg.get("dtype", "float32")
+  platform = jax.default_backend()
 
   if method == "full":  # every weight is in the checkpoint: restore it into an abstract model
-    cfg = load_config(source, dtype=compute, param_dtype=model_cfg.get("param_dtype", "float32"))
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+    cfg = load_config(source)
+    options = options_lib.for_platform(platform, dtype=compute, param_dtype=model_cfg.get("param_dtype", "float32"))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, options, rngs=nnx.Rngs(0))))
     model = nnx.merge(graphdef, _fill(state, _restore_params(step_dir, nnx.to_pure_dict(state))))
   elif method == "lora":
     base = None
     if base_weights:  # the base in the dtype it is stored in: exact, and no bigger than it has to be
       base = hf_load.load_model(source, dtype=compute, param_dtype=files.source_dtype(source).name)
-    cfg = base.config if base is not None else load_config(source, dtype=compute, param_dtype="float32")
-    model = _with_adapters(cfg, peft["lora"], base)
+    cfg = base.config if base is not None else load_config(source)
+    options = base.options if base is not None else options_lib.for_platform(platform, dtype=compute)
+    model = _with_adapters(cfg, options, peft["lora"], base)
     adapters = nnx.state(model, LoRAParam)
     nnx.update(model, _fill(adapters, _restore_params(step_dir, nnx.to_pure_dict(adapters))))
   else:

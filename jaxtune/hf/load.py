@@ -19,7 +19,9 @@ from flax import nnx
 
 from jaxtune.hf import mapping
 from jaxtune.hf.safetensors_io import Checkpoint, CheckpointError
+from jaxtune.models import options as options_lib
 from jaxtune.models.config import ModelConfig, load_config
+from jaxtune.models.options import ModelOptions
 from jaxtune.models.transformer import CausalLM
 
 # What a model download needs: configs, safetensors, tokenizer and template files; never pickles.
@@ -96,21 +98,27 @@ def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract_state: nnx.State) -
   return nnx.from_flat_state(flat)
 
 
-def load_model(path_or_hub_id: str | pathlib.Path, dtype: Any = None, **runtime: Any) -> CausalLM:
-  """Loads an HF checkpoint as a jaxtune CausalLM (parameters and compute in `dtype`, default float32)."""
+def load_model(path_or_hub_id: str | pathlib.Path, dtype: Any = None, *, attention_impl: str = "xla",
+               remat: str = "none", param_dtype: Any = None, kernels: str = "auto") -> CausalLM:
+  """Loads an HF checkpoint as a jaxtune CausalLM (parameters and compute in `dtype`, default float32).
+
+  kernels: "plain", "cpu", or "auto" (cpu on the CPU backend, plain elsewhere; models/kernels.py).
+  """
   directory = resolve(path_or_hub_id)
   dtype = np.dtype(dtype or "float32").name
-  runtime = {"dtype": dtype, "param_dtype": dtype, **runtime}
-  cfg = load_config(directory, **runtime)
+  options = options_lib.for_platform(jax.default_backend(), kernels=kernels, dtype=dtype,
+                                     param_dtype=np.dtype(param_dtype or dtype).name,
+                                     attention_impl=attention_impl, remat=remat)
+  cfg = load_config(directory)
   ckpt = Checkpoint(directory)
-  abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: CausalLM(cfg, options, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   return nnx.merge(graphdef, load_params(ckpt, cfg, abstract_state))
 
 
-def init_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
+def init_model(cfg: ModelConfig, seed: int = 0, options: ModelOptions | None = None) -> CausalLM:
   """A randomly initialised model (tests and benchmarks)."""
-  return CausalLM(cfg, rngs=nnx.Rngs(seed))
+  return CausalLM(cfg, options, rngs=nnx.Rngs(seed))
 
 
 def load_tokenizer(path_or_hub_id: str | pathlib.Path):

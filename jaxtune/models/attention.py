@@ -7,11 +7,16 @@ Every query and key carries a *slot* (its index in the sequence or cache) and a
     and key segment == query segment != 0       (no cross-talk between packed examples)
     and query slot - key slot < window          (sliding-window layers only)
 
-The portable XLA path is the default; `impl="cudnn"` routes the same mask through
-`jax.nn.dot_product_attention`'s cuDNN kernel on GPU (`impl="dot_product"` is that
-call with XLA's implementation, so the wiring is tested on CPU); `impl="splash"` runs
-Pallas splash attention on TPU (tested in Pallas' interpret mode on CPU) for training
-and prefill without a KV cache.
+Implementations (`ModelOptions.attention_impl`), all with the same mask and the same values:
+- `xla`: the plain softmax program, differentiated by JAX;
+- `chunked`: a custom backward that saves only each row's softmax max and sum, not the [T, S]
+  probabilities, and recomputes them (one q k^T product) in the backward; with kernels that ask
+  for it, queries run in causal blocks that skip the work above the diagonal;
+- `cudnn`: `jax.nn.dot_product_attention`'s cuDNN kernel on GPU (`dot_product` is that call with
+  XLA's implementation, so the wiring is tested on CPU);
+- `splash`: Pallas splash attention on TPU (Pallas' interpret mode elsewhere), for training and
+  prefill without a KV cache.
+The products go through the run's kernels (models/kernels.py).
 """
 
 from __future__ import annotations
@@ -22,8 +27,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models import matmul
-from jaxtune.models import saved
+from jaxtune.models.kernels import PLAIN, PlainKernels
 
 ATTENTION_NAME = "attention"  # checkpoint_name of the attention output and softmax statistics
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows give a uniform softmax, not NaN
@@ -63,40 +67,27 @@ def auto_impl(platform: str, dtype: str, head_dim: int, softcap: float | None,
               seq_lens: Sequence[int] = ()) -> tuple[str, str]:
   """(implementation, reason) for attention_impl="auto"; seq_lens: every row length training will see.
 
-  cuDNN on GPU wherever its fused kernel applies: 1.27x (LoRA) and 1.20x (full) the XLA path's
-  train step on an H200, Llama 3.2 1B, bf16, T=2048 (bench/NOTES.md item 22). It needs 16-bit
+  cuDNN on GPU wherever its fused kernel applies: 1.27x (LoRA) and 1.20x (full) the chunked
+  path's train step on an H200, Llama 3.2 1B, bf16, T=2048 (docs/benchmarks.md). It needs 16-bit
   inputs, a head dim that is a multiple of 8 and at most 128, no logit soft-capping, and (with
-  the mask it is given) even sequence lengths. Elsewhere the portable XLA path; splash on TPU
-  stays opt-in (it needs sequence lengths that are multiples of 128, and has not been measured
-  on TPU hardware).
+  the mask it is given) even sequence lengths. Elsewhere the chunked path, which never keeps the
+  [T, S] probabilities (the lower peak of the two portable paths in `parallel.dry_run`,
+  docs/scaling.md); splash on TPU stays opt-in (it needs sequence lengths that are multiples of
+  128, and has not been measured on TPU hardware).
   """
+  fallback = "chunked"
   if platform != "gpu":
-    return "xla", f"{platform}: the portable path"
+    return fallback, f"{platform}: the portable path that keeps no [T, S] probabilities"
   if dtype not in ("bfloat16", "float16"):
-    return "xla", f"cuDNN attention needs bfloat16/float16; the compute dtype is {dtype}"
+    return fallback, f"cuDNN attention needs bfloat16/float16; the compute dtype is {dtype}"
   if softcap is not None:
-    return "xla", "cuDNN attention has no logit soft-capping"
+    return fallback, "cuDNN attention has no logit soft-capping"
   if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
-    return "xla", f"head_dim {head_dim}: cuDNN attention needs a multiple of 8, at most {CUDNN_MAX_HEAD_DIM}"
+    return fallback, f"head_dim {head_dim}: cuDNN attention needs a multiple of 8, at most {CUDNN_MAX_HEAD_DIM}"
   odd = [t for t in seq_lens if t % 2]
   if odd:
-    return "xla", f"cuDNN attention with a mask needs even sequence lengths; rows of {odd} tokens"
+    return fallback, f"cuDNN attention with a mask needs even sequence lengths; rows of {odd} tokens"
   return "cudnn", f"GPU, {dtype}, head_dim {head_dim}"
-
-
-def causal_block_count(T: int, min_size: int = 128, most: int = 8) -> int:
-  """Query blocks for causal block skipping at length T: the most (<= `most`) dividing T whose size is
-  >= `min_size`, else 1.
-
-  Measured on CPU (bench/NOTES.md item 13). Alone, one SmolLM2 layer's attention fwd+bwd at T=256
-  takes 16 ms unblocked, 13 ms in 2 blocks, 11 ms in 4; at T=1024, 8 blocks of 128 beat 4 and 16.
-  In the whole train step, 2 blocks of 128 gained 2-3% and 4 blocks of 64 nothing reliable (their
-  slices, concatenation and partial key/value gradients cost what the smaller products save), so
-  blocks are at least 128 queries."""
-  for blocks in range(min(most, T // min_size), 1, -1):
-    if T % blocks == 0:
-      return blocks
-  return 1
 
 
 def attend(
@@ -108,65 +99,68 @@ def attend(
     scale: float,
     softcap: float | None = None,
     impl: str = "xla",
+    kernels: PlainKernels = PLAIN,
     causal: bool = False,
     causal_blocks: int | None = None,
     save_inputs: bool = True,
 ) -> jnp.ndarray:
   """Grouped-query attention; returns [B, T, N, H] in q's dtype.
 
-  save_inputs: name q, k and v as the kernel reads them (the XLA path: grouped by KV head) for the
-  dots remat policies. The backward then reads them as saved, and recomputes neither the caller's
-  rope nor the transposes, while the projections' outputs, which nothing else reads back, are not
-  kept instead (the same memory). Pass False when the backward needs those outputs anyway (q/k
-  norms read their input), so that they are not kept twice.
+  save_inputs: name q, k and v as the kernel reads them (grouped by KV head) for the dots remat
+  policies. The backward then reads them as saved, and recomputes neither the caller's rope nor
+  the transposes, while the projections' outputs, which nothing else reads back, are not kept
+  instead (the same memory). Pass False when the backward needs those outputs anyway (q/k norms
+  read their input), so that they are not kept twice.
 
   causal=True is a promise that mask_BTS is causal in the plain sense, key t never visible to
   query t' < t, as in self-attention without a cache; the mask still says which keys each query
   sees (packed segments, padding). The kernels then skip the work above the diagonal:
-  - cuDNN is told is_causal besides the mask, so it skips the tiles above the diagonal: the
-    train step 0.125 -> 0.115 s (LoRA) and 0.168 -> 0.157 s (full) on an H200, Llama 3.2 1B
-    at 4 x 2048 (bench/NOTES.md item 32);
-  - the XLA path splits the queries into causal_blocks blocks (None: causal_block_count(T)), and
-    block i attends only keys [0, (i + 1) T / blocks), so the blocks above the diagonal are never
-    computed (1 - (n + 1) / 2n of the work: 25% for 2). A count that does not divide T, or keys
-    longer than the queries, fall back to one block. Fully masked (padding) query rows still get
-    a uniform softmax, over their block's keys only.
+  - cuDNN is told is_causal besides the mask, so it skips the tiles above the diagonal;
+  - the chunked path splits the queries into causal_blocks blocks (None: as many as the kernels
+    choose for T), and block i attends only keys [0, (i + 1) T / blocks), so the blocks above the
+    diagonal are never computed. A count that does not divide T, or keys longer than the queries,
+    fall back to one block. Fully masked (padding) query rows still get a uniform softmax, over
+    their block's keys only.
   """
   if impl in ("cudnn", "dot_product"):
     if softcap is not None:
       raise ValueError(f"attention impl {impl!r} has no logit soft-capping (Gemma 2); use attention_impl='xla'.")
     if save_inputs:
-      q_BTNH, k_BSKH, v_BSKH = (saved.name(x, ATTENTION_NAME) for x in (q_BTNH, k_BSKH, v_BSKH))
+      q_BTNH, k_BSKH, v_BSKH = (kernels.name(x, ATTENTION_NAME) for x in (q_BTNH, k_BSKH, v_BSKH))
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale, is_causal=causal,
         implementation="cudnn" if impl == "cudnn" else "xla",
     )
-  if impl != "xla":
-    raise ValueError(f"unknown attention impl {impl!r}; choose 'xla', 'cudnn' or 'dot_product'.")
+  if impl not in ("xla", "chunked"):
+    raise ValueError(f"unknown attention impl {impl!r}; choose 'xla', 'chunked', 'cudnn' or 'dot_product'.")
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
   k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
   if save_inputs:  # kept by the dots remat policies in the layout the backward reads (see the docstring)
-    q_BKGTH, k_BKSH, v_BKSH = (saved.name(x, ATTENTION_NAME) for x in (q_BKGTH, k_BKSH, v_BKSH))
+    q_BKGTH, k_BKSH, v_BKSH = (kernels.name(x, ATTENTION_NAME) for x in (q_BKGTH, k_BKSH, v_BKSH))
+  if impl == "xla":
+    out_BKGTH = _plain_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap, kernels)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
   if not causal:
     causal_blocks = 1
   elif causal_blocks is None:
-    causal_blocks = causal_block_count(T)
+    causal_blocks = kernels.causal_blocks(T)
   if causal_blocks > 1 and T % causal_blocks == 0 and k_BSKH.shape[1] == T:
     size = T // causal_blocks
     out_BKGTH = jnp.concatenate([  # query block i: keys up to its last query
-        _grouped_attention(q_BKGTH[:, :, :, i * size:(i + 1) * size], k_BKSH[:, :, :(i + 1) * size],
+        _chunked_attention(q_BKGTH[:, :, :, i * size:(i + 1) * size], k_BKSH[:, :, :(i + 1) * size],
                            v_BKSH[:, :, :(i + 1) * size], mask_BTS[:, i * size:(i + 1) * size, :(i + 1) * size],
-                           scale, softcap)
+                           scale, softcap, kernels)
         for i in range(causal_blocks)], axis=3)
   else:
-    out_BKGTH = _grouped_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap)
+    out_BKGTH = _chunked_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap, kernels)
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap):
+def _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap, kernels):
   """(logits [B, K, G, T, S] float32 with masked entries at _MASKED, tanh of the soft-cap or None)."""
+  del kernels  # float32 logits from any operands: one form for every backend
   logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32) * scale
   tanh = None
   if softcap is not None:
@@ -175,38 +169,41 @@ def _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap):
   return jnp.where(mask_BTS[:, None, None], logits, _MASKED), tanh
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _grouped_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap):
-  """softmax(mask(cap(scale q k^T))) v for queries grouped per KV head; [B, K, G, T, H].
+def _plain_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap, kernels):
+  """softmax(mask(cap(scale q k^T))) v for queries grouped per KV head; [B, K, G, T, H], autodiff's backward."""
+  logits, _ = _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap, kernels)
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  probs = e / jnp.sum(e, axis=-1, keepdims=True)
+  out = kernels.product("BKGTS,BKSH->BKGTH", probs.astype(v_BKSH.dtype), v_BKSH)
+  return kernels.name(out, ATTENTION_NAME)  # kept by the dots policies: no attention recompute in the backward
 
-  A custom backward for two reasons, both measured on the CPU step (bench/NOTES.md):
-  - memory: only the softmax's row max and sum ([B, K, G, T] each) are saved, and the probabilities are recomputed
-    in the backward (one q k^T product), instead of a [B, K, G, T, S] float32 tensor per layer;
-  - layout: the key and value gradients contract over queries; they are computed transposed
-    ([.., H, S], small operands transposed behind barriers) rather than letting XLA's CPU
-    backend transpose the [.., T, S] probabilities.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap, kernels):
+  """As _plain_attention, with a backward that needs only the softmax's row max and sum.
+
+  Only those ([B, K, G, T] each) are saved, and the probabilities are recomputed in the backward
+  (one q k^T product), instead of a [B, K, G, T, S] float32 tensor per layer.
   """
-  return _attention_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap)[0]
+  return _attention_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap, kernels)[0]
 
 
-def _attention_fwd(q, k, v, mask, scale, softcap):
-  logits, _ = _masked_logits(q, k, mask, scale, softcap)
+def _attention_fwd(q, k, v, mask, scale, softcap, kernels):
+  logits, _ = _masked_logits(q, k, mask, scale, softcap, kernels)
   m = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - m)
   denom = jnp.sum(e, axis=-1, keepdims=True)
-  out = matmul.product("BKGTS,BKSH->BKGTH", (e / denom).astype(v.dtype), v)
-  # Named so remat policies can keep them (transformer._REMAT_POLICIES): the backward then needs
-  # no forward recompute of the attention. Max and sum, not their log-sum-exp: m + log(S) rounds
+  out = kernels.product("BKGTS,BKSH->BKGTH", (e / denom).astype(v.dtype), v)
+  # Named so remat policies can keep them (models/transformer.py): the backward then needs no
+  # forward recompute of the attention. Max and sum, not their log-sum-exp: m + log(S) rounds
   # back to m on a fully masked row (m = _MASKED).
-  out, m, denom = (saved.name(x, ATTENTION_NAME, differentiated=False) for x in (out, m, denom))
+  out, m, denom = (kernels.name(x, ATTENTION_NAME, differentiated=False) for x in (out, m, denom))
   return out, (q, k, v, mask, m, denom, out)
 
 
-def _attention_bwd(scale, softcap, res, dout):
+def _attention_bwd(scale, softcap, kernels, res, dout):
   q, k, v, mask, m, denom, out = res
-  barrier = jax.lax.optimization_barrier
-  B, K, G, T, H = q.shape
-  logits, tanh = _masked_logits(q, k, mask, scale, softcap)
+  logits, tanh = _masked_logits(q, k, mask, scale, softcap, kernels)
   probs = jnp.exp(logits - m) / denom  # float32 [B, K, G, T, S]
   dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dout, v, preferred_element_type=jnp.float32)
   # softmax backward: dlogits = p * (dp - sum_s p dp); that row sum equals dout . out, a [T, H]
@@ -216,15 +213,12 @@ def _attention_bwd(scale, softcap, res, dout):
   if softcap is not None:
     dlogits = dlogits * (1.0 - tanh * tanh)
   dlogits = jnp.where(mask[:, None, None], dlogits, 0.0) * scale
-  rows = lambda x: x.reshape(B, K, G * T, x.shape[-1])  # noqa: E731  [B, K, G*T, last]
-  dq = matmul.product("BKGTS,BKSH->BKGTH", dlogits.astype(q.dtype), k)
-  # dk^T = q^T dlogits, dv^T = dout^T probs: [B, K, H, G*T] x [B, K, G*T, S]
-  dk_T = matmul.product("BKHM,BKMS->BKHS", barrier(rows(q).transpose(0, 1, 3, 2)), rows(dlogits).astype(q.dtype))
-  dv_T = matmul.product("BKHM,BKMS->BKHS", barrier(rows(dout).transpose(0, 1, 3, 2)), rows(probs).astype(v.dtype))
-  return dq, barrier(dk_T).transpose(0, 1, 3, 2), barrier(dv_T).transpose(0, 1, 3, 2), None
+  dq = kernels.product("BKGTS,BKSH->BKGTH", dlogits.astype(q.dtype), k)
+  dk, dv = kernels.key_value_grads(q, dout, dlogits, probs)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_grouped_attention.defvjp(_attention_fwd, _attention_bwd)
+_chunked_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 SPLASH_BLOCK = 128  # splash attention's default block size: sequence lengths must be a multiple of it
@@ -242,21 +236,22 @@ def _splash_kernel(num_heads: int, seq_len: int, window: int | None, softcap: fl
 
 
 def splash_attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, is_sliding, *, window: int | None, scale: float,
-                  softcap: float | None = None, save_inputs: bool = True) -> jax.Array:
+                  softcap: float | None = None, save_inputs: bool = True, kernels: PlainKernels = PLAIN,
+                  interpret: bool = False) -> jax.Array:
   """Causal (optionally sliding-window) self-attention over packed rows with Pallas splash attention.
 
-  save_inputs as in `attend` (q as the kernel reads it; k and v before their heads are repeated)."""
+  save_inputs as in `attend` (q as the kernel reads it; k and v before their heads are repeated).
+  interpret: run the kernel in Pallas' interpret mode (any backend; the TPU kernel needs a TPU)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 
   B, T, N, H = q_BTNH.shape
   if T % SPLASH_BLOCK:
     raise ValueError(f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCK}; got {T}. "
                      "Set the data's max_seq_len / bucket lengths accordingly, or use attention_impl='xla'.")
-  interpret = jax.default_backend() != "tpu"
   groups = N // k_BTKH.shape[2]
   q = (q_BTNH * scale).transpose(0, 2, 1, 3)
   if save_inputs:
-    q, k_BTKH, v_BTKH = (saved.name(x, ATTENTION_NAME) for x in (q, k_BTKH, v_BTKH))
+    q, k_BTKH, v_BTKH = (kernels.name(x, ATTENTION_NAME) for x in (q, k_BTKH, v_BTKH))
   k = jnp.repeat(k_BTKH, groups, axis=2).transpose(0, 2, 1, 3)
   v = jnp.repeat(v_BTKH, groups, axis=2).transpose(0, 2, 1, 3)
   segments = kernel_lib.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)

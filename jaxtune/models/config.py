@@ -39,7 +39,7 @@ class RopeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of a decoder-only transformer, plus how to run it."""
+  """Architecture of a decoder-only transformer: what config.json says, nothing chosen per run (models/options.py)."""
 
   model_type: str
   vocab_size: int
@@ -67,15 +67,6 @@ class ModelConfig:
   layer_types: tuple[str, ...] = ()  # "full_attention" | "sliding_attention", one per layer
   rope_full: RopeSpec = RopeSpec(theta=10000.0)
   rope_sliding: RopeSpec = RopeSpec(theta=10000.0)
-  # How to run (not part of the checkpoint).
-  dtype: str = "float32"  # activation / compute dtype
-  param_dtype: str = "float32"
-  attention_impl: str = "xla"  # "xla" | "cudnn" | "splash"
-  remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
-  # Sharding of the [B, T, D] activations entering each layer (a jax.sharding.NamedSharding), set by the
-  # mesh stage: under FSDP it keeps activations split by batch rows, so XLA gathers one layer's weights
-  # at a time instead of the whole batch.
-  activation_sharding: Any = None
 
   @property
   def scale(self) -> float:
@@ -154,8 +145,8 @@ def _layer_types(hf: Mapping[str, Any], model_type: str, num_layers: int) -> tup
   return ("full_attention",) * num_layers
 
 
-def from_hf_dict(hf: Mapping[str, Any], where: str = "config.json", **runtime: Any) -> ModelConfig:
-  """Builds a ModelConfig from the dict of an HF config.json; `runtime` sets dtype etc."""
+def from_hf_dict(hf: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
+  """Builds a ModelConfig from the dict of an HF config.json."""
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ModelConfigError(
@@ -206,11 +197,10 @@ def from_hf_dict(hf: Mapping[str, Any], where: str = "config.json", **runtime: A
       layer_types=layer_types,
       rope_full=rope_full,
       rope_sliding=rope_sliding,
-      **runtime,
   )
 
 
-def load_config(path: str | pathlib.Path, **runtime: Any) -> ModelConfig:
+def load_config(path: str | pathlib.Path) -> ModelConfig:
   """Reads `config.json` from a checkpoint directory (or the file itself)."""
   path = pathlib.Path(path)
   file = path / "config.json" if path.is_dir() else path
@@ -220,4 +210,4 @@ def load_config(path: str | pathlib.Path, **runtime: Any) -> ModelConfig:
     hf = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise ModelConfigError(f"{file}:{e.lineno}: invalid JSON: {e.msg}.") from None
-  return from_hf_dict(hf, where=str(file), **runtime)
+  return from_hf_dict(hf, where=str(file))

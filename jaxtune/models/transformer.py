@@ -12,7 +12,6 @@ K key/value heads, H head dim, F MLP hidden, V vocabulary, L layers.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import jax
@@ -20,10 +19,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.models import attention as attn_lib
-from jaxtune.models import matmul
+from jaxtune.models import kernels as kernels_lib
 from jaxtune.models import rope as rope_lib
-from jaxtune.models import saved
 from jaxtune.models.config import ModelConfig
+from jaxtune.models.options import ACTIVATION_AXES, REMAT_POLICIES, ModelOptions
 
 ADAPTED_NAME = "adapted"  # checkpoint_name of a Linear's output when an adapter adds to it
 LAYER_INPUT_NAME = "layer_input"  # checkpoint_name of each layer's input, the scan's carry
@@ -31,19 +30,20 @@ _KEEP_INPUT = jax.checkpoint_policies.save_only_these_names(LAYER_INPUT_NAME)
 _KEEP_NAMED = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.save_only_these_names(attn_lib.ATTENTION_NAME, ADAPTED_NAME, LAYER_INPUT_NAME),
     attn_lib.keeps_fused_outputs)
-# "dots*" keep the attention output and softmax statistics too (named on the XLA path, by primitive
-# for cuDNN's): otherwise the backward pass reruns the whole attention forward (its products have
-# batch dimensions) before its own recompute.
+# "dots*" keep the attention output and softmax statistics too (named on the XLA and chunked paths,
+# by primitive for cuDNN's): otherwise the backward pass reruns the whole attention forward (its
+# products have batch dimensions) before its own recompute.
 # They also keep an adapted Linear's output (base product + adapter delta): otherwise both
-# products are saved and the backward adds them again (bench/NOTES.md item 21).
-# Every policy keeps the layer's input by name, which the scan would stack anyway: named, a 16-bit
-# input is stacked as its bits on CPU, like the other names (models/saved.py, NOTES item 37).
+# products are saved and the backward adds them again.
+# Every policy keeps the layer's input by name, which the scan would stack anyway: named, the CPU
+# kernels stack a 16-bit input as its bits, like the other names (models/cpu.py).
 _REMAT_POLICIES = {
     "full": _KEEP_INPUT,
     "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _KEEP_NAMED),
     "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_NAMED),
 }
+assert set(_REMAT_POLICIES) | {"none"} == set(REMAT_POLICIES)
 
 
 def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -59,34 +59,28 @@ class Linear(nnx.Module):
 
   def __init__(self, einsum: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[str, ...], *,
                bias_shape: tuple[int, ...] | None = None, stack: tuple[int, ...] = (),
-               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+               options: ModelOptions, rngs: nnx.Rngs):
     stack_axes = ("layers",) * len(stack)
     self.einsum = einsum
-    self.dtype = dtype
-    self.kernel = nnx.Param(_init(rngs, stack + kernel_shape, param_dtype), axes=stack_axes + kernel_axes)
+    self.dtype = options.dtype
+    self.kernels = options.kernels  # the name: static, hashable
+    self.kernel = nnx.Param(_init(rngs, stack + kernel_shape, options.param_dtype), axes=stack_axes + kernel_axes)
     self.bias = nnx.data(None)
     if bias_shape is not None:
       bias_axes = kernel_axes[-len(bias_shape):]
-      self.bias = nnx.Param(jnp.zeros(stack + bias_shape, param_dtype), axes=stack_axes + bias_axes)
+      self.bias = nnx.Param(jnp.zeros(stack + bias_shape, options.param_dtype), axes=stack_axes + bias_axes)
     self.adapter = nnx.data(None)  # data, not static: a PEFT transform assigns a module here later
-    self.flat = matmul.flat_layout(einsum)  # (batch, in, out) letters: one 2-D product; None: einsum
 
   def __call__(self, x: jax.Array, adapter_delta: jax.Array | None = None) -> jax.Array:
     """y for x; adapter_delta: the adapter's output when computed already (`shared_input`)."""
-    kernel = self.kernel[...].astype(self.dtype)
-    if self.flat is not None and kernel.ndim == len(self.flat[1]) + len(self.flat[2]):  # no stack axes left
-      n_in = len(self.flat[1])
-      lead, out = x.shape[:x.ndim - n_in], kernel.shape[n_in:]  # [M, I] x [I, O]
-      y = matmul.dense(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:n_in]), -1))
-      y = y.reshape(lead + out)
-    else:
-      y = matmul.product(self.einsum, x, kernel)
+    kernels = kernels_lib.get(self.kernels)
+    y = kernels.linear(self.einsum, x, self.kernel[...].astype(self.dtype))
     if adapter_delta is None and self.adapter is not None:
       adapter_delta = self.adapter(x)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if adapter_delta is not None:  # named: remat policies save this sum, not its two products
-      y = saved.name(y + adapter_delta.astype(y.dtype), ADAPTED_NAME)
+      y = kernels.name(y + adapter_delta.astype(y.dtype), ADAPTED_NAME)
     return y
 
 
@@ -130,9 +124,9 @@ class LayerInputs:
 class Attention(nnx.Module):
   """Multi-head attention with grouped KV heads, optional q/k norms, rope and soft-capping."""
 
-  def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, options: ModelOptions, stack: tuple[int, ...], rngs: nnx.Rngs):
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    common = dict(stack=stack, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    common = dict(stack=stack, options=options, rngs=rngs)
     qkv_bias = cfg.qkv_bias
     self.q = Linear("BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"),
                     bias_shape=(N, H) if qkv_bias else None, **common)
@@ -145,9 +139,10 @@ class Attention(nnx.Module):
     self.q_norm = self.k_norm = nnx.data(None)
     if cfg.qk_norm:
       norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="head_dim", stack=stack,
-                  param_dtype=cfg.param_dtype, rngs=rngs)
+                  param_dtype=options.param_dtype, rngs=rngs)
       self.q_norm, self.k_norm = RMSNorm(H, **norm), RMSNorm(H, **norm)
-    self.scale, self.softcap, self.impl = cfg.scale, cfg.attn_softcap, cfg.attention_impl
+    self.scale, self.softcap, self.impl = cfg.scale, cfg.attn_softcap, options.attention_impl
+    self.kernels, self.interpret = options.kernels, options.interpret
     self.window = cfg.sliding_window
 
   def __call__(self, x_BTD, cos_sin, mask_BTS, kv_cache=None, cache_index=None, is_sliding=None,
@@ -161,23 +156,26 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
       kv_cache = (k, v)
+    kernels = kernels_lib.get(self.kernels)
     if self.impl == "splash" and kv_cache is None:
       out = attn_lib.splash_attend(q, k, v, segment_ids_BT, is_sliding, window=self.window, scale=self.scale,
-                                   softcap=self.softcap, save_inputs=self.q_norm is None)
-    else:  # KV-cache decoding runs the portable path: splash has none, cuDNN's is not measured
+                                   softcap=self.softcap, save_inputs=self.q_norm is None, kernels=kernels,
+                                   interpret=self.interpret)
+    else:  # KV-cache decoding runs the plain path: splash has none, cuDNN's is not measured
       impl = "xla" if self.impl == "splash" or (self.impl == "cudnn" and kv_cache is not None) else self.impl
       # Without a cache every query and key slot is 0..T-1: the mask is causal, blocks above the diagonal skip.
       out = attn_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, scale=self.scale,
-                            softcap=self.softcap, impl=impl, causal=kv_cache is None, save_inputs=self.q_norm is None)
+                            softcap=self.softcap, impl=impl, kernels=kernels, causal=kv_cache is None,
+                            save_inputs=self.q_norm is None)
     return self.o(out), kv_cache
 
 
 class MLP(nnx.Module):
   """Gated MLP: down(act(gate(x)) * up(x)) (SwiGLU or GeGLU)."""
 
-  def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, options: ModelOptions, stack: tuple[int, ...], rngs: nnx.Rngs):
     D, F = cfg.hidden_size, cfg.intermediate_size
-    common = dict(stack=stack, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    common = dict(stack=stack, options=options, rngs=rngs)
     bias = cfg.mlp_bias
     self.gate = Linear("BTD,DF->BTF", (D, F), ("embed", "mlp"), bias_shape=(F,) if bias else None, **common)
     self.up = Linear("BTD,DF->BTF", (D, F), ("embed", "mlp"), bias_shape=(F,) if bias else None, **common)
@@ -193,14 +191,14 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """One decoder layer (created stacked: every parameter has a leading [L] axis)."""
 
-  def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, options: ModelOptions, stack: tuple[int, ...], rngs: nnx.Rngs):
     norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="embed", stack=stack,
-                param_dtype=cfg.param_dtype, rngs=rngs)
+                param_dtype=options.param_dtype, rngs=rngs)
     D = cfg.hidden_size
     self.pre_attn_norm = RMSNorm(D, **norm)
-    self.attn = Attention(cfg, stack, rngs)
+    self.attn = Attention(cfg, options, stack, rngs)
     self.pre_mlp_norm = RMSNorm(D, **norm)
-    self.mlp = MLP(cfg, stack, rngs)
+    self.mlp = MLP(cfg, options, stack, rngs)
     self.post_attn_norm = self.post_mlp_norm = nnx.data(None)
     if cfg.sandwich_norms:
       self.post_attn_norm, self.post_mlp_norm = RMSNorm(D, **norm), RMSNorm(D, **norm)
@@ -233,9 +231,8 @@ class KVCache:
   index: jax.Array
 
   @classmethod
-  def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> "KVCache":
+  def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = "float32") -> "KVCache":
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    dtype = dtype or cfg.dtype
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
                jnp.zeros((), jnp.int32))
 
@@ -243,17 +240,18 @@ class KVCache:
 class CausalLM(nnx.Module):
   """Embeddings, a scanned stack of decoder layers, final norm and LM head."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.config = cfg
+  def __init__(self, cfg: ModelConfig, options: ModelOptions | None = None, *, rngs: nnx.Rngs):
+    """cfg: the architecture (config.json); options: how this run executes it (default: plain, float32)."""
+    options = ModelOptions() if options is None else options
+    self.config, self.options = cfg, options
     V, D = cfg.vocab_size, cfg.hidden_size
-    self.embed = nnx.Param(_init(rngs, (V, D), cfg.param_dtype), axes=("vocab", "embed"))
-    self.layers = Block(cfg, (cfg.num_layers,), rngs)
+    self.embed = nnx.Param(_init(rngs, (V, D), options.param_dtype), axes=("vocab", "embed"))
+    self.layers = Block(cfg, options, (cfg.num_layers,), rngs)
     self.final_norm = RMSNorm(D, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="embed",
-                              param_dtype=cfg.param_dtype, rngs=rngs)
+                              param_dtype=options.param_dtype, rngs=rngs)
     self.lm_head = nnx.data(None)
     if not cfg.tie_embeddings:
-      self.lm_head = Linear("BTD,DV->BTV", (D, V), ("embed", "vocab"), dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, rngs=rngs)
+      self.lm_head = Linear("BTD,DV->BTV", (D, V), ("embed", "vocab"), options=options, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
@@ -291,11 +289,11 @@ class CausalLM(nnx.Module):
 
   def hidden_states(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, cache=None):
     """Final-norm hidden states [B, T, D] (and the updated cache or None)."""
-    cfg = self.config
+    cfg, dtype = self.config, self.options.dtype
     B, T = input_ids.shape
-    x = self._constrain(self.embed[...][input_ids].astype(cfg.dtype))
+    x = self._constrain(self.embed[...][input_ids].astype(dtype))
     if cfg.scale_embeddings:
-      x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=cfg.dtype)
+      x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=dtype)
     inputs, cache = self._layer_inputs(B, T, attention_mask, segment_ids, positions, cache)
     x, kv = self._run_layers(x, inputs, cache)
     if cache is not None:
@@ -303,14 +301,9 @@ class CausalLM(nnx.Module):
     return self.final_norm(x), cache
 
   def _constrain(self, x_BTD: jax.Array) -> jax.Array:
-    """Pins [B, T, D] activations to config.activation_sharding (a hint: skipped when B does not divide)."""
-    sharding = self.config.activation_sharding
-    if sharding is None:
-      return x_BTD
-    size = sharding.mesh.size
-    if x_BTD.shape[0] % (size // sharding.shard_shape((size, 1, 1))[0]):
-      return x_BTD  # e.g. a generation batch that does not split over the data axes
-    return jax.lax.with_sharding_constraint(x_BTD, sharding)
+    """Pins [B, T, D] activations to the sharding of ACTIVATION_AXES, when the run sets one."""
+    constrain = self.options.constrain
+    return x_BTD if constrain is None else constrain(x_BTD, ACTIVATION_AXES)
 
   def _layer_inputs(self, B, T, attention_mask, segment_ids, positions, cache):
     cfg = self.config
@@ -337,19 +330,18 @@ class CausalLM(nnx.Module):
     return LayerInputs(full, sliding, mask_full, mask_sliding, index, segment_ids), cache
 
   def _run_layers(self, x, inputs: LayerInputs, cache: KVCache | None):
-    cfg = self.config
+    cfg, remat = self.config, self.options.remat
+    kernels = kernels_lib.get(self.options.kernels)
     graphdef, state = nnx.split(self.layers)
     sliding = jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
 
     def body(x, xs):
       layer_state, is_sliding, kv = xs
-      x = saved.name(self._constrain(x), LAYER_INPUT_NAME)
+      x = kernels.name(self._constrain(x), LAYER_INPUT_NAME)
       x, kv = nnx.merge(graphdef, layer_state)(x, is_sliding, inputs, kv)
       return x, kv
 
-    if cfg.remat != "none":
-      if cfg.remat not in _REMAT_POLICIES:
-        raise ValueError(f"remat {cfg.remat!r} unknown; choose none, {', '.join(_REMAT_POLICIES)}.")
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    if remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
     kv = None if cache is None else (cache.k, cache.v)
     return jax.lax.scan(body, x, (state, sliding, kv))

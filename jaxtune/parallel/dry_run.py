@@ -5,8 +5,12 @@
 
 The model is built with `nnx.eval_shape` (shapes only), so nothing is downloaded but config.json
 (or a preset below). The mesh is made of N fake CPU devices and XLA's own memory analysis of the
-compiled per-device program gives the numbers; a CPU compile approximates the TPU one (different
-fusion and layout choices, no TPU-only kernels), so leave ~10-15% headroom.
+compiled per-device program gives the numbers. `--platform` (default tpu) picks the program: the
+dtypes, attention and kernels that the training CLI resolves for that platform, so a TPU estimate
+traces the plain program a TPU runs, not the CPU kernels. A CPU compile approximates the TPU or GPU
+one (different fusion and layout choices), so leave ~10-15% headroom; fused kernels that only
+compile on their device (cuDNN, splash) are stood in for by the chunked attention, which like them
+keeps no [T, S] probabilities.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.models.config import ModelConfig, from_hf_dict
+from jaxtune.models.options import ModelOptions
 from jaxtune.models.transformer import CausalLM
 from jaxtune.parallel import mesh as mesh_lib
 from jaxtune.parallel import sharding as sharding_lib
@@ -94,33 +99,31 @@ def _load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def model_config(model: str = "", model_config_path: str = "", config_model_path: str = "", **runtime: Any
-                 ) -> ModelConfig:
+def model_config(model: str = "", model_config_path: str = "", config_model_path: str = "") -> ModelConfig:
   """ModelConfig from a preset name, a config.json path, or a run config's model.path (dir or known hub id)."""
   if model_config_path:
-    return from_hf_dict(json.loads(pathlib.Path(model_config_path).read_text()), model_config_path, **runtime)
+    return from_hf_dict(json.loads(pathlib.Path(model_config_path).read_text()), model_config_path)
   name = model or HUB_IDS.get(config_model_path, "")
   if name:
     if name not in PRESETS:
       raise ValueError(f"--model: unknown {name!r}; presets: {', '.join(PRESETS)}.")
-    return from_hf_dict(PRESETS[name], name, **runtime)
+    return from_hf_dict(PRESETS[name], name)
   local = pathlib.Path(config_model_path).expanduser() / "config.json"
   if config_model_path and local.is_file():
-    return from_hf_dict(json.loads(local.read_text()), str(local), **runtime)
+    return from_hf_dict(json.loads(local.read_text()), str(local))
   raise ValueError(f"no model shape for {config_model_path!r}: pass --model ({', '.join(PRESETS)}) or "
                    "--model_config path/to/config.json.")
 
 
-def compile_report(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Any, *, method: str, lora_rank: int,
-                   optimizer: Any, rows: int, seq: int, accum: int = 1, constrain: bool = True) -> Report:
+def compile_report(cfg: ModelConfig, options: ModelOptions, mesh: jax.sharding.Mesh, rules: Any, *, method: str,
+                   lora_rank: int, optimizer: Any, rows: int, seq: int, accum: int = 1, constrain: bool = True
+                   ) -> Report:
   """Compiles one train step of an abstract model on `mesh`; returns XLA's per-device memory."""
-  if constrain:  # each layer's input split by batch rows (see CausalLM._constrain)
-    rows_spec = sharding_lib.spec(("batch", "length", "act_embed"), (rows // accum, seq, cfg.hidden_size), mesh,
-                                  rules)
-    cfg = cfg.replace(activation_sharding=jax.sharding.NamedSharding(mesh, rows_spec))
+  if constrain:  # each layer's input split by batch rows, as the training loop does
+    options = options.replace(constrain=sharding_lib.ActivationSharding(mesh, rules))
 
   def build():
-    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    model = CausalLM(cfg, options, rngs=nnx.Rngs(0))
     if method == "lora":
       apply_lora(model, rank=lora_rank, alpha=2.0 * lora_rank, rngs=nnx.Rngs(1))
     return model
@@ -161,6 +164,9 @@ def main(argv: list[str] | None = None) -> list[Report]:
   p.add_argument("--seq", type=int, help="override data.max_seq_len")
   p.add_argument("--batch_per_device", type=int, help="rows per data-parallel device (else data.batch_size)")
   p.add_argument("--remat", help="override model.remat")
+  p.add_argument("--platform", choices=("tpu", "gpu", "cpu"), default="tpu",
+                 help="the platform whose program is traced: its dtypes, attention and kernels (default tpu)")
+  p.add_argument("--attention_impl", help="override model.attention_impl (xla | chunked | ...)")
   p.add_argument("--no_constraint", action="store_true", help="compile the model as is (no layer-input constraint)")
   p.add_argument("--json", action="store_true", help="print one JSON line per report too")
   args = p.parse_args(argv)
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> list[Report]:
   from jaxtune.train import config as config_lib  # pylint: disable=g-import-not-at-top
   config = _load_config_file(args.config) if args.config else config_lib.default_config()
   config.unlock()
-  for key, value in (("peft.method", args.method), ("data.max_seq_len", args.seq), ("model.remat", args.remat)):
+  for key, value in (("peft.method", args.method), ("data.max_seq_len", args.seq), ("model.remat", args.remat),
+                     ("model.attention_impl", args.attention_impl)):
     if value is not None:
       node, leaf = config, key.split(".")
       for part in leaf[:-1]:
@@ -178,16 +185,21 @@ def main(argv: list[str] | None = None) -> list[Report]:
   if args.preset:
     mesh_cfg = ml_collections.ConfigDict(mesh_cfg.to_dict())
     mesh_cfg.preset = args.preset
-  config = config_lib.resolve(config, "tpu")  # TPU dtypes: bfloat16 compute, float32 masters for full training
-  cfg = model_config(args.model, args.model_config, config.model.path, dtype=config.model.dtype,
-                     param_dtype=config.model.param_dtype, remat=config.model.remat)
+  cfg = model_config(args.model, args.model_config, config.model.path)
+  config = config_lib.resolve(config, args.platform, cfg)  # e.g. TPU: bfloat16 compute, float32 masters for full
+  options = config_lib.model_options(config, args.platform)
+  note = ""
+  if options.attention_impl in ("cudnn", "splash"):  # they compile only on their device
+    note = f" ({options.attention_impl} stood in for by chunked)"
+    options = options.replace(attention_impl="chunked", interpret=False)
   counts = [int(n) for n in args.num_devices.split(",")]
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", max(counts))
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
   print(f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, seq {config.data.max_seq_len}, "
-        f"remat {cfg.remat}, {cfg.dtype} compute / {cfg.param_dtype} params, optimizer {config.optim.name}; "
-        "CPU compile (approximates TPU)")
+        f"remat {options.remat}, {options.dtype} compute / {options.param_dtype} params, attention "
+        f"{options.attention_impl}{note}, {options.kernels} kernels, optimizer {config.optim.name}; "
+        f"the {args.platform} program, compiled for CPU devices")
   print(HEADER)
   reports = []
   for n in counts:
@@ -195,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[Report]:
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = batch_ways * args.batch_per_device if args.batch_per_device else config.data.batch_size
     accum = 1 if args.batch_per_device else config.train.grad_accum
-    report = compile_report(cfg, mesh, mesh_cfg.rules, method=config.peft.method, lora_rank=config.peft.lora.rank,
+    report = compile_report(cfg, options, mesh, mesh_cfg.rules, method=config.peft.method, lora_rank=config.peft.lora.rank,
                             optimizer=optimizer, rows=rows, seq=config.data.max_seq_len, accum=accum,
                             constrain=not args.no_constraint)
     print(report.line(), flush=True)

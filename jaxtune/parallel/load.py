@@ -24,6 +24,7 @@ from jaxtune.hf import mapping
 from jaxtune.hf.load import resolve
 from jaxtune.hf.safetensors_io import Checkpoint, CheckpointError
 from jaxtune.models.config import ModelConfig, load_config
+from jaxtune.models.options import ModelOptions
 from jaxtune.models.transformer import CausalLM
 from jaxtune.parallel.sharding import spec
 
@@ -166,16 +167,15 @@ def load_params_sharded(ckpt: Checkpoint, cfg: ModelConfig, abstract_state: nnx.
   return nnx.from_flat_state(flat)
 
 
-def load_model_sharded(path_or_hub_id: str | pathlib.Path, mesh: jax.sharding.Mesh, rules: Any, dtype: Any = None,
-                       stats: dict | None = None, **runtime: Any) -> CausalLM:
+def load_model_sharded(path_or_hub_id: str | pathlib.Path, mesh: jax.sharding.Mesh, rules: Any,
+                       options: ModelOptions | None = None, stats: dict | None = None) -> CausalLM:
   """An HF checkpoint as a CausalLM whose parameters are global arrays sharded over `mesh` by `rules`.
 
   Every process calls this; each reads only the tensor slices its own devices hold. `stats`, when
   given, receives read_bytes and peak_staged_bytes (host bytes of one transfer, the most at once).
   """
   directory = resolve(path_or_hub_id)
-  dtype = np.dtype(dtype or "float32").name
-  cfg = load_config(directory, **{"dtype": dtype, "param_dtype": dtype, **runtime})
-  abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+  cfg = load_config(directory)
+  abstract = nnx.eval_shape(lambda: CausalLM(cfg, options, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   return nnx.merge(graphdef, load_params_sharded(Checkpoint(directory), cfg, abstract_state, mesh, rules, stats))

@@ -148,6 +148,29 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: jax.shardi
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical_axes, x.shape, mesh, rules)))
 
 
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+  """`ModelOptions.constrain`: activations pinned by their logical axis names through the rules table.
+
+  A hint only: an array with a dimension that its rule's mesh axes do not divide (a generation
+  batch of one row on a data-parallel mesh) is left to XLA's propagation instead of replicated.
+  """
+
+  mesh: jax.sharding.Mesh
+  rules: tuple[tuple[str, Any], ...]
+
+  def __post_init__(self):  # hashable: the options holding this are part of the jitted program's key
+    object.__setattr__(self, "rules", tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                                            for name, axes in self.rules))
+
+  def __call__(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    table = rules_dict(self.rules)
+    for name, dim in zip(logical_axes, x.shape):
+      if dim % int(np.prod([self.mesh.shape[a] for a in table.get(name, ())], dtype=np.int64)):
+        return x
+    return constrain(x, logical_axes, self.mesh, self.rules)
+
+
 def per_device_bytes(tree: Any, shardings: Any) -> int:
   """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings` (the largest shard)."""
   total = 0

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.hf import mapping
-from jaxtune.models.matmul import flat_layout, lora_matmul, product, shared_lora_matmul
+from jaxtune.models import kernels as kernels_lib
 from jaxtune.models.transformer import CausalLM, Linear
 
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -53,7 +53,7 @@ class LoRA(nnx.Module):
 
   def __init__(self, einsum: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[Any, ...] | None, *,
                rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, dtype: Any,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Any = jnp.float32, kernels: str = "plain", rngs: nnx.Rngs):
     x_spec, rest = einsum.replace(" ", "").split(",")
     k_spec, y_spec = rest.split("->")
     n_stack = len(kernel_shape) - len(k_spec)
@@ -70,10 +70,9 @@ class LoRA(nnx.Module):
     self.a_einsum = f"{x_spec},{ins}{r}->{batch}{r}"
     self.b_einsum = f"{batch}{r},{r}{outs}->{y_spec}"
     self.k_spec, self.ins, self.outs = k_spec, ins, outs
-    self.flat = flat_layout(einsum) is not None  # then it runs as 2-D products (`_factors_2d`)
     self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), use_rslora
     self.scale = float(alpha) / (math.sqrt(rank) if use_rslora else rank)
-    self.dtype = dtype
+    self.dtype, self.kernels = dtype, kernels
     self.deterministic = True
     fan_in = math.prod(dims[c] for c in ins)
     bound = 1.0 / math.sqrt(fan_in)  # PEFT: kaiming_uniform_(a=sqrt(5)) on lora_A [r, in]
@@ -94,57 +93,43 @@ class LoRA(nnx.Module):
       key = jax.random.wrap_key_data(self.dropout_key[...])
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
-    factors = self._factors_2d()
-    if factors is not None:
-      lead = x.shape[:x.ndim - len(self.ins)]
-      return lora_matmul(x.reshape(math.prod(lead), -1), *factors, self.scale).reshape(lead + self._out_shape())
-    a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
-    h = product(self.a_einsum, x, a)
-    return product(self.b_einsum, h * jnp.asarray(self.scale, h.dtype), b)
+    return _deltas([self], x)[0]
 
   def _dropout_active(self) -> bool:
     return self.dropout > 0 and not self.deterministic
 
-  def _out_shape(self) -> tuple[int, ...]:
-    return self.lora_b[...].shape[-len(self.outs):]
-
-  def _factors_2d(self) -> tuple[jax.Array, jax.Array] | None:
-    """(A [I, r], B [r, O]) in the compute dtype when this adapter runs as 2-D products, else None.
-
-    Every Linear of models/ is a flat product; inside the layer scan the stack axes are already
-    sliced off, and then A and B reshape to matrices without moving data.
-    """
-    a = self.lora_a[...]
-    if not self.flat or a.ndim != len(self.ins) + 1:
-      return None
-    return a.astype(self.dtype).reshape(-1, self.rank), self.lora_b[...].astype(self.dtype).reshape(self.rank, -1)
-
   @staticmethod
   def shared_deltas(adapters: Sequence[Any], x: jax.Array) -> list[jax.Array | None] | None:
-    """Deltas for the adapters that all read x (q/k/v, gate/up), from one `shared_lora_matmul`.
+    """Deltas for the adapters that all read x (q/k/v, gate/up), their A factors in one product.
 
     Entries are None for the adapters left to run on their own: not LoRA, dropout active, another
-    dtype, outside the layer scan. None overall when fewer than two can share (PEFT's default
-    targets, q and v only, still share).
+    dtype or kernels. None overall when fewer than two can share (PEFT's default targets, q and v
+    only, still share).
     """
     # pylint: disable=protected-access
-    factors = [ad._factors_2d() if isinstance(ad, LoRA) and not ad._dropout_active() else None for ad in adapters]
-    kinds = [(ad.ins, jnp.dtype(ad.dtype)) if f is not None else None for ad, f in zip(adapters, factors)]
+    kinds = [(ad.a_einsum, jnp.dtype(ad.dtype), ad.kernels) if isinstance(ad, LoRA) and not ad._dropout_active()
+             else None for ad in adapters]
     first = next((k for k in kinds if k is not None), None)
     group = [i for i, k in enumerate(kinds) if k is not None and k == first]
     if len(group) < 2:
       return None
-    lead = x.shape[:x.ndim - len(adapters[group[0]].ins)]
-    ys = shared_lora_matmul(x.reshape(math.prod(lead), -1), tuple(factors[i][0] for i in group),
-                            tuple(factors[i][1] for i in group), tuple(adapters[i].scale for i in group))
-    deltas = [None] * len(adapters)
-    for i, y in zip(group, ys):
-      deltas[i] = y.reshape(lead + adapters[i]._out_shape())
-    return deltas
+    out = [None] * len(adapters)
+    for i, delta in zip(group, _deltas([adapters[i] for i in group], x)):
+      out[i] = delta
+    return out
 
   def delta(self) -> jax.Array:
     """scale * A @ B in the kernel's layout [stack..., kernel letters], in float32."""
     return _delta(self.lora_a[...], self.lora_b[...], self.k_spec, self.ins, self.outs, self.scale)
+
+
+def _deltas(adapters: Sequence["LoRA"], x: jax.Array) -> tuple[jax.Array, ...]:
+  """scale * B(A x) for adapters sharing x and their A einsum, through the run's kernels."""
+  first = adapters[0]
+  return kernels_lib.get(first.kernels).lora(
+      x, first.a_einsum, tuple(ad.b_einsum for ad in adapters),
+      tuple(ad.lora_a[...].astype(ad.dtype) for ad in adapters),
+      tuple(ad.lora_b[...].astype(ad.dtype) for ad in adapters), tuple(ad.scale for ad in adapters))
 
 
 @jax.jit(static_argnums=(2, 3, 4, 5))
@@ -209,7 +194,7 @@ def apply_lora(model: CausalLM, *, rank: int, alpha: float, dropout: float = 0.0
       raise ValueError(f"{'.'.join(path)} already has an adapter; apply LoRA once.")
     lin.adapter = LoRA(lin.einsum, tuple(lin.kernel.shape), lin.kernel.get_metadata().get("axes"), rank=rank,
                        alpha=alpha, dropout=dropout, use_rslora=use_rslora, dtype=lin.dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+                       param_dtype=param_dtype, kernels=lin.kernels, rngs=rngs)
   return model
 
 

@@ -16,6 +16,7 @@ import ml_collections
 from jaxtune.data import packing
 from jaxtune.data.config import data_config
 from jaxtune.models import attention as attn_lib
+from jaxtune.models import options as options_lib
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import mesh_config
 from jaxtune.train.builtin_models import BUILTIN_MODELS
@@ -23,8 +24,9 @@ from jaxtune.train.optim import make_optimizer, optim_config
 
 PEFT_METHODS = ("lora", "full")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots", "dots_no_batch")
-ATTENTION = ("auto", "xla", "cudnn", "splash")
+REMAT = options_lib.REMAT_POLICIES
+ATTENTION = ("auto",) + options_lib.ATTENTION_IMPLS
+KERNELS = ("auto",) + options_lib.KERNELS
 RESUME = ("auto", "never")
 SCORERS = ("exact", "json")  # see jaxtune.tasks.SCORERS
 
@@ -43,7 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
       path="",  # HF directory, hub id, or a built-in: smollm2-gguf | tiny-random (see builtin_models.py)
       dtype="auto",  # compute dtype; auto: bfloat16 on TPU/GPU, float32 on CPU
       param_dtype="auto",  # auto: float32 masters for trained weights; the compute dtype for a frozen LoRA base
-      attention_impl="auto",  # auto: cudnn on GPU where it applies, else xla; splash on request
+      # xla | chunked | cudnn | splash; auto: cudnn on GPU where it applies, else chunked (models/attention.py)
+      attention_impl="auto",
+      kernels="auto",  # plain | cpu; auto: cpu on the CPU backend, plain on TPU and GPU (models/kernels.py)
       # none | full | dots | dots_no_batch (rematerialise layer activations). dots_no_batch keeps the
       # weight products (an adapted layer's output once, base + delta) and the attention's inputs and
       # outputs, and recomputes the rest. On the CPU benchmark it was as fast as none and cut peak RSS
@@ -142,6 +146,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   _choice(config, "model.param_dtype", DTYPES)
   _choice(config, "model.remat", REMAT)
   _choice(config, "model.attention_impl", ATTENTION)
+  _choice(config, "model.kernels", KERNELS)
   _choice(config, "peft.method", PEFT_METHODS)
 
   lora, train, data = config.peft.lora, config.train, config.data
@@ -209,7 +214,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   odd = [t for t in lengths if t % 2]
   if config.model.attention_impl == "cudnn" and odd:
     _fail("data.max_seq_len / data.bucket_lengths", f"rows of {odd} tokens, but cuDNN attention with a mask "
-          "needs even lengths", "make them even, or use model.attention_impl=auto or xla")
+          "needs even lengths", "make them even, or use model.attention_impl=auto, chunked or xla")
   _check_model_fits(config)
   try:
     make_optimizer(config.optim, train.steps)  # builds no state: checks names, schedule and warmup
@@ -251,7 +256,7 @@ def resolve(config: ml_collections.ConfigDict, platform: str,
   """A copy with every "auto" made concrete for `platform` ("cpu", "gpu", "tpu").
 
   attention_impl="auto" on GPU depends on the checkpoint (head dim, soft-capping): pass its
-  `model_config` there, or it resolves to the portable "xla".
+  `model_config` there, or it resolves to the portable "chunked".
   """
   config = ml_collections.ConfigDict(config.to_dict())
   model = config.model
@@ -260,11 +265,20 @@ def resolve(config: ml_collections.ConfigDict, platform: str,
   if model.param_dtype == "auto":
     model.param_dtype = model.dtype if config.peft.method == "lora" else "float32"
   if model.attention_impl == "auto":
-    model.attention_impl = "xla"
+    model.attention_impl = "chunked"
     if model_config is not None:
       model.attention_impl, _ = auto_attention(config, platform, model_config)
+  if model.kernels == "auto":
+    model.kernels, _ = options_lib.auto_kernels(platform)
   config.lock()
   return config
+
+
+def model_options(config: ml_collections.ConfigDict, platform: str, constrain: Any = None) -> options_lib.ModelOptions:
+  """The ModelOptions of a resolved config (`resolve`) on `platform`."""
+  model = config.model
+  return options_lib.for_platform(platform, kernels=model.kernels, dtype=model.dtype, param_dtype=model.param_dtype,
+                                  attention_impl=model.attention_impl, remat=model.remat, constrain=constrain)
 
 
 def write(config: ml_collections.ConfigDict, run_dir: str | pathlib.Path) -> pathlib.Path:

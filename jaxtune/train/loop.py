@@ -26,6 +26,7 @@ from jaxtune import parallel
 from jaxtune import tasks
 from jaxtune.hf import load as hf_load
 from jaxtune.models import config as model_config_lib
+from jaxtune.models import options as options_lib
 from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
 from jaxtune.train import builtin_models
@@ -95,6 +96,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   if config.model.attention_impl == "auto":
     _, why = config_lib.auto_attention(run.config, platform, model_cfg)
     run.say(f"attention: {run.config.model.attention_impl} (auto: {why})")
+  if config.model.kernels == "auto":
+    run.say(f"kernels: {run.config.model.kernels} (auto: {options_lib.auto_kernels(platform)[1]})")
   logger = log_lib.MetricsLogger(
       run.run_dir, enabled=run.main, tensorboard=config.logging.tensorboard,
       wandb_project=config.logging.wandb_project, wandb_entity=config.logging.wandb_entity,
@@ -177,11 +180,11 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
     raise config_lib.ConfigError(
         f"data.batch_size / train.grad_accum = {micro_rows} rows per micro-batch do not split over the {row_shards} "
         f"devices that share the batch (mesh {dict(mesh.shape)}); make it a multiple of {row_shards}.")
-  activations = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*rows.spec, None))
+  # Each layer's input stays split by batch rows, so under FSDP XLA gathers one layer's weights at a
+  # time instead of the whole batch.
+  options = config_lib.model_options(config, jax.default_backend(), parallel.ActivationSharding(mesh, rules))
   # Every process reads only the slices of each tensor that its own devices hold.
-  model = parallel_load.load_model_sharded(
-      model_path, mesh, rules, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-      attention_impl=config.model.attention_impl, remat=config.model.remat, activation_sharding=activations)
+  model = parallel_load.load_model_sharded(model_path, mesh, rules, options)
   if config.peft.method == "lora":
     lora = config.peft.lora
     apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, use_rslora=lora.use_rslora,

@@ -1,4 +1,5 @@
-"""Attention against the plain softmax formula, values and gradients: the XLA path and the fused call."""
+"""Attention against the plain softmax formula, values and gradients: the plain and chunked paths under both
+kernels, and the fused call."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 from jaxprs import dot_result_types
 import jaxtune
 from jaxtune.models import attention as attn_lib
+from jaxtune.models import cpu, kernels
 from jaxtune.models.transformer import KVCache
 import tiny_hf
 
@@ -29,8 +31,13 @@ def _grads(f, *args):
   return jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
 
 
+PATHS = [("xla", kernels.PLAIN), ("chunked", kernels.PLAIN), ("xla", cpu.CPU), ("chunked", cpu.CPU)]
+PATH_IDS = ["xla-plain", "chunked-plain", "xla-cpu", "chunked-cpu"]
+
+
+@pytest.mark.parametrize("impl, ops", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("softcap", [None, 2.0])
-def test_values_and_gradients_match_the_formula(softcap):
+def test_values_and_gradients_match_the_formula(softcap, impl, ops):
   ks = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(ks[0], (B, T, N, H))
   k, v = jax.random.normal(ks[1], (B, T, K, H)), jax.random.normal(ks[2], (B, T, K, H))
@@ -40,18 +47,20 @@ def test_values_and_gradients_match_the_formula(softcap):
   assert not bool(mask[0, -1].any())  # the padding query sees nothing: a fully masked row
   cot = jax.random.normal(ks[3], (B, T, N, H))
   with jax.default_matmul_precision("highest"):
-    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, softcap=softcap) * cot)  # noqa: E731
+    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, impl=impl, kernels=ops) * cot)  # noqa: E731
     g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, softcap) * cot)  # noqa: E731
-    np.testing.assert_allclose(jax.jit(attn_lib.attend, static_argnames=("scale", "softcap"))(
-        q, k, v, mask, scale=0.3, softcap=softcap), _reference(q, k, v, mask, 0.3, softcap), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(attn_lib.attend, static_argnames=("scale", "softcap", "impl", "kernels"))(
+        q, k, v, mask, scale=0.3, softcap=softcap, impl=impl, kernels=ops), _reference(q, k, v, mask, 0.3, softcap),
+        atol=1e-5)
     got, want = _grads(f, q, k, v), _grads(g, q, k, v)
   for name, a, b in zip("qkv", got, want):
     np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
 
 
-def test_bfloat16_on_cpu_takes_float32_result_products_and_stays_close():
-  """bf16 attention on CPU: every product returns float32 (the fast path, models/matmul.wide_product), and
-  the gradients stay within bf16 error of the float32 ones."""
+@pytest.mark.parametrize("impl, ops", PATHS, ids=PATH_IDS)
+def test_bfloat16_stays_close_and_takes_float32_result_products_with_the_cpu_kernels(impl, ops):
+  """bf16 attention: with the CPU kernels every product returns float32 (the fast path on CPU,
+  models/cpu.product), and the gradients stay within bf16 error of the float32 ones."""
   ks = jax.random.split(jax.random.key(2), 4)
   q = jax.random.normal(ks[0], (B, T, N, H))
   k, v = jax.random.normal(ks[1], (B, T, K, H)), jax.random.normal(ks[2], (B, T, K, H))
@@ -60,10 +69,12 @@ def test_bfloat16_on_cpu_takes_float32_result_products_and_stays_close():
   cot = jax.random.normal(ks[3], (B, T, N, H))
 
   def f(q, k, v):
-    return jnp.sum((attn_lib.attend(q, k, v, mask, scale=0.3) * cot.astype(q.dtype)).astype(jnp.float32))
+    out = attn_lib.attend(q, k, v, mask, scale=0.3, impl=impl, kernels=ops)
+    return jnp.sum((out * cot.astype(q.dtype)).astype(jnp.float32))
 
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-  assert dot_result_types(jax.grad(f, (0, 1, 2)), *bf16) == {"float32"}
+  if ops is cpu.CPU:
+    assert dot_result_types(jax.grad(f, (0, 1, 2)), *bf16) == {"float32"}
   with jax.default_matmul_precision("highest"):
     want = _grads(f, q, k, v)
   for name, a, b in zip("qkv", _grads(f, *bf16), want):
@@ -86,16 +97,18 @@ def _packed_rows(seed, window=None):
   return q, k, v, mask, real, jax.random.normal(ks[3], (B, T2, N, H)) * real
 
 
+@pytest.mark.parametrize("ops", [kernels.PLAIN, cpu.CPU], ids=["plain", "cpu"])
 @pytest.mark.parametrize("blocks, window, softcap", [(2, None, None), (3, None, 2.0), (4, 5, None), (6, 3, None)])
-def test_causal_blocks_match_the_formula(blocks, window, softcap):
+def test_causal_blocks_match_the_formula(blocks, window, softcap, ops):
   """Skipping the blocks above the diagonal changes nothing a real (non-padding) query sees: values and gradients."""
   q, k, v, mask, real, cot = _packed_rows(1, window)
   with jax.default_matmul_precision("highest"):
     f = lambda *a: jnp.sum(  # noqa: E731
-        attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, causal=True, causal_blocks=blocks) * cot)
+        attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, impl="chunked", kernels=ops, causal=True,
+                        causal_blocks=blocks) * cot)
     g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, softcap) * cot)  # noqa: E731
-    out = jax.jit(attn_lib.attend, static_argnames=("scale", "softcap", "causal", "causal_blocks"))(
-        q, k, v, mask, scale=0.3, softcap=softcap, causal=True, causal_blocks=blocks)
+    out = jax.jit(attn_lib.attend, static_argnames=("scale", "softcap", "impl", "kernels", "causal", "causal_blocks"))(
+        q, k, v, mask, scale=0.3, softcap=softcap, impl="chunked", kernels=ops, causal=True, causal_blocks=blocks)
     np.testing.assert_allclose(out * real, _reference(q, k, v, mask, 0.3, softcap) * real, atol=1e-5)
     got, want = _grads(f, q, k, v), _grads(g, q, k, v)
   for name, a, b in zip("qkv", got, want):
@@ -138,7 +151,8 @@ def test_model_tells_the_fused_kernel_causal_only_without_a_cache(monkeypatch, t
 
 @pytest.mark.parametrize("T, want", [(32, 1), (255, 1), (256, 2), (300, 2), (512, 4), (1024, 8), (8192, 8), (4099, 1)])
 def test_causal_block_count(T, want):
-  assert attn_lib.causal_block_count(T) == want
+  assert cpu.causal_block_count(T) == want
+  assert cpu.CPU.causal_blocks(T) == want and kernels.PLAIN.causal_blocks(T) == 1
 
 
 EVEN = (256, 2048)  # row lengths
@@ -147,13 +161,13 @@ EVEN = (256, 2048)  # row lengths
 @pytest.mark.parametrize("platform, dtype, head_dim, softcap, lens, want", [
     ("gpu", "bfloat16", 64, None, EVEN, "cudnn"),       # Llama 3.2 1B, measured 1.27x / 1.20x on an H200
     ("gpu", "float16", 128, None, EVEN, "cudnn"),
-    ("gpu", "float32", 64, None, EVEN, "xla"),          # cuDNN's fused kernel takes 16-bit inputs only
-    ("gpu", "bfloat16", 256, 50.0, EVEN, "xla"),        # Gemma 2: soft-capped logits
-    ("gpu", "bfloat16", 256, None, EVEN, "xla"),        # Gemma 3: head dim above 128
-    ("gpu", "bfloat16", 60, None, EVEN, "xla"),         # not a multiple of 8
-    ("gpu", "bfloat16", 64, None, (64, 127), "xla"),    # an odd row length: the masked kernel needs even ones
-    ("cpu", "bfloat16", 64, None, EVEN, "xla"),
-    ("tpu", "bfloat16", 128, None, EVEN, "xla"),        # splash stays opt-in
+    ("gpu", "float32", 64, None, EVEN, "chunked"),          # cuDNN's fused kernel takes 16-bit inputs only
+    ("gpu", "bfloat16", 256, 50.0, EVEN, "chunked"),        # Gemma 2: soft-capped logits
+    ("gpu", "bfloat16", 256, None, EVEN, "chunked"),        # Gemma 3: head dim above 128
+    ("gpu", "bfloat16", 60, None, EVEN, "chunked"),         # not a multiple of 8
+    ("gpu", "bfloat16", 64, None, (64, 127), "chunked"),    # an odd row length: the masked kernel needs even ones
+    ("cpu", "bfloat16", 64, None, EVEN, "chunked"),
+    ("tpu", "bfloat16", 128, None, EVEN, "chunked"),        # splash stays opt-in
 ])
 def test_auto_impl_picks_cudnn_only_where_it_applies(platform, dtype, head_dim, softcap, lens, want):
   impl, why = attn_lib.auto_impl(platform, dtype, head_dim, softcap, lens)

@@ -1,4 +1,4 @@
-"""saved.name: a remat-kept 16-bit value is stored as its uint16 bits on CPU, with the same value and gradient."""
+"""The CPU kernels' `name`: a remat-kept 16-bit value is stored as its uint16 bits, with the same value and gradient."""
 
 import re
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.models import saved
+from jaxtune.models.cpu import CPU
 
 KEEP = jax.checkpoint_policies.save_only_these_names("keep")
 
@@ -29,7 +29,7 @@ def test_sixteen_bit_value_is_kept_as_bits_with_the_same_value_and_gradient(dtyp
     y = keep(y)
     return jnp.sum(jnp.cos(y).astype(jnp.float32) * jnp.arange(8.0))
 
-  bits = lambda y: saved.name(y, "keep")  # noqa: E731
+  bits = lambda y: CPU.name(y, "keep")  # noqa: E731
   plain = lambda y: jax.ad_checkpoint.checkpoint_name(y, "keep")  # noqa: E731
   x, w = _inputs(dtype)
   lines = _residuals(lambda x, w: loss(x, w, bits), x, w, capsys=capsys)
@@ -44,7 +44,7 @@ def test_sixteen_bit_value_is_kept_as_bits_with_the_same_value_and_gradient(dtyp
 
 def test_float32_is_named_as_it_is(capsys):
   x, w = _inputs(jnp.float32)
-  lines = _residuals(lambda x, w: jnp.sum(jnp.cos(saved.name(x @ w, "keep"))), x, w, capsys=capsys)
+  lines = _residuals(lambda x, w: jnp.sum(jnp.cos(CPU.name(x @ w, "keep"))), x, w, capsys=capsys)
   assert any(line.startswith("f32[4,8] named 'keep'") for line in lines), lines
 
 
@@ -55,7 +55,7 @@ def test_a_name_in_a_custom_vjp_forward_is_kept_as_bits(capsys):
     return 2 * y
 
   def fwd(y):
-    out = saved.name(2 * y, "keep", differentiated=False)
+    out = CPU.name(2 * y, "keep", differentiated=False)
     return out, out
 
   def bwd(out, g):

@@ -12,7 +12,9 @@ import pytest
 from flax import nnx
 
 from jaxtune.hf.load import init_model, load_model
+from jaxtune.models import kernels
 from jaxtune.models.config import from_hf_dict
+from jaxtune.models.options import ModelOptions
 from jaxtune.peft import lora
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "models"))
@@ -21,6 +23,10 @@ import tiny_hf  # noqa: E402
 TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=24)
 IDS = np.random.default_rng(0).integers(3, 128, size=(2, 12)).astype(np.int32)
+
+
+def _model(hf: dict, **options) -> nnx.Module:
+  return init_model(from_hf_dict(hf), seed=0, options=ModelOptions(**options))
 
 
 @nnx.jit
@@ -118,10 +124,11 @@ def test_shared_input_adapters_match_separate_ones(base, monkeypatch, targets, g
       return jnp.sum(jnp.tanh(nnx.merge(graphdef, params, rest)(IDS)))
     return jax.value_and_grad(loss)(params)
 
-  real = lora.shared_lora_matmul
-  monkeypatch.setattr(lora, "shared_lora_matmul", lambda *a: calls.append(len(a[1])) or real(*a))
+  real = kernels.PlainKernels.lora
+  monkeypatch.setattr(kernels.PlainKernels, "lora", lambda self, x, a_spec, b_specs, a, *rest: calls.append(len(a))
+                      or real(self, x, a_spec, b_specs, a, *rest))
   shared = jax.jit(loss_and_grads)(params, rest)
-  assert sorted(set(calls)) == groups  # adapters per shared product
+  assert sorted(set(calls) - {1}) == groups  # adapters per shared product (1: the separate ones)
   monkeypatch.setattr(lora.LoRA, "shared_deltas", staticmethod(lambda adapters, x: None))
   separate = jax.jit(loss_and_grads)(params, rest)
   np.testing.assert_allclose(shared[0], separate[0], rtol=1e-5)
@@ -185,17 +192,17 @@ def _saved_layer_residuals(model, capsys, ids=IDS, with_dtypes=False) -> list:
 def test_remat_saves_each_adapted_output_once(remat, capsys):
   """Under the dots policies the backward keeps base + delta as one array per projection, not both products,
   and q, k and v only as the attention reads them (after rope, grouped by KV head)."""
-  shapes = _saved_layer_residuals(_with_lora(init_model(from_hf_dict(TINY, remat=remat), seed=0)), capsys)
+  shapes = _saved_layer_residuals(_with_lora(_model(TINY, remat=remat, attention_impl="chunked")), capsys)
   sizes = [math.prod(s) for s in shapes]
   L, (B, T), D, F = TINY["num_hidden_layers"], IDS.shape, TINY["hidden_size"], TINY["intermediate_size"]
   N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
   assert N * H == F  # so q's output and gate's and up's have one size
-  # One saved array per adapted output (before session 5: two, the base product and the adapter's).
+  # One saved array per adapted output.
   assert sizes.count(L * B * T * N * H) == 4  # q, gate, up, and the attention output (its own name)
   assert sizes.count(L * B * T * K * H) == 2  # k, v
   assert sizes.count(L * B * T * D) == 2  # o, down
   # q, k and v are kept after rope, in the attention's grouped layout, so the backward recomputes
-  # neither (session 6); the projections' own outputs are not kept besides.
+  # neither; the projections' own outputs are not kept besides.
   assert shapes.count((L, B, K, N // K, T, H)) == 2  # q and the attention output
   assert shapes.count((L, B, K, T, H)) == 2  # k, v
 
@@ -203,9 +210,10 @@ def test_remat_saves_each_adapted_output_once(remat, capsys):
 def test_remat_keeps_sixteen_bit_outputs_as_bits_on_cpu(capsys):
   """A bfloat16 model on CPU keeps its named arrays and each layer's input as their uint16 bits: XLA's CPU backend
   writes a layer into a uint16 stack in place, where it converts a whole bfloat16 stack to float32 and back for
-  every layer (bench/NOTES.md item 37)."""
-  cfg = from_hf_dict(TINY, remat="dots_no_batch", dtype="bfloat16", param_dtype="bfloat16")
-  kept = _saved_layer_residuals(_with_lora(init_model(cfg, seed=0)), capsys, with_dtypes=True)
+  every layer."""
+  model = _model(TINY, remat="dots_no_batch", dtype="bfloat16", param_dtype="bfloat16", kernels="cpu",
+                 attention_impl="chunked")
+  kept = _saved_layer_residuals(_with_lora(model), capsys, with_dtypes=True)
   L, (B, T), D, F = TINY["num_hidden_layers"], IDS.shape, TINY["hidden_size"], TINY["intermediate_size"]
   N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
   bits = sorted(shape for dtype, shape in kept if dtype == "u16")
@@ -217,7 +225,7 @@ def test_remat_keeps_sixteen_bit_outputs_as_bits_on_cpu(capsys):
 def test_remat_with_qk_norms_keeps_q_and_k_once(capsys):
   """q/k norms read the projections' outputs in the backward, so those are kept, and q, k and v are
   not kept a second time after rope (Qwen3 and Gemma 3 keep the recompute and save the memory)."""
-  model = _with_lora(init_model(from_hf_dict({**TINY, "model_type": "qwen3"}, remat="dots_no_batch"), seed=0))
+  model = _with_lora(_model({**TINY, "model_type": "qwen3"}, remat="dots_no_batch", attention_impl="chunked"))
   shapes = _saved_layer_residuals(model, capsys)
   L, (B, T) = TINY["num_hidden_layers"], IDS.shape
   N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
@@ -232,8 +240,8 @@ def test_remat_keeps_cudnn_attention_outputs(monkeypatch, capsys):
   compile), with jax's cuDNN version probe answered."""
   from jax._src.cudnn import fused_attention_stablehlo  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
-  cfg = from_hf_dict(TINY, remat="dots_no_batch", attention_impl="cudnn", dtype="bfloat16", param_dtype="bfloat16")
-  shapes = _saved_layer_residuals(_with_lora(init_model(cfg, seed=0)), capsys)
+  model = _model(TINY, remat="dots_no_batch", attention_impl="cudnn", dtype="bfloat16", param_dtype="bfloat16")
+  shapes = _saved_layer_residuals(_with_lora(model), capsys)
   L, (B, T) = TINY["num_hidden_layers"], IDS.shape
   N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
   assert (L, B, N, T) in shapes  # the softmax statistics
@@ -244,9 +252,9 @@ def test_remat_keeps_cudnn_attention_outputs(monkeypatch, capsys):
 def test_remat_keeps_splash_inputs_as_the_kernel_reads_them(capsys):
   """Splash attention (traced on CPU) keeps q scaled and head-major, and k and v before their heads are
   repeated, in place of the projections' outputs; its forward's statistics are not kept."""
-  cfg = from_hf_dict({**TINY, "head_dim": 128}, remat="dots_no_batch", attention_impl="splash")
+  model = _model({**TINY, "head_dim": 128}, remat="dots_no_batch", attention_impl="splash", interpret=True)
   ids = np.random.default_rng(0).integers(3, 128, size=(1, 128)).astype(np.int32)  # splash: T % 128 == 0
-  shapes = _saved_layer_residuals(_with_lora(init_model(cfg, seed=0)), capsys, ids)
+  shapes = _saved_layer_residuals(_with_lora(model), capsys, ids)
   L, N, K = TINY["num_hidden_layers"], TINY["num_attention_heads"], TINY["num_key_value_heads"]
   assert (L, 1, N, 128, 128) in shapes  # q: [B, N, T, H]
   assert (L, 1, 128, N, 128) not in shapes  # not the projection's [B, T, N, H] besides

@@ -1,4 +1,4 @@
-"""The layout-aware products against plain autodiff: same values, same gradients."""
+"""The CPU kernels' layout-aware products against plain autodiff: same values, same gradients."""
 
 import re
 
@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 
 from jaxprs import dot_result_types
-from jaxtune.models import matmul
+from jaxtune.models import cpu, einsum, kernels
 
 M, I, O, R = 12, 8, 10, 3
+
+
+def _lora(x, a, b, scale):
+  return cpu.shared_lora_matmul(x, (a,), (b,), (scale,))[0]
 
 
 def _arrays(seed=0):
@@ -23,7 +27,7 @@ def _arrays(seed=0):
 def test_dense_gradients_match_autodiff(argnums):
   x, w, _, _, dy = _arrays()
   with jax.default_matmul_precision("highest"):
-    got = jax.grad(lambda x, w: jnp.sum(matmul.dense(x, w) * dy), argnums)(x, w)
+    got = jax.grad(lambda x, w: jnp.sum(cpu.dense(x, w) * dy), argnums)(x, w)
     want = jax.grad(lambda x, w: jnp.sum((x @ w) * dy), argnums)(x, w)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -32,7 +36,7 @@ def test_dense_gradients_match_autodiff(argnums):
 def test_dense_with_a_frozen_weight_saves_no_input():
   """Under LoRA the base weight is frozen: its product keeps only w for the backward pass."""
   x, w, _, _, dy = _arrays()
-  f = lambda x: jnp.sum(matmul.dense(x, w) * dy)  # noqa: E731
+  f = lambda x: jnp.sum(cpu.dense(x, w) * dy)  # noqa: E731
   _, vjp = jax.vjp(f, x)
   saved = [leaf.shape for leaf in jax.tree.leaves(vjp)]
   assert (M, I) not in saved and (I, O) in saved
@@ -42,9 +46,9 @@ def test_dense_with_a_frozen_weight_saves_no_input():
 def test_lora_matmul_matches_autodiff():
   x, _, a, b, dy = _arrays()
   with jax.default_matmul_precision("highest"):
-    y = matmul.lora_matmul(x, a, b, 0.5)
+    y = _lora(x, a, b, 0.5)
     np.testing.assert_allclose(y, 0.5 * (x @ a) @ b, atol=1e-5)
-    got = jax.grad(lambda *p: jnp.sum(matmul.lora_matmul(*p, 0.5) * dy), (0, 1, 2))(x, a, b)
+    got = jax.grad(lambda *p: jnp.sum(_lora(*p, 0.5) * dy), (0, 1, 2))(x, a, b)
     want = jax.grad(lambda x, a, b: jnp.sum(0.5 * (x @ a) @ b * dy), (0, 1, 2))(x, a, b)
   for name, g, h in zip(("x", "A", "B"), got, want):
     np.testing.assert_allclose(g, h, atol=1e-5, err_msg=name)
@@ -63,10 +67,10 @@ def test_shared_lora_matmul_matches_autodiff():
     return sum(jnp.sum(s * (x @ ai) @ bi * dy) for ai, bi, s, dy in zip(a, b, scales, dys))
 
   with jax.default_matmul_precision("highest"):
-    ys = matmul.shared_lora_matmul(x, a, b, scales)
+    ys = cpu.shared_lora_matmul(x, a, b, scales)
     for y, ai, bi, s in zip(ys, a, b, scales):
       np.testing.assert_allclose(y, s * (x @ ai) @ bi, atol=1e-4)
-    got = jax.jit(jax.grad(lambda *p: sum(jnp.sum(y * dy) for y, dy in zip(matmul.shared_lora_matmul(*p, scales), dys)),
+    got = jax.jit(jax.grad(lambda *p: sum(jnp.sum(y * dy) for y, dy in zip(cpu.shared_lora_matmul(*p, scales), dys)),
                            (0, 1, 2)))(x, a, b)
     want = jax.jit(jax.grad(plain, (0, 1, 2)))(x, a, b)
   for name, g, h in zip(("x", "A", "B"), got, want):
@@ -74,68 +78,53 @@ def test_shared_lora_matmul_matches_autodiff():
       np.testing.assert_allclose(gi, hi, atol=1e-4, rtol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("einsum,want", [
+@pytest.mark.parametrize("spec,want", [
     ("BTD,DNH->BTNH", ("BT", "D", "NH")),
     ("BTNH,NHD->BTD", ("BT", "NH", "D")),
     ("BTD,VD->BTV", None),  # tied head: the weight is [out, in]
     ("BTD,DF->BFT", None),  # output letters permuted
 ])
-def test_flat_layout(einsum, want):
-  assert matmul.flat_layout(einsum) == want
+def test_flat_layout(spec, want):
+  parsed = einsum.parse(spec)
+  assert (parsed.batch, parsed.ins, parsed.outs) == want if want else not parsed.flat
 
 
 def _bf16(*arrays):
   return tuple(a.astype(jnp.bfloat16) for a in arrays)
 
 
-@pytest.fixture
-def backend(monkeypatch):
-  """backend(name): matmul sees `name` as jax's default backend until the test ends; traces are
-  cleared on the way in and out (custom_vjp keeps its traces, which would keep the other form)."""
-
-  def set_backend(name: str) -> None:
-    monkeypatch.setattr(matmul.jax, "default_backend", lambda: name)
-    jax.clear_caches()
-
-  yield set_backend
-  monkeypatch.undo()
-  jax.clear_caches()
-
-
-def test_wide_product_on_cpu_rounds_once_from_float32():
-  """16-bit operands on CPU: one float32-result product cast back, equal to the f32 product rounded to bf16
-  (within one bf16 step: both sum in float32, in orders that may differ). float32 and mixed operands: None."""
+def test_sixteen_bit_product_rounds_once_from_float32():
+  """16-bit operands: one float32-result product cast back, equal to the f32 product rounded to bf16
+  (within one bf16 step: both sum in float32, in orders that may differ). float32 operands: a plain product."""
   x, w, _, _, _ = _arrays()
   xb, wb = _bf16(x, w)
-  got = matmul.wide_product("mi,io->mo", xb, wb)
+  got = cpu.product("mi,io->mo", xb, wb)
   assert got.dtype == jnp.bfloat16
-  assert dot_result_types(lambda a, b: matmul.wide_product("mi,io->mo", a, b), xb, wb) == {"float32"}
+  assert dot_result_types(lambda a, b: cpu.product("mi,io->mo", a, b), xb, wb) == {"float32"}
   exact = np.asarray(xb, np.float64) @ np.asarray(wb, np.float64)
   step = np.abs(exact) * 2.0**-7 + 1e-6  # one bf16 step at each value
   np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - exact), step)
-  assert matmul.wide_product("mi,io->mo", x, w) is None
-  assert matmul.wide_product("mi,io->mo", xb, w) is None
+  assert dot_result_types(lambda a, b: cpu.product("mi,io->mo", a, b), x, w) == {"float32"}
+  assert dot_result_types(lambda a, b: cpu.product("mi,io->mo", a, b), xb, w) == {"float32"}
 
 
-def test_sixteen_bit_products_use_float32_results_on_cpu_only(backend):
-  """dense and the LoRA products, forward and backward: float32-result dots on CPU; elsewhere as before."""
+@pytest.mark.parametrize("ops,want", [(cpu.CPU, {"float32"}), (kernels.PLAIN, {"bfloat16"})])
+def test_sixteen_bit_products_use_float32_results_with_the_cpu_kernels_only(ops, want):
+  """A Linear's product and the LoRA products, forward and backward: float32-result dots with the CPU
+  kernels; the plain kernels leave the result type to XLA."""
   x, w, _, _, dy = _bf16(*_arrays())
   a, b = _bf16(*_arrays(1)[2:4])
 
   def step(x, w, a, b):
-    y = matmul.dense(x, w) + matmul.lora_matmul(x, a, b, 2.0)
+    y = ops.linear("mi,io->mo", x, w) + ops.lora(x, "mi,ir->mr", ("mr,ro->mo",), (a,), (b,), (2.0,))[0]
     return jnp.sum((y * dy).astype(jnp.float32))
 
-  grads = jax.grad(step, (0, 1, 2, 3))
-  assert dot_result_types(grads, x, w, a, b) == {"float32"}
-  backend("gpu")
-  assert dot_result_types(grads, x, w, a, b) == {"bfloat16"}
+  assert dot_result_types(jax.grad(step, (0, 1, 2, 3)), x, w, a, b) == want
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu"])
-def test_sixteen_bit_gradients_match_float32(name, backend):
-  """Both product forms give bf16 gradients of dense + shared LoRA within bf16 error of float32."""
-  backend(name)
+@pytest.mark.parametrize("ops", [cpu.CPU, kernels.PLAIN], ids=["cpu", "plain"])
+def test_sixteen_bit_gradients_match_float32(ops):
+  """Both kernels give bf16 gradients of a Linear + shared LoRA within bf16 error of float32."""
   x, w, _, _, _ = _arrays()
   ks = jax.random.split(jax.random.key(7), 5)
   a = (jax.random.normal(ks[0], (I, 4)), jax.random.normal(ks[1], (I, 2)))
@@ -143,8 +132,8 @@ def test_sixteen_bit_gradients_match_float32(name, backend):
   dy = jax.random.normal(ks[4], (M, O))
 
   def loss(x, w, a, b):
-    ys = matmul.shared_lora_matmul(x, a, b, (0.5, 2.0))
-    return jnp.sum(((matmul.dense(x, w) + ys[0] + ys[1]) * dy.astype(x.dtype)).astype(jnp.float32))
+    ys = ops.lora(x, "mi,ir->mr", ("mr,ro->mo",) * 2, a, b, (0.5, 2.0))
+    return jnp.sum(((ops.linear("mi,io->mo", x, w) + ys[0] + ys[1]) * dy.astype(x.dtype)).astype(jnp.float32))
 
   with jax.default_matmul_precision("highest"):
     want = jax.grad(loss, (0, 1, 2, 3))(x, w, a, b)
@@ -157,21 +146,21 @@ def test_sixteen_bit_gradients_match_float32(name, backend):
 def test_copy_transpose_equals_the_transpose():
   for m in (1024, 12, 7):  # blocks of 8, of 4, and none
     a = np.arange(m * 6, dtype=np.float32).reshape(m, 6)
-    np.testing.assert_array_equal(np.asarray(matmul._copy_T(jnp.asarray(a))), a.T)
+    np.testing.assert_array_equal(np.asarray(cpu._copy_T(jnp.asarray(a))), a.T)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU backend compiles the program read here")
 def test_sixteen_bit_weight_gradients_stay_sixteen_bit_in_xla_on_cpu():
   """bf16 weight and LoRA factor gradients whose operands come from elementwise ops (as in the step): XLA's CPU
   backend upcasts a product over a plain transpose to float32 (the slow path); over `_copy_T` every product's
-  operands stay bf16 (bench/NOTES.md item 38)."""
+  operands stay bf16."""
   rng = np.random.default_rng(0)  # big enough for XLA to hand the products to YNNPACK
   x, w, a, b, dy = _bf16(*(rng.standard_normal(shape, np.float32)
                            for shape in ((256, 64), (64, 96), (64, 16), (16, 96), (256, 96))))
 
   def loss(w, a, b):
     h = jnp.tanh(x)
-    return jnp.sum((jnp.sin(matmul.dense(h, w) + matmul.lora_matmul(h, a, b, 2.0)) * dy).astype(jnp.float32))
+    return jnp.sum((jnp.sin(cpu.dense(h, w) + _lora(h, a, b, 2.0)) * dy).astype(jnp.float32))
 
   hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(w, a, b).compile().as_text()
   dots = 0
