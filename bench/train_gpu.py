@@ -36,7 +36,7 @@ LLAMA32_1B = dict(
 LR = 1e-4
 
 
-# Probes of the cuDNN call, for A/B runs on a GPU (docs/performance-notes.md, Attention); not library options.
+# Probes of the cuDNN call, for A/B runs on a GPU: what a segment-aware call would gain; not library options.
 # With --segments 1 (the default) every row is one unpadded sequence, so all of them compute the same
 # function; the segment probes are valid only on the --segments batch they are told about.
 CUDNN_PROBES = {
