@@ -4,7 +4,7 @@
     taskset -c 0 python -m bench.cpu_products --threads 1
 
 The CPU benchmark's ratio against transformers + PEFT follows the product rate of each side's
-matrix library more than anything in either step (bench/NOTES.md items 30 and 41): XLA's CPU
+matrix library more than anything in either step, since products are most of both steps: XLA's CPU
 backend runs its dots through YNNPACK, torch through oneDNN/MKL, numpy through OpenBLAS. The
 shapes are the SmolLM2-135M CPU step's (batch 4 x 256 = 1024 tokens, D 576, F 1536, KV 192,
 vocab 49,152, loss chunks of 4 x 128 rows), as M x K x N. Each rate is the median of `--reps`

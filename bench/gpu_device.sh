@@ -4,7 +4,7 @@
 # The device machine has jax (CUDA), flax, optax, torch, transformers and peft but no package
 # registry; of what this benchmark imports it lacks only ml_collections, and the training CLI
 # (bench/gpu_session.sh's last part) also needs grain, array_record, portpicker and tensorboardX.
-# Here, once (session 9's versions; the platform flags fetch the device's Python 3.12 builds):
+# Here, once (versions known to work there; the platform flags fetch the device's Python 3.12 builds):
 #     echo /.whl/ >> .git/info/exclude
 #     python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -13,8 +13,8 @@ gets labels -100 there). After warm-up the parent asks the
 workers in turn for `--steps` steps, `--rounds` times, alternating which goes first, and
 reports the median step time over all measured steps. Each turn starts with `--settle`
 unmeasured steps on either side (default 1): the first jaxtune step after HF's turn is 1.5-2.6 s
-slower, because the kernel compacts the memory HF's turn fragmented to find huge pages again
-(bench/NOTES.md, item 12). A training run that has the machine to itself never pays that;
+slower, because the kernel compacts the memory HF's turn fragmented to find huge pages again.
+A training run that has the machine to itself never pays that;
 `--settle 0` measures it too. The jaxtune worker runs with
 glibc.malloc.hugetlb=1, as `python -m jaxtune.train` does (jaxtune/train/host.py);
 `--hugepages none|both` are the ablations. Before each turn the parent measures the machine's
@@ -240,8 +240,9 @@ def _start(side: str, args) -> subprocess.Popen:
 def cpu_model() -> str:
   """The CPU's model name and the vector extensions that decide float32 product speed, from /proc/cpuinfo.
 
-  Printed with every run: between sessions this VM moved from an AMD EPYC (AVX2) to an Intel Xeon
-  with AVX-512 and AMX, and the ratio moved with it (docs/benchmarks.md, session 8)."""
+  Printed with every run because the ratio depends on the CPU: where torch's float32 products outrun
+  XLA's (Intel Xeons with AVX-512 and AMX) it is lower than where both reach the FMA peak (AMD EPYC)
+  (docs/benchmarks.md)."""
   try:
     with open("/proc/cpuinfo") as f:
       info = f.read()
@@ -256,7 +257,7 @@ def cpu_model() -> str:
 def machine_rate(seconds: float = 0.5) -> float:
   """GFLOP/s of a float32 1024^3 product (numpy) looped for `seconds` here, while both workers wait.
 
-  This machine's speed drifts by ~10% within minutes (docs/benchmarks.md, session 7). jaxtune's step
+  A 2-vCPU VM's speed drifts by ~10% within minutes, with nothing else running. jaxtune's step
   runs near the product rate and follows that drift, so every turn is printed with the rate
   measured just before it. A ratio is only clean when the rates of its turns agree."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -295,13 +296,14 @@ def main(argv=None) -> dict:
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--trained-fraction", type=float, default=1.0,
                  help="share of each 64-token example that is a target (chat data: the rest is the prompt)")
-  p.add_argument("--loss-chunk", type=int, default=128, help="jaxtune cross-entropy chunk (positions); see NOTES")
+  p.add_argument("--loss-chunk", type=int, default=128, help="jaxtune cross-entropy chunk (positions); at T=256, 128 splits "
+                 "the logits in two, 0.2 GB less peak RSS than one chunk at the same speed")
   p.add_argument("--remat", default="dots_no_batch",
                  help="jaxtune remat policy: none | full | dots | dots_no_batch (the training default)")
   p.add_argument("--hf-attn", default="sdpa", help="transformers attention: sdpa | eager")
   p.add_argument("--hugepages", choices=("cli", "none", "both"), default="cli",
                  help="glibc.malloc.hugetlb=1 for: cli = the jaxtune side, as `python -m jaxtune.train` runs "
-                      "(HF as it ships); none; both (ablations, see NOTES item 12)")
+                      "(HF as it ships); none; both (ablations: HF is slower with the tunable)")
   p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jaxtune worker (ablations)")
   p.add_argument("--no-ce-remat", action="store_true",
                  help="ablation: patch out the jax.checkpoint around the chunked cross-entropy")

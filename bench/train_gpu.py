@@ -36,11 +36,11 @@ LLAMA32_1B = dict(
 LR = 1e-4
 
 
-# Probes of the cuDNN call, for A/B runs on a GPU (bench/NOTES.md items 29 and 33); not library options.
+# Probes of the cuDNN call, for A/B runs on a GPU: what a segment-aware call would gain; not library options.
 # With --segments 1 (the default) every row is one unpadded sequence, so all of them compute the same
 # function; the segment probes are valid only on the --segments batch they are told about.
 CUDNN_PROBES = {
-    "cudnn_causal": "is_causal=True besides the mask (the library's call since session 9)",
+    "cudnn_causal": "is_causal=True besides the mask (what the library's call does)",
     "cudnn_causal_nomask": "is_causal=True and no mask (no [B, 1, T, S] bias to read; unpacked rows only)",
     "cudnn_segments": "no mask: jax's private cuDNN call told each row's --segments as lengths and offsets",
     "cudnn_segments_rep": "cudnn_segments with k and v repeated to the query heads (in case GQA offsets are off)",

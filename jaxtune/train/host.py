@@ -3,8 +3,8 @@
 XLA's CPU runtime allocates every execution's temporary buffer with posix_memalign from a
 worker thread: 1.5-1.7 GB for the SmolLM2-135M train step at batch 4 x 256. glibc serves a
 block that large with a fresh mmap and unmaps it on free, so each step first-touches about
-400,000 new 4 KiB pages; the kernel spends 0.7 s of CPU per step faulting and zeroing them
-(bench/NOTES.md, item 12). The glibc tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes
+400,000 new 4 KiB pages; the kernel spends 0.7 s of CPU per step faulting and zeroing them.
+The glibc tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes
 malloc madvise such blocks for transparent huge pages, which cuts the faults 400-fold; the
 LoRA step measured 4.47 -> 4.08 s and full fine-tuning 5.9 -> 5.5 s, peak RSS unchanged.
 

