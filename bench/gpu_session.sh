@@ -3,9 +3,10 @@
 # Run with `.whl` carried (see bench/gpu_device.sh) and a timeout of 600 s. Parts, in order of
 # value, each under its own time limit (580 s in all):
 #   1. the benchmark against HF + PEFT, both settings (the figures of docs/benchmarks.md "GPU");
-#   2. three jaxtune-only runs on rows of 4 packed examples (is_causal without a mask is ~7% faster): the library's
+#   2. two jaxtune-only runs on rows of 4 packed examples (is_causal without a mask is ~7% faster): the library's
 #      masked cuDNN call, then jax's private packed-layout cuDNN call told the segments instead of a
-#      mask, as documented and with k/v repeated to the query heads; the loss column says which agree;
+#      mask; the loss column says whether they agree;
+#   2b. jaxtune with the CPU-tuned kernels (model.kernels=cpu) against part 1's plain ones, same shape;
 #   3. where a step's time goes, LoRA and full (python -m bench.profile_step);
 #   4. the training CLI on configs/tiny.py, which must log `attention: cudnn (auto: ...)`.
 # Logs go to $OUT/session_*.log; a summary of all parts is printed last. SESSION_SMOKE=1 runs every
@@ -24,7 +25,7 @@ part() {  # part NAME SECONDS MODULE ARGS...: bench/gpu_device.sh with its own l
 part bench 190 bench.train_gpu
 part seg_mask 70 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn
 part seg_cudnn 70 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn_segments
-part seg_rep 70 bench.train_gpu --sides jaxtune --segments 4 --attn cudnn_segments_rep
+part kernels_cpu 70 bench.train_gpu --sides jaxtune --kernels cpu
 # Each profile also keeps its trace and the optimised HLO of its step; both come back in one tarball.
 for setting in lora full; do
   XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/dump_$setting --xla_dump_hlo_as_text" \
@@ -46,7 +47,7 @@ echo "    exit $?"
 echo
 echo "##### summary"
 head -2 "$out/session_bench.log"  # card, driver, versions
-for name in bench seg_mask seg_cudnn seg_rep; do
+for name in bench seg_mask seg_cudnn kernels_cpu; do
   echo "--- $name"
   sed -n '/^Llama 3.2 1B shape/,$p' "$out/session_${name}.log"
   grep -m3 -i 'error\|Traceback' "$out/session_${name}.log"

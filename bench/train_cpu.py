@@ -64,7 +64,7 @@ def loss_mask(batch: int, seq: int, trained_fraction: float, example: int = 64):
 
 
 # ---------------------------------------------------------------------------------------------- jaxtune side
-def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: float = LR,
+def jaxtune_step(cfg, options, setting: str, batch: int, seq: int, loss_chunk: int, lr: float = LR,
                  trained_fraction: float = 1.0, segments: int = 1):
   """(run, n_trainable, n_frozen): run() does one real jaxtune train step on random tokens and blocks on it.
 
@@ -77,7 +77,7 @@ def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: f
   from jaxtune.peft.lora import apply_lora  # pylint: disable=g-import-not-at-top
   from jaxtune.train import optim, step  # pylint: disable=g-import-not-at-top
 
-  model = init_model(cfg, seed=0)
+  model = init_model(cfg, seed=0, options=options)
   if setting == "lora":
     apply_lora(model, rank=LORA["rank"], alpha=LORA["alpha"], dropout=0.0, rngs=nnx.Rngs(1))
   ocfg = optim.optim_config()
@@ -105,16 +105,23 @@ def jaxtune_step(cfg, setting: str, batch: int, seq: int, loss_chunk: int, lr: f
 
 
 def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int = 128,
-             remat: str = "dots_no_batch", trained_fraction: float = 1.0, dtype: str = "float32"):
-  """(step_fn, n_trainable): step_fn() runs one real jaxtune train step (XLA attention).
+             remat: str = "dots_no_batch", trained_fraction: float = 1.0, dtype: str = "float32",
+             attention: str = "chunked", kernels: str = "auto"):
+  """(step_fn, n_trainable): step_fn() runs one real jaxtune train step.
 
   dtype bfloat16: bf16 compute; float32 trained weights; under LoRA the frozen base is bf16 too
-  (the training CLI's param_dtype="auto", and bench/train_gpu.py's setting)."""
+  (the training CLI's param_dtype="auto", and bench/train_gpu.py's setting). attention and kernels:
+  as the training CLI's model.attention_impl and model.kernels (their CPU defaults here)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from jaxtune.models import options as options_lib  # pylint: disable=g-import-not-at-top
   from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
 
   param_dtype = "bfloat16" if dtype == "bfloat16" and setting == "lora" else "float32"
-  cfg = from_hf_dict(hf_cfg, dtype=dtype, param_dtype=param_dtype, attention_impl="xla", remat=remat)
-  run, n_trainable, _ = jaxtune_step(cfg, setting, batch, seq, loss_chunk, trained_fraction=trained_fraction)
+  options = options_lib.for_platform(jax.default_backend(), kernels=kernels, dtype=dtype, param_dtype=param_dtype,
+                                     attention_impl=attention, remat=remat)
+  run, n_trainable, _ = jaxtune_step(from_hf_dict(hf_cfg), options, setting, batch, seq, loss_chunk,
+                                     trained_fraction=trained_fraction)
   return run, n_trainable
 
 
@@ -178,7 +185,7 @@ def worker(args) -> None:
     step_lib.jax = _NoCheckpoint(jax)
   if args.worker == "jaxtune":
     run, n = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.loss_chunk, args.remat, args.trained_fraction,
-                      args.dtype)
+                      args.dtype, args.attention, args.kernels)
   else:
     run, n = hf_side(hf_cfg, args.setting, args.batch, args.seq, args.hf_attn, args.trained_fraction, args.dtype)
   build = time.perf_counter() - t0
@@ -224,7 +231,8 @@ def _start(side: str, args) -> subprocess.Popen:
   cmd = [sys.executable, "-m", "bench.train_cpu", "--worker", side, "--setting", args.setting,
          "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
          "--loss-chunk", str(args.loss_chunk), "--remat", args.remat, "--hf-attn", args.hf_attn,
-         "--profile", args.profile, "--trained-fraction", str(args.trained_fraction), "--dtype", args.dtype]
+         "--profile", args.profile, "--trained-fraction", str(args.trained_fraction), "--dtype", args.dtype,
+         "--attention", args.attention, "--kernels", args.kernels]
   cmd += ["--smoke"] if args.smoke else []
   cmd += ["--no-ce-remat"] if args.no_ce_remat else []
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,6 +309,8 @@ def main(argv=None) -> dict:
   p.add_argument("--remat", default="dots_no_batch",
                  help="jaxtune remat policy: none | full | dots | dots_no_batch (the training default)")
   p.add_argument("--hf-attn", default="sdpa", help="transformers attention: sdpa | eager")
+  p.add_argument("--attention", default="chunked", help="jaxtune attention: chunked | xla (model.attention_impl)")
+  p.add_argument("--kernels", default="auto", help="jaxtune kernels: auto | cpu | plain (model.kernels)")
   p.add_argument("--hugepages", choices=("cli", "none", "both"), default="cli",
                  help="glibc.malloc.hugetlb=1 for: cli = the jaxtune side, as `python -m jaxtune.train` runs "
                       "(HF as it ships); none; both (ablations: HF is slower with the tunable)")

@@ -82,9 +82,10 @@ def _probe_cudnn(variant: str, segments: int) -> None:
   jax.nn.dot_product_attention = call
 
 
-def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk, segments=1):
+def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk, segments=1, kernels="plain"):
   import jax  # pylint: disable=g-import-not-at-top
 
+  from jaxtune.models import options as options_lib  # pylint: disable=g-import-not-at-top
   from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
 
   if jax.default_backend() == "cpu":  # smoke runs
@@ -95,10 +96,12 @@ def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk, segments=1):
   if attn in CUDNN_PROBES:
     _probe_cudnn(attn, segments)
     impl = "cudnn"
-  if jax.default_backend() != "gpu":  # smoke runs: the probes go through the same call's XLA implementation
-    impl = "dot_product" if attn in CUDNN_PROBES else "xla"
-  cfg = from_hf_dict(hf_cfg, attention_impl=impl, remat=remat, **dtypes)
-  run, n_trainable, n_frozen = jaxtune_step(cfg, setting, batch, seq, loss_chunk, lr=LR, segments=segments)
+  if jax.default_backend() != "gpu" and impl == "cudnn":  # smoke runs: the same call's XLA implementation
+    impl = "dot_product"
+  options = options_lib.for_platform(jax.default_backend(), kernels=kernels, attention_impl=impl, remat=remat,
+                                     **dtypes)
+  run, n_trainable, n_frozen = jaxtune_step(from_hf_dict(hf_cfg), options, setting, batch, seq, loss_chunk, lr=LR,
+                                            segments=segments)
   n_params = n_frozen if setting == "lora" else n_trainable + n_frozen  # base weights only
 
   def peak_gb():
@@ -147,7 +150,7 @@ def worker(args) -> None:
   hf_cfg = SMOKE if args.smoke else LLAMA32_1B
   if args.worker == "jaxtune":
     run, n, peak = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.attn, args.remat, args.loss_chunk,
-                            args.segments)
+                            args.segments, args.kernels)
   else:
     run, n, peak = hf_side(hf_cfg, args.setting, args.batch, args.seq, args.hf_attn)
   t0 = time.perf_counter()
@@ -168,7 +171,7 @@ def run_setting(args, setting: str) -> dict:
     cmd = [sys.executable, "-m", "bench.train_gpu", "--worker", side, "--settings", setting, "--batch",
            str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--attn", args.attn,
            "--remat", args.remat, "--loss-chunk", str(args.loss_chunk), "--hf-attn", args.hf_attn,
-           "--segments", str(args.segments)]
+           "--segments", str(args.segments), "--kernels", args.kernels]
     cmd += ["--smoke"] if args.smoke else []
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # both workers share the card
     procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
@@ -203,6 +206,8 @@ def main(argv=None) -> dict:
   p.add_argument("--attn", default="cudnn", choices=("cudnn", "xla", *CUDNN_PROBES),
                  help="jaxtune attention on GPU: cudnn | xla, or a probe: " +
                  "; ".join(f"{k}: {v}" for k, v in CUDNN_PROBES.items()))
+  p.add_argument("--kernels", default="plain", choices=("plain", "cpu"),
+                 help="jaxtune kernels (model.kernels): plain, the GPU default, or the CPU-tuned ones to compare")
   p.add_argument("--sides", default="jaxtune,hf", help="jaxtune,hf | jaxtune (A/B runs of jaxtune variants)")
   p.add_argument("--remat", default="dots_no_batch",
                  help="jaxtune remat: none | full | dots | dots_no_batch (the training default)")

@@ -16,6 +16,7 @@ from flax import nnx
 from jaxtune import parallel
 from jaxtune.hf.load import init_model
 from jaxtune.models.config import from_hf_dict
+from jaxtune.models.options import ModelOptions
 from jaxtune.peft import lora
 from jaxtune.train import optim
 from jaxtune.train import step as step_lib
@@ -39,8 +40,8 @@ def batches() -> list[dict[str, np.ndarray]]:
   return out
 
 
-def setup(method: str):
-  model = init_model(from_hf_dict(TINY), seed=0)
+def setup(method: str, options: ModelOptions | None = None):
+  model = init_model(from_hf_dict(TINY), seed=0, options=options)
   if method == "lora":
     lora.apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
     # B starts at zero; give it values so the adapters' gradients are not trivially zero at step 1.
@@ -56,12 +57,14 @@ def setup(method: str):
 
 
 def run(method: str, mesh_name: str | None) -> dict:
-  model, opt, graphdef, (frozen, state) = setup(method)
-  shardings = None
-  if mesh_name is not None:
+  shardings, options = None, None
+  if mesh_name is not None:  # each layer's input constrained by logical axes, as the training loop does
     mcfg = parallel.mesh_config()
     mcfg.update(MESHES[mesh_name])
     mesh = parallel.make_mesh(mcfg)
+    options = ModelOptions(constrain=parallel.ActivationSharding(mesh, mcfg.rules))
+  model, opt, graphdef, (frozen, state) = setup(method, options)
+  if mesh_name is not None:
     sh = parallel.train_shardings(model, opt, mesh, mcfg.rules, method=method)
     frozen, state = parallel.place(frozen, sh.frozen), parallel.place(state, sh.state)
     shardings = sh.step_args
