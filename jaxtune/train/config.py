@@ -18,10 +18,10 @@ from jaxtune.data.config import data_config
 from jaxtune.models import attention as attn_lib
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import mesh_config
+from jaxtune.peft.lora import METHODS
 from jaxtune.train.builtin_models import BUILTIN_MODELS
 from jaxtune.train.optim import make_optimizer, optim_config
 
-PEFT_METHODS = ("lora", "full")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 ATTENTION = ("auto", "xla", "cudnn", "splash")
@@ -142,7 +142,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   _choice(config, "model.param_dtype", DTYPES)
   _choice(config, "model.remat", REMAT)
   _choice(config, "model.attention_impl", ATTENTION)
-  _choice(config, "peft.method", PEFT_METHODS)
+  _choice(config, "peft.method", METHODS)
 
   lora, train, data = config.peft.lora, config.train, config.data
   if config.peft.method == "lora":
