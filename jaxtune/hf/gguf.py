@@ -22,6 +22,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxtune.generation import END_OF_TURN_TOKENS
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -46,8 +48,6 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 # llama.cpp token types (llama_token_type): 3 = control, 4 = user-defined.
 _CONTROL, _USER_DEFINED = 3, 4
-# Tokens that end an assistant turn in common chat templates; generation must stop on them.
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 class GGUFImportError(ValueError):
@@ -213,7 +213,7 @@ def stop_token_ids(reader: gguf.GGUFReader) -> list[int]:
     ids = [_field(reader, f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
-    ids += [i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ == _CONTROL and tok in _END_OF_TURN]
+    ids += [i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ == _CONTROL and tok in END_OF_TURN_TOKENS]
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 

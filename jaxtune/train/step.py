@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxtune.data.packing import BATCH_KEYS
 from jaxtune.peft.lora import refresh_dropout_keys, split_trainable
 from jaxtune.train.cross_entropy import fused_cross_entropy
-
-BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 @flax.struct.dataclass
