@@ -190,12 +190,12 @@ def test_remat_saves_each_adapted_output_once(remat, capsys):
   L, (B, T), D, F = TINY["num_hidden_layers"], IDS.shape, TINY["hidden_size"], TINY["intermediate_size"]
   N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
   assert N * H == F  # so q's output and gate's and up's have one size
-  # One saved array per adapted output (before session 5: two, the base product and the adapter's).
+  # One saved array per adapted output: the sum, not the base product and the adapter's apart.
   assert sizes.count(L * B * T * N * H) == 4  # q, gate, up, and the attention output (its own name)
   assert sizes.count(L * B * T * K * H) == 2  # k, v
   assert sizes.count(L * B * T * D) == 2  # o, down
   # q, k and v are kept after rope, in the attention's grouped layout, so the backward recomputes
-  # neither (session 6); the projections' own outputs are not kept besides.
+  # neither; the projections' own outputs are not kept besides.
   assert shapes.count((L, B, K, N // K, T, H)) == 2  # q and the attention output
   assert shapes.count((L, B, K, T, H)) == 2  # k, v
 
@@ -203,7 +203,7 @@ def test_remat_saves_each_adapted_output_once(remat, capsys):
 def test_remat_keeps_sixteen_bit_outputs_as_bits_on_cpu(capsys):
   """A bfloat16 model on CPU keeps its named arrays and each layer's input as their uint16 bits: XLA's CPU backend
   writes a layer into a uint16 stack in place, where it converts a whole bfloat16 stack to float32 and back for
-  every layer (bench/NOTES.md item 37)."""
+  every layer."""
   cfg = from_hf_dict(TINY, remat="dots_no_batch", dtype="bfloat16", param_dtype="bfloat16")
   kept = _saved_layer_residuals(_with_lora(init_model(cfg, seed=0)), capsys, with_dtypes=True)
   L, (B, T), D, F = TINY["num_hidden_layers"], IDS.shape, TINY["hidden_size"], TINY["intermediate_size"]
