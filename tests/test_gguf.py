@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jaxtune.hf import gguf as jg
+from jaxtune.models.config import from_hf_dict
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -94,13 +95,14 @@ def test_every_tensor_equals_dequantised_gguf(smollm2_dir):
     saved = load_file(smollm2_dir / "model.safetensors")
     reader = gguf.GGUFReader(jg.smollm2_gguf_path())
     assert len(saved) == len(reader.tensors) == 272 and "lm_head.weight" not in saved
+    names = jg.hf_tensor_names(from_hf_dict(json.loads((smollm2_dir / "config.json").read_text())))
     for t in reader.tensors:
         want = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         if ".attn_q." in t.name:
             want = _reference_unpermute(want, 9)
         elif ".attn_k." in t.name:
             want = _reference_unpermute(want, 3)
-        got = saved[jg.hf_tensor_name(t.name)]
+        got = saved[names[t.name]]
         assert got.dtype == np.float32 and np.array_equal(got, want), t.name
 
 
@@ -169,10 +171,8 @@ def test_tiny_untied_llama_round_trips_exactly(tmp_path):
         for n in ("input_layernorm", "post_attention_layernorm"):
             hf[f"model.layers.{i}.{n}.weight"] = rng.standard_normal(d)
     hf = {k: v.astype(np.float32) for k, v in hf.items()}
-    to_gguf = {v: k for k, v in jg._GLOBAL_NAMES.items()}
-    to_gguf |= {
-        f"model.layers.{i}.{v}.weight": f"blk.{i}.{k}.weight" for i in range(layers) for k, v in jg._LAYER_NAMES.items()
-    }
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    to_gguf = {n: names.get_name(n, try_suffixes=(".weight",)) for n in hf}
     tensors = {}
     for name, w in hf.items():
         if name.endswith("q_proj.weight"):

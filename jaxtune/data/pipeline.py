@@ -182,7 +182,7 @@ def _check(cfg: ml_collections.ConfigDict, split: str) -> None:
   """Fails on settings that cannot work, naming the key."""
   choices = {
       "on_error": ("raise", "skip"),
-      "train_on": ("assistant", "all", "last_assistant"),
+      "train_on": chat.TRAIN_ON,
       "truncation": ("right", "left", "drop"),
       "packing_algorithm": ("ffd", "bfd"),
   }

@@ -12,14 +12,12 @@ parameter, LoRA folded in float32, then cast), so the host holds the model plus 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import pathlib
 import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.export import files
@@ -28,7 +26,7 @@ from jaxtune.generation import END_OF_TURN_TOKENS
 from jaxtune.hf import mapping
 from jaxtune.models.config import ModelConfig, from_hf_dict
 from jaxtune.models.transformer import CausalLM, Linear
-from jaxtune.peft.lora import LoRA
+from jaxtune.peft.lora import LoRA, merge_kernel
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
 
@@ -46,20 +44,12 @@ def _layer(stack: jax.Array, i: jax.Array) -> jax.Array:
   return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
 
 
-@functools.partial(jax.jit, static_argnames="spec")
-def _fold(w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array, spec: str) -> jax.Array:
-  delta = jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-  return w.astype(jnp.float32) + scale * delta
-
-
 def _merged_kernel(linear: Linear, i: int | None) -> jax.Array:
   """kernel + scale * A @ B in float32, for layer i of a stacked Linear (or the whole unstacked one)."""
-  lora: LoRA = linear.adapter
-  w, a, b = linear.kernel[...], lora.lora_a[...], lora.lora_b[...]
+  w, a, b = linear.kernel[...], linear.adapter.lora_a[...], linear.adapter.lora_b[...]
   if i is not None:
     w, a, b = (_layer(x, i) for x in (w, a, b))
-  # One layer's factors: A [in..., r], B [r, out...]; the kernel's letters are the inputs then the outputs.
-  return _fold(w, a, b, np.float32(lora.scale), spec=f"{lora.ins}z,z{lora.outs}->{lora.k_spec}")
+  return merge_kernel(w, a, b, linear.adapter)
 
 
 def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
@@ -75,8 +65,6 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
     owner = _module_at(model, tmap.path[:-1])
     var = getattr(owner, tmap.path[-1])
     adapted = tmap.path[-1] == "kernel" and isinstance(owner, Linear) and isinstance(owner.adapter, LoRA)
-    shape = tuple(var.shape[1:] if tmap.stacked else var.shape)
-    hf_shape = jax.eval_shape(tmap.to_hf, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
     for i, name in enumerate(tmap.hf_names(cfg.num_layers)):
       layer = i if tmap.stacked else None
 
@@ -87,7 +75,7 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
           value = var[...] if layer is None else _layer(var[...], layer)
         return np.asarray(tmap.to_hf(np.asarray(jax.device_get(value)))).astype(dtype)
 
-      specs.append(TensorSpec(name, hf_shape, dtype, produce))
+      specs.append(TensorSpec(name, tmap.hf_shape, dtype, produce))
   return specs
 
 

@@ -13,7 +13,6 @@ import argparse
 import importlib.util
 import json
 import pathlib
-import re
 import time
 from typing import Any
 
@@ -22,32 +21,15 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxtune.generation import END_OF_TURN_TOKENS
+from jaxtune.hf import mapping
+from jaxtune.models.config import ModelConfig, from_hf_dict
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
-# llama.cpp names -> HF Llama names; blk.N.<key>.weight -> model.layers.N.<value>.weight.
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
-
 # llama.cpp token types (llama_token_type): 3 = control, 4 = user-defined.
 _CONTROL, _USER_DEFINED = 3, 4
-# Tokens that end an assistant turn in common chat templates; generation must stop on them.
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 class GGUFImportError(ValueError):
@@ -84,17 +66,14 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-    """HF Llama parameter name of a llama.cpp tensor name."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _LAYER_RE.fullmatch(gguf_name)
-    if m is None or m.group(2) not in _LAYER_NAMES:
-        raise GGUFImportError(
-            f"tensor {gguf_name!r} has no Hugging Face Llama equivalent; "
-            "this GGUF uses features jaxtune's importer does not support yet."
-        )
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+def hf_tensor_names(cfg: ModelConfig) -> dict[str, str]:
+    """llama.cpp tensor name -> HF name, for every tensor of the weight table (llama.cpp's names from gguf-py)."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
+    return {
+        names.get_name(hf, try_suffixes=(".weight", ".bias")): hf
+        for tmap in mapping.tensor_maps(cfg)
+        for hf in tmap.hf_names(cfg.num_layers)
+    }
 
 
 def dequantize_tensor(tensor: Any, n_head: int, n_head_kv: int) -> np.ndarray:
@@ -131,6 +110,17 @@ def _write_weights(
     """Dequantise tensor by tensor into safetensors shards; return the file names written."""
     np_dtype = DTYPES[dtype]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hf_names = hf_tensor_names(from_hf_dict(cfg))
+    path = reader.data.filename
+    unknown = [t.name for t in reader.tensors if t.name not in hf_names]
+    if unknown:
+        raise GGUFImportError(
+            f"{path}: tensors {', '.join(unknown[:5])} have no Hugging Face Llama equivalent; "
+            "this GGUF uses features jaxtune's importer does not support yet."
+        )
+    missing = sorted(set(hf_names) - {t.name for t in reader.tensors})
+    if missing:
+        raise GGUFImportError(f"{path}: tensors {', '.join(missing[:5])} are missing; the file is incomplete.")
     shards = _shard_plan(list(reader.tensors), np.dtype(np_dtype).itemsize, max_shard_bytes)
     names = (
         ["model.safetensors"]
@@ -142,7 +132,7 @@ def _write_weights(
         # Only one shard is held in memory; each tensor is dequantised and cast on its own.
         arrays = {}
         for t in shard:
-            hf_name = hf_tensor_name(t.name)
+            hf_name = hf_names[t.name]
             arrays[hf_name] = np.ascontiguousarray(dequantize_tensor(t, heads, kv_heads).astype(np_dtype))
             weight_map[hf_name] = fname
             total += arrays[hf_name].nbytes
@@ -213,7 +203,7 @@ def stop_token_ids(reader: gguf.GGUFReader) -> list[int]:
     ids = [_field(reader, f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
-    ids += [i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ == _CONTROL and tok in _END_OF_TURN]
+    ids += [i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ == _CONTROL and tok in END_OF_TURN_TOKENS]
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 

@@ -1,23 +1,27 @@
-"""Hugging Face checkpoint -> jaxtune NNX model, streamed tensor by tensor.
+"""Hugging Face checkpoint -> jaxtune NNX model, read whole or as the slices each device holds.
 
-The model is first built abstractly (`nnx.eval_shape`: shapes, no memory), then
-each parameter is filled from the checkpoint's memory-mapped tensors, converted
-to the target dtype and moved to the device before the next one is read, so
-peak host memory stays near one model in the target dtype.
+The model is first built abstractly (`nnx.eval_shape`: shapes, no memory). Each parameter is then
+made by `jax.make_array_from_callback`: every device's block of our layout becomes the matching
+slice of the HF tensor (`mapping.TensorMap.hf_block`), read through the safetensors memory map,
+converted to the target dtype and placed before the next one is read. Stacked layer parameters
+whose layer axis is not split are built one layer at a time, so the host stages at most one
+layer's share of one tensor, never the model. A whole load is the same on one device.
 """
 
 from __future__ import annotations
 
 import functools
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
 
 from jaxtune.hf import mapping
+from jaxtune.hf.mapping import Block, TensorMap
 from jaxtune.hf.safetensors_io import Checkpoint, CheckpointError
 from jaxtune.models import options as options_lib
 from jaxtune.models.config import ModelConfig, load_config
@@ -26,6 +30,9 @@ from jaxtune.models.transformer import CausalLM
 
 # What a model download needs: configs, safetensors, tokenizer and template files; never pickles.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+# Where a parameter goes, given its abstract variable (shape, dtype, logical axes).
+ShardingOf = Callable[[nnx.Variable], Sharding]
 
 
 def resolve(path_or_hub_id: str | pathlib.Path) -> pathlib.Path:
@@ -49,52 +56,131 @@ def resolve(path_or_hub_id: str | pathlib.Path) -> pathlib.Path:
                           "Download it where there is network, or pass a local directory.") from None
 
 
-def _read(ckpt: Checkpoint, tmap: mapping.TensorMap, name: str, expected: tuple[int, ...], dtype) -> np.ndarray:
-  if name not in ckpt:
-    raise CheckpointError(f"{ckpt.directory}: tensor {name!r} is missing (needed for {'.'.join(tmap.path)}); "
-                          "the checkpoint does not match its config.json.")
-  raw = ckpt.file_of(name).get(name)
-  try:
-    value = tmap.to_jax(raw)
-  except ValueError:
-    value = None
-  if value is None or value.shape != expected:
-    raise CheckpointError(f"{ckpt.file_of(name).path}: tensor {name!r} has shape {tuple(raw.shape)}, but "
-                          f"config.json implies a shape that maps to {expected}; the checkpoint does not match "
-                          "its config.json.")
-  return np.asarray(value, dtype=dtype)
+def _norm(index: Block, shape: tuple[int, ...]) -> Block:
+  return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stack: jax.Array, layer: jax.Array, i: int) -> jax.Array:
-  return stack.at[i].set(layer)
+class TensorReader:
+  """Reads blocks of one parameter's HF tensors in our layout; counts what it stages on the host."""
+
+  def __init__(self, ckpt: Checkpoint, tmap: TensorMap, dtype: np.dtype, stats: dict):
+    self.ckpt, self.tmap, self.dtype, self.stats = ckpt, tmap, dtype, stats
+
+  def check(self, name: str) -> None:
+    """CheckpointError unless tensor `name` is in the checkpoint with the shape the config implies."""
+    if name not in self.ckpt:
+      raise CheckpointError(f"{self.ckpt.directory}: tensor {name!r} is missing (needed for "
+                            f"{'.'.join(self.tmap.path)}); the checkpoint does not match its config.json.")
+    got, expected = tuple(self.ckpt.file_of(name).shape(name)), self.tmap.hf_shape
+    if got != expected:
+      raise CheckpointError(f"{self.ckpt.file_of(name).path}: tensor {name!r} has shape {got}, but config.json "
+                            f"implies {expected}; the checkpoint does not match its config.json.")
+
+  def block(self, name: str, index: Block) -> np.ndarray:
+    """Block `index` of our layout of tensor `name`, read as the HF slice that holds it."""
+    hf_index, to_ours = self.tmap.hf_block(_norm(index, self.tmap.shape))
+    out = np.ascontiguousarray(to_ours(self.ckpt.file_of(name).get_slice(name, hf_index)), dtype=self.dtype)
+    self.stats["read_bytes"] = self.stats.get("read_bytes", 0) + out.nbytes
+    return out
+
+  def array(self, name: str, sharding: Sharding) -> jax.Array:
+    """Tensor `name` as one global array placed by `sharding`, each process reading its own blocks."""
+    shape = self.tmap.shape
+    staged: dict[tuple, np.ndarray] = {}  # replicas of one block (data / tensor axes) are read once
+
+    def callback(index):
+      key = tuple((s.start, s.stop) for s in _norm(index, shape))
+      if key not in staged:
+        staged[key] = self.block(name, index)
+      return staged[key]
+
+    out = jax.make_array_from_callback(shape, sharding, callback)
+    held = sum(x.nbytes for x in staged.values())  # every block of this call is alive until the transfer
+    self.stats["peak_staged_bytes"] = max(self.stats.get("peak_staged_bytes", 0), held)
+    return out
+
+  def stacked(self, names: list[str], shape: tuple[int, ...], sharding: Sharding) -> jax.Array:
+    """The [layers, ...] stack of tensors `names`, placed by `sharding`."""
+    layer_sharding = _layer_sharding(sharding, shape)
+    if layer_sharding is not None:  # layers whole on every device: build the stack one layer at a time
+      value, set_layer = _zeros(shape, self.dtype, sharding), _setter(sharding)
+      for i, name in enumerate(names):
+        value = set_layer(value, self.array(name, layer_sharding), i)
+      return value
+
+    def callback(index):  # the layer axis itself is split: each device reads its own layers
+      index = _norm(index, shape)
+      return np.stack([self.block(names[i], index[1:]) for i in range(*index[0].indices(len(names)))])
+
+    return jax.make_array_from_callback(shape, sharding, callback)
 
 
-def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract_state: nnx.State) -> nnx.State:
-  """Fills an abstract (eval_shape) state from the checkpoint, one parameter at a time."""
-  by_path = {m.path: m for m in mapping.tensor_maps(cfg)}
-  used: set[str] = set()
-  flat = []
-  for path, var in nnx.to_flat_state(abstract_state):
-    tmap = by_path.get(tuple(str(p) for p in path))
-    if tmap is None:
-      raise CheckpointError(f"no Hugging Face tensor is known for parameter {'.'.join(map(str, path))}.")
-    shape, dtype = var.shape, np.dtype(var.dtype)
-    if tmap.stacked:  # filled on the device one layer at a time: the host holds one layer, never the stack
-      value = jnp.zeros(shape, dtype)
-      for i, name in enumerate(tmap.hf_names(cfg.num_layers)):
-        value = _set_layer(value, _read(ckpt, tmap, name, shape[1:], dtype), i)
-        used.add(name)
-    else:
-      value = jnp.asarray(_read(ckpt, tmap, tmap.hf_name, shape, dtype))
-      used.add(tmap.hf_name)
-    flat.append((path, var.replace(value)))
+def _layer_sharding(sharding: Sharding, shape: tuple[int, ...]) -> Sharding | None:
+  """The sharding of one layer of a stack placed by `sharding`; None when the layer axis is split."""
+  if sharding.shard_shape(shape)[0] != shape[0]:
+    return None
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+  if isinstance(sharding, SingleDeviceSharding):
+    return sharding
+  raise TypeError(f"stacked parameters need a NamedSharding or SingleDeviceSharding, got {sharding!r}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _setter(sharding: Sharding) -> Callable:
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=sharding)
+  def set_layer(stack, layer, i):
+    return stack.at[i].set(layer)
+  return set_layer
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any, sharding: Sharding) -> jax.Array:
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+def _check_no_unexpected(ckpt: Checkpoint, cfg: ModelConfig, used: set[str]) -> None:
   unexpected = [n for n in ckpt.keys() if n not in used and not n.endswith(mapping.IGNORED_SUFFIXES)
                 and not (cfg.tie_embeddings and n == "lm_head.weight")]
   if unexpected:
     shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
     raise CheckpointError(f"{ckpt.directory}: unexpected tensors {shown}; the checkpoint holds weights that "
                           f"{cfg.model_type} models do not have (a different architecture or an adapter?).")
+
+
+def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract_state: nnx.State, sharding_of: ShardingOf | None = None,
+                stats: dict | None = None) -> nnx.State:
+  """Fills an abstract (eval_shape) state from the checkpoint, each parameter placed by `sharding_of`.
+
+  Without `sharding_of` every parameter goes whole to the default device. Any tensor missing or
+  left over (besides `mapping.IGNORED_SUFFIXES`) is a CheckpointError naming it. `stats`, when
+  given, receives read_bytes and peak_staged_bytes (host bytes of one transfer, the most at once).
+  """
+  stats = {} if stats is None else stats
+  if sharding_of is None:
+    device = SingleDeviceSharding(jax.devices()[0])
+    sharding_of = lambda var: device  # noqa: E731
+  by_path = {m.path: m for m in mapping.tensor_maps(cfg)}
+  used: set[str] = set()
+  flat = []
+  for path, var in nnx.to_flat_state(abstract_state):
+    path = tuple(str(p) for p in path)
+    tmap = by_path.get(path)
+    if tmap is None:
+      raise CheckpointError(f"no Hugging Face tensor is known for parameter {'.'.join(path)}.")
+    shape = tuple(var.shape)
+    if shape != ((cfg.num_layers,) if tmap.stacked else ()) + tmap.shape:
+      raise CheckpointError(f"parameter {'.'.join(path)} has shape {shape}, but the weight table says "
+                            f"{tmap.shape}{' per layer' if tmap.stacked else ''}; the model and hf/mapping.py "
+                            "disagree.")
+    reader = TensorReader(ckpt, tmap, np.dtype(var.dtype), stats)
+    names = tmap.hf_names(cfg.num_layers)
+    for name in names:
+      reader.check(name)
+    used.update(names)
+    sharding = sharding_of(var)
+    value = reader.stacked(names, shape, sharding) if tmap.stacked else reader.array(names[0], sharding)
+    flat.append((path, var.replace(value)))
+  _check_no_unexpected(ckpt, cfg, used)
   return nnx.from_flat_state(flat)
 
 
@@ -104,16 +190,26 @@ def load_model(path_or_hub_id: str | pathlib.Path, dtype: Any = None, *, attenti
 
   kernels: "plain", "cpu", or "auto" (cpu on the CPU backend, plain elsewhere; models/kernels.py).
   """
-  directory = resolve(path_or_hub_id)
   dtype = np.dtype(dtype or "float32").name
   options = options_lib.for_platform(jax.default_backend(), kernels=kernels, dtype=dtype,
                                      param_dtype=np.dtype(param_dtype or dtype).name,
                                      attention_impl=attention_impl, remat=remat)
+  return load(path_or_hub_id, options)
+
+
+def load(path_or_hub_id: str | pathlib.Path, options: ModelOptions | None = None, *,
+         sharding_of: ShardingOf | None = None, stats: dict | None = None) -> CausalLM:
+  """An HF checkpoint as a CausalLM run with `options`, each parameter placed by `sharding_of`.
+
+  sharding_of: where each parameter goes (default: whole, on the default device); every process
+  calls this and reads only the slices its own devices hold. stats: see `load_params`.
+  """
+  directory = resolve(path_or_hub_id)
   cfg = load_config(directory)
   ckpt = Checkpoint(directory)
   abstract = nnx.eval_shape(lambda: CausalLM(cfg, options, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
-  return nnx.merge(graphdef, load_params(ckpt, cfg, abstract_state))
+  return nnx.merge(graphdef, load_params(ckpt, cfg, abstract_state, sharding_of, stats))
 
 
 def init_model(cfg: ModelConfig, seed: int = 0, options: ModelOptions | None = None) -> CausalLM:
@@ -126,4 +222,3 @@ def load_tokenizer(path_or_hub_id: str | pathlib.Path):
   import transformers  # pylint: disable=g-import-not-at-top
 
   return transformers.AutoTokenizer.from_pretrained(str(resolve(path_or_hub_id)), trust_remote_code=False)
-

@@ -1,13 +1,15 @@
-"""Names and layouts: jaxtune parameter paths <-> Hugging Face tensor names.
+"""Names and layouts: jaxtune parameter paths <-> Hugging Face tensor names, the one table.
 
-One table serves import (HF -> jaxtune) and export (jaxtune -> HF). HF stores
-linear weights as [out, in] with heads flattened; jaxtune keeps explicit axes
-([D, N, H] for q, [N, H, D] for o, [D, F] for the MLP).
+Each entry names its layout kind; the kind says how HF's axes group our axes ("(nh)d" vs "dnh"
+for q: HF [n*H, D], ours [D, n, H]), and from that alone follow the HF shape, both conversions
+and the HF slice that holds a block of our array. Every loader, exporter and test reads this
+table instead of knowing a layout itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import numpy as np
@@ -15,73 +17,142 @@ import numpy as np
 from jaxtune.models.config import ModelConfig
 
 Path = tuple[str, ...]
+Block = tuple[slice, ...]
+
+# Layout kinds: (HF axes, our axes). Parenthesised letters are one flattened HF axis, row-major.
+LAYOUTS = {
+    "identity": None,  # the same axes in the same order, any rank
+    "transpose": ("oi", "io"),  # linear weight: HF [out, in], ours [in, out]
+    "heads_in": ("(nh)d", "dnh"),  # q/k/v: HF [n*H, D], ours [D, n, H]
+    "heads_bias": ("(nh)", "nh"),  # q/k/v bias: HF [n*H], ours [n, H]
+    "o_proj": ("d(nh)", "nhd"),  # HF [D, N*H], ours [N, H, D]
+}
+
+# Tensors some checkpoints carry that carry no weights of the model.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _groups(kind: str, ndim: int) -> tuple[list[str], str]:
+  """(HF axes as groups of our letters, our letters) of a layout kind."""
+  if LAYOUTS[kind] is None:
+    letters = "abcdefgh"[:ndim]
+    return list(letters), letters
+  hf, ours = LAYOUTS[kind]
+  groups, i = [], 0
+  while i < len(hf):
+    j = hf.index(")", i) + 1 if hf[i] == "(" else i + 1
+    groups.append(hf[i:j].strip("()"))
+    i = j
+  return groups, ours
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-  """One jaxtune parameter and the HF tensor(s) it comes from."""
+  """One jaxtune parameter, the HF tensor(s) it comes from and their layout."""
 
   path: Path  # nnx state path, e.g. ("layers", "attn", "q", "kernel")
   hf_name: str  # with "{i}" for the layer index when stacked
   stacked: bool
-  to_jax: Callable[[np.ndarray], np.ndarray]  # one HF tensor -> one (per-layer) jaxtune array
-  to_hf: Callable[[np.ndarray], np.ndarray]
+  layout: str  # a key of LAYOUTS
+  shape: tuple[int, ...]  # ours, of one layer when stacked
 
   def hf_names(self, num_layers: int) -> list[str]:
+    """The HF tensor names, one per layer when stacked."""
     return [self.hf_name.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
 
+  @property
+  def hf_shape(self) -> tuple[int, ...]:
+    """The HF tensor's shape (of one layer when stacked)."""
+    groups, ours = _groups(self.layout, len(self.shape))
+    size = dict(zip(ours, self.shape))
+    return tuple(math.prod(size[c] for c in g) for g in groups)
 
-def _identity(x: np.ndarray) -> np.ndarray:
-  return x
+  def to_jax(self, x: np.ndarray) -> np.ndarray:
+    """One HF tensor -> our (per-layer) array; ValueError when its shape is not `hf_shape`."""
+    if tuple(x.shape) != self.hf_shape:
+      raise ValueError(f"{self.hf_name}: shape {tuple(x.shape)}, expected {self.hf_shape}")
+    return self.hf_block(tuple(slice(0, n) for n in self.shape))[1](x)
 
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    """Our (per-layer) array -> the HF tensor."""
+    groups, ours = _groups(self.layout, x.ndim)
+    flat = "".join(groups)
+    size = dict(zip(ours, x.shape))
+    out = x.transpose([ours.index(c) for c in flat])
+    return out.reshape(tuple(math.prod(size[c] for c in g) for g in groups))
 
-def _transpose(x: np.ndarray) -> np.ndarray:
-  return x.T
+  def hf_block(self, block: Block) -> tuple[Block, Callable[[np.ndarray], np.ndarray]]:
+    """(the HF slice that holds `block` of our array, how to turn that slice into the block).
+
+    A flattened HF axis is read in whole rows of its inner letters (whole heads), which are then
+    cut to the block; `block` holds normalised slices (start and stop set, step 1).
+    """
+    groups, ours = _groups(self.layout, len(self.shape))
+    size, want = dict(zip(ours, self.shape)), dict(zip(ours, block))
+    hf_index, read_sizes, cut = [], {}, {}
+    for g in groups:
+      head, inner = want[g[0]], math.prod(size[c] for c in g[1:])
+      hf_index.append(slice(head.start * inner, head.stop * inner))
+      read_sizes[g[0]] = head.stop - head.start
+      for c in g[1:]:
+        read_sizes[c], cut[c] = size[c], want[c]
+    flat = "".join(groups)
+
+    def to_ours(x: np.ndarray) -> np.ndarray:
+      y = x.reshape([read_sizes[c] for c in flat]).transpose([flat.index(c) for c in ours])
+      return y[tuple(cut.get(c, slice(None)) for c in ours)]
+
+    return tuple(hf_index), to_ours
+
+  def lora_to_hf(self, a: np.ndarray, b: np.ndarray, kernel_letters: str) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's LoRA factors A [in..., r], B [r, out...] -> PEFT's lora_A [r, in] and lora_B [out, r].
+
+    `kernel_letters` names the kernel's axes (the Linear's einsum); the HF weight is [out, in].
+    """
+    groups, ours = _groups(self.layout, len(kernel_letters))
+    ins, outs = kernel_letters[:a.ndim - 1], kernel_letters[a.ndim - 1:]
+    as_ours = dict(zip(kernel_letters, ours))
+    if len(groups) != 2 or set(groups[0]) != {as_ours[c] for c in outs} or set(groups[1]) != {
+        as_ours[c] for c in ins}:
+      raise ValueError(f"{self.hf_name}: a {self.layout} weight has no [out, in] form for a LoRA adapter with "
+                       f"inputs {ins!r} and outputs {outs!r}.")
+    of = {v: k for k, v in as_ours.items()}
+    a_hf = a.transpose([a.ndim - 1] + [ins.index(of[c]) for c in groups[1]]).reshape(a.shape[-1], -1)
+    b_hf = b.transpose([1 + outs.index(of[c]) for c in groups[0]] + [0]).reshape(-1, b.shape[0])
+    return a_hf, b_hf
 
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
   """The full table for one model config, in checkpoint order."""
-  D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  layer = "model.layers.{i}."
+  D, N, K, H, F, V = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                      cfg.vocab_size)
+  maps = [TensorMap(("embed",), "model.embed_tokens.weight", False, "identity", (V, D))]
 
-  def heads_in(n: int):  # HF [n*H, D] <-> ours [D, n, H]
-    return (lambda w: w.reshape(n, H, D).transpose(2, 0, 1), lambda w: w.transpose(1, 2, 0).reshape(n * H, D))
+  def add(path: Path, hf: str, layout: str, shape: tuple[int, ...]) -> None:
+    maps.append(TensorMap(("layers",) + path, "model.layers.{i}." + hf, True, layout, shape))
 
-  def heads_bias(n: int):  # HF [n*H] <-> ours [n, H]
-    return (lambda b: b.reshape(n, H), lambda b: b.reshape(n * H))
-
-  o_proj = (lambda w: w.reshape(D, N, H).transpose(1, 2, 0), lambda w: w.transpose(2, 0, 1).reshape(D, N * H))
-  maps = [TensorMap(("embed",), "model.embed_tokens.weight", False, _identity, _identity)]
-
-  def add(path: tuple[str, ...], hf: str, fns=(_identity, _identity)):
-    maps.append(TensorMap(("layers",) + path, layer + hf, True, *fns))
-
-  add(("pre_attn_norm", "scale"), "input_layernorm.weight")
+  add(("pre_attn_norm", "scale"), "input_layernorm.weight", "identity", (D,))
   for name, n in (("q", N), ("k", K), ("v", K)):
-    add(("attn", name, "kernel"), f"self_attn.{name}_proj.weight", heads_in(n))
+    add(("attn", name, "kernel"), f"self_attn.{name}_proj.weight", "heads_in", (D, n, H))
     if cfg.qkv_bias:
-      add(("attn", name, "bias"), f"self_attn.{name}_proj.bias", heads_bias(n))
-  add(("attn", "o", "kernel"), "self_attn.o_proj.weight", o_proj)
+      add(("attn", name, "bias"), f"self_attn.{name}_proj.bias", "heads_bias", (n, H))
+  add(("attn", "o", "kernel"), "self_attn.o_proj.weight", "o_proj", (N, H, D))
   if cfg.o_bias:
-    add(("attn", "o", "bias"), "self_attn.o_proj.bias")
+    add(("attn", "o", "bias"), "self_attn.o_proj.bias", "identity", (D,))
   if cfg.qk_norm:
-    add(("attn", "q_norm", "scale"), "self_attn.q_norm.weight")
-    add(("attn", "k_norm", "scale"), "self_attn.k_norm.weight")
+    add(("attn", "q_norm", "scale"), "self_attn.q_norm.weight", "identity", (H,))
+    add(("attn", "k_norm", "scale"), "self_attn.k_norm.weight", "identity", (H,))
   if cfg.sandwich_norms:
-    add(("post_attn_norm", "scale"), "post_attention_layernorm.weight")
-    add(("pre_mlp_norm", "scale"), "pre_feedforward_layernorm.weight")
-    add(("post_mlp_norm", "scale"), "post_feedforward_layernorm.weight")
+    add(("post_attn_norm", "scale"), "post_attention_layernorm.weight", "identity", (D,))
+    add(("pre_mlp_norm", "scale"), "pre_feedforward_layernorm.weight", "identity", (D,))
+    add(("post_mlp_norm", "scale"), "post_feedforward_layernorm.weight", "identity", (D,))
   else:
-    add(("pre_mlp_norm", "scale"), "post_attention_layernorm.weight")
-  for name in ("gate", "up", "down"):
-    add(("mlp", name, "kernel"), f"mlp.{name}_proj.weight", (_transpose, _transpose))
+    add(("pre_mlp_norm", "scale"), "post_attention_layernorm.weight", "identity", (D,))
+  for name, (fan_in, fan_out) in (("gate", (D, F)), ("up", (D, F)), ("down", (F, D))):
+    add(("mlp", name, "kernel"), f"mlp.{name}_proj.weight", "transpose", (fan_in, fan_out))
     if cfg.mlp_bias:
-      add(("mlp", name, "bias"), f"mlp.{name}_proj.bias")
-  maps.append(TensorMap(("final_norm", "scale"), "model.norm.weight", False, _identity, _identity))
+      add(("mlp", name, "bias"), f"mlp.{name}_proj.bias", "identity", (fan_out,))
+  maps.append(TensorMap(("final_norm", "scale"), "model.norm.weight", False, "identity", (D,)))
   if not cfg.tie_embeddings:
-    maps.append(TensorMap(("lm_head", "kernel"), "lm_head.weight", False, _transpose, _transpose))
+    maps.append(TensorMap(("lm_head", "kernel"), "lm_head.weight", False, "transpose", (D, V)))
   return maps
-
-
-# Tensors some checkpoints carry that carry no weights of the model.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -64,13 +64,3 @@ def initialize(spec: DistributedSpec) -> str:
   else:
     jax.distributed.initialize()
   return f"{spec.why}: process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices"
-
-
-def process_info() -> tuple[int, int]:
-  """(process index, process count): what grain's ShardByJaxProcess / the data loader shard by."""
-  return jax.process_index(), jax.process_count()
-
-
-def is_main() -> bool:
-  """Process 0: the one that logs, writes config.json and exports."""
-  return jax.process_index() == 0

@@ -33,7 +33,7 @@ from jaxtune.models.transformer import CausalLM
 from jaxtune.parallel import mesh as mesh_lib
 from jaxtune.parallel import sharding as sharding_lib
 from jaxtune.peft import apply_lora
-from jaxtune.peft.lora import LoRADropoutKey, LoRAParam
+from jaxtune.peft.lora import split_trainable
 from jaxtune.train import optim
 from jaxtune.train import step as step_lib
 
@@ -129,8 +129,7 @@ def compile_report(cfg: ModelConfig, options: ModelOptions, mesh: jax.sharding.M
     return model
 
   abstract = nnx.eval_shape(build)
-  trainable = LoRAParam if method == "lora" else nnx.Param
-  graphdef, params, keys, rest = nnx.split(abstract, trainable, LoRADropoutKey, ...)
+  graphdef, params, keys, rest = split_trainable(abstract, method)
   sds = lambda tree: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))  # noqa
   params_sds, frozen = sds(params), step_lib.Frozen(sds(rest), sds(keys))
   scalar = jax.ShapeDtypeStruct((), np.int32)

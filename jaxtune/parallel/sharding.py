@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtune.parallel.mesh import rules_dict
-from jaxtune.peft.lora import LoRADropoutKey, LoRAParam
+from jaxtune.peft.lora import split_trainable
 from jaxtune.train.step import Frozen, TrainState
 
 
@@ -100,8 +100,7 @@ class TrainShardings:
 def train_shardings(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                     rules: Any, *, method: str = "lora") -> TrainShardings:
   """Shardings of (TrainState, Frozen, batch) for `model` (concrete or nnx.eval_shape'd), split as the step splits it."""
-  trainable = LoRAParam if method == "lora" else nnx.Param
-  _, params, keys, rest = nnx.split(model, trainable, LoRADropoutKey, ...)
+  _, params, keys, rest = split_trainable(model, method)
   param_sh = variable_shardings(params, mesh, rules)
   abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(params))
   rep = replicated(mesh)

@@ -6,7 +6,7 @@ einsum string: for "BTD,DNH->BTNH" (q) the contracted letters are D and the outp
 letters N, H, so A is [L, D, r] and B is [L, r, N, H], where L is the layer-stack axis.
 Adapters carry the logical axes of the weight they adapt (plus "lora_rank" for r), so
 they shard like it. A quantised base (QLoRA) is a different kernel Variable type inside
-Linear; nothing here reads the kernel's values except `merge_lora`.
+Linear; nothing here reads the kernel's values except `merge_kernel`.
 
 Dropout needs a fresh random mask per layer inside the layer scan: each LoRA module with
 dropout holds a `LoRADropoutKey` ([L, key] raw key data, sliced by the scan like any
@@ -17,9 +17,10 @@ model calls and generation never drop; the train step sets it False).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +28,14 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.hf import mapping
+from jaxtune.models import einsum as einsum_lib
 from jaxtune.models import kernels as kernels_lib
 from jaxtune.models.transformer import CausalLM, Linear
 
+METHODS = ("lora", "full")  # peft.method: train the adapters only, or every weight
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
 HF_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
             "down_proj": "down", "lm_head": "lm_head"}
-_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class LoRAParam(nnx.Param):
@@ -44,8 +46,11 @@ class LoRADropoutKey(nnx.Variable):
   """Raw PRNG key data [stack..., key] for adapter dropout; rewritten by the train step."""
 
 
-def _free_letters(used: str, n: int) -> str:
-  return "".join([c for c in _LETTERS if c not in used][:n])
+def split_trainable(model: nnx.Module, method: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+  """(graphdef, trained leaves, adapter dropout keys, the rest) of `model` under peft.method `method`."""
+  if method not in METHODS:
+    raise ValueError(f"peft.method: unknown {method!r}; choose one of {', '.join(METHODS)}.")
+  return nnx.split(model, LoRAParam if method == "lora" else nnx.Param, LoRADropoutKey, ...)
 
 
 class LoRA(nnx.Module):
@@ -54,22 +59,19 @@ class LoRA(nnx.Module):
   def __init__(self, einsum: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[Any, ...] | None, *,
                rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, dtype: Any,
                param_dtype: Any = jnp.float32, kernels: str = "plain", rngs: nnx.Rngs):
-    x_spec, rest = einsum.replace(" ", "").split(",")
-    k_spec, y_spec = rest.split("->")
-    n_stack = len(kernel_shape) - len(k_spec)
-    stack, dims = tuple(kernel_shape[:n_stack]), dict(zip(k_spec, kernel_shape[n_stack:]))
+    spec = einsum_lib.parse(einsum)
+    ins, outs, batch = spec.ins, spec.outs, spec.batch
+    n_stack = len(kernel_shape) - len(spec.w)
+    stack, dims = tuple(kernel_shape[:n_stack]), dict(zip(spec.w, kernel_shape[n_stack:]))
     axes = tuple(kernel_axes) if kernel_axes else (None,) * len(kernel_shape)
-    stack_axes, letter_axes = axes[:n_stack], dict(zip(k_spec, axes[n_stack:]))
-    ins = "".join(c for c in k_spec if c in x_spec)  # contracted with x
-    outs = "".join(c for c in k_spec if c not in x_spec)  # new output dims
-    batch = "".join(c for c in x_spec if c not in k_spec)
-    if not ins or set(y_spec) != set(batch + outs):
+    stack_axes, letter_axes = axes[:n_stack], dict(zip(spec.w, axes[n_stack:]))
+    if not ins or set(spec.y) != set(batch + outs):
       raise ValueError(f"LoRA cannot adapt einsum {einsum!r}: it needs x's non-kernel letters plus the kernel's "
                        "output letters to make up the output.")
-    r = _free_letters(einsum, 1)
-    self.a_einsum = f"{x_spec},{ins}{r}->{batch}{r}"
-    self.b_einsum = f"{batch}{r},{r}{outs}->{y_spec}"
-    self.k_spec, self.ins, self.outs = k_spec, ins, outs
+    r = spec.free_letters(1)
+    self.a_einsum = f"{spec.x},{ins}{r}->{batch}{r}"
+    self.b_einsum = f"{batch}{r},{r}{outs}->{spec.y}"
+    self.einsum, self.k_spec, self.ins, self.outs = einsum, spec.w, ins, outs
     self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), use_rslora
     self.scale = float(alpha) / (math.sqrt(rank) if use_rslora else rank)
     self.dtype, self.kernels = dtype, kernels
@@ -118,9 +120,6 @@ class LoRA(nnx.Module):
       out[i] = delta
     return out
 
-  def delta(self) -> jax.Array:
-    """scale * A @ B in the kernel's layout [stack..., kernel letters], in float32."""
-    return _delta(self.lora_a[...], self.lora_b[...], self.k_spec, self.ins, self.outs, self.scale)
 
 
 def _deltas(adapters: Sequence["LoRA"], x: jax.Array) -> tuple[jax.Array, ...]:
@@ -132,18 +131,19 @@ def _deltas(adapters: Sequence["LoRA"], x: jax.Array) -> tuple[jax.Array, ...]:
       tuple(ad.lora_b[...].astype(ad.dtype) for ad in adapters), tuple(ad.scale for ad in adapters))
 
 
-@jax.jit(static_argnums=(2, 3, 4, 5))
-def _delta(a: jax.Array, b: jax.Array, k_spec: str, ins: str, outs: str, scale: float) -> jax.Array:
-  letters = _free_letters(k_spec, a.ndim - len(ins))  # the stack letters, then r
+def merge_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, adapter: LoRA) -> jax.Array:
+  """kernel + scale * A @ B in float32; the three share their leading stack axes (all layers, one, or none)."""
+  n_stack = a.ndim - len(adapter.ins) - 1
+  letters = einsum_lib.parse(adapter.einsum).free_letters(n_stack + 1)  # the stack letters, then r
   stack, r = letters[:-1], letters[-1]
-  spec = f"{stack}{ins}{r},{stack}{r}{outs}->{stack}{k_spec}"
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  return scale * jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+  spec = f"{stack}{adapter.ins}{r},{stack}{r}{adapter.outs}->{stack}{adapter.k_spec}"
+  return _fold(kernel, a, b, np.float32(adapter.scale), spec=spec)
 
 
-@jax.jit
-def _add_f32(kernel: jax.Array, delta: jax.Array) -> jax.Array:
-  return kernel.astype(jnp.float32) + delta
+@functools.partial(jax.jit, static_argnames="spec")
+def _fold(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array, spec: str) -> jax.Array:
+  delta = jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return kernel.astype(jnp.float32) + scale * delta
 
 
 def _linears(model: nnx.Module) -> list[tuple[tuple[str, ...], Linear]]:
@@ -224,16 +224,10 @@ def lora_weights(model: nnx.Module) -> list[LoRAWeights]:
           for p, m in _linears(model) if isinstance(m.adapter, LoRA)]
 
 
-def iter_merged(model: nnx.Module) -> Iterator[tuple[tuple[str, ...], jax.Array]]:
-  """(kernel path, kernel + scale * A @ B in float32) per adapted Linear, one at a time (for streaming export)."""
-  for p, m in _linears(model):
-    if isinstance(m.adapter, LoRA):
-      yield p + ("kernel",), _add_f32(m.kernel[...], m.adapter.delta())
-
-
 def merge_lora(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
   """kernel + scale * A @ B in float32, keyed by kernel path (("layers", "attn", "q", "kernel"), ...)."""
-  return dict(iter_merged(model))
+  return {p + ("kernel",): merge_kernel(m.kernel[...], m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter)
+          for p, m in _linears(model) if isinstance(m.adapter, LoRA)}
 
 
 def merge_and_unload(model: CausalLM) -> CausalLM:
@@ -251,20 +245,18 @@ def peft_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
   """Adapters as PEFT saves them: `base_model.model.<hf module>.lora_{A,B}.weight`, [r, in] and [out, r]."""
   hf_module = {m.path[:-1]: m for m in mapping.tensor_maps(model.config) if m.path[-1] == "kernel"}
   out = {}
-  for w in lora_weights(model):
-    tmap = hf_module.get(w.path)
+  for p, linear in _linears(model):
+    if not isinstance(linear.adapter, LoRA):
+      continue
+    tmap = hf_module.get(p)
     if tmap is None:
-      raise ValueError(f"no Hugging Face name is known for adapted layer {'.'.join(w.path)}.")
-    a, b = np.asarray(w.a, np.float32), np.asarray(w.b, np.float32)
-    r = a.shape[-1]
-    n_stack = 1 if tmap.stacked else 0
-    # Our kernels flatten (heads, head_dim) in row-major order exactly as HF's [out, in] rows/columns do.
-    a = a.reshape(a.shape[:n_stack] + (-1, r)).swapaxes(-1, -2)  # [.., r, in]
-    b = b.reshape(b.shape[:n_stack] + (r, -1)).swapaxes(-1, -2)  # [.., out, r]
+      raise ValueError(f"no Hugging Face name is known for adapted layer {'.'.join(p)}.")
+    a, b = np.asarray(linear.adapter.lora_a[...], np.float32), np.asarray(linear.adapter.lora_b[...], np.float32)
     for i, name in enumerate(tmap.hf_names(model.config.num_layers)):
       module = "base_model.model." + name.removesuffix(".weight")
-      out[module + ".lora_A.weight"] = np.ascontiguousarray(a[i] if n_stack else a)
-      out[module + ".lora_B.weight"] = np.ascontiguousarray(b[i] if n_stack else b)
+      a_hf, b_hf = tmap.lora_to_hf(a[i] if tmap.stacked else a, b[i] if tmap.stacked else b, linear.adapter.k_spec)
+      out[module + ".lora_A.weight"] = np.ascontiguousarray(a_hf)
+      out[module + ".lora_B.weight"] = np.ascontiguousarray(b_hf)
   return out
 
 

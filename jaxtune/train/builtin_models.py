@@ -75,29 +75,13 @@ def write_tiny(out: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
   rng = np.random.default_rng(seed)
   tensors = {}
   for tmap in mapping.tensor_maps(cfg):
+    norm = tmap.hf_name.endswith("norm.weight")
     for name in tmap.hf_names(cfg.num_layers):
-      shape = _hf_shape(name, TINY_CONFIG)
-      if shape is None:
-        continue
-      norm = name.endswith("norm.weight")
-      tensors[name] = (1.0 + 0.1 * rng.standard_normal(shape) if norm else 0.2 * rng.standard_normal(shape)
-                       ).astype(np.float32)
+      noise = rng.standard_normal(tmap.hf_shape)
+      tensors[name] = (1.0 + 0.1 * noise if norm else 0.2 * noise).astype(np.float32)
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   (out / "config.json").write_text(json.dumps(TINY_CONFIG, indent=2) + "\n")
   (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
   tiny_tokenizer().save_pretrained(out)
   return out
 
-
-def _hf_shape(name: str, hf: dict) -> tuple[int, ...] | None:
-  """The HF [out, in] shape of a Llama tensor (None for lm_head when tied)."""
-  D, F, V = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
-  H, N, K = hf["head_dim"], hf["num_attention_heads"], hf["num_key_value_heads"]
-  shapes = {"q_proj": (N * H, D), "k_proj": (K * H, D), "v_proj": (K * H, D), "o_proj": (D, N * H),
-            "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F), "embed_tokens": (V, D), "lm_head": (V, D)}
-  if name.endswith("norm.weight"):
-    return (D,)
-  module = name.split(".")[-2]
-  if module == "lm_head" and hf.get("tie_word_embeddings"):
-    return None
-  return shapes[module]

@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -173,8 +172,3 @@ def _check_same_run(saved: dict, current: dict, path: pathlib.Path) -> None:
     raise CheckpointMismatchError(
         f"{path} was saved by a differently configured run ({'; '.join(diffs)}), so it cannot be resumed. "
         "Use a new output_dir, restore those settings, or set resume=never after moving the checkpoints away.")
-
-
-def to_numpy(tree: Any) -> Any:
-  """Host copies of a pytree of arrays (for comparisons in tests and tools)."""
-  return jax.tree.map(np.asarray, jax.device_get(tree))

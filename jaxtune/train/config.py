@@ -19,10 +19,10 @@ from jaxtune.models import attention as attn_lib
 from jaxtune.models import options as options_lib
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import mesh_config
+from jaxtune.peft.lora import METHODS
 from jaxtune.train.builtin_models import BUILTIN_MODELS
 from jaxtune.train.optim import make_optimizer, optim_config
 
-PEFT_METHODS = ("lora", "full")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 REMAT = options_lib.REMAT_POLICIES
 ATTENTION = ("auto",) + options_lib.ATTENTION_IMPLS
@@ -148,7 +148,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   _choice(config, "model.remat", REMAT)
   _choice(config, "model.attention_impl", ATTENTION)
   _choice(config, "model.kernels", KERNELS)
-  _choice(config, "peft.method", PEFT_METHODS)
+  _choice(config, "peft.method", METHODS)
 
   lora, train, data = config.peft.lora, config.train, config.data
   if config.peft.method == "lora":

@@ -20,11 +20,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxtune.peft.lora import LoRADropoutKey, LoRAParam, refresh_dropout_keys
+from jaxtune.data.packing import BATCH_KEYS
+from jaxtune.peft.lora import refresh_dropout_keys, split_trainable
 from jaxtune.train.cross_entropy import fused_cross_entropy
-
-METHODS = ("lora", "full")
-BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 @flax.struct.dataclass
@@ -52,10 +50,7 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
 
   The step donates the state, so after the first step rebuild the model with `model_from_state`.
   """
-  if method not in METHODS:
-    raise ValueError(f"peft.method: unknown {method!r}; choose one of {', '.join(METHODS)}.")
-  trainable = LoRAParam if method == "lora" else nnx.Param
-  graphdef, params, keys, rest = nnx.split(model, trainable, LoRADropoutKey, ...)
+  graphdef, params, keys, rest = split_trainable(model, method)
   params = nnx.to_pure_dict(params)
   if not jax.tree.leaves(params):
     raise ValueError("peft.method='lora' but the model has no LoRA adapters; call jaxtune.peft.apply_lora first."

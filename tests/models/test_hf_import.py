@@ -159,3 +159,30 @@ def test_streaming_load_peak_memory_stays_near_one_model(tmp_path):
   growth = int(out.stdout.split()[-1])
   # Measured 1.25x: the float32 model plus one tensor in flight and XLA's own buffers.
   assert growth < 1.4 * model_bytes, (growth / 2**20, model_bytes / 2**20)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text"])
+def test_weight_table_covers_the_model_and_its_layouts_agree(model_type):
+  """Each entry's shape is the model's; to_jax inverts to_hf; every block reads as that block of to_jax."""
+  from flax import nnx
+  from jaxtune.hf.mapping import tensor_maps
+  from jaxtune.models.config import from_hf_dict
+  from jaxtune.models.transformer import CausalLM
+
+  cfg = from_hf_dict(dict(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                          tie_word_embeddings=False))
+  state = nnx.state(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+  shapes = {tuple(str(p) for p in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+  table = tensor_maps(cfg)
+  assert {m.path for m in table} == set(shapes)
+  rng = np.random.default_rng(0)
+  for m in table:
+    assert shapes[m.path] == ((2,) if m.stacked else ()) + m.shape, m.path
+    ours = rng.standard_normal(m.shape)
+    hf = m.to_hf(ours)
+    assert hf.shape == m.hf_shape
+    np.testing.assert_array_equal(m.to_jax(hf), ours)
+    block = tuple(slice(*sorted(rng.choice(n + 1, 2, replace=False))) for n in m.shape)
+    hf_index, to_ours = m.hf_block(block)
+    np.testing.assert_array_equal(to_ours(hf[hf_index]), ours[block])

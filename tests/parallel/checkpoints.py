@@ -19,24 +19,12 @@ def write(directory: pathlib.Path, hf_config: dict, dtype=np.float32, seed: int 
   directory.mkdir(parents=True, exist_ok=True)
   (directory / "config.json").write_text(json.dumps(hf_config))
   cfg = from_hf_dict(hf_config)
-  D, N, K, H, F, V = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                      cfg.vocab_size)
-  layer = {"q": (N * H, D), "k": (K * H, D), "v": (K * H, D), "o": (D, N * H), "gate": (F, D), "up": (F, D),
-           "down": (D, F)}
   rng = np.random.default_rng(seed)
+  dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
   shards, current, size, total, weight_map = [], {}, 0, 0, {}
   for tmap in tensor_maps(cfg):
     for name in tmap.hf_names(cfg.num_layers):
-      short = name.split(".")[-2].removesuffix("_proj")
-      if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
-        shape = (V, D)
-      elif name.endswith("norm.weight"):
-        shape = (H,) if "q_norm" in name or "k_norm" in name else (D,)
-      elif name.endswith(".bias"):
-        shape = (layer[short][0],)
-      else:
-        shape = layer[short]
-      value = rng.standard_normal(shape, np.float32).astype(dtype if dtype != "bfloat16" else ml_dtypes.bfloat16)
+      value = rng.standard_normal(tmap.hf_shape, np.float32).astype(dtype)
       if size + value.nbytes > max_file_bytes and current:
         shards.append(current)
         current, size = {}, 0

@@ -217,3 +217,40 @@ def test_dry_run_reports_memory_from_a_config_json(tmp_path):
   assert one["params"] / eight["params"] > 6  # FSDP: ~1/8 of the weights per device (norms stay whole)
   assert one["optimizer"] / eight["optimizer"] > 6
   assert eight["temp"] > 0 and eight["peak"] >= eight["argument"]
+
+
+# --- both loaders equally strict (one device, in-process) -------------------------------------------------------
+
+@pytest.mark.parametrize("change, match", [
+    ("missing", r"tensor 'model.layers.1.mlp.up_proj.weight' is missing \(needed for layers.mlp.up.kernel\)"),
+    ("unexpected", r"unexpected tensors model.layers.0.self_attn.q_proj.lora_A.weight"),
+    ("misshapen", r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(47, 64\), but config.json implies "
+                  r"\(48, 64\)"),
+    ("ignored", None),  # rotary inv_freq buffers carry no weights and are allowed
+])
+def test_sharded_and_plain_loaders_are_equally_strict(tmp_path, change, match):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+
+  from jaxtune.hf.load import load_model  # pylint: disable=g-import-not-at-top
+  from jaxtune.hf.safetensors_io import CheckpointError  # pylint: disable=g-import-not-at-top
+  from jaxtune.parallel.load import load_model_sharded  # pylint: disable=g-import-not-at-top
+
+  checkpoints.write(tmp_path, LLAMA)
+  tensors = load_file(tmp_path / "model.safetensors")
+  if change == "missing":
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+  elif change == "unexpected":
+    tensors["model.layers.0.self_attn.q_proj.lora_A.weight"] = np.zeros((4, 64), np.float32)
+  elif change == "misshapen":
+    tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.0.self_attn.k_proj.weight"][:-1]
+  else:
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(12, np.float32)
+  save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  cfg = _cfg()
+  mesh = mesh_lib.make_mesh(cfg)
+  for load in (lambda: load_model(tmp_path), lambda: load_model_sharded(tmp_path, mesh, cfg.rules)):
+    if match is None:
+      assert load().config.num_layers == 2
+    else:
+      with pytest.raises(CheckpointError, match=match):
+        load()
