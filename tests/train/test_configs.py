@@ -43,18 +43,29 @@ def test_auto_attention_follows_the_checkpoint_on_gpu():
   llama = from_hf_dict(builtin_models.TINY_CONFIG)  # head_dim 8, no soft-capping
   gemma2 = from_hf_dict({**builtin_models.TINY_CONFIG, "model_type": "gemma2"})  # soft-capped
   assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "cudnn"
-  assert config_lib.resolve(config, "gpu", gemma2).model.attention_impl == "xla"
-  assert config_lib.resolve(config, "cpu", llama).model.attention_impl == "xla"
-  assert config_lib.resolve(config, "gpu").model.attention_impl == "xla"  # checkpoint unknown: portable
+  assert config_lib.resolve(config, "gpu", gemma2).model.attention_impl == "chunked"
+  assert config_lib.resolve(config, "cpu", llama).model.attention_impl == "chunked"
+  assert config_lib.resolve(config, "gpu").model.attention_impl == "chunked"  # checkpoint unknown: portable
   config.data.max_seq_len = 255  # an odd row length: cuDNN's masked kernel needs even ones
-  assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "xla"
+  assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "chunked"
   impl, why = config_lib.auto_attention(config_lib.resolve(config, "gpu"), "gpu", llama)
-  assert impl == "xla" and "[255]" in why
+  assert impl == "chunked" and "[255]" in why
   config.data.max_seq_len = 256
   config.model.dtype = "float32"
-  assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "xla"
+  assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "chunked"
   config.model.dtype, config.model.attention_impl = "auto", "xla"
   assert config_lib.resolve(config, "gpu", llama).model.attention_impl == "xla"  # a choice is kept
+
+
+def test_auto_kernels_are_the_cpu_ones_on_cpu_only():
+  config = tiny_runs.load_config("tiny")
+  assert config_lib.resolve(config, "cpu").model.kernels == "cpu"
+  assert config_lib.resolve(config, "tpu").model.kernels == "plain"
+  assert config_lib.resolve(config, "gpu").model.kernels == "plain"
+  config.model.kernels = "plain"
+  assert config_lib.resolve(config, "cpu").model.kernels == "plain"  # a choice is kept
+  options = config_lib.model_options(config_lib.resolve(config, "tpu"), "tpu")
+  assert (options.kernels, options.dtype, options.attention_impl) == ("plain", "bfloat16", "chunked")
 
 
 def test_training_configs_are_all_there():

@@ -2,11 +2,13 @@
 
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
 
 import tiny_runs
+from jaxtune.models.config import from_hf_dict
 from jaxtune.train import loop
 
 
@@ -152,3 +154,18 @@ def test_data_running_out_reads_the_last_step(tmp_path, cache, monkeypatch):
   assert events == ["d1", "d2", "r1", "d3", "r2", "r3", "s3"]
   assert result["step"] == 3 and result["checkpoint"].endswith("checkpoints/3")
   assert [m["step"] for m in tiny_runs.metrics(tmp_path / "run") if "train/loss" in m] == [1, 2, 3]
+
+
+def test_the_training_path_model_has_the_checkpoint_config_and_its_own_options(tmp_path, cache):
+  """The model the loop trains describes the architecture of its config.json and nothing else; how it runs
+  (CPU kernels, dtypes, the activation constraint) is in its options."""
+  config = loop.config_lib.resolve(tiny_runs.tiny(tmp_path / "run", cache), "cpu")
+  run = loop.setup(config)
+  try:
+    model = run.model()
+    hf = json.loads((pathlib.Path(run.model_path) / "config.json").read_text())
+    assert model.config == from_hf_dict(hf)
+    assert (model.options.kernels, model.options.dtype, model.options.remat) == ("cpu", "float32", config.model.remat)
+    assert model.options.constrain is not None
+  finally:
+    run.close()
