@@ -43,7 +43,7 @@ def test_reduced_quickstart_learns_the_task(tmp_path, smollm2_dir, capsys):
   logged = {k: v for m in tiny_runs.metrics(tmp_path / "run") for k, v in m.items()}
   assert logged["eval/exact_match_before"] == result["eval/exact_match_before"]
   assert logged["eval/exact_match_after"] == result["eval/exact_match_after"]
-  assert "attention: xla (auto: cpu" in out  # the resolved "auto" is reported
+  assert "attention: chunked (auto: cpu" in out and "kernels: cpu (auto: CPU" in out  # resolved "auto"s reported
   assert "before:" in out and "after:" in out and f"checkpoint: {tmp_path / 'run' / 'checkpoints' / '10'}" in out
   state = tiny_runs.saved_state(tmp_path / "run", 10)
   assert all("lora" in k for k in state if k.startswith("params/"))  # adapters only: a small checkpoint
