@@ -36,9 +36,7 @@ RULES = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("lora_rank", None),  # adapters shard like the weight they adapt, along its other dimensions
-    ("act_embed", None),  # activations' model dimension: whole on each chip
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
+    ("act_embed", None),  # activations' model dimension: whole on each chip (models/options.ACTIVATION_AXES)
 )
 
 
