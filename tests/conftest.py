@@ -5,10 +5,10 @@ import os
 # Before anything imports jax: tests run on CPU even where an accelerator is visible.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pathlib  # noqa: E402
+import pathlib
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # On 2 cores, torch's and XLA's thread pools fight; the reference side runs single-threaded instead.
 torch.set_num_threads(1)

@@ -109,7 +109,7 @@ class _Renderer:
                 self.cache[key] = self.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                     chat_template=self.template)
-            except Exception as e:  # noqa: BLE001 - jinja's raise_exception() and template bugs alike
+            except Exception as e:  # jinja's raise_exception() and template bugs alike
                 raise DataError(self.location, "chat_template",
                                 f"the chat template rejected this conversation ({type(e).__name__}: {e})",
                                 "fix the record or pass a chat_template that accepts it",

@@ -243,7 +243,7 @@ def _iter_hub(source: str) -> Iterator[tuple[str, Any]]:
     name, _, split = source.partition(":")
     try:
         ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # noqa: BLE001 - any failure here means the source is unusable
+    except Exception as e:  # any failure here means the source is unusable
         raise DataError(source, "source", f"not a local file or directory, and loading it as a hub dataset failed "
                         f"({type(e).__name__}: {e})", "check the path, or the dataset id and that it is cached "
                         "for offline use", reason="missing source") from e

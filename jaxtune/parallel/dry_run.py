@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> list[Report]:
   p.add_argument("--json", action="store_true", help="print one JSON line per report too")
   args = p.parse_args(argv)
 
-  from jaxtune.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxtune.train import config as config_lib
   config = _load_config_file(args.config) if args.config else config_lib.default_config()
   config.unlock()
   for key, value in (("peft.method", args.method), ("data.max_seq_len", args.seq), ("model.remat", args.remat),

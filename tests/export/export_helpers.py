@@ -63,10 +63,10 @@ def write_tiny_llama(directory: pathlib.Path, vocab_size: int = 288, seed: int =
   The GGUF tests use it: SmolLM2's 49k-token vocabulary makes every gguf read take seconds.
   Ids past the tokenizer's last one (vocab_size is padded up) have no token.
   """
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
-  from gguf.vocab import bytes_to_unicode  # pylint: disable=g-import-not-at-top  (GPT-2 byte -> char table)
+  import torch
+  import transformers
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+  from gguf.vocab import bytes_to_unicode  # GPT-2 byte -> char table
 
   alphabet = list(bytes_to_unicode().values())
   merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġ", "s")]

@@ -170,7 +170,7 @@ def test_cli_exports_without_importing_torch(lora_run, tmp_path):
 
 @pytest.mark.slow
 def test_export_after_real_training(tmp_path, cache):
-  from jaxtune.train import loop  # pylint: disable=g-import-not-at-top
+  from jaxtune.train import loop
 
   config = tiny_config(tmp_path / "run", cache, **{"train.steps": 3, "train.eval": False, "train.eval_every": 0,
                                                    "checkpoint.every": 2})

@@ -22,7 +22,7 @@ def _reference(q, k, v, mask, scale, softcap):
   logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, precision="highest") * scale
   if softcap is not None:
     logits = jnp.tanh(logits / softcap) * softcap
-  logits = jnp.where(mask[:, None], logits, attn_lib._MASKED)  # pylint: disable=protected-access
+  logits = jnp.where(mask[:, None], logits, attn_lib._MASKED)
   return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, -1), v, precision="highest")
 
 

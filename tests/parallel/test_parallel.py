@@ -229,11 +229,11 @@ def test_dry_run_reports_memory_from_a_config_json(tmp_path):
     ("ignored", None),  # rotary inv_freq buffers carry no weights and are allowed
 ])
 def test_sharded_and_plain_loaders_are_equally_strict(tmp_path, change, match):
-  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file, save_file
 
-  from jaxtune.hf.load import load_model  # pylint: disable=g-import-not-at-top
-  from jaxtune.hf.safetensors_io import CheckpointError  # pylint: disable=g-import-not-at-top
-  from jaxtune.parallel.load import load_model_sharded  # pylint: disable=g-import-not-at-top
+  from jaxtune.hf.load import load_model
+  from jaxtune.hf.safetensors_io import CheckpointError
+  from jaxtune.parallel.load import load_model_sharded
 
   checkpoints.write(tmp_path, LLAMA)
   tensors = load_file(tmp_path / "model.safetensors")

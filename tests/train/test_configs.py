@@ -115,7 +115,7 @@ def test_bad_settings_fail_with_the_key_and_the_reason(overrides, message, tmp_p
     pytest.skip("wandb is installed here")
   config = tiny_runs.tiny(tmp_path / "run", tmp_path / "cache", **overrides)
   if "max_position_embeddings" in message:  # needs a local checkpoint directory to read config.json from
-    from jaxtune.train import builtin_models  # pylint: disable=g-import-not-at-top
+    from jaxtune.train import builtin_models
 
     config.model.path = str(builtin_models.write_tiny(tmp_path / "tiny"))
   with pytest.raises(config_lib.ConfigError) as e:
@@ -124,7 +124,7 @@ def test_bad_settings_fail_with_the_key_and_the_reason(overrides, message, tmp_p
 
 
 def _has_wandb() -> bool:
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
 
   return importlib.util.find_spec("wandb") is not None
 
@@ -132,7 +132,7 @@ def _has_wandb() -> bool:
 def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path):
   ckpt_lib.Checkpoints(tmp_path / "run" / "checkpoints").close()
   c = ckpt_lib.Checkpoints(tmp_path / "run" / "checkpoints")
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
 
   c.save(1, {"x": jnp.zeros(2)}, data_state=None, config={})
   c.close()

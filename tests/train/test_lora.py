@@ -18,7 +18,7 @@ from jaxtune.models.options import ModelOptions
 from jaxtune.peft import lora
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "models"))
-import tiny_hf  # noqa: E402
+import tiny_hf
 
 TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=24)
@@ -238,7 +238,7 @@ def test_remat_keeps_cudnn_attention_outputs(monkeypatch, capsys):
   """cuDNN's attention names none of its residuals: the dots policies keep its forward's output and
   softmax statistics by primitive, so the backward does not rerun the forward. Traced on CPU (no
   compile), with jax's cuDNN version probe answered."""
-  from jax._src.cudnn import fused_attention_stablehlo  # pylint: disable=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo
   monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
   model = _model(TINY, remat="dots_no_batch", attention_impl="cudnn", dtype="bfloat16", param_dtype="bfloat16")
   shapes = _saved_layer_residuals(_with_lora(model), capsys)
