@@ -24,6 +24,7 @@ def tokenizer_for(smoke: bool):
     from jaxtune.train.builtin_models import tiny_tokenizer
     return tiny_tokenizer()
   import gguf as gguf_lib
+
   from jaxtune.hf import gguf
   return gguf.build_tokenizer(gguf_lib.GGUFReader(gguf.smollm2_gguf_path()))
 

@@ -38,6 +38,7 @@ def load_once(side: str, directory: str) -> dict:
   """In this process: import, then load the checkpoint; returns times and RSS."""
   if side == "jaxtune":
     import jax
+
     from jaxtune.hf.load import load_model
     jax.numpy.zeros(1).block_until_ready()  # backend start-up is not load time
     rss0 = _rss_gb()

@@ -181,6 +181,7 @@ def worker(args) -> None:
   t0 = time.perf_counter()
   if args.no_ce_remat and args.worker == "jaxtune":
     import jax
+
     from jaxtune.train import step as step_lib
     step_lib.jax = _NoCheckpoint(jax)
   if args.worker == "jaxtune":

@@ -14,8 +14,7 @@ import json
 import sys
 from typing import TextIO
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with `tokenizer` and `data`.")

@@ -21,14 +21,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxtune.export import files
+from jaxtune.export import gguf as gguf_export
 from jaxtune.export.adapter import ADAPTER_PATTERNS, export_adapter
 from jaxtune.export.files import ExportError
-from jaxtune.export import gguf as gguf_export
 from jaxtune.export.merged import DEFAULT_MAX_SHARD_BYTES, export_merged
 from jaxtune.hf import load as hf_load
 from jaxtune.models import options as options_lib
-from jaxtune.models.options import ModelOptions
 from jaxtune.models.config import ModelConfig, load_config
+from jaxtune.models.options import ModelOptions
 from jaxtune.models.transformer import CausalLM
 from jaxtune.peft.lora import LoRADropoutKey, LoRAParam, apply_lora
 from jaxtune.train import builtin_models

@@ -130,7 +130,7 @@ def compile_report(cfg: ModelConfig, options: ModelOptions, mesh: jax.sharding.M
 
   abstract = nnx.eval_shape(build)
   graphdef, params, keys, rest = split_trainable(abstract, method)
-  sds = lambda tree: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))  # noqa
+  sds = lambda tree: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))  # noqa: E731
   params_sds, frozen = sds(params), step_lib.Frozen(sds(rest), sds(keys))
   scalar = jax.ShapeDtypeStruct((), np.int32)
   state = step_lib.TrainState(params_sds, jax.eval_shape(optimizer.init, params_sds), scalar,

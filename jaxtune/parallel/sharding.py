@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxtune.parallel.mesh import rules_dict
 from jaxtune.peft.lora import split_trainable

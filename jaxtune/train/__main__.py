@@ -7,9 +7,7 @@ them; an unknown key fails at once. The run directory is config.output_dir.
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxtune.train import host

@@ -65,8 +65,8 @@ def write_tiny_llama(directory: pathlib.Path, vocab_size: int = 288, seed: int =
   """
   import torch
   import transformers
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
   from gguf.vocab import bytes_to_unicode  # GPT-2 byte -> char table
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
   alphabet = list(bytes_to_unicode().values())
   merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġ", "s")]

@@ -17,11 +17,12 @@ import pytest
 import torch
 import transformers
 
-import tiny_hf
-from export_helpers import assert_close_logits, lora_model, read_checkpoint
 from jaxtune.export import export_adapter, export_merged
 from jaxtune.generation import generate_ids
 from jaxtune.hf.safetensors_io import SafetensorsFile
+
+import tiny_hf
+from export_helpers import assert_close_logits, lora_model, read_checkpoint
 
 PROMPT, NEW, SEQ = 8, 16, 24
 pytestmark = pytest.mark.filterwarnings("ignore:.*holds no tokenizer files")  # tiny_hf saves no tokenizer

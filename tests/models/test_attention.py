@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprs import dot_result_types
 import jaxtune
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import cpu, kernels
 from jaxtune.models.transformer import KVCache
+
 import tiny_hf
+from jaxprs import dot_result_types
 
 B, T, N, K, H = 2, 6, 4, 2, 8
 

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprs import dot_result_types
 from jaxtune.models import cpu, einsum, kernels
+
+from jaxprs import dot_result_types
 
 M, I, O, R = 12, 8, 10, 3
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import tiny_hf
 from jaxtune.hf.load import init_model
 from jaxtune.models.config import from_hf_dict
 from jaxtune.models.options import ModelOptions
 from jaxtune.peft import lora
+
+import tiny_hf
 
 B, T = 2, 16
 # The reference is the plain program; each other policy must match it.

@@ -11,6 +11,7 @@ import torch
 import jaxtune
 from jaxtune.generation import _sample, generate_ids
 from jaxtune.models.config import from_hf_dict, load_config
+
 import tiny_hf
 
 

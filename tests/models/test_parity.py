@@ -6,6 +6,7 @@ import torch
 
 import jaxtune
 from jaxtune.generation import generate_ids
+
 import tiny_hf
 
 BATCH, SEQ = 3, 20  # SEQ > the sliding window (8) of the sliding families

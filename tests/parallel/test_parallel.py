@@ -17,9 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtune.parallel import distributed
+from jaxtune.parallel import distributed, sharding
 from jaxtune.parallel import mesh as mesh_lib
-from jaxtune.parallel import sharding
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]

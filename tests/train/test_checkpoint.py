@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tiny_runs
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import loop
+
+import tiny_runs
 
 STEPS = 40
 # Checkpoints every 5 steps; evaluation in the middle too, so the resumed run must also evaluate identically.

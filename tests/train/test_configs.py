@@ -5,12 +5,12 @@ import subprocess
 
 import pytest
 
-import tiny_runs
 from jaxtune.models.config import from_hf_dict
-from jaxtune.train import builtin_models
+from jaxtune.train import builtin_models, loop
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
-from jaxtune.train import loop
+
+import tiny_runs
 
 CONFIG_FILES = sorted(p.stem for p in tiny_runs.CONFIGS.glob("*.py") if not p.name.startswith("_"))
 REQUIRED = ("model.path", "data.train", "output_dir", "train.steps", "peft.method", "peft.lora.rank",
