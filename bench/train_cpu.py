@@ -305,8 +305,9 @@ def main(argv=None) -> dict:
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--trained-fraction", type=float, default=1.0,
                  help="share of each 64-token example that is a target (chat data: the rest is the prompt)")
-  p.add_argument("--loss-chunk", type=int, default=128, help="jaxtune cross-entropy chunk (positions); at T=256, 128 splits "
-                 "the logits in two, 0.2 GB less peak RSS than one chunk at the same speed")
+  p.add_argument("--loss-chunk", type=int, default=128,
+                 help="jaxtune cross-entropy chunk (positions); at T=256, 128 splits the logits in two, "
+                      "0.2 GB less peak RSS than one chunk at the same speed")
   p.add_argument("--remat", default="dots_no_batch",
                  help="jaxtune remat policy: none | full | dots | dots_no_batch (the training default)")
   p.add_argument("--hf-attn", default="sdpa", help="transformers attention: sdpa | eager")

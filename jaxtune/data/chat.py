@@ -135,7 +135,8 @@ def _split_reasoning(content: str) -> tuple[str, str]:
     return content[:cut], content[cut:]
 
 
-def _assistant_span(messages: list[dict], k: int, full: str, render: _Renderer, location: str) -> tuple[int, int, int, int]:
+def _assistant_span(messages: list[dict], k: int, full: str, render: _Renderer,
+                    location: str) -> tuple[int, int, int, int]:
     """(start, answer_start, answer_end, common_end) of assistant turn k in `full`.
 
     [start, answer_end) is the turn up to its answer; the text up to common_end is what the template writes after

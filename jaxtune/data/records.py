@@ -343,7 +343,8 @@ def _check_order(messages: list[dict], location: str, field: str) -> None:
                             "merge it into the first system message", reason="roles out of order")
         if role != expected:
             if i == first_turn:
-                problem = f"the conversation must start with a user turn (after an optional system prompt), got {role!r}"
+                problem = ("the conversation must start with a user turn (after an optional system prompt), "
+                           f"got {role!r}")
             else:
                 problem = f"two {role!r} turns in a row; user and assistant turns must alternate"
             raise DataError(location, f"{field}[{i}].role", problem, reason="roles out of order")

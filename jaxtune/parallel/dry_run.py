@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> list[Report]:
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", max(counts))
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  print(f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, seq {config.data.max_seq_len}, "
+  print(f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, "
+        f"seq {config.data.max_seq_len}, "
         f"remat {options.remat}, {options.dtype} compute / {options.param_dtype} params, attention "
         f"{options.attention_impl}{note}, {options.kernels} kernels, optimizer {config.optim.name}; "
         f"the {args.platform} program, compiled for CPU devices")
@@ -206,9 +207,9 @@ def main(argv: list[str] | None = None) -> list[Report]:
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = batch_ways * args.batch_per_device if args.batch_per_device else config.data.batch_size
     accum = 1 if args.batch_per_device else config.train.grad_accum
-    report = compile_report(cfg, options, mesh, mesh_cfg.rules, method=config.peft.method, lora_rank=config.peft.lora.rank,
-                            optimizer=optimizer, rows=rows, seq=config.data.max_seq_len, accum=accum,
-                            constrain=not args.no_constraint)
+    report = compile_report(cfg, options, mesh, mesh_cfg.rules, method=config.peft.method,
+                            lora_rank=config.peft.lora.rank, optimizer=optimizer, rows=rows,
+                            seq=config.data.max_seq_len, accum=accum, constrain=not args.no_constraint)
     print(report.line(), flush=True)
     if args.json:
       print(json.dumps({**dataclasses.asdict(report), "peak": report.peak}))

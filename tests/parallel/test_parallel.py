@@ -38,7 +38,7 @@ def _env(devices: int) -> dict[str, str]:
 
 
 def _results(text: str) -> dict:
-  line = next((l for l in text.splitlines() if l.startswith("RESULTS ")), None)
+  line = next((s for s in text.splitlines() if s.startswith("RESULTS ")), None)
   assert line is not None, text[-3000:]
   return json.loads(line.removeprefix("RESULTS "))
 
@@ -180,8 +180,11 @@ def test_two_processes_train_save_restore_match_one_process(tmp_path):
     assert got["devices"] == 4
     assert got["embed_shard"] == [128, 32]  # [V, D/2]: the fsdp axis spans the two processes
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-6)
-    flat = lambda t: {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(  # noqa: E731
-        t, is_leaf=lambda x: isinstance(x, list))[0]}
+
+    def flat(t):
+      leaves = jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: isinstance(x, list))[0]
+      return {jax.tree_util.keystr(p): v for p, v in leaves}
+
     assert _max_diff(flat(got["params"]), flat(ref["params"])) < 5e-4
 
 
@@ -210,7 +213,7 @@ def test_dry_run_reports_memory_from_a_config_json(tmp_path):
                         "--batch_per_device", "1", "--json"], capture_output=True, text=True, env=_env(1), cwd=REPO,
                        timeout=240)
   assert out.returncode == 0, out.stderr[-3000:]
-  reports = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+  reports = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
   one, eight = reports
   assert eight["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert one["params"] / eight["params"] > 6  # FSDP: ~1/8 of the weights per device (norms stay whole)

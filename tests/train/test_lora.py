@@ -175,7 +175,8 @@ def test_forward_and_export_match_peft(tmp_path):
 
 
 def _saved_layer_residuals(model, capsys, ids=IDS, with_dtypes=False) -> list:
-  """Shapes (or (dtype, shape)) of what the backward of the adapters' gradient keeps from the layer scan ([L, ...] each)."""
+  """Shapes (or (dtype, shape)) of what the backward of the adapters' gradient keeps from the layer scan ([L, ...]
+  each)."""
   graphdef, adapters, rest = nnx.split(model, lora.LoRAParam, ...)
   jax.ad_checkpoint.print_saved_residuals(
       lambda p: nnx.merge(graphdef, p, rest)(jnp.asarray(ids)).astype(jnp.float32).sum(), adapters)
