@@ -12,7 +12,6 @@ import json
 import pathlib
 
 import numpy as np
-import peft
 import pytest
 import torch
 import transformers
@@ -89,7 +88,7 @@ def test_merged_files(case):
   assert SafetensorsFile(case.merged_dir / "model.safetensors").metadata == {"format": "pt"}
 
 
-def test_adapter_loads_in_peft_with_same_logits(case, tmp_path):
+def test_adapter_loads_in_peft_with_same_logits(case, tmp_path, peft):
   out = export_adapter(case.model, tmp_path / "adapter", str(case.source))
   peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(case.hf_base), out).eval()
   assert_close_logits(_torch_logits(peft_model, case.ids), case.logits, what=case.family)

@@ -150,9 +150,8 @@ def test_dropout_is_off_by_default_and_keyed(base):
   assert np.abs(np.asarray(_logits(model, IDS)) - first).max() > 1e-3
 
 
-def test_forward_and_export_match_peft(tmp_path):
+def test_forward_and_export_match_peft(tmp_path, peft):
   """Our adapters exported with peft_state_dict, loaded into PEFT, give the same logits as our model."""
-  import peft
   import torch
 
   hf_model = tiny_hf.build("llama", tmp_path)  # head_dim != hidden / heads, llama3 rope
