@@ -14,6 +14,8 @@ from jaxtune.hf.safetensors_io import Checkpoint
 from jaxtune.models.transformer import CausalLM
 from jaxtune.peft.lora import LoRA, LoRAParam, apply_lora
 
+import tiny_configs
+
 
 def lora_model(source: pathlib.Path, *, rank: int = 4, alpha: float = 8.0, seed: int = 0, std: float = 0.05,
                **lora) -> CausalLM:
@@ -82,11 +84,8 @@ def write_tiny_llama(directory: pathlib.Path, vocab_size: int = 288, seed: int =
                                               pad_token="<|endoftext|>", chat_template=CHATML,
                                               clean_up_tokenization_spaces=False)
   ids = fast.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
-  config = transformers.LlamaConfig(
-      vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
-      rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=ids[0], eos_token_id=ids[1],
-      pad_token_id=ids[2])
+  config = transformers.LlamaConfig(**tiny_configs.LLAMA_TIED_CHAT, vocab_size=vocab_size, bos_token_id=ids[0],
+                                    eos_token_id=ids[1], pad_token_id=ids[2])
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(config)
   with torch.no_grad():

@@ -20,6 +20,7 @@ from jaxtune.export import export_adapter, export_merged
 from jaxtune.generation import generate_ids
 from jaxtune.hf.safetensors_io import SafetensorsFile
 
+import tiny_configs
 import tiny_hf
 from export_helpers import assert_close_logits, lora_model, read_checkpoint
 
@@ -39,7 +40,7 @@ class Case:
   logits: np.ndarray  # jaxtune LoRA model's logits for ids
 
 
-@pytest.fixture(scope="module", params=sorted(tiny_hf.FAMILIES))
+@pytest.fixture(scope="module", params=sorted(tiny_configs.FAMILIES))
 def case(request, tmp_path_factory):
   family = request.param
   source = tmp_path_factory.mktemp(family)

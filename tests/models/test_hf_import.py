@@ -13,6 +13,7 @@ import safetensors.numpy
 import jaxtune
 from jaxtune.hf.safetensors_io import CheckpointError, SafetensorsFile
 
+import tiny_configs
 import tiny_hf
 
 
@@ -171,9 +172,7 @@ def test_weight_table_covers_the_model_and_its_layouts_agree(model_type):
   from jaxtune.models.config import from_hf_dict
   from jaxtune.models.transformer import CausalLM
 
-  cfg = from_hf_dict(dict(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                          tie_word_embeddings=False))
+  cfg = from_hf_dict(dict(tiny_configs.ANY_FAMILY_UNTIED, model_type=model_type))
   state = nnx.state(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
   shapes = {tuple(str(p) for p in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
   table = tensor_maps(cfg)

@@ -20,13 +20,14 @@ import pytest
 from jaxtune.parallel import distributed, sharding
 from jaxtune.parallel import mesh as mesh_lib
 
+import tiny_configs
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 import checkpoints  # noqa: E402
 
-LLAMA = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)
+LLAMA = tiny_configs.LLAMA_UNTIED
 QWEN = {**LLAMA, "model_type": "qwen2"}  # q/k/v biases
 
 

@@ -18,10 +18,10 @@ from jaxtune.models.options import ModelOptions
 from jaxtune.peft import lora
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "models"))
+import tiny_configs
 import tiny_hf
 
-TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+TINY = tiny_configs.LLAMA
 IDS = np.random.default_rng(0).integers(3, 128, size=(2, 12)).astype(np.int32)
 
 
