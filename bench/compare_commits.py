@@ -208,7 +208,8 @@ def report_row(row: dict) -> str:
   name = f"{row['setting']}:{row['dtype']}"
   # The ratio rounded down, so that a printed 0.970 always reads `>= 0.97: yes`.
   lines = [(f"{name:14} before {row['before_s']:.4f} s/step, after {row['after_s']:.4f} s/step (medians of "
-            f"{len(b['times'])} and {len(a['times'])} steps): after/before {math.floor(row['ratio'] * 1000) / 1000:.3f}x; "
+            f"{len(b['times'])} and {len(a['times'])} steps): "
+            f"after/before {math.floor(row['ratio'] * 1000) / 1000:.3f}x; "
             f"after/before >= {row['target']}: {'yes' if row['meets_target'] else 'no'}"),
            (f"{'':14} peak RSS before {b['peak_rss_gb']:.2f} GB, after {a['peak_rss_gb']:.2f} GB; machine "
             f"{min(rates):.0f}-{max(rates):.0f} GFLOP/s over the turns ({max(rates) / min(rates) - 1:.0%} apart): "

@@ -27,7 +27,7 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   base = SMOKE if args.smoke else SMOLLM2_135M
   if args.smoke:

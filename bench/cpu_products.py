@@ -48,8 +48,8 @@ def measure(shapes=STEP_SHAPES, reps: int = 20, threads: int | None = None) -> l
 
   threads: torch's intra-op threads (None: torch's default). XLA and numpy take their thread
   counts from the process (pin it with taskset to compare one core)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import jax
+  import torch
 
   if threads:
     torch.set_num_threads(threads)
@@ -63,9 +63,9 @@ def measure(shapes=STEP_SHAPES, reps: int = 20, threads: int | None = None) -> l
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     flop = 2.0 * m * k * n
     rows.append({"name": name, "shape": (m, k, n),
-                 "xla": rate(lambda: product(ja, jb).block_until_ready(), flop, reps),  # pylint: disable=cell-var-from-loop
-                 "torch": rate(lambda: ta @ tb, flop, reps),  # pylint: disable=cell-var-from-loop
-                 "numpy": rate(lambda: a @ b, flop, reps)})  # pylint: disable=cell-var-from-loop
+                 "xla": rate(lambda: product(ja, jb).block_until_ready(), flop, reps),
+                 "torch": rate(lambda: ta @ tb, flop, reps),
+                 "numpy": rate(lambda: a @ b, flop, reps)})
   return rows
 
 

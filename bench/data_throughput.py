@@ -21,10 +21,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def tokenizer_for(smoke: bool):
   if smoke:
-    from jaxtune.train.builtin_models import tiny_tokenizer  # pylint: disable=g-import-not-at-top
+    from jaxtune.train.builtin_models import tiny_tokenizer
     return tiny_tokenizer()
-  import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
-  from jaxtune.hf import gguf  # pylint: disable=g-import-not-at-top
+  import gguf as gguf_lib
+
+  from jaxtune.hf import gguf
   return gguf.build_tokenizer(gguf_lib.GGUFReader(gguf.smollm2_gguf_path()))
 
 
@@ -37,7 +38,7 @@ def main(argv=None) -> dict:
   p.add_argument("--step-tokens-per-s", type=float, default=0.0, help="train step tokens/s to compare with")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
-  from jaxtune.data import data_config, load_split, loader_for  # pylint: disable=g-import-not-at-top
+  from jaxtune.data import data_config, load_split, loader_for
 
   if args.smoke:
     args.copies = 1

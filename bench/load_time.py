@@ -27,8 +27,8 @@ def _rss_gb() -> float:
 
 
 def write_checkpoint(directory: pathlib.Path, hf_cfg: dict) -> None:
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  import torch
+  import transformers
 
   torch.manual_seed(0)
   transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).save_pretrained(directory)
@@ -37,16 +37,17 @@ def write_checkpoint(directory: pathlib.Path, hf_cfg: dict) -> None:
 def load_once(side: str, directory: str) -> dict:
   """In this process: import, then load the checkpoint; returns times and RSS."""
   if side == "jaxtune":
-    import jax  # pylint: disable=g-import-not-at-top
-    from jaxtune.hf.load import load_model  # pylint: disable=g-import-not-at-top
+    import jax
+
+    from jaxtune.hf.load import load_model
     jax.numpy.zeros(1).block_until_ready()  # backend start-up is not load time
     rss0 = _rss_gb()
     t0 = time.perf_counter()
     model = load_model(directory, dtype="float32")
     jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(model)))
   else:
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
+    import torch
+    import transformers
     rss0 = _rss_gb()
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)

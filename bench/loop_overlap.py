@@ -37,7 +37,7 @@ def tiny_config(workdir: pathlib.Path, **overrides):
 
 def one_run(overlap: bool, steps: int, workdir: pathlib.Path) -> float:
   """tokens/s of one whole tiny run (train/tokens_per_s of its last step)."""
-  from jaxtune.train import loop  # pylint: disable=g-import-not-at-top
+  from jaxtune.train import loop
 
   config = tiny_config(workdir, **{"train.steps": steps, "train.overlap": overlap, "train.log_every": 10,
                                    "train.eval": False, "train.eval_every": 0, "checkpoint.every": 0})
@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--rounds", type=int, default=5)
   args = p.parse_args(argv)
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   got = {True: [], False: []}
   with tempfile.TemporaryDirectory() as tmp:

@@ -61,7 +61,7 @@ def op_events(xplane_file: str) -> list[tuple[str, str, int, int, str]]:
   """(kernel name, hlo op, start ns, duration ns, jax scope) of every event that names an HLO op;
   device planes when there are any, else the host's (CPU). The scope (the op's jax name stack,
   where the trace records one) tells which layer or loss an op belongs to."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   planes = list(jax.profiler.ProfileData.from_file(xplane_file).planes)
   device = [p for p in planes if p.name.startswith("/device:")]
@@ -274,7 +274,7 @@ def main(argv=None) -> str:
       report += "\n\n" + format_op_walls(events, costs, args.profile_steps, args.top)
     print(report, flush=True)
     return report
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   if args.smoke:
     args.batch, args.seq, args.loss_chunk = 2, 32, 16

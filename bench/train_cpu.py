@@ -52,13 +52,13 @@ def peak_rss_gb() -> float:
 
 
 def random_tokens(batch: int, seq: int, vocab: int, seed: int = 0):
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
   return np.random.default_rng(seed).integers(0, vocab, (batch, seq), dtype=np.int32)
 
 
 def loss_mask(batch: int, seq: int, trained_fraction: float, example: int = 64):
   """[batch, seq] int32: 1 where the token is a target. Each `example`-token span starts with its untrained prompt."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
   prompt = round((1.0 - trained_fraction) * example)
   return np.broadcast_to((np.arange(seq) % example >= prompt).astype(np.int32), (batch, seq)).copy()
 
@@ -69,13 +69,13 @@ def jaxtune_step(cfg, options, setting: str, batch: int, seq: int, loss_chunk: i
   """(run, n_trainable, n_frozen): run() does one real jaxtune train step on random tokens and blocks on it.
 
   segments: examples packed into each row, of seq / segments tokens each (1: one sequence per row, as HF sees)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  from flax import nnx
 
-  from jaxtune.hf.load import init_model  # pylint: disable=g-import-not-at-top
-  from jaxtune.peft.lora import apply_lora  # pylint: disable=g-import-not-at-top
-  from jaxtune.train import optim, step  # pylint: disable=g-import-not-at-top
+  from jaxtune.hf.load import init_model
+  from jaxtune.peft.lora import apply_lora
+  from jaxtune.train import optim, step
 
   model = init_model(cfg, seed=0, options=options)
   if setting == "lora":
@@ -112,10 +112,10 @@ def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int =
   dtype bfloat16: bf16 compute; float32 trained weights; under LoRA the frozen base is bf16 too
   (the training CLI's param_dtype="auto", and bench/train_gpu.py's setting). attention and kernels:
   as the training CLI's model.attention_impl and model.kernels (their CPU defaults here)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from jaxtune.models import options as options_lib  # pylint: disable=g-import-not-at-top
-  from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
+  from jaxtune.models import options as options_lib
+  from jaxtune.models.config import from_hf_dict
 
   param_dtype = "bfloat16" if dtype == "bfloat16" and setting == "lora" else "float32"
   options = options_lib.for_platform(jax.default_backend(), kernels=kernels, dtype=dtype, param_dtype=param_dtype,
@@ -132,18 +132,18 @@ def hf_side(hf_cfg: dict, setting: str, batch: int, seq: int, attn: str = "sdpa"
 
   dtype bfloat16: the forward under torch.autocast(bfloat16); under LoRA the base weights are
   bf16 (PEFT keeps its adapters in float32), for full fine-tuning float32 (bench/train_gpu.py's setting)."""
-  import contextlib  # pylint: disable=g-import-not-at-top
+  import contextlib
 
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  import torch
+  import transformers
 
   torch.manual_seed(0)
   config = transformers.LlamaConfig(**hf_cfg)
-  config._attn_implementation = attn  # pylint: disable=protected-access
+  config._attn_implementation = attn
   bf16 = dtype == "bfloat16"
   model = transformers.LlamaForCausalLM(config).to(torch.bfloat16 if bf16 and setting == "lora" else torch.float32)
   if setting == "lora":
-    import peft  # pylint: disable=g-import-not-at-top
+    import peft
     model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                                                        target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
   model.train()
@@ -180,8 +180,9 @@ def worker(args) -> None:
   hf_cfg = SMOKE if args.smoke else SMOLLM2_135M
   t0 = time.perf_counter()
   if args.no_ce_remat and args.worker == "jaxtune":
-    import jax  # pylint: disable=g-import-not-at-top
-    from jaxtune.train import step as step_lib  # pylint: disable=g-import-not-at-top
+    import jax
+
+    from jaxtune.train import step as step_lib
     step_lib.jax = _NoCheckpoint(jax)
   if args.worker == "jaxtune":
     run, n = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.loss_chunk, args.remat, args.trained_fraction,
@@ -195,7 +196,7 @@ def worker(args) -> None:
   for _ in range(args.warmup - 1):
     loss = run()
   if args.profile and args.worker == "jaxtune":
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
     with jax.profiler.trace(args.profile, create_perfetto_trace=True):
       run()
   print(json.dumps({"build_s": build, "first_step_s": first, "trainable": n, "loss": loss}), flush=True)
@@ -268,13 +269,13 @@ def machine_rate(seconds: float = 0.5) -> float:
   A 2-vCPU VM's speed drifts by ~10% within minutes, with nothing else running. jaxtune's step
   runs near the product rate and follows that drift, so every turn is printed with the rate
   measured just before it. A ratio is only clean when the rates of its turns agree."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
 
   a = np.ones((1024, 1024), np.float32)
-  a @ a  # pylint: disable=pointless-statement
+  a @ a
   n, t0 = 0, time.perf_counter()
   while (elapsed := time.perf_counter() - t0) < seconds:
-    a @ a  # pylint: disable=pointless-statement
+    a @ a
     n += 1
   return 2 * 1024**3 * n / elapsed / 1e9
 
@@ -304,8 +305,9 @@ def main(argv=None) -> dict:
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--trained-fraction", type=float, default=1.0,
                  help="share of each 64-token example that is a target (chat data: the rest is the prompt)")
-  p.add_argument("--loss-chunk", type=int, default=128, help="jaxtune cross-entropy chunk (positions); at T=256, 128 splits "
-                 "the logits in two, 0.2 GB less peak RSS than one chunk at the same speed")
+  p.add_argument("--loss-chunk", type=int, default=128,
+                 help="jaxtune cross-entropy chunk (positions); at T=256, 128 splits the logits in two, "
+                      "0.2 GB less peak RSS than one chunk at the same speed")
   p.add_argument("--remat", default="dots_no_batch",
                  help="jaxtune remat policy: none | full | dots | dots_no_batch (the training default)")
   p.add_argument("--hf-attn", default="sdpa", help="transformers attention: sdpa | eager")

@@ -56,13 +56,13 @@ def _probe_cudnn(variant: str, segments: int) -> None:
   and ignore the mask they are given, so they are only valid on that batch; the loss column checks
   them against `--attn cudnn` on the same batch. Off GPU (smoke runs) they run the masked call.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
 
   plain = jax.nn.dot_product_attention
 
   def segmented(query, key, value, scale):
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
     B, T, N, _ = query.shape
     if variant == "cudnn_segments_rep":
@@ -83,10 +83,10 @@ def _probe_cudnn(variant: str, segments: int) -> None:
 
 
 def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk, segments=1, kernels="plain"):
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from jaxtune.models import options as options_lib  # pylint: disable=g-import-not-at-top
-  from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
+  from jaxtune.models import options as options_lib
+  from jaxtune.models.config import from_hf_dict
 
   if jax.default_backend() == "cpu":  # smoke runs
     dtypes = {"dtype": "float32", "param_dtype": "float32"}
@@ -112,18 +112,18 @@ def jax_side(hf_cfg, setting, batch, seq, attn, remat, loss_chunk, segments=1, k
 
 
 def hf_side(hf_cfg, setting, batch, seq, attn):
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  import torch
+  import transformers
 
   torch.manual_seed(0)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   config = transformers.LlamaConfig(**hf_cfg)
-  config._attn_implementation = attn  # pylint: disable=protected-access
+  config._attn_implementation = attn
   base_dtype = torch.bfloat16 if setting == "lora" else torch.float32
   model = transformers.LlamaForCausalLM(config).to(device=dev, dtype=base_dtype)
   n_params = sum(p.numel() for p in model.parameters())
   if setting == "lora":
-    import peft  # pylint: disable=g-import-not-at-top
+    import peft
     model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                                                        target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
   model.train()

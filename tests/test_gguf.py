@@ -48,7 +48,8 @@ def test_chat_template_is_chatml_with_single_special_tokens(smollm2_dir, tokeniz
     for tok, i in (("<|endoftext|>", 0), ("<|im_start|>", 1), ("<|im_end|>", 2)):
         assert tokenizer.encode(tok, add_special_tokens=False) == [i]
         assert tok in tokenizer.all_special_tokens
-    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    special = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+    assert special == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
 
 
 @pytest.mark.parametrize(

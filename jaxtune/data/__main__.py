@@ -14,8 +14,7 @@ import json
 import sys
 from typing import TextIO
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with `tokenizer` and `data`.")
@@ -28,8 +27,8 @@ _DUMP = flags.DEFINE_string("dump", None, "Write every example of the split to t
 def describe(config, *, split: str, show: int, tokens: bool, dump: str | None, out: TextIO) -> None:
   """Prints statistics and `show` examples of `split`; writes the dump when asked."""
   # Imported here, not at the top, so that --help answers at once.
-  from jaxtune.data import loader, pipeline  # pylint: disable=g-import-not-at-top
-  from jaxtune.hf.load import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from jaxtune.data import loader, pipeline
+  from jaxtune.hf.load import load_tokenizer
 
   tokenizer = load_tokenizer(config.tokenizer)
   data = pipeline.load_split(config.data, tokenizer, split)

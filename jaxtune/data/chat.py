@@ -109,7 +109,7 @@ class _Renderer:
                 self.cache[key] = self.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                     chat_template=self.template)
-            except Exception as e:  # noqa: BLE001 - jinja's raise_exception() and template bugs alike
+            except Exception as e:  # jinja's raise_exception() and template bugs alike
                 raise DataError(self.location, "chat_template",
                                 f"the chat template rejected this conversation ({type(e).__name__}: {e})",
                                 "fix the record or pass a chat_template that accepts it",
@@ -135,7 +135,8 @@ def _split_reasoning(content: str) -> tuple[str, str]:
     return content[:cut], content[cut:]
 
 
-def _assistant_span(messages: list[dict], k: int, full: str, render: _Renderer, location: str) -> tuple[int, int, int, int]:
+def _assistant_span(messages: list[dict], k: int, full: str, render: _Renderer,
+                    location: str) -> tuple[int, int, int, int]:
     """(start, answer_start, answer_end, common_end) of assistant turn k in `full`.
 
     [start, answer_end) is the turn up to its answer; the text up to common_end is what the template writes after

@@ -14,8 +14,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from jaxtune.data import packing
-from jaxtune.data import pipeline
+from jaxtune.data import packing, pipeline
 
 _SORT_WINDOW = 64  # Unpacked training: batches whose examples are sorted by length together.
 

@@ -15,8 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from jaxtune.data import chat
-from jaxtune.data import records
+from jaxtune.data import chat, records
 from jaxtune.data.records import DataError, SkipReport
 
 SPLITS = ("train", "validation", "test")

@@ -243,7 +243,7 @@ def _iter_hub(source: str) -> Iterator[tuple[str, Any]]:
     name, _, split = source.partition(":")
     try:
         ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # noqa: BLE001 - any failure here means the source is unusable
+    except Exception as e:  # any failure here means the source is unusable
         raise DataError(source, "source", f"not a local file or directory, and loading it as a hub dataset failed "
                         f"({type(e).__name__}: {e})", "check the path, or the dataset id and that it is cached "
                         "for offline use", reason="missing source") from e
@@ -343,7 +343,8 @@ def _check_order(messages: list[dict], location: str, field: str) -> None:
                             "merge it into the first system message", reason="roles out of order")
         if role != expected:
             if i == first_turn:
-                problem = f"the conversation must start with a user turn (after an optional system prompt), got {role!r}"
+                problem = ("the conversation must start with a user turn (after an optional system prompt), "
+                           f"got {role!r}")
             else:
                 problem = f"two {role!r} turns in a row; user and assistant turns must alternate"
             raise DataError(location, f"{field}[{i}].role", problem, reason="roles out of order")

@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  from jaxtune.export import run  # pylint: disable=g-import-not-at-top  (after parsing: --help stays fast)
-  from jaxtune.export.files import ExportError  # pylint: disable=g-import-not-at-top
+  from jaxtune.export import run  # after parsing: --help stays fast
+  from jaxtune.export.files import ExportError
 
   start = time.perf_counter()
   try:

@@ -21,14 +21,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxtune.export import files
+from jaxtune.export import gguf as gguf_export
 from jaxtune.export.adapter import ADAPTER_PATTERNS, export_adapter
 from jaxtune.export.files import ExportError
-from jaxtune.export import gguf as gguf_export
 from jaxtune.export.merged import DEFAULT_MAX_SHARD_BYTES, export_merged
 from jaxtune.hf import load as hf_load
 from jaxtune.models import options as options_lib
-from jaxtune.models.options import ModelOptions
 from jaxtune.models.config import ModelConfig, load_config
+from jaxtune.models.options import ModelOptions
 from jaxtune.models.transformer import CausalLM
 from jaxtune.peft.lora import LoRADropoutKey, LoRAParam, apply_lora
 from jaxtune.train import builtin_models
@@ -77,7 +77,7 @@ def _step_dir(run_dir: pathlib.Path, step: int | None) -> pathlib.Path:
 def _json_item(path: pathlib.Path) -> dict:
   try:
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
-  except Exception as e:  # noqa: BLE001 - any unreadable item gets the same advice
+  except Exception as e:  # any unreadable item gets the same advice
     raise ExportError(f"{path}: cannot be read ({type(e).__name__}: {e}); the checkpoint is incomplete or "
                       "corrupt: export another step with --step.") from None
 
@@ -90,7 +90,7 @@ def _restore_params(step_dir: pathlib.Path, like: Any) -> Any:
   try:
     got = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item={"params": abstract}, restore_args={"params": args}, partial_restore=True))["params"]
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     raise ExportError(f"{step_dir / 'state'}: its parameters do not match the model built from the run's config "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); was the run directory reused for a "
                       "different model or LoRA setting?") from None
@@ -167,7 +167,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, base_weight
   return RunModel(model, int(step_dir.name), method, source, base_model, config)
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, format: str = "merged",  # noqa: A002
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, format: str = "merged",
                step: int | None = None, *, dtype: str | None = None, overwrite: bool = False,
                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
   """Exports a run's model at `step` (default: latest) as merged HF safetensors, a PEFT adapter or GGUF.

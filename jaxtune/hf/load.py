@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
+from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxtune.hf import mapping
 from jaxtune.hf.mapping import Block, TensorMap
@@ -42,7 +43,7 @@ def resolve(path_or_hub_id: str | pathlib.Path) -> pathlib.Path:
     return path
   if path.exists() or str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") != 1:
     raise CheckpointError(f"{path_or_hub_id}: not a directory, and not a hub id of the form 'org/name'.")
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  import huggingface_hub
 
   repo = str(path_or_hub_id)
   try:
@@ -219,6 +220,6 @@ def init_model(cfg: ModelConfig, seed: int = 0, options: ModelOptions | None = N
 
 def load_tokenizer(path_or_hub_id: str | pathlib.Path):
   """The checkpoint's transformers tokenizer (never with remote code)."""
-  import transformers  # pylint: disable=g-import-not-at-top
+  import transformers
 
   return transformers.AutoTokenizer.from_pretrained(str(resolve(path_or_hub_id)), trust_remote_code=False)

@@ -77,7 +77,7 @@ def get(name: str) -> PlainKernels:
   if name == "plain":
     return PLAIN
   if name == "cpu":
-    from jaxtune.models import cpu  # pylint: disable=import-outside-toplevel
+    from jaxtune.models import cpu
 
     return cpu.CPU
   raise ValueError(f"kernels {name!r} is unknown; choose plain or cpu.")

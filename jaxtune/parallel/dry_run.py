@@ -130,7 +130,7 @@ def compile_report(cfg: ModelConfig, options: ModelOptions, mesh: jax.sharding.M
 
   abstract = nnx.eval_shape(build)
   graphdef, params, keys, rest = split_trainable(abstract, method)
-  sds = lambda tree: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))  # noqa
+  sds = lambda tree: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))  # noqa: E731
   params_sds, frozen = sds(params), step_lib.Frozen(sds(rest), sds(keys))
   scalar = jax.ShapeDtypeStruct((), np.int32)
   state = step_lib.TrainState(params_sds, jax.eval_shape(optimizer.init, params_sds), scalar,
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> list[Report]:
   p.add_argument("--json", action="store_true", help="print one JSON line per report too")
   args = p.parse_args(argv)
 
-  from jaxtune.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxtune.train import config as config_lib
   config = _load_config_file(args.config) if args.config else config_lib.default_config()
   config.unlock()
   for key, value in (("peft.method", args.method), ("data.max_seq_len", args.seq), ("model.remat", args.remat),
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> list[Report]:
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", max(counts))
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  print(f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, seq {config.data.max_seq_len}, "
+  print(f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, "
+        f"seq {config.data.max_seq_len}, "
         f"remat {options.remat}, {options.dtype} compute / {options.param_dtype} params, attention "
         f"{options.attention_impl}{note}, {options.kernels} kernels, optimizer {config.optim.name}; "
         f"the {args.platform} program, compiled for CPU devices")
@@ -206,9 +207,9 @@ def main(argv: list[str] | None = None) -> list[Report]:
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = batch_ways * args.batch_per_device if args.batch_per_device else config.data.batch_size
     accum = 1 if args.batch_per_device else config.train.grad_accum
-    report = compile_report(cfg, options, mesh, mesh_cfg.rules, method=config.peft.method, lora_rank=config.peft.lora.rank,
-                            optimizer=optimizer, rows=rows, seq=config.data.max_seq_len, accum=accum,
-                            constrain=not args.no_constraint)
+    report = compile_report(cfg, options, mesh, mesh_cfg.rules, method=config.peft.method,
+                            lora_rank=config.peft.lora.rank, optimizer=optimizer, rows=rows,
+                            seq=config.data.max_seq_len, accum=accum, constrain=not args.no_constraint)
     print(report.line(), flush=True)
     if args.json:
       print(json.dumps({**dataclasses.asdict(report), "peak": report.peak}))

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxtune.parallel.mesh import rules_dict
 from jaxtune.peft.lora import split_trainable
@@ -99,7 +100,8 @@ class TrainShardings:
 
 def train_shardings(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                     rules: Any, *, method: str = "lora") -> TrainShardings:
-  """Shardings of (TrainState, Frozen, batch) for `model` (concrete or nnx.eval_shape'd), split as the step splits it."""
+  """Shardings of (TrainState, Frozen, batch) for `model` (concrete or nnx.eval_shape'd), split as the step splits
+  it."""
   _, params, keys, rest = split_trainable(model, method)
   param_sh = variable_shardings(params, mesh, rules)
   abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(params))

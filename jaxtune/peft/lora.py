@@ -108,7 +108,6 @@ class LoRA(nnx.Module):
     dtype or kernels. None overall when fewer than two can share (PEFT's default targets, q and v
     only, still share).
     """
-    # pylint: disable=protected-access
     kinds = [(ad.a_einsum, jnp.dtype(ad.dtype), ad.kernels) if isinstance(ad, LoRA) and not ad._dropout_active()
              else None for ad in adapters]
     first = next((k for k in kinds if k is not None), None)

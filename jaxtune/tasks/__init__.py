@@ -59,7 +59,7 @@ def load_examples(path: str | pathlib.Path, limit: int | None = None) -> list[Ex
 def evaluate(model, tokenizer, examples: Sequence[Example], scorer: str = "json", *, max_new_tokens: int = 48,
              batch_size: int = 50) -> Result:
   """Greedy answers to every prompt, scored against the references."""
-  from jaxtune.generation import generate  # pylint: disable=g-import-not-at-top
+  from jaxtune.generation import generate
 
   predictions = []
   for start in range(0, len(examples), batch_size):

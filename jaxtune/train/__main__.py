@@ -7,9 +7,7 @@ them; an unknown key fails at once. The run directory is config.output_dir.
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxtune.train import host
@@ -22,17 +20,17 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.train.steps=100.")
   if not flags.FLAGS["verbosity"].present:  # Orbax narrates every save at INFO; -v 0 brings it back
     logging.set_verbosity(logging.WARNING)
-  from jaxtune.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from jaxtune.parallel import distributed
 
   # Before any other JAX call: joins the other hosts of a TPU pod / cluster (a no-op on one machine).
   logging.info("distributed: %s", distributed.initialize(distributed.DistributedSpec.from_env(os.environ)))
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR unset: rerun configs start faster
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxtune/xla"))
-  from jaxtune.train.checkpoint import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
-  from jaxtune.train.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from jaxtune.train.loop import train  # pylint: disable=g-import-not-at-top
+  from jaxtune.train.checkpoint import CheckpointMismatchError
+  from jaxtune.train.config import ConfigError
+  from jaxtune.train.loop import train
 
   try:
     train(_CONFIG.value)

@@ -35,7 +35,7 @@ def resolve(path: str, cache_dir: str) -> str:
     tmp = out.with_name(f"{out.name}.tmp-{np.random.randint(1 << 30)}")
     print(f"building {path} into {out} (once)", flush=True)
     if path == "smollm2-gguf":
-      from jaxtune.hf import gguf  # pylint: disable=g-import-not-at-top
+      from jaxtune.hf import gguf
 
       gguf.gguf_to_hf(gguf.smollm2_gguf_path(), tmp)
     else:
@@ -49,8 +49,8 @@ def resolve(path: str, cache_dir: str) -> str:
 
 def tiny_tokenizer():
   """One token per character (printable ASCII and newline) plus <pad>, <|im_start|>, <|im_end|>."""
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
 
   chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
   vocab = {t: i for i, t in enumerate(list(TINY_SPECIALS) + chars)}
@@ -64,10 +64,10 @@ def tiny_tokenizer():
 
 def write_tiny(out: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
   """Writes the tiny-random checkpoint (config.json, model.safetensors, tokenizer) to `out`."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file
 
-  from jaxtune.hf import mapping  # pylint: disable=g-import-not-at-top
-  from jaxtune.models.config import from_hf_dict  # pylint: disable=g-import-not-at-top
+  from jaxtune.hf import mapping
+  from jaxtune.models.config import from_hf_dict
 
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)

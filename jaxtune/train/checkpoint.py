@@ -136,7 +136,7 @@ class Checkpoints:
       path = self.path(step)
       try:
         saved_config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is treated alike
+      except Exception as e:  # any unreadable checkpoint is treated alike
         self._quarantine(step, f"its config does not read ({type(e).__name__}: {e})")
         continue
       if config is not None:
@@ -148,7 +148,7 @@ class Checkpoints:
         if expected != actual:
           bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
           raise ValueError(f"checksum mismatch in {', '.join(bad[:3])}")
-      except Exception as e:  # noqa: BLE001
+      except Exception as e:
         self._quarantine(step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
         continue
       return Restored(step, got["state"], got["meta"].get("data"), saved_config, path)

@@ -60,11 +60,11 @@ class MetricsLogger:
       path.write_text("".join(line + "\n" for line in kept))
     self._file = path.open("a")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
     if wandb_project:
-      import wandb  # pylint: disable=g-import-not-at-top
+      import wandb
 
       self._wandb = wandb.init(project=wandb_project, entity=wandb_entity or None, name=wandb_run_name or None,
                                dir=str(run_dir), config=dict(config or {}), resume="allow",
@@ -101,7 +101,7 @@ def _wandb_id(run_dir: pathlib.Path) -> str:
   """A W&B run id stored in the run directory, so a resumed run continues the same W&B run."""
   path = run_dir / "wandb_id.txt"
   if not path.exists():
-    import secrets  # pylint: disable=g-import-not-at-top
+    import secrets
 
     path.write_text(secrets.token_hex(8))
   return path.read_text().strip()
@@ -117,7 +117,7 @@ class Progress:
     self._tokens = 0.0
     self._since = None
     if bar and enabled:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      from tqdm import tqdm
 
       self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr,
                        dynamic_ncols=True, mininterval=0.5, smoothing=0.1)

@@ -22,19 +22,17 @@ import numpy as np
 from flax import nnx
 
 from jaxtune import data as data_lib
-from jaxtune import parallel
-from jaxtune import tasks
+from jaxtune import parallel, tasks
 from jaxtune.hf import load as hf_load
 from jaxtune.models import config as model_config_lib
 from jaxtune.models import options as options_lib
 from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
-from jaxtune.train import builtin_models
+from jaxtune.train import builtin_models, optim
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
 from jaxtune.train import logging as log_lib
 from jaxtune.train import memory as memory_lib
-from jaxtune.train import optim
 from jaxtune.train import step as step_lib
 
 

@@ -35,7 +35,7 @@ ENTRY %main.9 (Arg_0.1: f32[1024,576], Arg_1.2: f32[576,1536], Arg_2.3: f32[512,
   %dot.4 = f32[512,49152]{1,0} dot(%Arg_2.3, %Arg_3.4), lhs_contracting_dims={1}, rhs_contracting_dims={1}
   ROOT %add_fusion = f32[] fusion(%dot.4), kind=kLoop, calls=%fused_computation.9
 }
-"""
+"""  # noqa: E501  (HLO text as XLA prints it)
 
 
 def test_product_costs_reads_flops_and_roles_from_hlo():
@@ -71,7 +71,8 @@ def test_format_op_walls_ranks_ops_by_their_share_of_wall_time():
       ("k", "ynn_fusion.1", 0, 10 * ms, "mi,io->mo"), ("k", "add_fusion", 6 * ms, 4 * ms, "silu"),
       ("k", "ynn_fusion.1", 20 * ms, 10 * ms, "mi,io->mo"), ("k", "add_fusion", 26 * ms, 4 * ms, "silu"),
   ]
-  assert profile_step.wall_by_op(events) == {"ynn_fusion.1": pytest.approx(16 * ms), "add_fusion": pytest.approx(4 * ms)}
+  assert profile_step.wall_by_op(events) == {"ynn_fusion.1": pytest.approx(16 * ms),
+                                             "add_fusion": pytest.approx(4 * ms)}
   rows = profile_step.format_op_walls(events, costs, steps=2, top=5).splitlines()[2:]
   product, loop = rows[0].split(), rows[1].split()
   assert product[:4] == ["8.00", "10.00", "1", "layer"] and product[5] == "250"  # 2 GFLOP in 8 ms of wall

@@ -1,4 +1,5 @@
-"""Loss masks against real chat templates: the trained tokens must be exactly each answer plus its end-of-turn tokens."""
+"""Loss masks against real chat templates: the trained tokens must be exactly each answer plus its end-of-turn
+tokens."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 from jaxtune.data import pipeline
+
 from test_pipeline_helpers import data_cfg, tiny_tokenizer, write_chats
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxtune.data import loader, packing
+
 from test_pipeline_helpers import data_cfg, make_examples, make_split
 
 LENGTHS = np.random.default_rng(0).integers(2, 60, size=90)

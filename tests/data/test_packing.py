@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jaxtune.data import packing
+
 from test_pipeline_helpers import make_examples
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from jaxtune.data import pipeline
 from jaxtune.data.records import DataError, SkipReport
+
 from test_pipeline_helpers import data_cfg, make_examples, tiny_tokenizer, write_chats
 
 

@@ -34,7 +34,10 @@ def tiny_tokenizer(chat_template: str = CHATML):
 
 def chat(rng: np.random.Generator, turns: int, words: int = 6) -> dict:
   """A record in the messages format: optional system prompt, `turns` user/assistant pairs."""
-  say = lambda: " ".join(rng.choice(WORDS, size=int(rng.integers(1, words + 1))))
+
+  def say():
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(1, words + 1))))
+
   messages = [{"role": "system", "content": say()}] if rng.random() < 0.3 else []
   for _ in range(turns):
     messages += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]

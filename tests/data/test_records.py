@@ -46,7 +46,8 @@ def test_messages_openai_style_with_model_role(tmp_path):
 
 def test_sharegpt(tmp_path):
     path = write_jsonl(tmp_path / "sg.jsonl", [{"conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}])
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello!"}]}])
     assert read(path)[0].messages == [{"role": "system", "content": "Be brief."}] + HI
 
 
@@ -188,7 +189,8 @@ def test_hub_ids_go_through_datasets_load_dataset(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     records = read("someorg/chat-data:validation")
-    assert calls == [("someorg/chat-data", "validation")] and records[0].location == "someorg/chat-data:validation:row 0"
+    assert calls == [("someorg/chat-data", "validation")]
+    assert records[0].location == "someorg/chat-data:validation:row 0"
     read("someorg/chat-data")
     assert calls[-1] == ("someorg/chat-data", "train")
 

@@ -14,6 +14,8 @@ from jaxtune.hf.safetensors_io import Checkpoint
 from jaxtune.models.transformer import CausalLM
 from jaxtune.peft.lora import LoRA, LoRAParam, apply_lora
 
+import tiny_configs
+
 
 def lora_model(source: pathlib.Path, *, rank: int = 4, alpha: float = 8.0, seed: int = 0, std: float = 0.05,
                **lora) -> CausalLM:
@@ -63,10 +65,10 @@ def write_tiny_llama(directory: pathlib.Path, vocab_size: int = 288, seed: int =
   The GGUF tests use it: SmolLM2's 49k-token vocabulary makes every gguf read take seconds.
   Ids past the tokenizer's last one (vocab_size is padded up) have no token.
   """
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
-  from gguf.vocab import bytes_to_unicode  # pylint: disable=g-import-not-at-top  (GPT-2 byte -> char table)
+  import torch
+  import transformers
+  from gguf.vocab import bytes_to_unicode  # GPT-2 byte -> char table
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
   alphabet = list(bytes_to_unicode().values())
   merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġ", "s")]
@@ -82,11 +84,8 @@ def write_tiny_llama(directory: pathlib.Path, vocab_size: int = 288, seed: int =
                                               pad_token="<|endoftext|>", chat_template=CHATML,
                                               clean_up_tokenization_spaces=False)
   ids = fast.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
-  config = transformers.LlamaConfig(
-      vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
-      rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=ids[0], eos_token_id=ids[1],
-      pad_token_id=ids[2])
+  config = transformers.LlamaConfig(**tiny_configs.LLAMA_TIED_CHAT, vocab_size=vocab_size, bos_token_id=ids[0],
+                                    eos_token_id=ids[1], pad_token_id=ids[2])
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(config)
   with torch.no_grad():

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import transformers
 
-import tiny_hf
-from export_helpers import CHATML, assert_close_logits, lora_model, write_tiny_llama
 from jaxtune.export import ExportError, export_gguf
 from jaxtune.export.gguf import rope_freq_factors
 from jaxtune.export.merged import hf_tensors
 from jaxtune.hf import gguf as gguf_import
 from jaxtune.hf.load import load_model
 from jaxtune.models.config import RopeSpec
+
+import tiny_hf
+from export_helpers import CHATML, assert_close_logits, lora_model, write_tiny_llama
 
 Q = gguf.GGMLQuantizationType
 

@@ -12,16 +12,17 @@ import json
 import pathlib
 
 import numpy as np
-import peft
 import pytest
 import torch
 import transformers
 
-import tiny_hf
-from export_helpers import assert_close_logits, lora_model, read_checkpoint
 from jaxtune.export import export_adapter, export_merged
 from jaxtune.generation import generate_ids
 from jaxtune.hf.safetensors_io import SafetensorsFile
+
+import tiny_configs
+import tiny_hf
+from export_helpers import assert_close_logits, lora_model, read_checkpoint
 
 PROMPT, NEW, SEQ = 8, 16, 24
 pytestmark = pytest.mark.filterwarnings("ignore:.*holds no tokenizer files")  # tiny_hf saves no tokenizer
@@ -39,7 +40,7 @@ class Case:
   logits: np.ndarray  # jaxtune LoRA model's logits for ids
 
 
-@pytest.fixture(scope="module", params=sorted(tiny_hf.FAMILIES))
+@pytest.fixture(scope="module", params=sorted(tiny_configs.FAMILIES))
 def case(request, tmp_path_factory):
   family = request.param
   source = tmp_path_factory.mktemp(family)
@@ -88,7 +89,7 @@ def test_merged_files(case):
   assert SafetensorsFile(case.merged_dir / "model.safetensors").metadata == {"format": "pt"}
 
 
-def test_adapter_loads_in_peft_with_same_logits(case, tmp_path):
+def test_adapter_loads_in_peft_with_same_logits(case, tmp_path, peft):
   out = export_adapter(case.model, tmp_path / "adapter", str(case.source))
   peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(case.hf_base), out).eval()
   assert_close_logits(_torch_logits(peft_model, case.ids), case.logits, what=case.family)

@@ -13,11 +13,12 @@ import torch
 import transformers
 from flax import nnx
 
-import tiny_hf
-from export_helpers import read_checkpoint
 from jaxtune.export import ExportError, export_merged
 from jaxtune.hf.load import load_model
 from jaxtune.peft import apply_lora
+
+import tiny_hf
+from export_helpers import read_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*holds no tokenizer files")  # tiny_hf saves no tokenizer
 

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from export_helpers import assert_close_logits, lora_model, read_checkpoint
 from jaxtune.export import ExportError, export_run, load_run
 from jaxtune.export.__main__ import main
 from jaxtune.hf import mapping
@@ -26,6 +25,8 @@ from jaxtune.peft.lora import peft_state_dict
 from jaxtune.train import builtin_models, checkpoint, optim
 from jaxtune.train import config as config_lib
 from jaxtune.train import step as step_lib
+
+from export_helpers import assert_close_logits, lora_model, read_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 IDS = np.array([[1, 40, 60, 75, 80, 2, 1, 33, 90, 100, 41, 2]])
@@ -170,7 +171,7 @@ def test_cli_exports_without_importing_torch(lora_run, tmp_path):
 
 @pytest.mark.slow
 def test_export_after_real_training(tmp_path, cache):
-  from jaxtune.train import loop  # pylint: disable=g-import-not-at-top
+  from jaxtune.train import loop
 
   config = tiny_config(tmp_path / "run", cache, **{"train.steps": 3, "train.eval": False, "train.eval_every": 0,
                                                    "checkpoint.every": 2})

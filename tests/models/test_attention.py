@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprs import dot_result_types
 import jaxtune
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import cpu, kernels
 from jaxtune.models.transformer import KVCache
+
 import tiny_hf
+from jaxprs import dot_result_types
 
 B, T, N, K, H = 2, 6, 4, 2, 8
 
@@ -22,7 +23,7 @@ def _reference(q, k, v, mask, scale, softcap):
   logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, precision="highest") * scale
   if softcap is not None:
     logits = jnp.tanh(logits / softcap) * softcap
-  logits = jnp.where(mask[:, None], logits, attn_lib._MASKED)  # pylint: disable=protected-access
+  logits = jnp.where(mask[:, None], logits, attn_lib._MASKED)
   return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, -1), v, precision="highest")
 
 

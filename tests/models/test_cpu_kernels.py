@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprs import dot_result_types
 from jaxtune.models import cpu, einsum, kernels
 
-M, I, O, R = 12, 8, 10, 3
+from jaxprs import dot_result_types
+
+M, D_IN, D_OUT, R = 12, 8, 10, 3
 
 
 def _lora(x, a, b, scale):
@@ -19,8 +20,8 @@ def _lora(x, a, b, scale):
 
 def _arrays(seed=0):
   k = jax.random.split(jax.random.key(seed), 5)
-  return (jax.random.normal(k[0], (M, I)), jax.random.normal(k[1], (I, O)), jax.random.normal(k[2], (I, R)),
-          jax.random.normal(k[3], (R, O)), jax.random.normal(k[4], (M, O)))
+  return (jax.random.normal(k[0], (M, D_IN)), jax.random.normal(k[1], (D_IN, D_OUT)),
+          jax.random.normal(k[2], (D_IN, R)), jax.random.normal(k[3], (R, D_OUT)), jax.random.normal(k[4], (M, D_OUT)))
 
 
 @pytest.mark.parametrize("argnums", [(0, 1), (0,), (1,)])
@@ -39,7 +40,7 @@ def test_dense_with_a_frozen_weight_saves_no_input():
   f = lambda x: jnp.sum(cpu.dense(x, w) * dy)  # noqa: E731
   _, vjp = jax.vjp(f, x)
   saved = [leaf.shape for leaf in jax.tree.leaves(vjp)]
-  assert (M, I) not in saved and (I, O) in saved
+  assert (M, D_IN) not in saved and (D_IN, D_OUT) in saved
   np.testing.assert_allclose(vjp(1.0)[0], dy @ w.T, atol=1e-5)
 
 
@@ -58,7 +59,7 @@ def test_shared_lora_matmul_matches_autodiff():
   """Three adapters on one x (ranks 4, 2, 3; their own scales) as one A product: values and every gradient."""
   x, _, _, _, _ = _arrays()
   ks = jax.random.split(jax.random.key(5), 7)
-  a = tuple(jax.random.normal(k, (I, r)) for k, r in zip(ks[:3], (4, 2, 3)))
+  a = tuple(jax.random.normal(k, (D_IN, r)) for k, r in zip(ks[:3], (4, 2, 3)))
   b = tuple(jax.random.normal(k, (r, o)) for k, r, o in zip(ks[3:6], (4, 2, 3), (5, 7, 6)))
   dys = tuple(jax.random.normal(jax.random.fold_in(ks[6], i), (M, o)) for i, o in enumerate((5, 7, 6)))
   scales = (0.5, 2.0, 1.5)
@@ -127,9 +128,9 @@ def test_sixteen_bit_gradients_match_float32(ops):
   """Both kernels give bf16 gradients of a Linear + shared LoRA within bf16 error of float32."""
   x, w, _, _, _ = _arrays()
   ks = jax.random.split(jax.random.key(7), 5)
-  a = (jax.random.normal(ks[0], (I, 4)), jax.random.normal(ks[1], (I, 2)))
-  b = (jax.random.normal(ks[2], (4, O)), jax.random.normal(ks[3], (2, O)))
-  dy = jax.random.normal(ks[4], (M, O))
+  a = (jax.random.normal(ks[0], (D_IN, 4)), jax.random.normal(ks[1], (D_IN, 2)))
+  b = (jax.random.normal(ks[2], (4, D_OUT)), jax.random.normal(ks[3], (2, D_OUT)))
+  dy = jax.random.normal(ks[4], (M, D_OUT))
 
   def loss(x, w, a, b):
     ys = ops.lora(x, "mi,ir->mr", ("mr,ro->mo",) * 2, a, b, (0.5, 2.0))

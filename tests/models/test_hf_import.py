@@ -12,6 +12,8 @@ import safetensors.numpy
 
 import jaxtune
 from jaxtune.hf.safetensors_io import CheckpointError, SafetensorsFile
+
+import tiny_configs
 import tiny_hf
 
 
@@ -116,8 +118,8 @@ def test_streaming_load_peak_memory_stays_near_one_model(tmp_path):
   cfg = dict(model_type="llama", vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
   (tmp_path / "config.json").write_text(json.dumps(cfg))
-  from jaxtune.models.config import from_hf_dict
   from jaxtune.hf.mapping import tensor_maps
+  from jaxtune.models.config import from_hf_dict
   rng = np.random.default_rng(0)
   shapes = {"model.embed_tokens.weight": (8000, 1024), "lm_head.weight": (8000, 1024), "model.norm.weight": (1024,)}
   per_layer = {"input_layernorm.weight": (1024,), "post_attention_layernorm.weight": (1024,),
@@ -165,13 +167,12 @@ def test_streaming_load_peak_memory_stays_near_one_model(tmp_path):
 def test_weight_table_covers_the_model_and_its_layouts_agree(model_type):
   """Each entry's shape is the model's; to_jax inverts to_hf; every block reads as that block of to_jax."""
   from flax import nnx
+
   from jaxtune.hf.mapping import tensor_maps
   from jaxtune.models.config import from_hf_dict
   from jaxtune.models.transformer import CausalLM
 
-  cfg = from_hf_dict(dict(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                          tie_word_embeddings=False))
+  cfg = from_hf_dict(dict(tiny_configs.ANY_FAMILY_UNTIED, model_type=model_type))
   state = nnx.state(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
   shapes = {tuple(str(p) for p in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
   table = tensor_maps(cfg)

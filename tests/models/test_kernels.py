@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import tiny_hf
 from jaxtune.hf.load import init_model
 from jaxtune.models.config import from_hf_dict
 from jaxtune.models.options import ModelOptions
 from jaxtune.peft import lora
+
+import tiny_configs
 
 B, T = 2, 16
 # The reference is the plain program; each other policy must match it.
@@ -24,7 +25,7 @@ POLICIES = {
 
 
 def _config(family):
-  return from_hf_dict({**tiny_hf.COMMON, **tiny_hf.FAMILIES[family]})
+  return from_hf_dict({**tiny_configs.COMMON, **tiny_configs.FAMILIES[family]})
 
 
 def _batch():
@@ -62,7 +63,7 @@ def _logits_and_grads(model):
   return run(params)
 
 
-@pytest.mark.parametrize("family", list(tiny_hf.FAMILIES))
+@pytest.mark.parametrize("family", list(tiny_configs.FAMILIES))
 def test_every_policy_matches_the_plain_program(family):
   """Logits and the gradients of every weight (base kernels, norms, embeddings, LoRA factors), float32:
   max |diff| <= 1e-5 x max |reference| per array."""

@@ -11,6 +11,7 @@ import torch
 import jaxtune
 from jaxtune.generation import _sample, generate_ids
 from jaxtune.models.config import from_hf_dict, load_config
+
 import tiny_hf
 
 
@@ -134,7 +135,10 @@ def test_cudnn_models_decode_with_the_portable_path(tmp_path):
 def test_sampling_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 400)
-  draw = lambda **kw: np.array([int(_sample(logits, k, 1.0, kw.get("top_k"), kw.get("top_p"))[0]) for k in keys])
+
+  def draw(**kw):
+    return np.array([int(_sample(logits, k, 1.0, kw.get("top_k"), kw.get("top_p"))[0]) for k in keys])
+
   assert set(draw(top_k=2)) == {0, 1}
   assert set(draw(top_p=0.7)) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
   assert set(draw(top_p=0.4)) == {0}

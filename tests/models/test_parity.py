@@ -6,12 +6,14 @@ import torch
 
 import jaxtune
 from jaxtune.generation import generate_ids
+
+import tiny_configs
 import tiny_hf
 
 BATCH, SEQ = 3, 20  # SEQ > the sliding window (8) of the sliding families
 
 
-@pytest.fixture(scope="module", params=sorted(tiny_hf.FAMILIES))
+@pytest.fixture(scope="module", params=sorted(tiny_configs.FAMILIES))
 def pair(request, tmp_path_factory):
   directory = tmp_path_factory.mktemp(request.param)
   return request.param, tiny_hf.build(request.param, directory), jaxtune.load_model(directory)

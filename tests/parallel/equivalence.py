@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 
 import jax
@@ -21,9 +22,10 @@ from jaxtune.peft import lora
 from jaxtune.train import optim
 from jaxtune.train import step as step_lib
 
-# Divisible by 8 (fsdp) and 2 (tensor) where the rules split; head_dim 24 is never split.
-TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script: tests/ for tiny_configs
+import tiny_configs
+
+TINY = tiny_configs.LLAMA  # divisible by 8 (fsdp) and 2 (tensor) where the rules split
 MESHES = {"dp": dict(preset="dp"), "fsdp": dict(preset="fsdp"), "fsdp_tp": dict(preset="fsdp_tp", data=2)}
 STEPS, ACCUM, ROWS, T = 3, 1, 8, 16
 

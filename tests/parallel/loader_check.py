@@ -30,7 +30,7 @@ def mesh_of(name: str):
 
 
 def equal(directory: str) -> dict:
-  from jaxtune.hf.load import load_model  # pylint: disable=g-import-not-at-top
+  from jaxtune.hf.load import load_model
   ref = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_model(directory))))
   out = {}
   for name in MESHES:

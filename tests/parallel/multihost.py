@@ -21,7 +21,7 @@ from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import step as step_lib
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import equivalence  # noqa: E402  (the same tiny model, optimizer and batches)
+import equivalence  # the same tiny model, optimizer and batches
 
 STEPS = 4
 

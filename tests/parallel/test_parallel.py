@@ -17,17 +17,17 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtune.parallel import distributed
+from jaxtune.parallel import distributed, sharding
 from jaxtune.parallel import mesh as mesh_lib
-from jaxtune.parallel import sharding
+
+import tiny_configs
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 import checkpoints  # noqa: E402
 
-LLAMA = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)
+LLAMA = tiny_configs.LLAMA_UNTIED
 QWEN = {**LLAMA, "model_type": "qwen2"}  # q/k/v biases
 
 
@@ -39,7 +39,7 @@ def _env(devices: int) -> dict[str, str]:
 
 
 def _results(text: str) -> dict:
-  line = next((l for l in text.splitlines() if l.startswith("RESULTS ")), None)
+  line = next((s for s in text.splitlines() if s.startswith("RESULTS ")), None)
   assert line is not None, text[-3000:]
   return json.loads(line.removeprefix("RESULTS "))
 
@@ -181,8 +181,11 @@ def test_two_processes_train_save_restore_match_one_process(tmp_path):
     assert got["devices"] == 4
     assert got["embed_shard"] == [128, 32]  # [V, D/2]: the fsdp axis spans the two processes
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-6)
-    flat = lambda t: {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(  # noqa: E731
-        t, is_leaf=lambda x: isinstance(x, list))[0]}
+
+    def flat(t):
+      leaves = jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: isinstance(x, list))[0]
+      return {jax.tree_util.keystr(p): v for p, v in leaves}
+
     assert _max_diff(flat(got["params"]), flat(ref["params"])) < 5e-4
 
 
@@ -211,7 +214,7 @@ def test_dry_run_reports_memory_from_a_config_json(tmp_path):
                         "--batch_per_device", "1", "--json"], capture_output=True, text=True, env=_env(1), cwd=REPO,
                        timeout=240)
   assert out.returncode == 0, out.stderr[-3000:]
-  reports = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+  reports = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
   one, eight = reports
   assert eight["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert one["params"] / eight["params"] > 6  # FSDP: ~1/8 of the weights per device (norms stay whole)
@@ -229,11 +232,11 @@ def test_dry_run_reports_memory_from_a_config_json(tmp_path):
     ("ignored", None),  # rotary inv_freq buffers carry no weights and are allowed
 ])
 def test_sharded_and_plain_loaders_are_equally_strict(tmp_path, change, match):
-  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file, save_file
 
-  from jaxtune.hf.load import load_model  # pylint: disable=g-import-not-at-top
-  from jaxtune.hf.safetensors_io import CheckpointError  # pylint: disable=g-import-not-at-top
-  from jaxtune.parallel.load import load_model_sharded  # pylint: disable=g-import-not-at-top
+  from jaxtune.hf.load import load_model
+  from jaxtune.hf.safetensors_io import CheckpointError
+  from jaxtune.parallel.load import load_model_sharded
 
   checkpoints.write(tmp_path, LLAMA)
   tensors = load_file(tmp_path / "model.safetensors")

@@ -28,7 +28,8 @@ MINIMAL_ARGS = {  # enough flags for each script to run
     "launch.sh": BASE + ["--config", CONFIG], "logs.sh": BASE, "fetch.sh": ["--output-dir", "gs://b/run"],
     "delete.sh": BASE, "supervise.sh": BASE + ["--source", GIT, "--config", CONFIG]}
 REQUIRED = {"create.sh": "--name (or TPU_NAME), --zone (or ZONE)", "install.sh": "--source (or JAXTUNE_SOURCE)",
-            "copy_config.sh": "--config (or CONFIG)", "launch.sh": "--config (or CONFIG)", "logs.sh": "--name (or TPU_NAME)",
+            "copy_config.sh": "--config (or CONFIG)", "launch.sh": "--config (or CONFIG)",
+            "logs.sh": "--name (or TPU_NAME)",
             "fetch.sh": "--output-dir (or OUTPUT_DIR)", "delete.sh": "--zone (or ZONE)",
             "supervise.sh": "--source (or JAXTUNE_SOURCE), --config (or CONFIG)"}
 
@@ -231,7 +232,8 @@ def test_fetch_from_gcs_or_worker_0(fake, tmp_path):
 def test_delete_tpu_or_queued_resource(fake):
   ok(fake.run("delete.sh", *BASE))
   ok(fake.run("delete.sh", *BASE, "--mode", "queued-spot"))
-  assert fake.calls() == [TPU + ["delete", "tune", *LOC, "--quiet"], QR + ["delete", "tune", *LOC, "--force", "--quiet"]]
+  assert fake.calls() == [TPU + ["delete", "tune", *LOC, "--quiet"],
+                          QR + ["delete", "tune", *LOC, "--force", "--quiet"]]
 
 
 SUPERVISE = MINIMAL_ARGS["supervise.sh"] + ["--mode", "spot", "--poll-seconds", "0", "--backoff", "0"]

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tiny_runs
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import loop
+
+import tiny_runs
 
 STEPS = 40
 # Checkpoints every 5 steps; evaluation in the middle too, so the resumed run must also evaluate identically.
@@ -115,13 +116,13 @@ def test_checksums_catch_silent_corruption(tmp_path):
   ckpts.wait()
   # A value changed behind Orbax's back (as bit rot would): re-save step 2's arrays with one number altered
   # but keep the recorded checksums.
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
 
   state_dir = tmp_path / "ckpt" / "2" / "state"
   tree = ocp.StandardCheckpointer().restore(state_dir)
   tree["params"]["a"] = np.asarray(tree["params"]["a"]).copy()
   tree["params"]["a"][7] += 1.0
-  import shutil  # pylint: disable=g-import-not-at-top
+  import shutil
 
   shutil.rmtree(state_dir)
   with ocp.StandardCheckpointer() as c:

@@ -5,12 +5,12 @@ import subprocess
 
 import pytest
 
-import tiny_runs
 from jaxtune.models.config import from_hf_dict
-from jaxtune.train import builtin_models
+from jaxtune.train import builtin_models, loop
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
-from jaxtune.train import loop
+
+import tiny_runs
 
 CONFIG_FILES = sorted(p.stem for p in tiny_runs.CONFIGS.glob("*.py") if not p.name.startswith("_"))
 REQUIRED = ("model.path", "data.train", "output_dir", "train.steps", "peft.method", "peft.lora.rank",
@@ -115,7 +115,7 @@ def test_bad_settings_fail_with_the_key_and_the_reason(overrides, message, tmp_p
     pytest.skip("wandb is installed here")
   config = tiny_runs.tiny(tmp_path / "run", tmp_path / "cache", **overrides)
   if "max_position_embeddings" in message:  # needs a local checkpoint directory to read config.json from
-    from jaxtune.train import builtin_models  # pylint: disable=g-import-not-at-top
+    from jaxtune.train import builtin_models
 
     config.model.path = str(builtin_models.write_tiny(tmp_path / "tiny"))
   with pytest.raises(config_lib.ConfigError) as e:
@@ -124,7 +124,7 @@ def test_bad_settings_fail_with_the_key_and_the_reason(overrides, message, tmp_p
 
 
 def _has_wandb() -> bool:
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
 
   return importlib.util.find_spec("wandb") is not None
 
@@ -132,7 +132,7 @@ def _has_wandb() -> bool:
 def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path):
   ckpt_lib.Checkpoints(tmp_path / "run" / "checkpoints").close()
   c = ckpt_lib.Checkpoints(tmp_path / "run" / "checkpoints")
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
 
   c.save(1, {"x": jnp.zeros(2)}, data_state=None, config={})
   c.close()

@@ -61,8 +61,11 @@ def test_reexec_keeps_argv_and_sets_the_tunable_once(tmp_path):
       "host.reexec_with_huge_pages('reexec_probe')\nprint(sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))\n")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXTUNE_REEXECUTED", "JAXTUNE_HUGEPAGES")}
   env["PYTHONPATH"] = os.pathsep.join([str(tmp_path)] + sys.path)
-  run = lambda *argv: subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,  # noqa: E731
-                                     check=True, timeout=60, cwd=tmp_path).stdout.splitlines()
+
+  def run(*argv):
+    return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, check=True, timeout=60,
+                          cwd=tmp_path).stdout.splitlines()
+
   expected = host.huge_page_environ(env, glibc=host.glibc_version(), thp=host.thp_mode())
   if expected is None:  # this machine needs nothing: the process runs on as it is
     assert run("-m", "reexec_probe", "a", "b") == ["start", "['a', 'b'] None"]

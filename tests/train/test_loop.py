@@ -7,9 +7,10 @@ import pathlib
 import numpy as np
 import pytest
 
-import tiny_runs
 from jaxtune.models.config import from_hf_dict
 from jaxtune.train import loop
+
+import tiny_runs
 
 
 @pytest.fixture(scope="module")

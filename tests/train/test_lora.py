@@ -18,10 +18,10 @@ from jaxtune.models.options import ModelOptions
 from jaxtune.peft import lora
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "models"))
-import tiny_hf  # noqa: E402
+import tiny_configs
+import tiny_hf
 
-TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+TINY = tiny_configs.LLAMA
 IDS = np.random.default_rng(0).integers(3, 128, size=(2, 12)).astype(np.int32)
 
 
@@ -150,9 +150,8 @@ def test_dropout_is_off_by_default_and_keyed(base):
   assert np.abs(np.asarray(_logits(model, IDS)) - first).max() > 1e-3
 
 
-def test_forward_and_export_match_peft(tmp_path):
+def test_forward_and_export_match_peft(tmp_path, peft):
   """Our adapters exported with peft_state_dict, loaded into PEFT, give the same logits as our model."""
-  import peft
   import torch
 
   hf_model = tiny_hf.build("llama", tmp_path)  # head_dim != hidden / heads, llama3 rope
@@ -175,7 +174,8 @@ def test_forward_and_export_match_peft(tmp_path):
 
 
 def _saved_layer_residuals(model, capsys, ids=IDS, with_dtypes=False) -> list:
-  """Shapes (or (dtype, shape)) of what the backward of the adapters' gradient keeps from the layer scan ([L, ...] each)."""
+  """Shapes (or (dtype, shape)) of what the backward of the adapters' gradient keeps from the layer scan ([L, ...]
+  each)."""
   graphdef, adapters, rest = nnx.split(model, lora.LoRAParam, ...)
   jax.ad_checkpoint.print_saved_residuals(
       lambda p: nnx.merge(graphdef, p, rest)(jnp.asarray(ids)).astype(jnp.float32).sum(), adapters)
@@ -238,7 +238,7 @@ def test_remat_keeps_cudnn_attention_outputs(monkeypatch, capsys):
   """cuDNN's attention names none of its residuals: the dots policies keep its forward's output and
   softmax statistics by primitive, so the backward does not rerun the forward. Traced on CPU (no
   compile), with jax's cuDNN version probe answered."""
-  from jax._src.cudnn import fused_attention_stablehlo  # pylint: disable=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo
   monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
   model = _model(TINY, remat="dots_no_batch", attention_impl="cudnn", dtype="bfloat16", param_dtype="bfloat16")
   shapes = _saved_layer_residuals(_with_lora(model), capsys)

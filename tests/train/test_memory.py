@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxtune.train import loop, memory
+
 import tiny_runs
-from jaxtune.train import loop
-from jaxtune.train import memory
 
 GIB = 2**30
 

@@ -21,8 +21,8 @@ def _start(run_dir, cache, devices: int, preset: str, method: str) -> subprocess
 def _losses(proc: subprocess.Popen, run_dir) -> list[float]:
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
-  lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  return [l["train/loss"] for l in lines if "train/loss" in l]
+  lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return [m["train/loss"] for m in lines if "train/loss" in m]
 
 
 @pytest.mark.parametrize("preset,method", [("fsdp_tp", "lora"), ("fsdp", "full")])

@@ -9,8 +9,9 @@ from jaxtune.hf.load import init_model
 from jaxtune.models.config import from_hf_dict
 from jaxtune.train.step import loss_fn
 
-TINY = dict(model_type="gemma2", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6)
+import tiny_configs
+
+TINY = tiny_configs.GEMMA2_WINDOW6
 
 
 def _examples(n: int, seed: int = 0) -> list[packing.Example]:

@@ -7,9 +7,10 @@ the gain: no exact answers before, some after.
 
 import json
 
-import tiny_runs
 from jaxtune.tasks import meeting_json
 from jaxtune.train import loop
+
+import tiny_runs
 
 
 def test_quickstart_data_is_made_by_the_script(tmp_path):

@@ -15,8 +15,9 @@ from jaxtune.peft import lora
 from jaxtune.train import optim
 from jaxtune.train import step as step_lib
 
-TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=24)  # as in test_lora: shared compiles
+import tiny_configs
+
+TINY = tiny_configs.LLAMA  # as in test_lora: shared compiles
 T = 16
 
 

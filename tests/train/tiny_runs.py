@@ -102,7 +102,7 @@ def train_curve(run_dir: pathlib.Path, keys=("train/loss", "train/grad_norm", "t
 
 def saved_state(run_dir: pathlib.Path, step: int) -> dict:
   """The TrainState tree of checkpoint `step` as numpy arrays (no model needed)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
 
   tree = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
