@@ -53,8 +53,13 @@ MIN_STEPS = 5  # measured steps per side, outside --smoke
 SIDES = ("before", "after")
 SMOKE_WORKER_ARGS = ["--smoke", "--warmup", "1", "--batch", "2", "--seq", "32"]
 # Worker flags refused in the pass-through: set per setting here (--settings), or meaningless for two workers.
-RESERVED = {"--worker": "--settings", "--setting": "--settings", "--dtype": "--settings", "--sides": None,
-            "--profile": None}
+RESERVED = {
+  "--worker": "--settings",
+  "--setting": "--settings",
+  "--dtype": "--settings",
+  "--sides": None,
+  "--profile": None,
+}
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the root of the tree this script is in
 
 
@@ -65,8 +70,10 @@ def parse_settings(text: str) -> list[tuple[str, str]]:
     setting, _, dtype = item.partition(":")
     dtype = dtype or "float32"
     if setting not in SETTINGS or dtype not in DTYPES:
-      raise ValueError(f"--settings: {item!r} is not setting:dtype with setting in {'/'.join(SETTINGS)} and dtype "
-                       f"in {'/'.join(DTYPES)}; write e.g. {DEFAULT_SETTINGS}")
+      raise ValueError(
+        f"--settings: {item!r} is not setting:dtype with setting in {'/'.join(SETTINGS)} and dtype "
+        f"in {'/'.join(DTYPES)}; write e.g. {DEFAULT_SETTINGS}"
+      )
     out.append((setting, dtype))
   if not out or len(set(out)) != len(out):
     raise ValueError(f"--settings: {text!r} names a setting twice; give each setting:dtype once")
@@ -79,8 +86,7 @@ def summarize(before: Sequence[float], after: Sequence[float], target: float = T
     raise ValueError(f"step times must be positive and present on both sides, got before={before} after={after}")
   before_s, after_s = statistics.median(before), statistics.median(after)
   ratio = before_s / after_s  # speeds are 1 / step time
-  return {"before_s": before_s, "after_s": after_s, "ratio": ratio, "meets_target": ratio >= target,
-          "target": target}
+  return {"before_s": before_s, "after_s": after_s, "ratio": ratio, "meets_target": ratio >= target, "target": target}
 
 
 # ------------------------------------------------------------------------------------------------------ git
@@ -96,8 +102,9 @@ def resolve(root: str, ref: str, flag: str) -> str:
   try:
     return _git(root, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
   except RuntimeError:
-    raise ValueError(f"{flag} {ref!r} is not a commit in {root}: give a hash, branch or tag "
-                     f"(`git log --oneline` lists them)") from None
+    raise ValueError(
+      f"{flag} {ref!r} is not a commit in {root}: give a hash, branch or tag (`git log --oneline` lists them)"
+    ) from None
 
 
 def describe(root: str, commit: str = "HEAD") -> str:
@@ -129,8 +136,10 @@ def imports_from(root: str) -> dict[str, str]:
   found = dict(zip(("jaxtune", "bench"), done.stdout.split()))
   for name in ("jaxtune", "bench"):
     if not os.path.realpath(found.get(name, "/")).startswith(os.path.join(os.path.realpath(root), "")):
-      raise ValueError(f"a worker started in {root} would import {name} from {found.get(name) or done.stderr!r}, "
-                       "not from that tree; unset PYTHONPATH or anything else that puts another tree first")
+      raise ValueError(
+        f"a worker started in {root} would import {name} from {found.get(name) or done.stderr!r}, "
+        "not from that tree; unset PYTHONPATH or anything else that puts another tree first"
+      )
   return found
 
 
@@ -146,8 +155,9 @@ def worker_environ(hugepages: str, xla_flags: str) -> dict[str, str]:
   return env
 
 
-def start_worker(root: str, setting: str, dtype: str, worker_args: Sequence[str],
-                 env: dict[str, str]) -> subprocess.Popen:
+def start_worker(
+  root: str, setting: str, dtype: str, worker_args: Sequence[str], env: dict[str, str]
+) -> subprocess.Popen:
   """`python -m bench.train_cpu --worker jaxtune` with cwd = root, so it imports root's jaxtune and bench."""
   cmd = [sys.executable, "-m", "bench.train_cpu", "--worker", "jaxtune", "--setting", setting]
   cmd += ["--dtype", dtype] if dtype != "float32" else []
@@ -155,8 +165,9 @@ def start_worker(root: str, setting: str, dtype: str, worker_args: Sequence[str]
   return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
 
 
-def measure(trees: dict[str, dict], setting: str, dtype: str, args, worker_args: Sequence[str],
-            env: dict[str, str]) -> dict:
+def measure(
+  trees: dict[str, dict], setting: str, dtype: str, args, worker_args: Sequence[str], env: dict[str, str]
+) -> dict:
   """Both sides of one setting: built one at a time, then `args.rounds` rounds of alternating turns."""
   procs, info = {}, {}
   times = {s: [] for s in SIDES}
@@ -167,25 +178,41 @@ def measure(trees: dict[str, dict], setting: str, dtype: str, args, worker_args:
     try:
       return _ask(procs[side], line)
     except RuntimeError as e:
-      raise RuntimeError(f"{name}, {side} side ({trees[side]['commit']}): {e} If that commit's bench/train_cpu.py "
-                         f"lacks one of the flags {list(worker_args)}, leave it out.") from None
+      raise RuntimeError(
+        f"{name}, {side} side ({trees[side]['commit']}): {e} If that commit's bench/train_cpu.py "
+        f"lacks one of the flags {list(worker_args)}, leave it out."
+      ) from None
 
   try:
     for side in SIDES:  # built and warmed one at a time: never two compiles at once
       procs[side] = start_worker(trees[side]["root"], setting, dtype, worker_args, env)
       info[side] = ask(side)
-      print(f"{name} {side}: built in {info[side]['build_s']:.1f} s, first step {info[side]['first_step_s']:.1f} s, "
-            f"{info[side]['trainable']:,} trainable, loss {info[side]['loss']:.4f}", flush=True)
+      print(
+        f"{name} {side}: built in {info[side]['build_s']:.1f} s, first step {info[side]['first_step_s']:.1f} s, "
+        f"{info[side]['trainable']:,} trainable, loss {info[side]['loss']:.4f}",
+        flush=True,
+      )
     for r in range(args.rounds):
-      for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+      for side in SIDES if r % 2 == 0 else SIDES[::-1]:
         rate = machine_rate()
         got = ask(side, f"run {args.steps} {args.settle}")
         times[side] += got["times"]
-        turns.append({"round": r + 1, "side": side, "machine_gflops": rate, "times": got["times"],
-                      "settle_times": got.get("settle_times", [])})
+        turns.append(
+          {
+            "round": r + 1,
+            "side": side,
+            "machine_gflops": rate,
+            "times": got["times"],
+            "settle_times": got.get("settle_times", []),
+          }
+        )
         unmeasured = "".join(f" ({t:.3f})" for t in got.get("settle_times", []))
-        print(f"{name} round {r + 1} {side:6} [machine {rate:.0f} GFLOP/s]:{unmeasured} "
-              + " ".join(f"{t:.3f}" for t in got["times"]) + " s/step", flush=True)
+        print(
+          f"{name} round {r + 1} {side:6} [machine {rate:.0f} GFLOP/s]:{unmeasured} "
+          + " ".join(f"{t:.3f}" for t in got["times"])
+          + " s/step",
+          flush=True,
+        )
     for side in SIDES:
       info[side].update(ask(side, "quit"))
       procs[side].wait()
@@ -195,8 +222,13 @@ def measure(trees: dict[str, dict], setting: str, dtype: str, args, worker_args:
         proc.kill()
         proc.wait()
   rates = [t["machine_gflops"] for t in turns]
-  row = {"setting": setting, "dtype": dtype, "turns": turns, "machine_gflops": rates,
-         "sides": {s: dict(info[s], step_s=statistics.median(times[s]), times=times[s]) for s in SIDES}}
+  row = {
+    "setting": setting,
+    "dtype": dtype,
+    "turns": turns,
+    "machine_gflops": rates,
+    "sides": {s: dict(info[s], step_s=statistics.median(times[s]), times=times[s]) for s in SIDES},
+  }
   row.update(summarize(times["before"], times["after"]))
   return row
 
@@ -207,13 +239,19 @@ def report_row(row: dict) -> str:
   rates = row["machine_gflops"]
   name = f"{row['setting']}:{row['dtype']}"
   # The ratio rounded down, so that a printed 0.970 always reads `>= 0.97: yes`.
-  lines = [(f"{name:14} before {row['before_s']:.4f} s/step, after {row['after_s']:.4f} s/step (medians of "
-            f"{len(b['times'])} and {len(a['times'])} steps): "
-            f"after/before {math.floor(row['ratio'] * 1000) / 1000:.3f}x; "
-            f"after/before >= {row['target']}: {'yes' if row['meets_target'] else 'no'}"),
-           (f"{'':14} peak RSS before {b['peak_rss_gb']:.2f} GB, after {a['peak_rss_gb']:.2f} GB; machine "
-            f"{min(rates):.0f}-{max(rates):.0f} GFLOP/s over the turns ({max(rates) / min(rates) - 1:.0%} apart): "
-            + " ".join(f"{r:.0f}" for r in rates))]
+  lines = [
+    (
+      f"{name:14} before {row['before_s']:.4f} s/step, after {row['after_s']:.4f} s/step (medians of "
+      f"{len(b['times'])} and {len(a['times'])} steps): "
+      f"after/before {math.floor(row['ratio'] * 1000) / 1000:.3f}x; "
+      f"after/before >= {row['target']}: {'yes' if row['meets_target'] else 'no'}"
+    ),
+    (
+      f"{'':14} peak RSS before {b['peak_rss_gb']:.2f} GB, after {a['peak_rss_gb']:.2f} GB; machine "
+      f"{min(rates):.0f}-{max(rates):.0f} GFLOP/s over the turns ({max(rates) / min(rates) - 1:.0%} apart): "
+      + " ".join(f"{r:.0f}" for r in rates)
+    ),
+  ]
   if b["trainable"] != a["trainable"]:
     lines.append(f"{'':14} trainable parameters differ: before {b['trainable']:,}, after {a['trainable']:,}")
   return "\n".join(lines)
@@ -222,17 +260,23 @@ def report_row(row: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
   """Runs the comparison; returns (and with --json writes) the results. See the module docstring."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              allow_abbrev=False)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+  )
   p.add_argument("--before", required=True, help="the old commit (hash, branch, tag)")
-  p.add_argument("--after", help="the new commit; default: the working tree this script is in, uncommitted changes "
-                                 "included")
+  p.add_argument(
+    "--after", help="the new commit; default: the working tree this script is in, uncommitted changes included"
+  )
   p.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma list of setting:dtype, run one after another")
   p.add_argument("--rounds", type=int, default=3, help="turns per side; the side that goes first alternates")
   p.add_argument("--steps", type=int, default=3, help="measured steps per side per round")
   p.add_argument("--settle", type=int, default=1, help="unmeasured steps at the start of every turn")
-  p.add_argument("--hugepages", choices=("cli", "none"), default="cli",
-                 help="glibc.malloc.hugetlb=1 for both workers as `python -m jaxtune.train` runs (cli), or none")
+  p.add_argument(
+    "--hugepages",
+    choices=("cli", "none"),
+    default="cli",
+    help="glibc.malloc.hugetlb=1 for both workers as `python -m jaxtune.train` runs (cli), or none",
+  )
   p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for both workers")
   p.add_argument("--smoke", action="store_true", help="tiny model; fewer than 5 steps per side allowed")
   p.add_argument("--json", help="also write the results here")
@@ -240,8 +284,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for flag in worker_args:
     if flag.split("=", 1)[0] in RESERVED:
       instead = RESERVED[flag.split("=", 1)[0]]
-      p.error(f"{flag}: " + (f"this script sets it per setting; use {instead}" if instead
-                             else "not for a before/after comparison; leave it out"))
+      p.error(
+        f"{flag}: "
+        + (
+          f"this script sets it per setting; use {instead}"
+          if instead
+          else "not for a before/after comparison; leave it out"
+        )
+      )
   try:
     settings = parse_settings(args.settings)
   except ValueError as e:
@@ -249,8 +299,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if args.rounds < 1 or args.steps < 1:
     p.error(f"--rounds {args.rounds} --steps {args.steps}: both must be at least 1")
   if args.rounds * args.steps < MIN_STEPS and not args.smoke:
-    p.error(f"--rounds {args.rounds} x --steps {args.steps} = {args.rounds * args.steps} measured steps per side; "
-            f"a median needs at least {MIN_STEPS}: raise either (or add --smoke for a quick check)")
+    p.error(
+      f"--rounds {args.rounds} x --steps {args.steps} = {args.rounds * args.steps} measured steps per side; "
+      f"a median needs at least {MIN_STEPS}: raise either (or add --smoke for a quick check)"
+    )
   worker_args = (SMOKE_WORKER_ARGS if args.smoke else []) + worker_args
   repo = _git(HERE, "rev-parse", "--show-toplevel")
   command = shlex.join(["python", "-m", "bench.compare_commits", *argv])
@@ -265,19 +317,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for side, ref in (("before", args.before), ("after", args.after)):
       if ref is None:
         dirty = _git(repo, "status", "--porcelain")
-        trees[side] = {"ref": "working tree", "root": repo,
-                       "commit": describe(repo) + (" + uncommitted changes" if dirty else "")}
+        trees[side] = {
+          "ref": "working tree",
+          "root": repo,
+          "commit": describe(repo) + (" + uncommitted changes" if dirty else ""),
+        }
       else:
-        trees[side] = {"ref": ref, "root": stack.enter_context(worktree(repo, commits[side])),
-                       "commit": describe(repo, commits[side])}
+        trees[side] = {
+          "ref": ref,
+          "root": stack.enter_context(worktree(repo, commits[side])),
+          "commit": describe(repo, commits[side]),
+        }
       trees[side]["imports"] = imports_from(trees[side]["root"])
     print(f"cpu: {cpu_model()}")
     for side in SIDES:
       print(f"{side}: {trees[side]['commit']} ({trees[side]['ref']})")
     print(f"command: {command}")
-    print(f"workers: python -m bench.train_cpu --worker jaxtune --setting S [--dtype bfloat16] "
-          f"{shlex.join(worker_args)}; hugepages {args.hugepages}; {args.rounds} rounds x {args.steps} steps, "
-          f"{args.settle} unmeasured per turn", flush=True)
+    print(
+      f"workers: python -m bench.train_cpu --worker jaxtune --setting S [--dtype bfloat16] "
+      f"{shlex.join(worker_args)}; hugepages {args.hugepages}; {args.rounds} rounds x {args.steps} steps, "
+      f"{args.settle} unmeasured per turn",
+      flush=True,
+    )
     env = worker_environ(args.hugepages, args.xla_flags)
     rows = [measure(trees, setting, dtype, args, worker_args, env) for setting, dtype in settings]
 
@@ -288,9 +349,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print("after/before = after's speed / before's speed (> 1: after is faster)")
   for row in rows:
     print(report_row(row))
-  result = {"cpu": cpu_model(), "command": command, "smoke": args.smoke, "rounds": args.rounds, "steps": args.steps,
-            "settle": args.settle, "hugepages": args.hugepages, "worker_args": worker_args,
-            "commits": {s: {k: v for k, v in trees[s].items() if k != "root"} for s in SIDES}, "settings": rows}
+  result = {
+    "cpu": cpu_model(),
+    "command": command,
+    "smoke": args.smoke,
+    "rounds": args.rounds,
+    "steps": args.steps,
+    "settle": args.settle,
+    "hugepages": args.hugepages,
+    "worker_args": worker_args,
+    "commits": {s: {k: v for k, v in trees[s].items() if k != "root"} for s in SIDES},
+    "settings": rows,
+  }
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

@@ -15,8 +15,11 @@ import time
 
 from bench.train_cpu import SMOKE, SMOLLM2_135M, jax_side
 
-_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-           "/jax/core/compile/backend_compile_duration")
+_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
 
 
 def main(argv=None) -> list[dict]:
@@ -34,7 +37,8 @@ def main(argv=None) -> list[dict]:
     args.layers, args.batch, args.seq = "1,2", 2, 32
   seen = collections.Counter()
   jax.monitoring.register_event_duration_secs_listener(
-      lambda name, secs, **kw: seen.update({name: secs}) if name in _EVENTS else None)
+    lambda name, secs, **kw: seen.update({name: secs}) if name in _EVENTS else None
+  )
   rows = []
   print(f"{'setting':8} {'layers':>6} {'trace s':>8} {'lower s':>8} {'XLA s':>8} {'total s':>8} {'first call s':>12}")
   for setting in args.settings.split(","):
@@ -45,10 +49,21 @@ def main(argv=None) -> list[dict]:
       run()  # everything compiled for the first step (model init ops compiled before are not counted)
       first = time.perf_counter() - t0
       trace, lower, xla = (seen[e] for e in _EVENTS)
-      rows.append(dict(setting=setting, layers=layers, trace_s=trace, lower_s=lower, xla_s=xla,
-                       total_s=trace + lower + xla, first_call_s=first))
-      print(f"{setting:8} {layers:6d} {trace:8.2f} {lower:8.2f} {xla:8.2f} {trace + lower + xla:8.2f} {first:12.2f}",
-            flush=True)
+      rows.append(
+        dict(
+          setting=setting,
+          layers=layers,
+          trace_s=trace,
+          lower_s=lower,
+          xla_s=xla,
+          total_s=trace + lower + xla,
+          first_call_s=first,
+        )
+      )
+      print(
+        f"{setting:8} {layers:6d} {trace:8.2f} {lower:8.2f} {xla:8.2f} {trace + lower + xla:8.2f} {first:12.2f}",
+        flush=True,
+      )
   return rows
 
 

@@ -21,13 +21,13 @@ import time
 import numpy as np
 
 STEP_SHAPES = (  # (name, M, K, N)
-    ("gate/up forward", 1024, 576, 1536),
-    ("down forward", 1024, 1536, 576),
-    ("q/o forward", 1024, 576, 576),
-    ("k/v forward", 1024, 576, 192),
-    ("head logits", 512, 576, 49152),
-    ("head dh", 512, 49152, 576),
-    ("head dW", 576, 512, 49152),
+  ("gate/up forward", 1024, 576, 1536),
+  ("down forward", 1024, 1536, 576),
+  ("q/o forward", 1024, 576, 576),
+  ("k/v forward", 1024, 576, 192),
+  ("head logits", 512, 576, 49152),
+  ("head dh", 512, 49152, 576),
+  ("head dW", 576, 512, 49152),
 )
 
 
@@ -62,10 +62,15 @@ def measure(shapes=STEP_SHAPES, reps: int = 20, threads: int | None = None) -> l
     ja, jb = jax.device_put(a), jax.device_put(b)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     flop = 2.0 * m * k * n
-    rows.append({"name": name, "shape": (m, k, n),
-                 "xla": rate(lambda: product(ja, jb).block_until_ready(), flop, reps),
-                 "torch": rate(lambda: ta @ tb, flop, reps),
-                 "numpy": rate(lambda: a @ b, flop, reps)})
+    rows.append(
+      {
+        "name": name,
+        "shape": (m, k, n),
+        "xla": rate(lambda: product(ja, jb).block_until_ready(), flop, reps),
+        "torch": rate(lambda: ta @ tb, flop, reps),
+        "numpy": rate(lambda: a @ b, flop, reps),
+      }
+    )
   return rows
 
 
@@ -73,8 +78,9 @@ def format_rows(rows: list[dict]) -> str:
   lines = [f"{'product':16s} {'M x K x N':>18s} {'xla':>6s} {'torch':>6s} {'numpy':>6s}  xla/torch"]
   for r in rows:
     shape = " x ".join(str(d) for d in r["shape"])
-    lines.append(f"{r['name']:16s} {shape:>18s} {r['xla']:6.0f} {r['torch']:6.0f} {r['numpy']:6.0f}"
-                 f"  {r['xla'] / r['torch']:.2f}")
+    lines.append(
+      f"{r['name']:16s} {shape:>18s} {r['xla']:6.0f} {r['torch']:6.0f} {r['numpy']:6.0f}  {r['xla'] / r['torch']:.2f}"
+    )
   return "\n".join(lines)
 
 
@@ -87,8 +93,10 @@ def main(argv=None) -> list[dict]:
   shapes = (("small", 64, 32, 48), ("skinny", 128, 64, 16)) if args.smoke else STEP_SHAPES
   reps = 3 if args.smoke else args.reps
   rows = measure(shapes, reps, args.threads)
-  print(f"float32 products, GFLOP/s (median of {reps}); "
-        f"{len(os.sched_getaffinity(0))} CPUs usable, torch threads {args.threads or 'default'}")
+  print(
+    f"float32 products, GFLOP/s (median of {reps}); "
+    f"{len(os.sched_getaffinity(0))} CPUs usable, torch threads {args.threads or 'default'}"
+  )
   print(format_rows(rows))
   return rows
 

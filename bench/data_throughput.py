@@ -22,10 +22,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def tokenizer_for(smoke: bool):
   if smoke:
     from jaxtune.train.builtin_models import tiny_tokenizer
+
     return tiny_tokenizer()
   import gguf as gguf_lib
 
   from jaxtune.hf import gguf
+
   return gguf.build_tokenizer(gguf_lib.GGUFReader(gguf.smollm2_gguf_path()))
 
 
@@ -59,8 +61,10 @@ def main(argv=None) -> dict:
   records, tokens = data.stats.records, data.stats.tokens
   rows = sum(b["input_ids"].shape[0] for b in batches)
   total = t_tok + t_pack
-  print(f"{records:,} records, {tokens:,} tokens -> {len(batches):,} batches of {args.batch} x {args.seq} "
-        f"(packing efficiency {tokens / max(rows * args.seq, 1):.1%})")
+  print(
+    f"{records:,} records, {tokens:,} tokens -> {len(batches):,} batches of {args.batch} x {args.seq} "
+    f"(packing efficiency {tokens / max(rows * args.seq, 1):.1%})"
+  )
   print(f"tokenise: {t_tok:.2f} s = {records / t_tok:,.0f} records/s, {tokens / t_tok:,.0f} tokens/s")
   print(f"pack+load: {t_pack:.2f} s = {tokens / t_pack:,.0f} tokens/s")
   print(f"end to end: {records / total:,.0f} records/s, {tokens / total:,.0f} tokens/s")

@@ -40,6 +40,7 @@ def load_once(side: str, directory: str) -> dict:
     import jax
 
     from jaxtune.hf.load import load_model
+
     jax.numpy.zeros(1).block_until_ready()  # backend start-up is not load time
     rss0 = _rss_gb()
     t0 = time.perf_counter()
@@ -48,6 +49,7 @@ def load_once(side: str, directory: str) -> dict:
   else:
     import torch
     import transformers
+
     rss0 = _rss_gb()
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
@@ -70,16 +72,28 @@ def main(argv=None) -> dict:
     args.rounds = 1
   marker = directory / "bench_config.json"
   if not marker.exists() or json.loads(marker.read_text()) != hf_cfg:
-    subprocess.run([sys.executable, "-c", f"from bench.load_time import write_checkpoint; import pathlib; "
-                    f"write_checkpoint(pathlib.Path({str(directory)!r}), {hf_cfg!r})"], check=True,
-                   cwd=pathlib.Path(__file__).resolve().parents[1])
+    subprocess.run(
+      [
+        sys.executable,
+        "-c",
+        f"from bench.load_time import write_checkpoint; import pathlib; "
+        f"write_checkpoint(pathlib.Path({str(directory)!r}), {hf_cfg!r})",
+      ],
+      check=True,
+      cwd=pathlib.Path(__file__).resolve().parents[1],
+    )
     marker.write_text(json.dumps(hf_cfg))
   size = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 1e9
   rows = {"jaxtune": [], "hf": []}
   for r in range(args.rounds):
-    for side in (("jaxtune", "hf") if r % 2 == 0 else ("hf", "jaxtune")):
-      out = subprocess.run([sys.executable, "-m", "bench.load_time", "--worker", side, "--dir", str(directory)],
-                           check=True, capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+    for side in ("jaxtune", "hf") if r % 2 == 0 else ("hf", "jaxtune"):
+      out = subprocess.run(
+        [sys.executable, "-m", "bench.load_time", "--worker", side, "--dir", str(directory)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+      )
       rows[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
   print(f"checkpoint {directory}: {size:.3f} GB of safetensors (float32)")
   print(f"{'side':8} {'load s':>7} {'peak RSS GB':>11} {'import RSS GB':>13} {'peak - import':>13} {'/ file size':>11}")

@@ -39,8 +39,17 @@ def one_run(overlap: bool, steps: int, workdir: pathlib.Path) -> float:
   """tokens/s of one whole tiny run (train/tokens_per_s of its last step)."""
   from jaxtune.train import loop
 
-  config = tiny_config(workdir, **{"train.steps": steps, "train.overlap": overlap, "train.log_every": 10,
-                                   "train.eval": False, "train.eval_every": 0, "checkpoint.every": 0})
+  config = tiny_config(
+    workdir,
+    **{
+      "train.steps": steps,
+      "train.overlap": overlap,
+      "train.log_every": 10,
+      "train.eval": False,
+      "train.eval_every": 0,
+      "checkpoint.every": 0,
+    },
+  )
   loop.train(config)
   lines = [json.loads(x) for x in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
   return [m for m in lines if "train/tokens_per_s" in m][-1]["train/tokens_per_s"]
@@ -56,7 +65,7 @@ def main(argv=None) -> dict:
   got = {True: [], False: []}
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(args.rounds):
-      for overlap in ((True, False) if r % 2 == 0 else (False, True)):
+      for overlap in (True, False) if r % 2 == 0 else (False, True):
         tps = one_run(overlap, args.steps, pathlib.Path(tmp) / f"run_{r}_{overlap}")
         got[overlap].append(tps)
         print(f"round {r}: overlap={overlap}: {tps:,.0f} tokens/s", flush=True)

@@ -39,12 +39,18 @@ from bench import train_gpu
 
 # Kind of a device event, tried in order on "<kernel name> <hlo op>" (cuDNN, cuBLAS and XLA names).
 KINDS = (
-    ("attention", re.compile(r"sdpa|fmha|flash|attention|cudnn", re.I)),
-    ("matmul", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|matmul|\bdot[._\b]|convolution|ynn_fusion", re.I)),
-    ("collective", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective", re.I)),
-    ("copy/slice", re.compile(r"memcpy|memset|copy|dynamic[-_]update[-_]slice|dynamic[-_]slice|transpose|"
-                              r"concatenate", re.I)),
-    ("reduction", re.compile(r"reduce", re.I)),
+  ("attention", re.compile(r"sdpa|fmha|flash|attention|cudnn", re.I)),
+  ("matmul", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|matmul|\bdot[._\b]|convolution|ynn_fusion", re.I)),
+  ("collective", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective", re.I)),
+  (
+    "copy/slice",
+    re.compile(
+      r"memcpy|memset|copy|dynamic[-_]update[-_]slice|dynamic[-_]slice|transpose|"
+      r"concatenate",
+      re.I,
+    ),
+  ),
+  ("reduction", re.compile(r"reduce", re.I)),
 )
 
 
@@ -158,8 +164,9 @@ def wall_by_op(events) -> collections.Counter:
   wall: collections.Counter = collections.Counter()
   running: collections.Counter = collections.Counter()
   last = None
-  for t, delta, op in sorted([(s, 1, op) for _, op, s, _, _ in events] +
-                             [(s + d, -1, op) for _, op, s, d, _ in events]):
+  for t, delta, op in sorted(
+    [(s, 1, op) for _, op, s, _, _ in events] + [(s + d, -1, op) for _, op, s, d, _ in events]
+  ):
     if last is not None and running:
       share = (t - last) / sum(running.values())
       for o, n in running.items():
@@ -194,13 +201,17 @@ def format_op_walls(events, costs: dict[str, tuple[float, str]], steps: int, top
     summed[op] += dur
     calls[op] += 1
     scope[op] = scope.get(op) or sc
-  lines = [f"top {top} ops by wall",
-           f"{'wall ms':>8} {'sum ms':>8} {'n/step':>6}  {'role':16} {'GFLOP/s':>7}  {'hlo op':28} scope"]
+  lines = [
+    f"top {top} ops by wall",
+    f"{'wall ms':>8} {'sum ms':>8} {'n/step':>6}  {'role':16} {'GFLOP/s':>7}  {'hlo op':28} scope",
+  ]
   for op, ns in wall.most_common(top):
     flops, role = costs.get(op, NO_PRODUCT)
     rate = f"{flops * calls[op] / ns:7.0f}" if flops and ns else " " * 7
-    lines.append(f"{ns / steps / 1e6:8.2f} {summed[op] / steps / 1e6:8.2f} {calls[op] / steps:6.0f}  {role:16} "
-                 f"{rate}  {op[:28]:28} {scope[op][-60:]}")
+    lines.append(
+      f"{ns / steps / 1e6:8.2f} {summed[op] / steps / 1e6:8.2f} {calls[op] / steps:6.0f}  {role:16} "
+      f"{rate}  {op[:28]:28} {scope[op][-60:]}"
+    )
   return "\n".join(lines)
 
 
@@ -235,14 +246,21 @@ def summarise(events, steps: int, top: int) -> str:
     per_kind[row[2]] += dur
   summed = sum(per_kind.values()) or 1
   busy = busy_ns(events)
-  lines = [f"device busy {busy / steps / 1e6:.1f} ms/step; op time summed {summed / steps / 1e6:.1f} ms/step",
-           f"{'kind':18} {'ms/step':>9} {'share':>6}"]
+  lines = [
+    f"device busy {busy / steps / 1e6:.1f} ms/step; op time summed {summed / steps / 1e6:.1f} ms/step",
+    f"{'kind':18} {'ms/step':>9} {'share':>6}",
+  ]
   lines += [f"{kind:18} {ns / steps / 1e6:9.2f} {ns / summed:6.1%}" for kind, ns in per_kind.most_common()]
-  lines += ["", f"top {top} ops",
-            f"{'ms/step':>8} {'share':>6} {'n/step':>6}  {'kind':18} {'hlo op':28} kernel | scope"]
+  lines += [
+    "",
+    f"top {top} ops",
+    f"{'ms/step':>8} {'share':>6} {'n/step':>6}  {'kind':18} {'hlo op':28} kernel | scope",
+  ]
   for op, (ns, n, kind, kernel, scope) in sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]:
-    lines.append(f"{ns / steps / 1e6:8.2f} {ns / summed:6.1%} {n / steps:6.0f}  {kind:18} {op[:28]:28} "
-                 f"{kernel[:60]}" + (f" | {scope[-60:]}" if scope else ""))
+    lines.append(
+      f"{ns / steps / 1e6:8.2f} {ns / summed:6.1%} {n / steps:6.0f}  {kind:18} {op[:28]:28} "
+      f"{kernel[:60]}" + (f" | {scope[-60:]}" if scope else "")
+    )
   return "\n".join(lines)
 
 
@@ -279,8 +297,9 @@ def main(argv=None) -> str:
   if args.smoke:
     args.batch, args.seq, args.loss_chunk = 2, 32, 16
   hf_cfg = train_gpu.SMOKE if args.smoke else train_gpu.LLAMA32_1B
-  run, _, peak_gb = train_gpu.jax_side(hf_cfg, args.setting, args.batch, args.seq, args.attn, args.remat,
-                                       args.loss_chunk)
+  run, _, peak_gb = train_gpu.jax_side(
+    hf_cfg, args.setting, args.batch, args.seq, args.attn, args.remat, args.loss_chunk
+  )
   t0 = time.perf_counter()
   run()
   first = time.perf_counter() - t0
@@ -296,10 +315,12 @@ def main(argv=None) -> str:
       run()
   xplane = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
   step_s = statistics.median(times)
-  head = (f"{args.setting} on {jax.devices()[0].device_kind}: batch {args.batch} x {args.seq}, attention "
-          f"{args.attn}, remat {args.remat}; step {step_s * 1e3:.1f} ms (median of {len(times)}), "
-          f"{args.batch * args.seq / step_s:,.0f} tokens/s, first step {first:.1f} s, peak {peak_gb():.1f} GB\n"
-          f"trace: {xplane}")
+  head = (
+    f"{args.setting} on {jax.devices()[0].device_kind}: batch {args.batch} x {args.seq}, attention "
+    f"{args.attn}, remat {args.remat}; step {step_s * 1e3:.1f} ms (median of {len(times)}), "
+    f"{args.batch * args.seq / step_s:,.0f} tokens/s, first step {first:.1f} s, peak {peak_gb():.1f} GB\n"
+    f"trace: {xplane}"
+  )
   report = head + "\n" + summarise(op_events(xplane), args.profile_steps, args.top)
   print(report, flush=True)
   return report

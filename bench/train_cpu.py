@@ -35,13 +35,33 @@ import time
 from jaxtune.train import host
 
 SMOLLM2_135M = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
-    intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-    hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True,
-    rope_theta=100000.0, bos_token_id=1, eos_token_id=2,
+  architectures=["LlamaForCausalLM"],
+  model_type="llama",
+  vocab_size=49152,
+  hidden_size=576,
+  intermediate_size=1536,
+  num_hidden_layers=30,
+  num_attention_heads=9,
+  num_key_value_heads=3,
+  head_dim=64,
+  hidden_act="silu",
+  rms_norm_eps=1e-5,
+  max_position_embeddings=8192,
+  tie_word_embeddings=True,
+  rope_theta=100000.0,
+  bos_token_id=1,
+  eos_token_id=2,
 )
-SMOKE = dict(SMOLLM2_135M, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+SMOKE = dict(
+  SMOLLM2_135M,
+  vocab_size=256,
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=16,
+)
 LORA = dict(rank=16, alpha=32.0)
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-4
@@ -53,19 +73,30 @@ def peak_rss_gb() -> float:
 
 def random_tokens(batch: int, seq: int, vocab: int, seed: int = 0):
   import numpy as np
+
   return np.random.default_rng(seed).integers(0, vocab, (batch, seq), dtype=np.int32)
 
 
 def loss_mask(batch: int, seq: int, trained_fraction: float, example: int = 64):
   """[batch, seq] int32: 1 where the token is a target. Each `example`-token span starts with its untrained prompt."""
   import numpy as np
+
   prompt = round((1.0 - trained_fraction) * example)
   return np.broadcast_to((np.arange(seq) % example >= prompt).astype(np.int32), (batch, seq)).copy()
 
 
 # ---------------------------------------------------------------------------------------------- jaxtune side
-def jaxtune_step(cfg, options, setting: str, batch: int, seq: int, loss_chunk: int, lr: float = LR,
-                 trained_fraction: float = 1.0, segments: int = 1):
+def jaxtune_step(
+  cfg,
+  options,
+  setting: str,
+  batch: int,
+  seq: int,
+  loss_chunk: int,
+  lr: float = LR,
+  trained_fraction: float = 1.0,
+  segments: int = 1,
+):
   """(run, n_trainable, n_frozen): run() does one real jaxtune train step on random tokens and blocks on it.
 
   segments: examples packed into each row, of seq / segments tokens each (1: one sequence per row, as HF sees)."""
@@ -92,9 +123,12 @@ def jaxtune_step(cfg, options, setting: str, batch: int, seq: int, loss_chunk: i
   if seq % segments:
     raise ValueError(f"{segments} segments do not divide a row of {seq} tokens")
   slot = np.arange(seq, dtype=np.int32)
-  data = {"input_ids": ids, "loss_mask": loss_mask(batch, seq, trained_fraction)[None],
-          "segment_ids": np.broadcast_to(1 + slot // (seq // segments), ids.shape).copy(),
-          "positions": np.broadcast_to(slot % (seq // segments), ids.shape).copy()}
+  data = {
+    "input_ids": ids,
+    "loss_mask": loss_mask(batch, seq, trained_fraction)[None],
+    "segment_ids": np.broadcast_to(1 + slot // (seq // segments), ids.shape).copy(),
+    "positions": np.broadcast_to(slot % (seq // segments), ids.shape).copy(),
+  }
   holder = {"state": state}
 
   def run() -> float:
@@ -104,9 +138,18 @@ def jaxtune_step(cfg, options, setting: str, batch: int, seq: int, loss_chunk: i
   return run, n_trainable, n_frozen
 
 
-def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int = 128,
-             remat: str = "dots_no_batch", trained_fraction: float = 1.0, dtype: str = "float32",
-             attention: str = "chunked", kernels: str = "auto"):
+def jax_side(
+  hf_cfg: dict,
+  setting: str,
+  batch: int,
+  seq: int,
+  loss_chunk: int = 128,
+  remat: str = "dots_no_batch",
+  trained_fraction: float = 1.0,
+  dtype: str = "float32",
+  attention: str = "chunked",
+  kernels: str = "auto",
+):
   """(step_fn, n_trainable): step_fn() runs one real jaxtune train step.
 
   dtype bfloat16: bf16 compute; float32 trained weights; under LoRA the frozen base is bf16 too
@@ -118,16 +161,25 @@ def jax_side(hf_cfg: dict, setting: str, batch: int, seq: int, loss_chunk: int =
   from jaxtune.models.config import from_hf_dict
 
   param_dtype = "bfloat16" if dtype == "bfloat16" and setting == "lora" else "float32"
-  options = options_lib.for_platform(jax.default_backend(), kernels=kernels, dtype=dtype, param_dtype=param_dtype,
-                                     attention_impl=attention, remat=remat)
-  run, n_trainable, _ = jaxtune_step(from_hf_dict(hf_cfg), options, setting, batch, seq, loss_chunk,
-                                     trained_fraction=trained_fraction)
+  options = options_lib.for_platform(
+    jax.default_backend(), kernels=kernels, dtype=dtype, param_dtype=param_dtype, attention_impl=attention, remat=remat
+  )
+  run, n_trainable, _ = jaxtune_step(
+    from_hf_dict(hf_cfg), options, setting, batch, seq, loss_chunk, trained_fraction=trained_fraction
+  )
   return run, n_trainable
 
 
 # --------------------------------------------------------------------------------------------- HF + PEFT side
-def hf_side(hf_cfg: dict, setting: str, batch: int, seq: int, attn: str = "sdpa", trained_fraction: float = 1.0,
-            dtype: str = "float32"):
+def hf_side(
+  hf_cfg: dict,
+  setting: str,
+  batch: int,
+  seq: int,
+  attn: str = "sdpa",
+  trained_fraction: float = 1.0,
+  dtype: str = "float32",
+):
   """(step_fn, n_trainable): one transformers (+ PEFT) step: forward with labels, backward, clip, AdamW.
 
   dtype bfloat16: the forward under torch.autocast(bfloat16); under LoRA the base weights are
@@ -144,8 +196,13 @@ def hf_side(hf_cfg: dict, setting: str, batch: int, seq: int, attn: str = "sdpa"
   model = transformers.LlamaForCausalLM(config).to(torch.bfloat16 if bf16 and setting == "lora" else torch.float32)
   if setting == "lora":
     import peft
-    model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                                       target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
+
+    model = peft.get_peft_model(
+      model,
+      peft.LoraConfig(
+        r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=HF_TARGETS, task_type="CAUSAL_LM"
+      ),
+    )
   model.train()
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -183,10 +240,21 @@ def worker(args) -> None:
     import jax
 
     from jaxtune.train import step as step_lib
+
     step_lib.jax = _NoCheckpoint(jax)
   if args.worker == "jaxtune":
-    run, n = jax_side(hf_cfg, args.setting, args.batch, args.seq, args.loss_chunk, args.remat, args.trained_fraction,
-                      args.dtype, args.attention, args.kernels)
+    run, n = jax_side(
+      hf_cfg,
+      args.setting,
+      args.batch,
+      args.seq,
+      args.loss_chunk,
+      args.remat,
+      args.trained_fraction,
+      args.dtype,
+      args.attention,
+      args.kernels,
+    )
   else:
     run, n = hf_side(hf_cfg, args.setting, args.batch, args.seq, args.hf_attn, args.trained_fraction, args.dtype)
   build = time.perf_counter() - t0
@@ -197,6 +265,7 @@ def worker(args) -> None:
     loss = run()
   if args.profile and args.worker == "jaxtune":
     import jax
+
     with jax.profiler.trace(args.profile, create_perfetto_trace=True):
       run()
   print(json.dumps({"build_s": build, "first_step_s": first, "trainable": n, "loss": loss}), flush=True)
@@ -224,16 +293,52 @@ def serve(run) -> None:
       loss = run()
       times.append(time.perf_counter() - t0)
     after, n = resource.getrusage(resource.RUSAGE_SELF), max(len(times), 1)
-    print(json.dumps({"times": times, "loss": loss, "page_faults": (after.ru_minflt - before.ru_minflt) / n,
-                      "sys_s": (after.ru_stime - before.ru_stime) / n, "settle_times": settle_times}), flush=True)
+    print(
+      json.dumps(
+        {
+          "times": times,
+          "loss": loss,
+          "page_faults": (after.ru_minflt - before.ru_minflt) / n,
+          "sys_s": (after.ru_stime - before.ru_stime) / n,
+          "settle_times": settle_times,
+        }
+      ),
+      flush=True,
+    )
 
 
 def _start(side: str, args) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "bench.train_cpu", "--worker", side, "--setting", args.setting,
-         "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
-         "--loss-chunk", str(args.loss_chunk), "--remat", args.remat, "--hf-attn", args.hf_attn,
-         "--profile", args.profile, "--trained-fraction", str(args.trained_fraction), "--dtype", args.dtype,
-         "--attention", args.attention, "--kernels", args.kernels]
+  cmd = [
+    sys.executable,
+    "-m",
+    "bench.train_cpu",
+    "--worker",
+    side,
+    "--setting",
+    args.setting,
+    "--batch",
+    str(args.batch),
+    "--seq",
+    str(args.seq),
+    "--warmup",
+    str(args.warmup),
+    "--loss-chunk",
+    str(args.loss_chunk),
+    "--remat",
+    args.remat,
+    "--hf-attn",
+    args.hf_attn,
+    "--profile",
+    args.profile,
+    "--trained-fraction",
+    str(args.trained_fraction),
+    "--dtype",
+    args.dtype,
+    "--attention",
+    args.attention,
+    "--kernels",
+    args.kernels,
+  ]
   cmd += ["--smoke"] if args.smoke else []
   cmd += ["--no-ce-remat"] if args.no_ce_remat else []
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,27 +403,47 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=3, help="measured steps per side per round")
   p.add_argument("--warmup", type=int, default=2, help="unmeasured steps (the first compiles)")
   p.add_argument("--settle", type=int, default=1, help="unmeasured steps at the start of every turn, both sides")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="compute dtype of both sides; float32 is the issue's setting, bfloat16 an extra one "
-                      "(CPUs with bf16 units, such as AMX)")
+  p.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    default="float32",
+    help="compute dtype of both sides; float32 is the issue's setting, bfloat16 an extra one "
+    "(CPUs with bf16 units, such as AMX)",
+  )
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--trained-fraction", type=float, default=1.0,
-                 help="share of each 64-token example that is a target (chat data: the rest is the prompt)")
-  p.add_argument("--loss-chunk", type=int, default=128,
-                 help="jaxtune cross-entropy chunk (positions); at T=256, 128 splits the logits in two, "
-                      "0.2 GB less peak RSS than one chunk at the same speed")
-  p.add_argument("--remat", default="dots_no_batch",
-                 help="jaxtune remat policy: none | full | dots | dots_no_batch (the training default)")
+  p.add_argument(
+    "--trained-fraction",
+    type=float,
+    default=1.0,
+    help="share of each 64-token example that is a target (chat data: the rest is the prompt)",
+  )
+  p.add_argument(
+    "--loss-chunk",
+    type=int,
+    default=128,
+    help="jaxtune cross-entropy chunk (positions); at T=256, 128 splits the logits in two, "
+    "0.2 GB less peak RSS than one chunk at the same speed",
+  )
+  p.add_argument(
+    "--remat",
+    default="dots_no_batch",
+    help="jaxtune remat policy: none | full | dots | dots_no_batch (the training default)",
+  )
   p.add_argument("--hf-attn", default="sdpa", help="transformers attention: sdpa | eager")
   p.add_argument("--attention", default="chunked", help="jaxtune attention: chunked | xla (model.attention_impl)")
   p.add_argument("--kernels", default="auto", help="jaxtune kernels: auto | cpu | plain (model.kernels)")
-  p.add_argument("--hugepages", choices=("cli", "none", "both"), default="cli",
-                 help="glibc.malloc.hugetlb=1 for: cli = the jaxtune side, as `python -m jaxtune.train` runs "
-                      "(HF as it ships); none; both (ablations: HF is slower with the tunable)")
+  p.add_argument(
+    "--hugepages",
+    choices=("cli", "none", "both"),
+    default="cli",
+    help="glibc.malloc.hugetlb=1 for: cli = the jaxtune side, as `python -m jaxtune.train` runs "
+    "(HF as it ships); none; both (ablations: HF is slower with the tunable)",
+  )
   p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the jaxtune worker (ablations)")
-  p.add_argument("--no-ce-remat", action="store_true",
-                 help="ablation: patch out the jax.checkpoint around the chunked cross-entropy")
+  p.add_argument(
+    "--no-ce-remat", action="store_true", help="ablation: patch out the jax.checkpoint around the chunked cross-entropy"
+  )
   p.add_argument("--profile", default="", help="jaxtune worker: write a perfetto trace of one step here")
   p.add_argument("--smoke", action="store_true", help="tiny model, 1 round of 1 step (seconds)")
   p.add_argument("--json", help="also write the results here")
@@ -334,10 +459,13 @@ def main(argv=None) -> dict:
   for s in sides:  # built and warmed one at a time: never two heavy jobs at once
     procs[s] = _start(s, args)
     info[s] = _ask(procs[s])
-    print(f"{s}: built in {info[s]['build_s']:.1f} s, first step {info[s]['first_step_s']:.1f} s, "
-          f"{info[s]['trainable']:,} trainable", flush=True)
+    print(
+      f"{s}: built in {info[s]['build_s']:.1f} s, first step {info[s]['first_step_s']:.1f} s, "
+      f"{info[s]['trainable']:,} trainable",
+      flush=True,
+    )
   for r in range(args.rounds):
-    for s in (sides if r % 2 == 0 else sides[::-1]):
+    for s in sides if r % 2 == 0 else sides[::-1]:
       rates[s].append(machine_rate())
       got = _ask(procs[s], f"run {args.steps} {args.settle}")
       times[s] += got["times"]
@@ -345,8 +473,12 @@ def main(argv=None) -> dict:
       faults[s].append(got["page_faults"])
       sys_s[s].append(got["sys_s"])
       unmeasured = "".join(f" ({t:.2f})" for t in got["settle_times"])
-      print(f"round {r + 1} {s} [machine {rates[s][-1]:.0f} GFLOP/s]:{unmeasured} "
-            + " ".join(f"{t:.2f}" for t in got["times"]) + f" s/step, loss {got['loss']:.3f}", flush=True)
+      print(
+        f"round {r + 1} {s} [machine {rates[s][-1]:.0f} GFLOP/s]:{unmeasured} "
+        + " ".join(f"{t:.2f}" for t in got["times"])
+        + f" s/step, loss {got['loss']:.3f}",
+        flush=True,
+      )
   for s in sides:
     info[s].update(_ask(procs[s], "quit"))
     procs[s].wait()
@@ -354,31 +486,58 @@ def main(argv=None) -> dict:
   rows = {}
   for s in sides:
     med = statistics.median(times[s])
-    rows[s] = dict(info[s], step_s=med, step_min_s=min(times[s]), tokens_per_s=tokens / med, times=times[s],
-                   settle_times=settle[s], page_faults_per_step=statistics.median(faults[s]),
-                   sys_s_per_step=statistics.median(sys_s[s]),
-                   machine_gflops=rates[s])
-  print(f"\nsetting={args.setting} batch={args.batch}x{args.seq} {args.dtype}, "
-        f"median of {len(times[sides[0]])} steps/side")
+    rows[s] = dict(
+      info[s],
+      step_s=med,
+      step_min_s=min(times[s]),
+      tokens_per_s=tokens / med,
+      times=times[s],
+      settle_times=settle[s],
+      page_faults_per_step=statistics.median(faults[s]),
+      sys_s_per_step=statistics.median(sys_s[s]),
+      machine_gflops=rates[s],
+    )
+  print(
+    f"\nsetting={args.setting} batch={args.batch}x{args.seq} {args.dtype}, median of {len(times[sides[0]])} steps/side"
+  )
   print(f"cpu: {cpu_model()}")
-  print(f"hugepages: {args.hugepages}, trained fraction: {args.trained_fraction}, "
-        f"unmeasured steps per turn: {args.settle} (shown in parentheses)")
-  print(f"{'side':8} {'tokens/s':>9} {'step s':>7} {'min s':>6} {'peak RSS GB':>11} {'first step s':>12} "
-        f"{'faults/step':>11} {'sys s/step':>10}")
+  print(
+    f"hugepages: {args.hugepages}, trained fraction: {args.trained_fraction}, "
+    f"unmeasured steps per turn: {args.settle} (shown in parentheses)"
+  )
+  print(
+    f"{'side':8} {'tokens/s':>9} {'step s':>7} {'min s':>6} {'peak RSS GB':>11} {'first step s':>12} "
+    f"{'faults/step':>11} {'sys s/step':>10}"
+  )
   for s, row in rows.items():
-    print(f"{s:8} {row['tokens_per_s']:9.1f} {row['step_s']:7.2f} {row['step_min_s']:6.2f} "
-          f"{row['peak_rss_gb']:11.2f} {row['first_step_s']:12.1f} {row['page_faults_per_step']:11,.0f} "
-          f"{row['sys_s_per_step']:10.2f}")
+    print(
+      f"{s:8} {row['tokens_per_s']:9.1f} {row['step_s']:7.2f} {row['step_min_s']:6.2f} "
+      f"{row['peak_rss_gb']:11.2f} {row['first_step_s']:12.1f} {row['page_faults_per_step']:11,.0f} "
+      f"{row['sys_s_per_step']:10.2f}"
+    )
   if "jaxtune" in rows and "hf" in rows:
     j, h = rows["jaxtune"], rows["hf"]
-    print(f"ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
-          f"peak RSS {j['peak_rss_gb'] / h['peak_rss_gb']:.2f}x")
+    print(
+      f"ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
+      f"peak RSS {j['peak_rss_gb'] / h['peak_rss_gb']:.2f}x"
+    )
   every = [x for s in sides for x in rates[s]]
-  print(f"machine float32 product rate before each turn: {min(every):.0f}-{max(every):.0f} GFLOP/s "
-        f"({max(every) / min(every) - 1:.0%} apart)")
-  result = {"cpu": cpu_model(), "setting": args.setting, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
-            "smoke": args.smoke, "hugepages": args.hugepages, "trained_fraction": args.trained_fraction,
-            "settle": args.settle, "sides": rows}
+  print(
+    f"machine float32 product rate before each turn: {min(every):.0f}-{max(every):.0f} GFLOP/s "
+    f"({max(every) / min(every) - 1:.0%} apart)"
+  )
+  result = {
+    "cpu": cpu_model(),
+    "setting": args.setting,
+    "dtype": args.dtype,
+    "batch": args.batch,
+    "seq": args.seq,
+    "smoke": args.smoke,
+    "hugepages": args.hugepages,
+    "trained_fraction": args.trained_fraction,
+    "settle": args.settle,
+    "sides": rows,
+  }
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

@@ -28,12 +28,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   model, tokenizer = load_model(args.model, dtype=args.dtype), load_tokenizer(args.model)
-  answers = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  answers = generate(
+    model,
+    tokenizer,
+    args.prompt,
+    max_new_tokens=args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    seed=args.seed,
+  )
   for answer in answers:
     print(answer)
 
 
 if __name__ == "__main__":
   main()
-

@@ -39,8 +39,9 @@ def stop_token_ids(tokenizer) -> list[int]:
   return sorted(ids)
 
 
-def _sample(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
-            top_p: float | None) -> jax.Array:
+def _sample(
+  logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int | None, top_p: float | None
+) -> jax.Array:
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits = logits_BV / temperature
@@ -58,8 +59,19 @@ def _sample(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, input_ids_BP, mask_BP, stop_ids, key, *, max_new_tokens: int, temperature: float,
-              top_k: int | None, top_p: float | None):
+def _generate(
+  graphdef,
+  state,
+  input_ids_BP,
+  mask_BP,
+  stop_ids,
+  key,
+  *,
+  max_new_tokens: int,
+  temperature: float,
+  top_k: int | None,
+  top_p: float | None,
+):
   model: CausalLM = nnx.merge(graphdef, state)
   B, P = input_ids_BP.shape
   cache = KVCache.create(model.config, B, P + max_new_tokens, model.options.dtype)
@@ -80,8 +92,7 @@ def _generate(graphdef, state, input_ids_BP, mask_BP, stop_ids, key, *, max_new_
     i, token, pos, cache, out, done, key = carry
     out = out.at[:, i].set(jnp.where(done, 0, token))
     done = done | jnp.isin(token, stop_ids)
-    logits, cache = model(token[:, None], segment_ids=jnp.ones((B, 1), jnp.int32), positions=pos[:, None],
-                          cache=cache)
+    logits, cache = model(token[:, None], segment_ids=jnp.ones((B, 1), jnp.int32), positions=pos[:, None], cache=cache)
     key, sub = jax.random.split(key)
     return i + 1, _sample(logits[:, -1], sub, temperature, top_k, top_p), pos + 1, cache, out, done, key
 
@@ -90,21 +101,38 @@ def _generate(graphdef, state, input_ids_BP, mask_BP, stop_ids, key, *, max_new_
   return out
 
 
-def generate_ids(model: CausalLM, input_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 stop_ids: Sequence[int] = (), seed: int = 0) -> list[list[int]]:
+def generate_ids(
+  model: CausalLM,
+  input_ids: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int = 128,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  stop_ids: Sequence[int] = (),
+  seed: int = 0,
+) -> list[list[int]]:
   """New token ids for each prompt (a list of token ids), up to and including the first stop token."""
   P = max(len(p) for p in input_ids)
   P = -(-P // _PROMPT_BUCKET) * _PROMPT_BUCKET
   ids = np.zeros((len(input_ids), P), np.int32)
   mask = np.zeros((len(input_ids), P), np.int32)
   for row, prompt in enumerate(input_ids):
-    ids[row, P - len(prompt):] = prompt
-    mask[row, P - len(prompt):] = 1
+    ids[row, P - len(prompt) :] = prompt
+    mask[row, P - len(prompt) :] = 1
   graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(list(stop_ids) or [-1], jnp.int32),
-                  jax.random.key(seed), max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-                  top_p=top_p)
+  out = _generate(
+    graphdef,
+    state,
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    jnp.asarray(list(stop_ids) or [-1], jnp.int32),
+    jax.random.key(seed),
+    max_new_tokens=max_new_tokens,
+    temperature=float(temperature),
+    top_k=top_k,
+    top_p=top_p,
+  )
   stops = set(stop_ids)
   result = []
   for row in np.asarray(out).tolist():
@@ -127,11 +155,26 @@ def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]], chat: bool | 
   return encoded
 
 
-def generate(model: CausalLM, tokenizer, prompts: Sequence[str | list[dict]], max_new_tokens: int = 128,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             chat: bool | None = None) -> list[str]:
+def generate(
+  model: CausalLM,
+  tokenizer,
+  prompts: Sequence[str | list[dict]],
+  max_new_tokens: int = 128,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  seed: int = 0,
+  chat: bool | None = None,
+) -> list[str]:
   """Generated texts, one per prompt (chat template applied when the tokenizer has one)."""
-  new_ids = generate_ids(model, encode_prompts(tokenizer, prompts, chat), max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_token_ids(tokenizer),
-                         seed=seed)
+  new_ids = generate_ids(
+    model,
+    encode_prompts(tokenizer, prompts, chat),
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    stop_ids=stop_token_ids(tokenizer),
+    seed=seed,
+  )
   return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]

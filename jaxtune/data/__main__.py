@@ -72,8 +72,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   describe(
-      _CONFIG.value, split=_SPLIT.value, show=_SHOW.value, tokens=_TOKENS.value, dump=_DUMP.value,
-      out=sys.stdout,
+    _CONFIG.value,
+    split=_SPLIT.value,
+    show=_SHOW.value,
+    tokens=_TOKENS.value,
+    dump=_DUMP.value,
+    out=sys.stdout,
   )
 
 

@@ -20,28 +20,26 @@ _SORT_WINDOW = 64  # Unpacked training: batches whose examples are sorted by len
 
 
 def make_loader(
-    data_cfg: ml_collections.ConfigDict,
-    tokenizer,
-    *,
-    split: str = "train",
-    process_index: int = 0,
-    process_count: int = 1,
-    batch_size: int | None = None,
+  data_cfg: ml_collections.ConfigDict,
+  tokenizer,
+  *,
+  split: str = "train",
+  process_index: int = 0,
+  process_count: int = 1,
+  batch_size: int | None = None,
 ) -> "BatchIterator":
   """This host's batches of `split` (see `loader_for`), tokenising or reading the cache first."""
   data = pipeline.load_split(data_cfg, tokenizer, split)
-  return loader_for(
-      data, data_cfg, process_index=process_index, process_count=process_count, batch_size=batch_size
-  )
+  return loader_for(data, data_cfg, process_index=process_index, process_count=process_count, batch_size=batch_size)
 
 
 def loader_for(
-    data: pipeline.SplitData,
-    data_cfg: ml_collections.ConfigDict,
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-    batch_size: int | None = None,
+  data: pipeline.SplitData,
+  data_cfg: ml_collections.ConfigDict,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  batch_size: int | None = None,
 ) -> "BatchIterator":
   """This host's batches of already loaded examples: dicts of int32 [rows, T] arrays.
 
@@ -54,31 +52,31 @@ def loader_for(
   batch_size = batch_size or data_cfg.batch_size
   if batch_size % process_count or not 0 <= process_index < process_count:
     raise ValueError(
-        f"data.batch_size {batch_size} must split evenly over {process_count} processes "
-        f"(process_index {process_index})."
+      f"data.batch_size {batch_size} must split evenly over {process_count} processes (process_index {process_index})."
     )
   plan = _Plan(data, data_cfg, batch_size, training=data.split == "train")
   first = plan.epoch(0)
   if not first:
-    hint = "set data.validation or data.validation_fraction" if data.split == "validation" else (
-        "set data.test_fraction" if data.split == "test" else "lower data.batch_size or add data")
+    hint = (
+      "set data.validation or data.validation_fraction"
+      if data.split == "validation"
+      else ("set data.test_fraction" if data.split == "test" else "lower data.batch_size or add data")
+    )
     raise ValueError(
-        f"split {data.split!r} has {plan.num_examples} examples, not enough for one global batch"
-        f" of {batch_size} rows; {hint}."
+      f"split {data.split!r} has {plan.num_examples} examples, not enough for one global batch"
+      f" of {batch_size} rows; {hint}."
     )
   tokens = sum(int(plan.lengths[np.concatenate(rows)].sum()) for _, rows in first)
   stats = dataclasses.replace(
-      data.stats,
-      batches_per_epoch=len(first),
-      rows=sum(len(rows) for _, rows in first),
-      packing_efficiency=tokens / sum(length * len(rows) for length, rows in first),
+    data.stats,
+    batches_per_epoch=len(first),
+    rows=sum(len(rows) for _, rows in first),
+    packing_efficiency=tokens / sum(length * len(rows) for length, rows in first),
   )
   num_epochs = data_cfg.num_epochs if data.split == "train" else 1
   dataset = _BatchPlanDataset(plan, num_epochs, process_index, process_count).map(plan.collate)
   if data_cfg.prefetch > 0:
-    dataset = grain.experimental.ThreadPrefetchIterDataset(
-        dataset, prefetch_buffer_size=data_cfg.prefetch
-    )
+    dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data_cfg.prefetch)
   return BatchIterator(iter(dataset), stats, plan.fingerprint, plan.longest_row())
 
 
@@ -88,8 +86,7 @@ class BatchIterator(grain.DatasetIterator):
   longest_row: the longest row (T) any of its batches can have, in any epoch.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, stats: pipeline.DataStats, fingerprint: str,
-               longest_row: int):
+  def __init__(self, parent: grain.DatasetIterator, stats: pipeline.DataStats, fingerprint: str, longest_row: int):
     super().__init__(parent)
     self.stats = stats
     self.longest_row = longest_row
@@ -106,10 +103,10 @@ class BatchIterator(grain.DatasetIterator):
     """Continues with the batch after the one that was last taken when `state` was saved."""
     if state.get("fingerprint", self._fingerprint) != self._fingerprint:
       raise ValueError(
-          "the data iterator state comes from different data or data settings (sources, "
-          "tokenizer, splits, lengths, packing, batch size or seed), so it cannot resume exactly."
-          " Restore the original data settings, or drop 'fingerprint' from the state to resume "
-          "at the same (epoch, batch) anyway."
+        "the data iterator state comes from different data or data settings (sources, "
+        "tokenizer, splits, lengths, packing, batch size or seed), so it cannot resume exactly."
+        " Restore the original data settings, or drop 'fingerprint' from the state to resume "
+        "at the same (epoch, batch) anyway."
       )
     self._parent.set_state({"epoch": int(state["epoch"]), "batch": int(state["batch"])})
 
@@ -117,20 +114,15 @@ class BatchIterator(grain.DatasetIterator):
 class _Plan:
   """The global batches of each epoch: (row length, rows), a row being example indices."""
 
-  def __init__(
-      self, data: pipeline.SplitData, cfg: ml_collections.ConfigDict, batch_size: int, training: bool
-  ):
+  def __init__(self, data: pipeline.SplitData, cfg: ml_collections.ConfigDict, batch_size: int, training: bool):
     self.examples = pipeline.Examples.concat(data.examples)
     self.lengths = self.examples.lengths
     self.num_examples = len(self.examples)
     self.sizes = [len(e) for e in data.examples]
     self.weights = tuple(cfg.weights) if training else ()
-    if self.weights and (
-        len(self.weights) != len(self.sizes) or min(self.weights) < 0 or sum(self.weights) <= 0
-    ):
+    if self.weights and (len(self.weights) != len(self.sizes) or min(self.weights) < 0 or sum(self.weights) <= 0):
       raise ValueError(
-          f"data.weights {self.weights}: need one non-negative weight per train source "
-          f"({len(self.sizes)}), not all zero."
+        f"data.weights {self.weights}: need one non-negative weight per train source ({len(self.sizes)}), not all zero."
       )
     for w, n, source in zip(self.weights, self.sizes, data.sources):
       if w > 0 and n == 0:
@@ -143,10 +135,18 @@ class _Plan:
     self.algorithm = cfg.packing_algorithm
     self.max_seq_len = cfg.max_seq_len
     self.buckets = packing.bucket_lengths(tuple(cfg.bucket_lengths), cfg.max_seq_len)
-    self.fingerprint = pipeline.digest([
-        data.fingerprint, self.weights, self.shuffle, self.seed, batch_size, self.packing,
-        self.algorithm, self.buckets,
-    ])
+    self.fingerprint = pipeline.digest(
+      [
+        data.fingerprint,
+        self.weights,
+        self.shuffle,
+        self.seed,
+        batch_size,
+        self.packing,
+        self.algorithm,
+        self.buckets,
+      ]
+    )
     self._cached: tuple[int, list] | None = None
 
   def epoch(self, epoch: int) -> list[tuple[int, list[np.ndarray]]]:
@@ -167,10 +167,13 @@ class _Plan:
       # Batches of similar lengths pad less; sorting only within windows keeps them random.
       chosen = chosen[rng.permutation(len(chosen))]
       window = self.batch_size * _SORT_WINDOW
-      chosen = np.concatenate([
+      chosen = np.concatenate(
+        [
           w[np.argsort(self.lengths[w], kind="stable")]
           for w in np.array_split(chosen, range(window, len(chosen), window))
-      ] or [chosen])
+        ]
+        or [chosen]
+      )
     batches = self._batches([chosen[i : i + 1] for i in range(len(chosen))])
     if rng is not None:
       batches = [batches[i] for i in rng.permutation(len(batches))]
@@ -225,7 +228,6 @@ class _BatchPlanDataset(grain.IterDataset):
 
 
 class _BatchPlanIterator(grain.DatasetIterator):
-
   def __init__(self, plan: _Plan, num_epochs: int, process_index: int, process_count: int):
     super().__init__()
     self._plan, self._num_epochs = plan, num_epochs

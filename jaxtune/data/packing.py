@@ -17,10 +17,10 @@ BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 def pack(
-    lengths: Sequence[int] | np.ndarray,
-    capacity: int,
-    algorithm: str = "ffd",
-    order: np.ndarray | None = None,
+  lengths: Sequence[int] | np.ndarray,
+  capacity: int,
+  algorithm: str = "ffd",
+  order: np.ndarray | None = None,
 ) -> list[np.ndarray]:
   """Groups example indices into rows of at most `capacity` tokens, fullest first.
 
@@ -32,8 +32,8 @@ def pack(
     order = np.arange(len(lengths))
   if len(lengths) and (lengths.max() > capacity or lengths.min() < 1):
     raise ValueError(
-        f"packing needs example lengths in [1, {capacity}], got {lengths.min()}..{lengths.max()}:"
-        " truncate to max_seq_len first."
+      f"packing needs example lengths in [1, {capacity}], got {lengths.min()}..{lengths.max()}:"
+      " truncate to max_seq_len first."
     )
   order = np.asarray(order)
   by_length = order[np.argsort(-lengths[order], kind="stable")]
@@ -101,8 +101,7 @@ def bucket_lengths(configured: Sequence[int], max_seq_len: int) -> tuple[int, ..
   too_long = [b for b in configured if not 0 < b <= max_seq_len]
   if too_long:
     raise ValueError(
-        f"data.bucket_lengths: {too_long} outside 1..max_seq_len ({max_seq_len}); "
-        "drop them or raise data.max_seq_len."
+      f"data.bucket_lengths: {too_long} outside 1..max_seq_len ({max_seq_len}); drop them or raise data.max_seq_len."
     )
   return tuple(sorted(set(configured) | {max_seq_len}))
 

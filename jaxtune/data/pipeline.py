@@ -49,11 +49,11 @@ class Examples:
     """Examples from (input_ids, loss_mask, key, location) tuples."""
     lengths = [len(ids) for ids, *_ in items]
     return cls(
-        input_ids=np.concatenate([ids for ids, *_ in items] or [[]]).astype(np.int32),
-        loss_mask=np.concatenate([mask for _, mask, *_ in items] or [[]]).astype(np.int8),
-        offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
-        keys=np.asarray([key for *_, key, _ in items], np.uint64),
-        locations=[location for *_, location in items],
+      input_ids=np.concatenate([ids for ids, *_ in items] or [[]]).astype(np.int32),
+      loss_mask=np.concatenate([mask for _, mask, *_ in items] or [[]]).astype(np.int8),
+      offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
+      keys=np.asarray([key for *_, key, _ in items], np.uint64),
+      locations=[location for *_, location in items],
     )
 
   @classmethod
@@ -61,11 +61,11 @@ class Examples:
     """All examples of `parts`, in order."""
     bases = np.cumsum([0] + [len(p.input_ids) for p in parts])
     return cls(
-        input_ids=np.concatenate([p.input_ids for p in parts] or [np.zeros(0, np.int32)]),
-        loss_mask=np.concatenate([p.loss_mask for p in parts] or [np.zeros(0, np.int8)]),
-        offsets=np.concatenate([[0]] + [p.offsets[1:] + b for p, b in zip(parts, bases)]),
-        keys=np.concatenate([p.keys for p in parts] or [np.zeros(0, np.uint64)]),
-        locations=[loc for p in parts for loc in p.locations],
+      input_ids=np.concatenate([p.input_ids for p in parts] or [np.zeros(0, np.int32)]),
+      loss_mask=np.concatenate([p.loss_mask for p in parts] or [np.zeros(0, np.int8)]),
+      offsets=np.concatenate([[0]] + [p.offsets[1:] + b for p, b in zip(parts, bases)]),
+      keys=np.concatenate([p.keys for p in parts] or [np.zeros(0, np.uint64)]),
+      locations=[loc for p in parts for loc in p.locations],
     )
 
   def windows(self, indices: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> "Examples":
@@ -74,8 +74,11 @@ class Examples:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
     return Examples(
-        self.input_ids[gather], self.loss_mask[gather], offsets, self.keys[indices],
-        [self.locations[i] for i in indices],
+      self.input_ids[gather],
+      self.loss_mask[gather],
+      offsets,
+      self.keys[indices],
+      [self.locations[i] for i in indices],
     )
 
   def select(self, indices: np.ndarray) -> "Examples":
@@ -108,16 +111,16 @@ class DataStats:
   def summary(self) -> str:
     """A few human-readable lines."""
     lines = [
-        f"split {self.split}: {self.sources} source(s), {self.cached_sources} from the cache",
-        f"  records {self.records:,}  examples {self.examples:,}  tokens {self.tokens:,}",
-        f"  trainable tokens {self.trainable_tokens:,} ({self.trainable_fraction:.1%})",
-        f"  truncated to max_seq_len {self.truncated:,}",
-        "  " + self.skipped.summary().replace("\n", "\n  "),
+      f"split {self.split}: {self.sources} source(s), {self.cached_sources} from the cache",
+      f"  records {self.records:,}  examples {self.examples:,}  tokens {self.tokens:,}",
+      f"  trainable tokens {self.trainable_tokens:,} ({self.trainable_fraction:.1%})",
+      f"  truncated to max_seq_len {self.truncated:,}",
+      "  " + self.skipped.summary().replace("\n", "\n  "),
     ]
     if self.rows:
       lines.append(
-          f"  batches per epoch {self.batches_per_epoch:,} ({self.rows:,} rows), "
-          f"packing efficiency {self.packing_efficiency:.1%}"
+        f"  batches per epoch {self.batches_per_epoch:,} ({self.rows:,} rows), "
+        f"packing efficiency {self.packing_efficiency:.1%}"
       )
     return "\n".join(lines)
 
@@ -146,9 +149,7 @@ def load_split(data_cfg: ml_collections.ConfigDict, tokenizer, split: str = "tra
   for source in sources:
     examples, key, hit = tokenize_source(source, tokenizer, data_cfg, tokenizer_id, report)
     if from_train:
-      chosen = split_indices(
-          examples.keys, data_cfg.seed, validation_fraction, data_cfg.test_fraction
-      )[split]
+      chosen = split_indices(examples.keys, data_cfg.seed, validation_fraction, data_cfg.test_fraction)[split]
       examples = examples.select(chosen)
     num_records += len(examples)
     examples, cut = fit_to_length(examples, data_cfg.max_seq_len, data_cfg.truncation, report)
@@ -157,15 +158,15 @@ def load_split(data_cfg: ml_collections.ConfigDict, tokenizer, split: str = "tra
     cached += hit
     truncated += cut
   stats = DataStats(
-      split=split,
-      sources=len(sources),
-      cached_sources=cached,
-      records=num_records,
-      examples=sum(len(p) for p in parts),
-      tokens=sum(len(p.input_ids) for p in parts),
-      trainable_tokens=sum(int(p.loss_mask.sum()) for p in parts),
-      truncated=truncated,
-      skipped=report,
+    split=split,
+    sources=len(sources),
+    cached_sources=cached,
+    records=num_records,
+    examples=sum(len(p) for p in parts),
+    tokens=sum(len(p.input_ids) for p in parts),
+    trainable_tokens=sum(int(p.loss_mask.sum()) for p in parts),
+    truncated=truncated,
+    skipped=report,
   )
   settings = [split, keys, validation_fraction, data_cfg.test_fraction, data_cfg.seed]
   settings += [data_cfg.max_seq_len, data_cfg.truncation]
@@ -180,10 +181,10 @@ def as_sources(value: str | Sequence[str]) -> tuple[str, ...]:
 def _check(cfg: ml_collections.ConfigDict, split: str) -> None:
   """Fails on settings that cannot work, naming the key."""
   choices = {
-      "on_error": ("raise", "skip"),
-      "train_on": chat.TRAIN_ON,
-      "truncation": ("right", "left", "drop"),
-      "packing_algorithm": ("ffd", "bfd"),
+    "on_error": ("raise", "skip"),
+    "train_on": chat.TRAIN_ON,
+    "truncation": ("right", "left", "drop"),
+    "packing_algorithm": ("ffd", "bfd"),
   }
   for key, allowed in choices.items():
     if cfg[key] not in allowed:
@@ -193,14 +194,12 @@ def _check(cfg: ml_collections.ConfigDict, split: str) -> None:
   if not as_sources(cfg.train):
     raise ValueError("data.train: no source given; set it to a file, directory or dataset id.")
   if as_sources(cfg.validation) and cfg.validation_fraction:
-    raise ValueError(
-        "data.validation and data.validation_fraction are both set; use one of them."
-    )
+    raise ValueError("data.validation and data.validation_fraction are both set; use one of them.")
   fractions = cfg.validation_fraction + cfg.test_fraction
   if min(cfg.validation_fraction, cfg.test_fraction) < 0 or fractions >= 1:
     raise ValueError(
-        "data.validation_fraction + data.test_fraction must be in [0, 1), "
-        f"got {cfg.validation_fraction} + {cfg.test_fraction}."
+      "data.validation_fraction + data.test_fraction must be in [0, 1), "
+      f"got {cfg.validation_fraction} + {cfg.test_fraction}."
     )
   if cfg.max_seq_len < 2:
     raise ValueError(f"data.max_seq_len: {cfg.max_seq_len} is too short to train on.")
@@ -210,7 +209,7 @@ def _check(cfg: ml_collections.ConfigDict, split: str) -> None:
 
 
 def split_indices(
-    keys: np.ndarray, seed: int, validation_fraction: float, test_fraction: float
+  keys: np.ndarray, seed: int, validation_fraction: float, test_fraction: float
 ) -> dict[str, np.ndarray]:
   """Indices of each split, in file order, chosen by record content and seed alone.
 
@@ -223,9 +222,9 @@ def split_indices(
   sizes = [_share(n, validation_fraction), _share(n, test_fraction)]
   bounds = np.cumsum([0] + sizes)
   return {
-      "validation": np.sort(rank[bounds[0] : bounds[1]]),
-      "test": np.sort(rank[bounds[1] : bounds[2]]),
-      "train": np.sort(rank[bounds[2] :]),
+    "validation": np.sort(rank[bounds[0] : bounds[1]]),
+    "test": np.sort(rank[bounds[1] : bounds[2]]),
+    "train": np.sort(rank[bounds[2] :]),
   }
 
 
@@ -243,9 +242,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def fit_to_length(
-    examples: Examples, max_seq_len: int, policy: str, report: SkipReport
-) -> tuple[Examples, int]:
+def fit_to_length(examples: Examples, max_seq_len: int, policy: str, report: SkipReport) -> tuple[Examples, int]:
   """Examples cut to `max_seq_len` by `policy`, and how many were cut.
 
   The first token of every example becomes a non-target: no position of the example predicts
@@ -261,18 +258,33 @@ def fit_to_length(
     starts[long] = ends[long] - max_seq_len
   else:
     keep &= ~long
-    _count(report, examples, np.flatnonzero(long), f"longer than max_seq_len ({max_seq_len})",
-           "raise data.max_seq_len, or truncate with data.truncation='right' or 'left'")
+    _count(
+      report,
+      examples,
+      np.flatnonzero(long),
+      f"longer than max_seq_len ({max_seq_len})",
+      "raise data.max_seq_len, or truncate with data.truncation='right' or 'left'",
+    )
   mask = examples.loss_mask.copy()
   mask[starts[starts < ends]] = 0
   targets = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
   empty = keep & (targets[ends] == targets[starts])
-  _count(report, examples, np.flatnonzero(empty & long),
-         f"no trainable token within the first max_seq_len ({max_seq_len}) tokens" if policy == "right"
-         else f"no trainable token within the last max_seq_len ({max_seq_len}) tokens",
-         "raise data.max_seq_len, or shorten the prompt")
-  _count(report, examples, np.flatnonzero(empty & ~long), "only the first token is trainable",
-         "nothing can predict an example's first token; check the loss mask")
+  _count(
+    report,
+    examples,
+    np.flatnonzero(empty & long),
+    f"no trainable token within the first max_seq_len ({max_seq_len}) tokens"
+    if policy == "right"
+    else f"no trainable token within the last max_seq_len ({max_seq_len}) tokens",
+    "raise data.max_seq_len, or shorten the prompt",
+  )
+  _count(
+    report,
+    examples,
+    np.flatnonzero(empty & ~long),
+    "only the first token is trainable",
+    "nothing can predict an example's first token; check the loss mask",
+  )
   keep &= ~empty
   indices = np.flatnonzero(keep)
   kept = dataclasses.replace(examples, loss_mask=mask).windows(indices, starts[keep], ends[keep])
@@ -291,18 +303,26 @@ def _count(report: SkipReport, examples: Examples, indices: np.ndarray, problem:
 
 
 def tokenize_source(
-    source: str,
-    tokenizer,
-    data_cfg: ml_collections.ConfigDict,
-    tokenizer_id: str,
-    report: SkipReport,
+  source: str,
+  tokenizer,
+  data_cfg: ml_collections.ConfigDict,
+  tokenizer_id: str,
+  report: SkipReport,
 ) -> tuple[Examples, str, bool]:
   """All templated examples of one source, their cache key, and whether the cache had them."""
-  key = digest([
-      _code_version(), _source_fingerprint(source), tokenizer_id, data_cfg.format,
-      _field_map(data_cfg), data_cfg.prompt_template, data_cfg.on_error, data_cfg.train_on,
+  key = digest(
+    [
+      _code_version(),
+      _source_fingerprint(source),
+      tokenizer_id,
+      data_cfg.format,
+      _field_map(data_cfg),
+      data_cfg.prompt_template,
+      data_cfg.on_error,
+      data_cfg.train_on,
       data_cfg.chat_template,
-  ])
+    ]
+  )
   path = pathlib.Path(data_cfg.cache_dir).expanduser() / f"{key}.npz" if data_cfg.cache_dir else None
   if path is not None and path.exists():
     examples, skipped = _load(path)
@@ -310,12 +330,12 @@ def tokenize_source(
     return examples, key, True
   skipped = SkipReport()
   stream = records.read_records(
-      source,
-      format=data_cfg.format,
-      field_map=_field_map(data_cfg) or None,
-      prompt_template=data_cfg.prompt_template or None,
-      on_error=data_cfg.on_error,
-      report=skipped,
+    source,
+    format=data_cfg.format,
+    field_map=_field_map(data_cfg) or None,
+    prompt_template=data_cfg.prompt_template or None,
+    on_error=data_cfg.on_error,
+    report=skipped,
   )
   settings = (data_cfg.train_on, data_cfg.chat_template or None, data_cfg.on_error)
   examples = Examples.from_items(_encode_all(stream, tokenizer, settings, data_cfg.num_workers, skipped))
@@ -405,11 +425,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
   """A digest of everything about a tokenizer that changes token ids: vocab, rules, template."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
   vocab = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
-  return digest([
-      type(tokenizer).__name__, vocab, tokenizer.chat_template,
-      tokenizer.special_tokens_map, getattr(tokenizer, "add_bos_token", None),
+  return digest(
+    [
+      type(tokenizer).__name__,
+      vocab,
+      tokenizer.chat_template,
+      tokenizer.special_tokens_map,
+      getattr(tokenizer, "add_bos_token", None),
       getattr(tokenizer, "add_eos_token", None),
-  ])
+    ]
+  )
 
 
 def _source_fingerprint(source: str) -> list:
@@ -444,8 +469,12 @@ def _save(path: pathlib.Path, examples: Examples, skipped: SkipReport) -> None:
   meta = {"locations": examples.locations, "skipped": dict(skipped.counts), "examples": skipped.examples}
   tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
   np.savez(
-      tmp, input_ids=examples.input_ids, loss_mask=examples.loss_mask, offsets=examples.offsets,
-      keys=examples.keys, meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8),
+    tmp,
+    input_ids=examples.input_ids,
+    loss_mask=examples.loss_mask,
+    offsets=examples.offsets,
+    keys=examples.keys,
+    meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8),
   )
   os.replace(tmp, path)
 

@@ -10,12 +10,12 @@ Names are imported on first use, so `--help` answers without loading jax.
 import importlib
 
 _API = {
-    "ExportError": "jaxtune.export.files",
-    "export_merged": "jaxtune.export.merged",
-    "export_adapter": "jaxtune.export.adapter",
-    "export_gguf": "jaxtune.export.gguf",
-    "export_run": "jaxtune.export.run",
-    "load_run": "jaxtune.export.run",
+  "ExportError": "jaxtune.export.files",
+  "export_merged": "jaxtune.export.merged",
+  "export_adapter": "jaxtune.export.adapter",
+  "export_gguf": "jaxtune.export.gguf",
+  "export_run": "jaxtune.export.run",
+  "load_run": "jaxtune.export.run",
 }
 __all__ = list(_API)
 

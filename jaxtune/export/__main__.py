@@ -23,19 +23,27 @@ def _size(text: str) -> int:
   upper = text.strip().upper()
   for unit, factor in units.items():
     if upper.endswith(unit):
-      return int(float(upper[:-len(unit)]) * factor)
+      return int(float(upper[: -len(unit)]) * factor)
   return int(upper)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m jaxtune.export", description=__doc__.splitlines()[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+  p = argparse.ArgumentParser(
+    prog="python -m jaxtune.export",
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split("\n", 1)[1],
+  )
   p.add_argument("--run", type=pathlib.Path, required=True, help="the run directory (the training output_dir)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--out", type=pathlib.Path, required=True, help="output directory")
   p.add_argument("--format", choices=FORMATS, required=True)
-  p.add_argument("--dtype", choices=DTYPES, default=None,
-                 help="merged: default the base checkpoint's dtype; adapter: float32; gguf: f16 (or bf16, q8_0)")
+  p.add_argument(
+    "--dtype",
+    choices=DTYPES,
+    default=None,
+    help="merged: default the base checkpoint's dtype; adapter: float32; gguf: f16 (or bf16, q8_0)",
+  )
   p.add_argument("--max-shard-size", type=_size, default="5GB", help="merged: shard size limit, e.g. 5GB, 500MB")
   p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
   args = p.parse_args(argv)
@@ -51,8 +59,15 @@ def main(argv: list[str] | None = None) -> int:
 
   start = time.perf_counter()
   try:
-    out = run.export_run(args.run, args.out, args.format, args.step, dtype=args.dtype, overwrite=args.overwrite,
-                         max_shard_bytes=args.max_shard_size)
+    out = run.export_run(
+      args.run,
+      args.out,
+      args.format,
+      args.step,
+      dtype=args.dtype,
+      overwrite=args.overwrite,
+      max_shard_bytes=args.max_shard_size,
+    )
   except (ExportError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -22,15 +22,23 @@ from jaxtune.peft.lora import lora_weights, peft_config, peft_state_dict
 ADAPTER_PATTERNS = ("adapter_model.safetensors", "adapter_config.json")
 
 
-def export_adapter(model: CausalLM, out_dir: str | os.PathLike, base_model_name_or_path: str, *,
-                   dtype: Any = "float32", overwrite: bool = False) -> pathlib.Path:
+def export_adapter(
+  model: CausalLM,
+  out_dir: str | os.PathLike,
+  base_model_name_or_path: str,
+  *,
+  dtype: Any = "float32",
+  overwrite: bool = False,
+) -> pathlib.Path:
   """Writes the model's LoRA adapters as a PEFT adapter directory; returns it.
 
   base_model_name_or_path: what PEFT and vLLM load the adapter onto (a hub id or a path).
   """
   if not lora_weights(model):
-    raise ExportError("the model has no LoRA adapters to export; apply_lora (and train) first, or export "
-                      "--format merged for a fully fine-tuned model.")
+    raise ExportError(
+      "the model has no LoRA adapters to export; apply_lora (and train) first, or export "
+      "--format merged for a fully fine-tuned model."
+    )
   dtype = files.dtype_of(dtype)
   config = peft_config(model, str(base_model_name_or_path))
   tensors = {k: v.astype(dtype) for k, v in peft_state_dict(model).items()}

@@ -20,15 +20,30 @@ from jaxtune.hf.safetensors_io import DTYPES as _SAFETENSORS_DTYPES
 from jaxtune.hf.safetensors_io import Checkpoint
 
 # dtype names the CLI and the Python API accept for safetensors output.
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-          "float16": np.dtype(np.float16)}
-_ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16",
-            "half": "float16"}
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+_ALIASES = {
+  "f32": "float32",
+  "fp32": "float32",
+  "bf16": "bfloat16",
+  "f16": "float16",
+  "fp16": "float16",
+  "half": "float16",
+}
 _DTYPE_CODES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 # Files of a source checkpoint that describe the tokenizer and chat template (copied as they are).
-TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                      "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "*.tiktoken", "chat_template.jinja",
-                      "chat_template.json")
+TOKENIZER_PATTERNS = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "vocab.json",
+  "vocab.txt",
+  "merges.txt",
+  "tokenizer.model",
+  "*.tiktoken",
+  "chat_template.jinja",
+  "chat_template.json",
+)
 # Files whose presence means a directory already holds an exported model or adapter.
 MODEL_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "adapter_config.json", "config.json", "*.gguf")
 
@@ -84,8 +99,9 @@ def _existing(out: pathlib.Path, patterns: Sequence[str]) -> list[pathlib.Path]:
   return sorted({p for pattern in patterns for p in out.glob(pattern) if p.is_file()})
 
 
-def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool,
-                     patterns: Sequence[str] = MODEL_PATTERNS) -> pathlib.Path:
+def check_output_dir(
+  out_dir: str | os.PathLike, *, overwrite: bool, patterns: Sequence[str] = MODEL_PATTERNS
+) -> pathlib.Path:
   """Creates `out_dir` if needed and checks it is writable and holds no model (unless `overwrite`); deletes nothing."""
   out = pathlib.Path(out_dir).expanduser().absolute()
   if out.exists() and not out.is_dir():
@@ -94,8 +110,10 @@ def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool,
     found = _existing(out, patterns)
     if found:
       shown = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
-      raise ExportError(f"{out}: already holds a model ({shown}); pass --overwrite (overwrite=True) to replace "
-                        "it, or choose an empty --out directory.")
+      raise ExportError(
+        f"{out}: already holds a model ({shown}); pass --overwrite (overwrite=True) to replace "
+        "it, or choose an empty --out directory."
+      )
   try:
     out.mkdir(parents=True, exist_ok=True)
     probe = out / ".jaxtune-write-test"
@@ -106,8 +124,9 @@ def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool,
   return out
 
 
-def prepare_output_dir(out_dir: str | os.PathLike, *, overwrite: bool,
-                       patterns: Sequence[str] = MODEL_PATTERNS) -> pathlib.Path:
+def prepare_output_dir(
+  out_dir: str | os.PathLike, *, overwrite: bool, patterns: Sequence[str] = MODEL_PATTERNS
+) -> pathlib.Path:
   """`check_output_dir`, then (with `overwrite`) removes the files of an earlier export (`patterns`).
 
   Removing them matters: stale shards or an old index of a differently sized model would
@@ -166,8 +185,11 @@ def write_safetensors(path: pathlib.Path, tensors: Sequence[TensorSpec], metadat
   header: dict = {"__metadata__": dict(metadata)}
   offset = 0
   for t in tensors:
-    header[t.name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
-                                                                                                offset + t.nbytes]}
+    header[t.name] = {
+      "dtype": _DTYPE_CODES[t.dtype],
+      "shape": list(t.shape),
+      "data_offsets": [offset, offset + t.nbytes],
+    }
     offset += t.nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer does

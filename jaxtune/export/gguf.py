@@ -27,14 +27,24 @@ from jaxtune.models.config import ModelConfig, RopeSpec
 from jaxtune.models.transformer import CausalLM
 
 Q = gguf.GGMLQuantizationType
-GGUF_DTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-               "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+GGUF_DTYPES = {
+  "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+  "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+  "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+  "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
 _ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8": "q8_0"}
 # llama.cpp pre-tokenizer names, recognised from tokenizer.json's pre_tokenizer.
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = (gguf.TokenType.NORMAL, gguf.TokenType.CONTROL,
-                                             gguf.TokenType.USER_DEFINED, gguf.TokenType.UNUSED)
+_LLAMA3_REGEX = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+  r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = (
+  gguf.TokenType.NORMAL,
+  gguf.TokenType.CONTROL,
+  gguf.TokenType.USER_DEFINED,
+  gguf.TokenType.UNUSED,
+)
 
 
 def gguf_dtype(name: str) -> str:
@@ -54,9 +64,11 @@ def _check_architecture(cfg: ModelConfig) -> None:
   if cfg.rope_full.rope_type not in ("default", "linear", "llama3"):
     problems.append(f"rope_type {cfg.rope_full.rope_type!r}")
   if problems:
-    raise ExportError(f"GGUF export supports Llama-architecture models; this one has {', '.join(problems)}. "
-                      "Export --format merged (Hugging Face safetensors) instead; llama.cpp's "
-                      "convert_hf_to_gguf.py converts that for other architectures.")
+    raise ExportError(
+      f"GGUF export supports Llama-architecture models; this one has {', '.join(problems)}. "
+      "Export --format merged (Hugging Face safetensors) instead; llama.cpp's "
+      "convert_hf_to_gguf.py converts that for other architectures."
+    )
 
 
 def _pre_tokenizer(tokenizer: dict, where: pathlib.Path) -> str:
@@ -70,26 +82,33 @@ def _pre_tokenizer(tokenizer: dict, where: pathlib.Path) -> str:
     return "gpt2"
   if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_REGEX:
     return "llama-bpe"
-  raise ExportError(f"{where}: pre-tokenizer {kinds} has no known llama.cpp equivalent; supported: SmolLM/StarCoder "
-                    "(Digits + ByteLevel), GPT-2 (ByteLevel), Llama 3 (Split + ByteLevel).")
+  raise ExportError(
+    f"{where}: pre-tokenizer {kinds} has no known llama.cpp equivalent; supported: SmolLM/StarCoder "
+    "(Digits + ByteLevel), GPT-2 (ByteLevel), Llama 3 (Split + ByteLevel)."
+  )
 
 
 def _looks_special(token: str) -> bool:
-  return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<") and token.endswith(">")
-                                                                and " " not in token and len(token) > 2)
+  return (token.startswith("<|") and token.endswith("|>")) or (
+    token.startswith("<") and token.endswith(">") and " " not in token and len(token) > 2
+  )
 
 
 def _tokenizer_tables(source: pathlib.Path, n_vocab: int) -> tuple[list[str], list[int], str]:
   """(tokens, token types, pre-tokenizer name) of the source's byte-level BPE tokenizer.json, by id."""
   where = source / "tokenizer.json"
   if not where.is_file():
-    raise ExportError(f"{where}: not found; GGUF files carry the tokenizer, so the source checkpoint needs a "
-                      "tokenizer.json (a Hugging Face fast tokenizer).")
+    raise ExportError(
+      f"{where}: not found; GGUF files carry the tokenizer, so the source checkpoint needs a "
+      "tokenizer.json (a Hugging Face fast tokenizer)."
+    )
   tok = files.read_json(where)
   model = tok.get("model", {})
   if model.get("type") != "BPE" or model.get("byte_fallback") or (tok.get("decoder") or {}).get("type") != "ByteLevel":
-    raise ExportError(f"{where}: a {model.get('type')} tokenizer (byte_fallback={model.get('byte_fallback')}); "
-                      "GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3).")
+    raise ExportError(
+      f"{where}: a {model.get('type')} tokenizer (byte_fallback={model.get('byte_fallback')}); "
+      "GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3)."
+    )
   pre = _pre_tokenizer(tok, where)
   tokens: list[str | None] = [None] * n_vocab
   types = [_NORMAL] * n_vocab
@@ -176,14 +195,22 @@ def _check_out_path(out_path: str | os.PathLike, overwrite: bool) -> pathlib.Pat
   if out.is_dir():
     raise ExportError(f"{out}: is a directory; pass the path of the .gguf file to write.")
   if out.exists() and not overwrite:
-    raise ExportError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it, or choose another "
-                      "path.")
+    raise ExportError(
+      f"{out}: already exists; pass --overwrite (overwrite=True) to replace it, or choose another path."
+    )
   files.prepare_output_dir(out.parent, overwrite=False, patterns=())
   return out
 
 
-def export_gguf(model: CausalLM, source_dir: str | os.PathLike, out_path: str | os.PathLike, *,
-                dtype: str = "f16", overwrite: bool = False, name: str | None = None) -> pathlib.Path:
+def export_gguf(
+  model: CausalLM,
+  source_dir: str | os.PathLike,
+  out_path: str | os.PathLike,
+  *,
+  dtype: str = "f16",
+  overwrite: bool = False,
+  name: str | None = None,
+) -> pathlib.Path:
   """Writes `model` (LoRA merged) as one GGUF file for llama.cpp; returns its path.
 
   source_dir: the HF checkpoint the model was loaded from (tokenizer and chat template).

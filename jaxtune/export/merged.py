@@ -84,18 +84,26 @@ def check_matches_source(cfg: ModelConfig, hf_config: dict, where: pathlib.Path)
   source = from_hf_dict(hf_config, where=str(where))
   ours = cfg
   if ours != source:
-    short = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."  # noqa: E731
-    diffs = [f"{f.name}: model {short(getattr(ours, f.name))}, config.json {short(getattr(source, f.name))}"
-             for f in dataclasses.fields(source) if getattr(ours, f.name) != getattr(source, f.name)]
-    raise ExportError(f"{where}: describes a different model than the one being exported ({'; '.join(diffs[:4])}); "
-                      "pass the checkpoint directory the model was loaded from.")
+    short = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+    diffs = [
+      f"{f.name}: model {short(getattr(ours, f.name))}, config.json {short(getattr(source, f.name))}"
+      for f in dataclasses.fields(source)
+      if getattr(ours, f.name) != getattr(source, f.name)
+    ]
+    raise ExportError(
+      f"{where}: describes a different model than the one being exported ({'; '.join(diffs[:4])}); "
+      "pass the checkpoint directory the model was loaded from."
+    )
 
 
 def generation_config(source_dir: pathlib.Path, hf_config: dict) -> dict:
   """The source's generation_config.json with every end-of-turn token of the tokenizer among the EOS ids."""
   path = source_dir / "generation_config.json"
-  gen = files.read_json(path) if path.is_file() else {
-      k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
+  gen = (
+    files.read_json(path)
+    if path.is_file()
+    else {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
+  )
   eos = gen.get("eos_token_id", hf_config.get("eos_token_id"))
   ids = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
   added = files.added_tokens(source_dir)
@@ -109,9 +117,15 @@ def generation_config(source_dir: pathlib.Path, hf_config: dict) -> dict:
   return gen
 
 
-def export_merged(model: CausalLM, source_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                  dtype: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                  overwrite: bool = False) -> pathlib.Path:
+def export_merged(
+  model: CausalLM,
+  source_dir: str | os.PathLike,
+  out_dir: str | os.PathLike,
+  *,
+  dtype: Any = None,
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+  overwrite: bool = False,
+) -> pathlib.Path:
   """Writes `model` (LoRA merged) as an HF checkpoint in `out_dir`; returns the directory.
 
   source_dir: the HF checkpoint the model was loaded from (config.json, generation and
@@ -125,8 +139,11 @@ def export_merged(model: CausalLM, source_dir: str | os.PathLike, out_dir: str |
   out = files.prepare_output_dir(out_dir, overwrite=overwrite)
 
   shards = files.plan_shards(hf_tensors(model, dtype), max_shard_bytes)
-  names = (["model.safetensors"] if len(shards) == 1 else
-           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  names = (
+    ["model.safetensors"]
+    if len(shards) == 1
+    else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+  )
   weight_map, total = {}, 0
   for fname, shard in zip(names, shards):
     files.write_safetensors(out / fname, shard, metadata={"format": "pt"})
@@ -134,14 +151,16 @@ def export_merged(model: CausalLM, source_dir: str | os.PathLike, out_dir: str |
       weight_map[t.name] = fname
       total += t.nbytes
   if len(shards) > 1:
-    files.write_json(out / "model.safetensors.index.json",
-                     {"metadata": {"total_size": total}, "weight_map": weight_map})
+    files.write_json(
+      out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
 
   config = {k: v for k, v in hf_config.items() if k != "torch_dtype"}  # transformers 5: `dtype` replaces it
   config["dtype"] = dtype.name
   files.write_json(out / "config.json", config)
   files.write_json(out / "generation_config.json", generation_config(source, hf_config))
   if not files.copy_tokenizer_files(source, out):
-    warnings.warn(f"{source} holds no tokenizer files, so {out} has none: copy them there before serving.",
-                  stacklevel=2)
+    warnings.warn(
+      f"{source} holds no tokenizer files, so {out} has none: copy them there before serving.", stacklevel=2
+    )
   return out

@@ -62,15 +62,19 @@ def _step_dir(run_dir: pathlib.Path, step: int | None) -> pathlib.Path:
     raise ExportError(f"{run_dir}: not a directory; pass --run the output_dir of a training run.")
   steps = checkpoint_steps(run_dir)
   if not steps:
-    raise ExportError(f"{run_dir}: no checkpoint found (nothing complete under {run_dir / 'checkpoints'}); train "
-                      "first (python -m jaxtune.train --config ... --config.output_dir=RUN_DIR), or pass the run "
-                      "directory that holds checkpoints/.")
+    raise ExportError(
+      f"{run_dir}: no checkpoint found (nothing complete under {run_dir / 'checkpoints'}); train "
+      "first (python -m jaxtune.train --config ... --config.output_dir=RUN_DIR), or pass the run "
+      "directory that holds checkpoints/."
+    )
   if step is None:
     step = steps[-1]
   if step not in steps:
-    raise ExportError(f"{run_dir / 'checkpoints'}: no checkpoint for step {step}; it holds steps "
-                      f"{', '.join(map(str, steps))}. Pass one of them to --step, or leave --step out for the "
-                      "latest.")
+    raise ExportError(
+      f"{run_dir / 'checkpoints'}: no checkpoint for step {step}; it holds steps "
+      f"{', '.join(map(str, steps))}. Pass one of them to --step, or leave --step out for the "
+      "latest."
+    )
   return run_dir / "checkpoints" / str(step)
 
 
@@ -78,8 +82,10 @@ def _json_item(path: pathlib.Path) -> dict:
   try:
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
   except Exception as e:  # any unreadable item gets the same advice
-    raise ExportError(f"{path}: cannot be read ({type(e).__name__}: {e}); the checkpoint is incomplete or "
-                      "corrupt: export another step with --step.") from None
+    raise ExportError(
+      f"{path}: cannot be read ({type(e).__name__}: {e}); the checkpoint is incomplete or "
+      "corrupt: export another step with --step."
+    ) from None
 
 
 def _restore_params(step_dir: pathlib.Path, like: Any) -> Any:
@@ -88,18 +94,24 @@ def _restore_params(step_dir: pathlib.Path, like: Any) -> Any:
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
   args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(global_shape=x.shape, dtype=x.dtype, sharding=device), abstract)
   try:
-    got = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-        item={"params": abstract}, restore_args={"params": args}, partial_restore=True))["params"]
+    got = ocp.PyTreeCheckpointer().restore(
+      step_dir / "state",
+      args=ocp.args.PyTreeRestore(item={"params": abstract}, restore_args={"params": args}, partial_restore=True),
+    )["params"]
   except Exception as e:
-    raise ExportError(f"{step_dir / 'state'}: its parameters do not match the model built from the run's config "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); was the run directory reused for a "
-                      "different model or LoRA setting?") from None
+    raise ExportError(
+      f"{step_dir / 'state'}: its parameters do not match the model built from the run's config "
+      f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); was the run directory reused for a "
+      "different model or LoRA setting?"
+    ) from None
   expected = _json_item(step_dir / "meta").get("checksums", {})
   actual = ckpt_lib.checksums({"params": got})
   bad = sorted(k for k, v in actual.items() if k in expected and expected[k] != v)
   if bad:
-    raise ExportError(f"{step_dir}: checksum mismatch in {', '.join(bad[:3])}: the checkpoint is corrupt; export "
-                      "an earlier step with --step.")
+    raise ExportError(
+      f"{step_dir}: checksum mismatch in {', '.join(bad[:3])}: the checkpoint is corrupt; export "
+      "an earlier step with --step."
+    )
   return got
 
 
@@ -124,10 +136,17 @@ def _with_adapters(cfg: ModelConfig, options: ModelOptions, lora: dict, base: Ca
   Built abstractly (no random init, which costs a compile per shape) and then given the
   base's weights, or left abstract where `base` is None.
   """
+
   def build():
-    return apply_lora(CausalLM(cfg, options, rngs=nnx.Rngs(0)), rank=lora["rank"], alpha=lora["alpha"],
-                      dropout=lora.get("dropout", 0.0), use_rslora=lora.get("use_rslora", False),
-                      targets=lora.get("targets", "all-linear"), rngs=nnx.Rngs(0))
+    return apply_lora(
+      CausalLM(cfg, options, rngs=nnx.Rngs(0)),
+      rank=lora["rank"],
+      alpha=lora["alpha"],
+      dropout=lora.get("dropout", 0.0),
+      use_rslora=lora.get("use_rslora", False),
+      targets=lora.get("targets", "all-linear"),
+      rngs=nnx.Rngs(0),
+    )
 
   graphdef, adapters, keys, rest = nnx.split(nnx.eval_shape(build), LoRAParam, LoRADropoutKey, ...)
   keys = jax.tree.map(lambda s: jnp.asarray(np.zeros(s.shape, s.dtype)), keys)  # dropout is off outside training
@@ -167,9 +186,16 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, base_weight
   return RunModel(model, int(step_dir.name), method, source, base_model, config)
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, format: str = "merged",
-               step: int | None = None, *, dtype: str | None = None, overwrite: bool = False,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
+def export_run(
+  run_dir: str | os.PathLike,
+  out_dir: str | os.PathLike,
+  format: str = "merged",
+  step: int | None = None,
+  *,
+  dtype: str | None = None,
+  overwrite: bool = False,
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> pathlib.Path:
   """Exports a run's model at `step` (default: latest) as merged HF safetensors, a PEFT adapter or GGUF.
 
   Returns the output directory (merged, adapter) or the .gguf file. dtype: of the written
@@ -191,23 +217,31 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, format: s
     gguf_export.check_source(load_config(source), source)
   method = config.get("peft", {}).get("method", "lora")
   if format == "adapter" and method != "lora":
-    raise ExportError(f"{run_dir}: the run fine-tuned every weight (peft.method={method}), so there is no adapter; "
-                      "export --format merged or gguf instead.")
+    raise ExportError(
+      f"{run_dir}: the run fine-tuned every weight (peft.method={method}), so there is no adapter; "
+      "export --format merged or gguf instead."
+    )
 
   if format == "adapter":
     run = load_run(run_dir, step, base_weights=False)
     return export_adapter(run.model, out_dir, run.base_model, dtype=dtype or "float32", overwrite=overwrite)
   run = load_run(run_dir, step)
   if format == "merged":
-    return export_merged(run.model, run.source_dir, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                         overwrite=overwrite)
+    return export_merged(
+      run.model, run.source_dir, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
+    )
   out = files.prepare_output_dir(out_dir, overwrite=overwrite, patterns=patterns)
-  return gguf_export.export_gguf(run.model, run.source_dir, out / f"model-{dtype}.gguf", dtype=dtype,
-                                 overwrite=overwrite, name=f"{run_dir.name}-step{run.step}")
+  return gguf_export.export_gguf(
+    run.model,
+    run.source_dir,
+    out / f"model-{dtype}.gguf",
+    dtype=dtype,
+    overwrite=overwrite,
+    name=f"{run_dir.name}-step{run.step}",
+  )
 
 
 def describe(path: pathlib.Path) -> list[str]:
   """One line per written file: name and size (for the command line's report)."""
   entries = sorted(path.iterdir()) if path.is_dir() else [path]
   return [f"  {p.name}  {p.stat().st_size:,} bytes" for p in entries if p.is_file()]
-

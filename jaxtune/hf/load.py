@@ -53,8 +53,10 @@ def resolve(path_or_hub_id: str | pathlib.Path) -> pathlib.Path:
   try:
     return pathlib.Path(huggingface_hub.snapshot_download(repo, allow_patterns=HUB_PATTERNS))
   except Exception as e:
-    raise CheckpointError(f"{repo}: not in the local Hugging Face cache and could not be downloaded ({e}). "
-                          "Download it where there is network, or pass a local directory.") from None
+    raise CheckpointError(
+      f"{repo}: not in the local Hugging Face cache and could not be downloaded ({e}). "
+      "Download it where there is network, or pass a local directory."
+    ) from None
 
 
 def _norm(index: Block, shape: tuple[int, ...]) -> Block:
@@ -70,12 +72,16 @@ class TensorReader:
   def check(self, name: str) -> None:
     """CheckpointError unless tensor `name` is in the checkpoint with the shape the config implies."""
     if name not in self.ckpt:
-      raise CheckpointError(f"{self.ckpt.directory}: tensor {name!r} is missing (needed for "
-                            f"{'.'.join(self.tmap.path)}); the checkpoint does not match its config.json.")
+      raise CheckpointError(
+        f"{self.ckpt.directory}: tensor {name!r} is missing (needed for "
+        f"{'.'.join(self.tmap.path)}); the checkpoint does not match its config.json."
+      )
     got, expected = tuple(self.ckpt.file_of(name).shape(name)), self.tmap.hf_shape
     if got != expected:
-      raise CheckpointError(f"{self.ckpt.file_of(name).path}: tensor {name!r} has shape {got}, but config.json "
-                            f"implies {expected}; the checkpoint does not match its config.json.")
+      raise CheckpointError(
+        f"{self.ckpt.file_of(name).path}: tensor {name!r} has shape {got}, but config.json "
+        f"implies {expected}; the checkpoint does not match its config.json."
+      )
 
   def block(self, name: str, index: Block) -> np.ndarray:
     """Block `index` of our layout of tensor `name`, read as the HF slice that holds it."""
@@ -132,6 +138,7 @@ def _setter(sharding: Sharding) -> Callable:
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=sharding)
   def set_layer(stack, layer, i):
     return stack.at[i].set(layer)
+
   return set_layer
 
 
@@ -140,16 +147,26 @@ def _zeros(shape: tuple[int, ...], dtype: Any, sharding: Sharding) -> jax.Array:
 
 
 def _check_no_unexpected(ckpt: Checkpoint, cfg: ModelConfig, used: set[str]) -> None:
-  unexpected = [n for n in ckpt.keys() if n not in used and not n.endswith(mapping.IGNORED_SUFFIXES)
-                and not (cfg.tie_embeddings and n == "lm_head.weight")]
+  unexpected = [
+    n
+    for n in ckpt.keys()
+    if n not in used and not n.endswith(mapping.IGNORED_SUFFIXES) and not (cfg.tie_embeddings and n == "lm_head.weight")
+  ]
   if unexpected:
     shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-    raise CheckpointError(f"{ckpt.directory}: unexpected tensors {shown}; the checkpoint holds weights that "
-                          f"{cfg.model_type} models do not have (a different architecture or an adapter?).")
+    raise CheckpointError(
+      f"{ckpt.directory}: unexpected tensors {shown}; the checkpoint holds weights that "
+      f"{cfg.model_type} models do not have (a different architecture or an adapter?)."
+    )
 
 
-def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract_state: nnx.State, sharding_of: ShardingOf | None = None,
-                stats: dict | None = None) -> nnx.State:
+def load_params(
+  ckpt: Checkpoint,
+  cfg: ModelConfig,
+  abstract_state: nnx.State,
+  sharding_of: ShardingOf | None = None,
+  stats: dict | None = None,
+) -> nnx.State:
   """Fills an abstract (eval_shape) state from the checkpoint, each parameter placed by `sharding_of`.
 
   Without `sharding_of` every parameter goes whole to the default device. Any tensor missing or
@@ -159,7 +176,7 @@ def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract_state: nnx.State, s
   stats = {} if stats is None else stats
   if sharding_of is None:
     device = SingleDeviceSharding(jax.devices()[0])
-    sharding_of = lambda var: device  # noqa: E731
+    sharding_of = lambda var: device
   by_path = {m.path: m for m in mapping.tensor_maps(cfg)}
   used: set[str] = set()
   flat = []
@@ -170,9 +187,11 @@ def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract_state: nnx.State, s
       raise CheckpointError(f"no Hugging Face tensor is known for parameter {'.'.join(path)}.")
     shape = tuple(var.shape)
     if shape != ((cfg.num_layers,) if tmap.stacked else ()) + tmap.shape:
-      raise CheckpointError(f"parameter {'.'.join(path)} has shape {shape}, but the weight table says "
-                            f"{tmap.shape}{' per layer' if tmap.stacked else ''}; the model and hf/mapping.py "
-                            "disagree.")
+      raise CheckpointError(
+        f"parameter {'.'.join(path)} has shape {shape}, but the weight table says "
+        f"{tmap.shape}{' per layer' if tmap.stacked else ''}; the model and hf/mapping.py "
+        "disagree."
+      )
     reader = TensorReader(ckpt, tmap, np.dtype(var.dtype), stats)
     names = tmap.hf_names(cfg.num_layers)
     for name in names:
@@ -185,21 +204,38 @@ def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract_state: nnx.State, s
   return nnx.from_flat_state(flat)
 
 
-def load_model(path_or_hub_id: str | pathlib.Path, dtype: Any = None, *, attention_impl: str = "xla",
-               remat: str = "none", param_dtype: Any = None, kernels: str = "auto") -> CausalLM:
+def load_model(
+  path_or_hub_id: str | pathlib.Path,
+  dtype: Any = None,
+  *,
+  attention_impl: str = "xla",
+  remat: str = "none",
+  param_dtype: Any = None,
+  kernels: str = "auto",
+) -> CausalLM:
   """Loads an HF checkpoint as a jaxtune CausalLM (parameters and compute in `dtype`, default float32).
 
   kernels: "plain", "cpu", or "auto" (cpu on the CPU backend, plain elsewhere; models/kernels.py).
   """
   dtype = np.dtype(dtype or "float32").name
-  options = options_lib.for_platform(jax.default_backend(), kernels=kernels, dtype=dtype,
-                                     param_dtype=np.dtype(param_dtype or dtype).name,
-                                     attention_impl=attention_impl, remat=remat)
+  options = options_lib.for_platform(
+    jax.default_backend(),
+    kernels=kernels,
+    dtype=dtype,
+    param_dtype=np.dtype(param_dtype or dtype).name,
+    attention_impl=attention_impl,
+    remat=remat,
+  )
   return load(path_or_hub_id, options)
 
 
-def load(path_or_hub_id: str | pathlib.Path, options: ModelOptions | None = None, *,
-         sharding_of: ShardingOf | None = None, stats: dict | None = None) -> CausalLM:
+def load(
+  path_or_hub_id: str | pathlib.Path,
+  options: ModelOptions | None = None,
+  *,
+  sharding_of: ShardingOf | None = None,
+  stats: dict | None = None,
+) -> CausalLM:
   """An HF checkpoint as a CausalLM run with `options`, each parameter placed by `sharding_of`.
 
   sharding_of: where each parameter goes (default: whole, on the default device); every process

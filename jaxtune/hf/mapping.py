@@ -21,11 +21,11 @@ Block = tuple[slice, ...]
 
 # Layout kinds: (HF axes, our axes). Parenthesised letters are one flattened HF axis, row-major.
 LAYOUTS = {
-    "identity": None,  # the same axes in the same order, any rank
-    "transpose": ("oi", "io"),  # linear weight: HF [out, in], ours [in, out]
-    "heads_in": ("(nh)d", "dnh"),  # q/k/v: HF [n*H, D], ours [D, n, H]
-    "heads_bias": ("(nh)", "nh"),  # q/k/v bias: HF [n*H], ours [n, H]
-    "o_proj": ("d(nh)", "nhd"),  # HF [D, N*H], ours [N, H, D]
+  "identity": None,  # the same axes in the same order, any rank
+  "transpose": ("oi", "io"),  # linear weight: HF [out, in], ours [in, out]
+  "heads_in": ("(nh)d", "dnh"),  # q/k/v: HF [n*H, D], ours [D, n, H]
+  "heads_bias": ("(nh)", "nh"),  # q/k/v bias: HF [n*H], ours [n, H]
+  "o_proj": ("d(nh)", "nhd"),  # HF [D, N*H], ours [N, H, D]
 }
 
 # Tensors some checkpoints carry that carry no weights of the model.
@@ -110,12 +110,13 @@ class TensorMap:
     `kernel_letters` names the kernel's axes (the Linear's einsum); the HF weight is [out, in].
     """
     groups, ours = _groups(self.layout, len(kernel_letters))
-    ins, outs = kernel_letters[:a.ndim - 1], kernel_letters[a.ndim - 1:]
+    ins, outs = kernel_letters[: a.ndim - 1], kernel_letters[a.ndim - 1 :]
     as_ours = dict(zip(kernel_letters, ours))
-    if len(groups) != 2 or set(groups[0]) != {as_ours[c] for c in outs} or set(groups[1]) != {
-        as_ours[c] for c in ins}:
-      raise ValueError(f"{self.hf_name}: a {self.layout} weight has no [out, in] form for a LoRA adapter with "
-                       f"inputs {ins!r} and outputs {outs!r}.")
+    if len(groups) != 2 or set(groups[0]) != {as_ours[c] for c in outs} or set(groups[1]) != {as_ours[c] for c in ins}:
+      raise ValueError(
+        f"{self.hf_name}: a {self.layout} weight has no [out, in] form for a LoRA adapter with "
+        f"inputs {ins!r} and outputs {outs!r}."
+      )
     of = {v: k for k, v in as_ours.items()}
     a_hf = a.transpose([a.ndim - 1] + [ins.index(of[c]) for c in groups[1]]).reshape(a.shape[-1], -1)
     b_hf = b.transpose([1 + outs.index(of[c]) for c in groups[0]] + [0]).reshape(-1, b.shape[0])
@@ -124,8 +125,14 @@ class TensorMap:
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
   """The full table for one model config, in checkpoint order."""
-  D, N, K, H, F, V = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                      cfg.vocab_size)
+  D, N, K, H, F, V = (
+    cfg.hidden_size,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.intermediate_size,
+    cfg.vocab_size,
+  )
   maps = [TensorMap(("embed",), "model.embed_tokens.weight", False, "identity", (V, D))]
 
   def add(path: Path, hf: str, layout: str, shape: tuple[int, ...]) -> None:

@@ -17,10 +17,18 @@ import ml_dtypes
 import numpy as np
 
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
 }
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -42,8 +50,10 @@ class SafetensorsFile:
           raise CheckpointError(f"{self.path}: file is too short to be safetensors ({size} bytes); re-download it.")
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > min(_MAX_HEADER, size - 8):
-          raise CheckpointError(f"{self.path}: corrupt safetensors header (length {header_len} for a file of "
-                                f"{size} bytes); the file is truncated or not safetensors; re-download it.")
+          raise CheckpointError(
+            f"{self.path}: corrupt safetensors header (length {header_len} for a file of "
+            f"{size} bytes); the file is truncated or not safetensors; re-download it."
+          )
         header = json.loads(f.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise CheckpointError(f"{self.path}: corrupt safetensors header ({e}); re-download the file.") from None
@@ -57,9 +67,11 @@ class SafetensorsFile:
         raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}.")
       expected = int(np.prod(entry["shape"], dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
       if end > data_len or end - start != expected:
-        raise CheckpointError(f"{self.path}: tensor {name!r} lies outside the file or has the wrong byte size "
-                              f"(offsets {start}..{end}, file data {data_len} bytes); the file is truncated or "
-                              "corrupt; re-download it.")
+        raise CheckpointError(
+          f"{self.path}: tensor {name!r} lies outside the file or has the wrong byte size "
+          f"(offsets {start}..{end}, file data {data_len} bytes); the file is truncated or "
+          "corrupt; re-download it."
+        )
     self._mmap = None  # opened on the first sliced read
 
   def keys(self) -> list[str]:
@@ -86,7 +98,7 @@ class SafetensorsFile:
     start, end = entry["data_offsets"]
     if self._mmap is None:
       self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-    raw = self._mmap[self._data_start + start:self._data_start + end]
+    raw = self._mmap[self._data_start + start : self._data_start + end]
     return np.array(raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])[index])
 
 
@@ -116,9 +128,10 @@ class Checkpoint:
       pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
       if pickles:
         raise CheckpointError(
-            f"{d}: holds only pickle checkpoints ({', '.join(pickles)}). jaxtune does not load pickles because "
-            "unpickling runs arbitrary code. Convert once, in an environment you trust, with transformers: "
-            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True).")
+          f"{d}: holds only pickle checkpoints ({', '.join(pickles)}). jaxtune does not load pickles because "
+          "unpickling runs arbitrary code. Convert once, in an environment you trust, with transformers: "
+          "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)."
+        )
       raise CheckpointError(f"{d}: no *.safetensors files found; is this a Hugging Face model directory?")
     out = {}
     for shard in shards:

@@ -46,11 +46,11 @@ def keeps_fused_outputs(prim, *_, **__) -> bool:
 
 
 def attention_mask(
-    q_slot_BT: jnp.ndarray,
-    kv_slot_BS: jnp.ndarray,
-    q_seg_BT: jnp.ndarray,
-    kv_seg_BS: jnp.ndarray,
-    window: jnp.ndarray | int | None = None,
+  q_slot_BT: jnp.ndarray,
+  kv_slot_BS: jnp.ndarray,
+  q_seg_BT: jnp.ndarray,
+  kv_seg_BS: jnp.ndarray,
+  window: jnp.ndarray | int | None = None,
 ) -> jnp.ndarray:
   """Boolean [B, T, S]: which keys each query may see."""
   q_slot, kv_slot = q_slot_BT[:, :, None], kv_slot_BS[:, None, :]
@@ -63,8 +63,9 @@ def attention_mask(
 CUDNN_MAX_HEAD_DIM = 128  # cuDNN's flash attention on any GPU; 256 needs Hopper or later and is not measured
 
 
-def auto_impl(platform: str, dtype: str, head_dim: int, softcap: float | None,
-              seq_lens: Sequence[int] = ()) -> tuple[str, str]:
+def auto_impl(
+  platform: str, dtype: str, head_dim: int, softcap: float | None, seq_lens: Sequence[int] = ()
+) -> tuple[str, str]:
   """(implementation, reason) for attention_impl="auto"; seq_lens: every row length training will see.
 
   cuDNN on GPU wherever its fused kernel applies: 1.27x (LoRA) and 1.20x (full) the chunked
@@ -91,18 +92,18 @@ def auto_impl(platform: str, dtype: str, head_dim: int, softcap: float | None,
 
 
 def attend(
-    q_BTNH: jnp.ndarray,
-    k_BSKH: jnp.ndarray,
-    v_BSKH: jnp.ndarray,
-    mask_BTS: jnp.ndarray,
-    *,
-    scale: float,
-    softcap: float | None = None,
-    impl: str = "xla",
-    kernels: PlainKernels = PLAIN,
-    causal: bool = False,
-    causal_blocks: int | None = None,
-    save_inputs: bool = True,
+  q_BTNH: jnp.ndarray,
+  k_BSKH: jnp.ndarray,
+  v_BSKH: jnp.ndarray,
+  mask_BTS: jnp.ndarray,
+  *,
+  scale: float,
+  softcap: float | None = None,
+  impl: str = "xla",
+  kernels: PlainKernels = PLAIN,
+  causal: bool = False,
+  causal_blocks: int | None = None,
+  save_inputs: bool = True,
 ) -> jnp.ndarray:
   """Grouped-query attention; returns [B, T, N, H] in q's dtype.
 
@@ -128,8 +129,13 @@ def attend(
     if save_inputs:
       q_BTNH, k_BSKH, v_BSKH = (kernels.name(x, ATTENTION_NAME) for x in (q_BTNH, k_BSKH, v_BSKH))
     return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale, is_causal=causal,
-        implementation="cudnn" if impl == "cudnn" else "xla",
+      q_BTNH,
+      k_BSKH,
+      v_BSKH,
+      mask=mask_BTS[:, None],
+      scale=scale,
+      is_causal=causal,
+      implementation="cudnn" if impl == "cudnn" else "xla",
     )
   if impl not in ("xla", "chunked"):
     raise ValueError(f"unknown attention impl {impl!r}; choose 'xla', 'chunked', 'cudnn' or 'dot_product'.")
@@ -148,11 +154,21 @@ def attend(
     causal_blocks = kernels.causal_blocks(T)
   if causal_blocks > 1 and T % causal_blocks == 0 and k_BSKH.shape[1] == T:
     size = T // causal_blocks
-    out_BKGTH = jnp.concatenate([  # query block i: keys up to its last query
-        _chunked_attention(q_BKGTH[:, :, :, i * size:(i + 1) * size], k_BKSH[:, :, :(i + 1) * size],
-                           v_BKSH[:, :, :(i + 1) * size], mask_BTS[:, i * size:(i + 1) * size, :(i + 1) * size],
-                           scale, softcap, kernels)
-        for i in range(causal_blocks)], axis=3)
+    out_BKGTH = jnp.concatenate(
+      [  # query block i: keys up to its last query
+        _chunked_attention(
+          q_BKGTH[:, :, :, i * size : (i + 1) * size],
+          k_BKSH[:, :, : (i + 1) * size],
+          v_BKSH[:, :, : (i + 1) * size],
+          mask_BTS[:, i * size : (i + 1) * size, : (i + 1) * size],
+          scale,
+          softcap,
+          kernels,
+        )
+        for i in range(causal_blocks)
+      ],
+      axis=3,
+    )
   else:
     out_BKGTH = _chunked_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap, kernels)
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
@@ -231,13 +247,29 @@ def _splash_kernel(num_heads: int, seq_len: int, window: int | None, softcap: fl
 
   shape = (seq_len, seq_len)
   head_mask = mask_lib.CausalMask(shape) if window is None else mask_lib.LocalMask(shape, (window - 1, 0), 0)
-  return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([head_mask] * num_heads), head_shards=1,
-                                    q_seq_shards=1, attn_logits_soft_cap=softcap, interpret=interpret)
+  return kernel_lib.make_splash_mha(
+    mask_lib.MultiHeadMask([head_mask] * num_heads),
+    head_shards=1,
+    q_seq_shards=1,
+    attn_logits_soft_cap=softcap,
+    interpret=interpret,
+  )
 
 
-def splash_attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, is_sliding, *, window: int | None, scale: float,
-                  softcap: float | None = None, save_inputs: bool = True, kernels: PlainKernels = PLAIN,
-                  interpret: bool = False) -> jax.Array:
+def splash_attend(
+  q_BTNH,
+  k_BTKH,
+  v_BTKH,
+  segment_ids_BT,
+  is_sliding,
+  *,
+  window: int | None,
+  scale: float,
+  softcap: float | None = None,
+  save_inputs: bool = True,
+  kernels: PlainKernels = PLAIN,
+  interpret: bool = False,
+) -> jax.Array:
   """Causal (optionally sliding-window) self-attention over packed rows with Pallas splash attention.
 
   save_inputs as in `attend` (q as the kernel reads it; k and v before their heads are repeated).
@@ -246,8 +278,10 @@ def splash_attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, is_sliding, *, window:
 
   B, T, N, H = q_BTNH.shape
   if T % SPLASH_BLOCK:
-    raise ValueError(f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCK}; got {T}. "
-                     "Set the data's max_seq_len / bucket lengths accordingly, or use attention_impl='xla'.")
+    raise ValueError(
+      f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCK}; got {T}. "
+      "Set the data's max_seq_len / bucket lengths accordingly, or use attention_impl='xla'."
+    )
   groups = N // k_BTKH.shape[2]
   q = (q_BTNH * scale).transpose(0, 2, 1, 3)
   if save_inputs:

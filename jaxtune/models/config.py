@@ -84,17 +84,24 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh
 
 # transformers' defaults for keys a minimal config.json may leave out.
 _FAMILY_DEFAULTS = {
-    "gemma": {"head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
-    "gemma2": {
-        "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
-        "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-        "sliding_window": 4096,
-    },
-    "gemma3_text": {
-        "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
-        "query_pre_attn_scalar": 256, "sliding_window": 4096,
-    },
-    "mistral": {"sliding_window": 4096},
+  "gemma": {"head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+  "gemma2": {
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "sliding_window": 4096,
+  },
+  "gemma3_text": {
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+  },
+  "mistral": {"sliding_window": 4096},
 }
 
 
@@ -104,7 +111,7 @@ def _rope_spec(params: Mapping[str, Any] | None, fallback_theta: float, where: s
   theta = float(params.pop("rope_theta", fallback_theta))
   if rope_type not in SUPPORTED_ROPE_TYPES:
     raise ModelConfigError(
-        f"{where}: rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}."
+      f"{where}: rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}."
     )
   return RopeSpec(theta=theta, rope_type=rope_type, params=tuple(sorted(params.items())))
 
@@ -150,7 +157,7 @@ def from_hf_dict(hf: Mapping[str, Any], where: str = "config.json") -> ModelConf
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ModelConfigError(
-        f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+      f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
     )
   hf = {**_FAMILY_DEFAULTS.get(model_type, {}), **hf}
   try:
@@ -171,32 +178,32 @@ def from_hf_dict(hf: Mapping[str, Any], where: str = "config.json") -> ModelConf
   attention_bias = bool(hf.get("attention_bias", False))
   qps = hf.get("query_pre_attn_scalar") if model_type in ("gemma2", "gemma3_text") else None
   return ModelConfig(
-      model_type=model_type,
-      vocab_size=vocab,
-      hidden_size=hidden,
-      intermediate_size=inter,
-      num_layers=layers,
-      num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hidden // heads,
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      max_position_embeddings=hf.get("max_position_embeddings", 8192),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      activation=_ACTIVATIONS[act_name],
-      qkv_bias=model_type == "qwen2" or attention_bias,
-      o_bias=attention_bias and model_type != "qwen2",
-      mlp_bias=bool(hf.get("mlp_bias", False)),
-      qk_norm=model_type in ("qwen3", "gemma3_text"),
-      norm_offset=1.0 if gemma else 0.0,
-      sandwich_norms=model_type in ("gemma2", "gemma3_text"),
-      scale_embeddings=gemma,
-      query_scale=float(qps) ** -0.5 if qps else 0.0,
-      attn_softcap=hf.get("attn_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
-      final_softcap=hf.get("final_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
-      sliding_window=hf.get("sliding_window") if uses_window else None,
-      layer_types=layer_types,
-      rope_full=rope_full,
-      rope_sliding=rope_sliding,
+    model_type=model_type,
+    vocab_size=vocab,
+    hidden_size=hidden,
+    intermediate_size=inter,
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=hf.get("head_dim") or hidden // heads,
+    rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    max_position_embeddings=hf.get("max_position_embeddings", 8192),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    activation=_ACTIVATIONS[act_name],
+    qkv_bias=model_type == "qwen2" or attention_bias,
+    o_bias=attention_bias and model_type != "qwen2",
+    mlp_bias=bool(hf.get("mlp_bias", False)),
+    qk_norm=model_type in ("qwen3", "gemma3_text"),
+    norm_offset=1.0 if gemma else 0.0,
+    sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+    scale_embeddings=gemma,
+    query_scale=float(qps) ** -0.5 if qps else 0.0,
+    attn_softcap=hf.get("attn_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
+    final_softcap=hf.get("final_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
+    sliding_window=hf.get("sliding_window") if uses_window else None,
+    layer_types=layer_types,
+    rope_full=rope_full,
+    rope_sliding=rope_sliding,
   )
 
 

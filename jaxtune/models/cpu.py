@@ -116,8 +116,9 @@ def _split(t: jax.Array, sizes: Sequence[int], axis: int) -> list[jax.Array]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def shared_lora_matmul(x_MI: jax.Array, a: tuple[jax.Array, ...], b: tuple[jax.Array, ...],
-                       scales: tuple[float, ...]) -> tuple[jax.Array, ...]:
+def shared_lora_matmul(
+  x_MI: jax.Array, a: tuple[jax.Array, ...], b: tuple[jax.Array, ...], scales: tuple[float, ...]
+) -> tuple[jax.Array, ...]:
   """[scale_i * (x @ A_i) @ B_i] for adapters reading the same x: A_i [I, R_i], B_i [R_i, O_i].
 
   As PlainKernels.lora, with both factor gradients contracting over tokens through small
@@ -137,8 +138,7 @@ def _shared_lora_bwd(scales, res, dys):
   x, a_cat, b, hs = res
   sizes = [bi.shape[0] for bi in b]
   if _sixteen_bit(x, a_cat, *dys, *b):  # see _copy_T
-    dh = _cat([product("mo,ro->mr", dy, bi) * jnp.asarray(si, dy.dtype) for dy, bi, si in zip(dys, b, scales)],
-              axis=1)
+    dh = _cat([product("mo,ro->mr", dy, bi) * jnp.asarray(si, dy.dtype) for dy, bi, si in zip(dys, b, scales)], axis=1)
     da = tuple(piece.T for piece in _split(product("rm,mi->ri", _copy_T(dh), x), sizes, axis=0))
     db = tuple(product("rm,mo->ro", _copy_T(hi), dy) for hi, dy in zip(hs, dys))
     return product("mr,ir->mi", dh, a_cat), da, db
@@ -194,7 +194,7 @@ class CPUKernels(PlainKernels):
     if not parsed.flat or kernel.ndim != len(parsed.w):  # stack axes left: not one 2-D product
       return self.product(spec, x, kernel)
     n_in = len(parsed.ins)
-    lead, out = x.shape[:x.ndim - n_in], kernel.shape[n_in:]  # [M, I] x [I, O]
+    lead, out = x.shape[: x.ndim - n_in], kernel.shape[n_in:]  # [M, I] x [I, O]
     y = dense(x.reshape(math.prod(lead), -1), kernel.reshape(math.prod(kernel.shape[:n_in]), -1))
     return y.reshape(lead + out)
 
@@ -203,14 +203,17 @@ class CPUKernels(PlainKernels):
 
   def lora(self, x, a_spec, b_specs, a, b, scales):
     parsed = einsum_lib.parse(a_spec)
-    flat = parsed.flat and all(ai.ndim == len(parsed.w) for ai in a) and all(
-        einsum_lib.parse(s).flat for s in b_specs)
+    flat = parsed.flat and all(ai.ndim == len(parsed.w) for ai in a) and all(einsum_lib.parse(s).flat for s in b_specs)
     if not flat:
       return super().lora(x, a_spec, b_specs, a, b, scales)
     n_in = len(parsed.ins)
-    lead = x.shape[:x.ndim - n_in]
-    ys = shared_lora_matmul(x.reshape(math.prod(lead), -1), tuple(ai.reshape(-1, ai.shape[-1]) for ai in a),
-                            tuple(bi.reshape(bi.shape[0], -1) for bi in b), tuple(scales))
+    lead = x.shape[: x.ndim - n_in]
+    ys = shared_lora_matmul(
+      x.reshape(math.prod(lead), -1),
+      tuple(ai.reshape(-1, ai.shape[-1]) for ai in a),
+      tuple(bi.reshape(bi.shape[0], -1) for bi in b),
+      tuple(scales),
+    )
     return tuple(y.reshape(lead + bi.shape[1:]) for y, bi in zip(ys, b))
 
   def name(self, x: jax.Array, label: str, *, differentiated: bool = True) -> jax.Array:
@@ -233,11 +236,13 @@ class CPUKernels(PlainKernels):
     Left alone, XLA's CPU backend transposes the [.., T, S] probabilities instead.
     """
     B, K, G, T, H = q_BKGTH.shape
-    rows = lambda x: x.reshape(B, K, G * T, x.shape[-1])  # noqa: E731  [B, K, G*T, last]
-    dk_T = product("BKHM,BKMS->BKHS", _barrier(rows(q_BKGTH).transpose(0, 1, 3, 2)),
-                   rows(dlogits_BKGTS).astype(q_BKGTH.dtype))
-    dv_T = product("BKHM,BKMS->BKHS", _barrier(rows(dout_BKGTH).transpose(0, 1, 3, 2)),
-                   rows(probs_BKGTS).astype(dout_BKGTH.dtype))
+    rows = lambda x: x.reshape(B, K, G * T, x.shape[-1])
+    dk_T = product(
+      "BKHM,BKMS->BKHS", _barrier(rows(q_BKGTH).transpose(0, 1, 3, 2)), rows(dlogits_BKGTS).astype(q_BKGTH.dtype)
+    )
+    dv_T = product(
+      "BKHM,BKMS->BKHS", _barrier(rows(dout_BKGTH).transpose(0, 1, 3, 2)), rows(probs_BKGTS).astype(dout_BKGTH.dtype)
+    )
     return _barrier(dk_T).transpose(0, 1, 3, 2), _barrier(dv_T).transpose(0, 1, 3, 2)
 
 

@@ -41,8 +41,12 @@ class LinearEinsum:
 
     That is x [batch..., in...] . w [in..., out...] -> y [batch..., out...], every Linear of models/.
     """
-    return bool(self.ins) and self.w == self.ins + self.outs and self.x == self.batch + self.ins and (
-        self.y == self.batch + self.outs)
+    return (
+      bool(self.ins)
+      and self.w == self.ins + self.outs
+      and self.x == self.batch + self.ins
+      and (self.y == self.batch + self.outs)
+    )
 
   def free_letters(self, n: int) -> str:
     """n letters this einsum does not use (for stack and rank axes)."""

@@ -33,8 +33,15 @@ class PlainKernels:
     """Any other product of two activations or of an activation and a weight."""
     return jnp.einsum(spec, a, b)
 
-  def lora(self, x: jax.Array, a_spec: str, b_specs: Sequence[str], a: Sequence[jax.Array],
-           b: Sequence[jax.Array], scales: Sequence[float]) -> tuple[jax.Array, ...]:
+  def lora(
+    self,
+    x: jax.Array,
+    a_spec: str,
+    b_specs: Sequence[str],
+    a: Sequence[jax.Array],
+    b: Sequence[jax.Array],
+    scales: Sequence[float],
+  ) -> tuple[jax.Array, ...]:
     """[scale_i * B_i(A_i x)] for adapters that read the same x; never forms A_i B_i.
 
     The A factors share a_spec (the same contracted letters, rank last) and run as one product
@@ -45,8 +52,9 @@ class PlainKernels:
     a_cat = a[0] if len(a) == 1 else jnp.concatenate(a, axis=-1)
     h = self.product(a_spec, x, a_cat)
     hs = [h] if len(a) == 1 else jnp.split(h, [sum(ranks[:i]) for i in range(1, len(ranks))], axis=-1)
-    return tuple(self.product(spec, hi * jnp.asarray(si, hi.dtype), bi) for spec, hi, bi, si in
-                 zip(b_specs, hs, b, scales))
+    return tuple(
+      self.product(spec, hi * jnp.asarray(si, hi.dtype), bi) for spec, hi, bi, si in zip(b_specs, hs, b, scales)
+    )
 
   def name(self, x: jax.Array, label: str, *, differentiated: bool = True) -> jax.Array:
     """checkpoint_name(x, label): a value the remat policies may keep."""
@@ -58,8 +66,9 @@ class PlainKernels:
     del num_queries
     return 1
 
-  def key_value_grads(self, q_BKGTH: jax.Array, dout_BKGTH: jax.Array, dlogits_BKGTS: jax.Array,
-                      probs_BKGTS: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def key_value_grads(
+    self, q_BKGTH: jax.Array, dout_BKGTH: jax.Array, dlogits_BKGTS: jax.Array, probs_BKGTS: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
     """(dk [B, K, S, H], dv [B, K, S, H]) of the chunked attention's backward: products over the queries."""
     dk = self.product("BKGTS,BKGTH->BKSH", dlogits_BKGTS.astype(q_BKGTH.dtype), q_BKGTH)
     dv = self.product("BKGTS,BKGTH->BKSH", probs_BKGTS.astype(dout_BKGTH.dtype), dout_BKGTH)

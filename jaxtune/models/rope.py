@@ -52,8 +52,9 @@ def _yarn(spec: RopeSpec, dim: int) -> tuple[np.ndarray, float]:
     return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
   if attention_factor is None:
-    attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all \
-        else get_mscale(factor)
+    attention_factor = (
+      get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all else get_mscale(factor)
+    )
   beta_fast, beta_slow = spec.get("beta_fast") or 32, spec.get("beta_slow") or 1
 
   def correction_dim(rotations: float) -> float:

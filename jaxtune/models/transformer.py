@@ -28,8 +28,9 @@ ADAPTED_NAME = "adapted"  # checkpoint_name of a Linear's output when an adapter
 LAYER_INPUT_NAME = "layer_input"  # checkpoint_name of each layer's input, the scan's carry
 _KEEP_INPUT = jax.checkpoint_policies.save_only_these_names(LAYER_INPUT_NAME)
 _KEEP_NAMED = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.save_only_these_names(attn_lib.ATTENTION_NAME, ADAPTED_NAME, LAYER_INPUT_NAME),
-    attn_lib.keeps_fused_outputs)
+  jax.checkpoint_policies.save_only_these_names(attn_lib.ATTENTION_NAME, ADAPTED_NAME, LAYER_INPUT_NAME),
+  attn_lib.keeps_fused_outputs,
+)
 # "dots*" keep the attention output and softmax statistics too (named on the XLA and chunked paths,
 # by primitive for cuDNN's): otherwise the backward pass reruns the whole attention forward (its
 # products have batch dimensions) before its own recompute.
@@ -38,10 +39,11 @@ _KEEP_NAMED = jax.checkpoint_policies.save_from_both_policies(
 # Every policy keeps the layer's input by name, which the scan would stack anyway: named, the CPU
 # kernels stack a 16-bit input as its bits, like the other names (models/cpu.py).
 _REMAT_POLICIES = {
-    "full": _KEEP_INPUT,
-    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _KEEP_NAMED),
-    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_NAMED),
+  "full": _KEEP_INPUT,
+  "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _KEEP_NAMED),
+  "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_NAMED
+  ),
 }
 assert set(_REMAT_POLICIES) | {"none"} == set(REMAT_POLICIES)
 
@@ -57,9 +59,17 @@ class Linear(nnx.Module):
   the model code does not change when a PEFT method is applied.
   """
 
-  def __init__(self, einsum: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[str, ...], *,
-               bias_shape: tuple[int, ...] | None = None, stack: tuple[int, ...] = (),
-               options: ModelOptions, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    einsum: str,
+    kernel_shape: tuple[int, ...],
+    kernel_axes: tuple[str, ...],
+    *,
+    bias_shape: tuple[int, ...] | None = None,
+    stack: tuple[int, ...] = (),
+    options: ModelOptions,
+    rngs: nnx.Rngs,
+  ):
     stack_axes = ("layers",) * len(stack)
     self.einsum = einsum
     self.dtype = options.dtype
@@ -67,7 +77,7 @@ class Linear(nnx.Module):
     self.kernel = nnx.Param(_init(rngs, stack + kernel_shape, options.param_dtype), axes=stack_axes + kernel_axes)
     self.bias = nnx.data(None)
     if bias_shape is not None:
-      bias_axes = kernel_axes[-len(bias_shape):]
+      bias_axes = kernel_axes[-len(bias_shape) :]
       self.bias = nnx.Param(jnp.zeros(stack + bias_shape, options.param_dtype), axes=stack_axes + bias_axes)
     self.adapter = nnx.data(None)  # data, not static: a PEFT transform assigns a module here later
 
@@ -96,8 +106,17 @@ def shared_input(linears: Sequence[Linear], x: jax.Array) -> list[jax.Array]:
 class RMSNorm(nnx.Module):
   """RMS norm over the last axis, scaled by (offset + w); computed in float32."""
 
-  def __init__(self, dim: int, *, eps: float, offset: float, axis_name: str, stack: tuple[int, ...] = (),
-               param_dtype: Any, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    *,
+    eps: float,
+    offset: float,
+    axis_name: str,
+    stack: tuple[int, ...] = (),
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+  ):
     del rngs
     init = jnp.zeros if offset else jnp.ones
     self.eps, self.offset = eps, offset
@@ -128,25 +147,34 @@ class Attention(nnx.Module):
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     common = dict(stack=stack, options=options, rngs=rngs)
     qkv_bias = cfg.qkv_bias
-    self.q = Linear("BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"),
-                    bias_shape=(N, H) if qkv_bias else None, **common)
-    self.k = Linear("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
-                    bias_shape=(K, H) if qkv_bias else None, **common)
-    self.v = Linear("BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"),
-                    bias_shape=(K, H) if qkv_bias else None, **common)
-    self.o = Linear("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"),
-                    bias_shape=(D,) if cfg.o_bias else None, **common)
+    self.q = Linear(
+      "BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"), bias_shape=(N, H) if qkv_bias else None, **common
+    )
+    self.k = Linear(
+      "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), bias_shape=(K, H) if qkv_bias else None, **common
+    )
+    self.v = Linear(
+      "BTD,DKH->BTKH", (D, K, H), ("embed", "kv_heads", "head_dim"), bias_shape=(K, H) if qkv_bias else None, **common
+    )
+    self.o = Linear(
+      "BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), bias_shape=(D,) if cfg.o_bias else None, **common
+    )
     self.q_norm = self.k_norm = nnx.data(None)
     if cfg.qk_norm:
-      norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="head_dim", stack=stack,
-                  param_dtype=options.param_dtype, rngs=rngs)
+      norm = dict(
+        eps=cfg.rms_norm_eps,
+        offset=cfg.norm_offset,
+        axis_name="head_dim",
+        stack=stack,
+        param_dtype=options.param_dtype,
+        rngs=rngs,
+      )
       self.q_norm, self.k_norm = RMSNorm(H, **norm), RMSNorm(H, **norm)
     self.scale, self.softcap, self.impl = cfg.scale, cfg.attn_softcap, options.attention_impl
     self.kernels, self.interpret = options.kernels, options.interpret
     self.window = cfg.sliding_window
 
-  def __call__(self, x_BTD, cos_sin, mask_BTS, kv_cache=None, cache_index=None, is_sliding=None,
-               segment_ids_BT=None):
+  def __call__(self, x_BTD, cos_sin, mask_BTS, kv_cache=None, cache_index=None, is_sliding=None, segment_ids_BT=None):
     q, k, v = shared_input((self.q, self.k, self.v), x_BTD)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
@@ -158,15 +186,34 @@ class Attention(nnx.Module):
       kv_cache = (k, v)
     kernels = kernels_lib.get(self.kernels)
     if self.impl == "splash" and kv_cache is None:
-      out = attn_lib.splash_attend(q, k, v, segment_ids_BT, is_sliding, window=self.window, scale=self.scale,
-                                   softcap=self.softcap, save_inputs=self.q_norm is None, kernels=kernels,
-                                   interpret=self.interpret)
+      out = attn_lib.splash_attend(
+        q,
+        k,
+        v,
+        segment_ids_BT,
+        is_sliding,
+        window=self.window,
+        scale=self.scale,
+        softcap=self.softcap,
+        save_inputs=self.q_norm is None,
+        kernels=kernels,
+        interpret=self.interpret,
+      )
     else:  # KV-cache decoding runs the plain path: splash has none, cuDNN's is not measured
       impl = "xla" if self.impl == "splash" or (self.impl == "cudnn" and kv_cache is not None) else self.impl
       # Without a cache every query and key slot is 0..T-1: the mask is causal, blocks above the diagonal skip.
-      out = attn_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BTS, scale=self.scale,
-                            softcap=self.softcap, impl=impl, kernels=kernels, causal=kv_cache is None,
-                            save_inputs=self.q_norm is None)
+      out = attn_lib.attend(
+        q,
+        k.astype(q.dtype),
+        v.astype(q.dtype),
+        mask_BTS,
+        scale=self.scale,
+        softcap=self.softcap,
+        impl=impl,
+        kernels=kernels,
+        causal=kv_cache is None,
+        save_inputs=self.q_norm is None,
+      )
     return self.o(out), kv_cache
 
 
@@ -192,8 +239,14 @@ class Block(nnx.Module):
   """One decoder layer (created stacked: every parameter has a leading [L] axis)."""
 
   def __init__(self, cfg: ModelConfig, options: ModelOptions, stack: tuple[int, ...], rngs: nnx.Rngs):
-    norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="embed", stack=stack,
-                param_dtype=options.param_dtype, rngs=rngs)
+    norm = dict(
+      eps=cfg.rms_norm_eps,
+      offset=cfg.norm_offset,
+      axis_name="embed",
+      stack=stack,
+      param_dtype=options.param_dtype,
+      rngs=rngs,
+    )
     D = cfg.hidden_size
     self.pre_attn_norm = RMSNorm(D, **norm)
     self.attn = Attention(cfg, options, stack, rngs)
@@ -206,11 +259,12 @@ class Block(nnx.Module):
   def __call__(self, x_BTD, is_sliding, inputs: LayerInputs, kv_cache=None):
     # Pick this layer's rope tables and mask; a model without sliding layers shares one of each
     # (no per-layer select, so the mask stays loop-invariant and is not saved once per layer).
-    pick = lambda sliding, full: full if sliding is full else jnp.where(is_sliding, sliding, full)  # noqa: E731
+    pick = lambda sliding, full: full if sliding is full else jnp.where(is_sliding, sliding, full)
     cos_sin = jax.tree.map(pick, inputs.cos_sin_sliding, inputs.cos_sin_full)
     mask = pick(inputs.mask_sliding_BTS, inputs.mask_full_BTS)
-    h, kv_cache = self.attn(self.pre_attn_norm(x_BTD), cos_sin, mask, kv_cache, inputs.cache_index, is_sliding,
-                            inputs.segment_ids_BT)
+    h, kv_cache = self.attn(
+      self.pre_attn_norm(x_BTD), cos_sin, mask, kv_cache, inputs.cache_index, is_sliding, inputs.segment_ids_BT
+    )
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
     x_BTD = x_BTD + h
@@ -233,8 +287,9 @@ class KVCache:
   @classmethod
   def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = "float32") -> "KVCache":
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
-               jnp.zeros((), jnp.int32))
+    return cls(
+      jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32)
+    )
 
 
 class CausalLM(nnx.Module):
@@ -247,30 +302,39 @@ class CausalLM(nnx.Module):
     V, D = cfg.vocab_size, cfg.hidden_size
     self.embed = nnx.Param(_init(rngs, (V, D), options.param_dtype), axes=("vocab", "embed"))
     self.layers = Block(cfg, options, (cfg.num_layers,), rngs)
-    self.final_norm = RMSNorm(D, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="embed",
-                              param_dtype=options.param_dtype, rngs=rngs)
+    self.final_norm = RMSNorm(
+      D, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, axis_name="embed", param_dtype=options.param_dtype, rngs=rngs
+    )
     self.lm_head = nnx.data(None)
     if not cfg.tie_embeddings:
       self.lm_head = Linear("BTD,DV->BTV", (D, V), ("embed", "vocab"), options=options, rngs=rngs)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-               segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-               cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
     """Logits [B, T, V]; with a cache, (logits, updated cache).
 
     attention_mask: HF's 0/1 padding mask [B, T]. segment_ids: packed rows [B, T] (0 = padding);
     positions default to 0..T-1 (from the cache index when decoding).
     """
-    hidden, cache = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
-                                       cache=cache)
+    hidden, cache = self.hidden_states(
+      input_ids, attention_mask, segment_ids=segment_ids, positions=positions, cache=cache
+    )
     logits = self.logits(hidden)
     return logits if cache is None else (logits, cache)
 
   def logits(self, hidden_BTD: jax.Array) -> jax.Array:
     """LM head (tied or not) and final soft-capping; float32 logits."""
     if self.lm_head is None:
-      logits = jnp.einsum("BTD,VD->BTV", hidden_BTD, self.embed[...].astype(hidden_BTD.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = jnp.einsum(
+        "BTD,VD->BTV", hidden_BTD, self.embed[...].astype(hidden_BTD.dtype), preferred_element_type=jnp.float32
+      )
     else:
       logits = self.lm_head(hidden_BTD).astype(jnp.float32)
     cap = self.config.final_softcap
@@ -321,8 +385,9 @@ class CausalLM(nnx.Module):
     if positions is None:
       positions = q_slot
     full = rope_lib.rope_tables(cfg.rope_full, cfg.head_dim, positions)
-    sliding = full if cfg.rope_sliding == cfg.rope_full else rope_lib.rope_tables(cfg.rope_sliding, cfg.head_dim,
-                                                                                  positions)
+    sliding = (
+      full if cfg.rope_sliding == cfg.rope_full else rope_lib.rope_tables(cfg.rope_sliding, cfg.head_dim, positions)
+    )
     mask_full = attn_lib.attention_mask(q_slot, kv_slot, segment_ids, kv_seg)
     mask_sliding = mask_full
     if cfg.sliding_window is not None and any(cfg.sliding_layers):

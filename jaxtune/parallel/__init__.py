@@ -13,5 +13,19 @@ from jaxtune.parallel.sharding import (
   variable_shardings,
 )
 
-__all__ = ["PRESETS", "RULES", "ActivationSharding", "TrainShardings", "axis_sizes", "batch_sharding", "constrain",
-           "make_mesh", "mesh_config", "place", "shard_batch", "spec", "train_shardings", "variable_shardings"]
+__all__ = [
+  "PRESETS",
+  "RULES",
+  "ActivationSharding",
+  "TrainShardings",
+  "axis_sizes",
+  "batch_sharding",
+  "constrain",
+  "make_mesh",
+  "mesh_config",
+  "place",
+  "shard_batch",
+  "spec",
+  "train_shardings",
+  "variable_shardings",
+]

@@ -28,16 +28,23 @@ class DistributedSpec:
   why: str = "a single process"
 
   @classmethod
-  def from_env(cls, env: Mapping[str, str], coordinator_address: str = "", num_processes: int = 0,
-               process_id: int = -1) -> "DistributedSpec":
+  def from_env(
+    cls, env: Mapping[str, str], coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+  ) -> "DistributedSpec":
     """Explicit arguments first, then JAX_* variables, then a cluster JAX detects (TPU pod, SLURM, MPI)."""
     address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
     count = num_processes or int(env.get("JAX_NUM_PROCESSES", "0") or 0)
     pid = process_id if process_id >= 0 else int(env.get("JAX_PROCESS_ID", "-1") or -1)
     if address or count > 1:
-      missing = [n for n, bad in (("coordinator address (JAX_COORDINATOR_ADDRESS)", not address),
-                                  ("process count (JAX_NUM_PROCESSES)", count < 1),
-                                  ("process id (JAX_PROCESS_ID)", pid < 0)) if bad]
+      missing = [
+        n
+        for n, bad in (
+          ("coordinator address (JAX_COORDINATOR_ADDRESS)", not address),
+          ("process count (JAX_NUM_PROCESSES)", count < 1),
+          ("process id (JAX_PROCESS_ID)", pid < 0),
+        )
+        if bad
+      ]
       if missing:
         raise ValueError(f"multi-process run: set the {', '.join(missing)} as well, on every process.")
       if pid >= count:

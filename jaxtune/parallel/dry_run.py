@@ -39,26 +39,78 @@ from jaxtune.train import step as step_lib
 
 # The config.json fields that set memory, for the models of docs/scaling.md (rope and norms do not matter here).
 PRESETS = {
-    "llama3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
-    "llama3.1-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                         num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
-    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
-    "qwen2.5-72b": dict(model_type="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=29568,
-                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
-    "gemma2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
-                      num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256),
-    "gemma2-27b": dict(model_type="gemma2", vocab_size=256000, hidden_size=4608, intermediate_size=36864,
-                       num_hidden_layers=46, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
-                       query_pre_attn_scalar=144),
+  "llama3.1-8b": dict(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+  ),
+  "llama3.1-70b": dict(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+  ),
+  "qwen2.5-7b": dict(
+    model_type="qwen2",
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+  ),
+  "qwen2.5-72b": dict(
+    model_type="qwen2",
+    vocab_size=152064,
+    hidden_size=8192,
+    intermediate_size=29568,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+  ),
+  "gemma2-9b": dict(
+    model_type="gemma2",
+    vocab_size=256000,
+    hidden_size=3584,
+    intermediate_size=14336,
+    num_hidden_layers=42,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=256,
+  ),
+  "gemma2-27b": dict(
+    model_type="gemma2",
+    vocab_size=256000,
+    hidden_size=4608,
+    intermediate_size=36864,
+    num_hidden_layers=46,
+    num_attention_heads=32,
+    num_key_value_heads=16,
+    head_dim=128,
+    query_pre_attn_scalar=144,
+  ),
 }
-HUB_IDS = {"meta-llama/Llama-3.1-8B": "llama3.1-8b", "meta-llama/Llama-3.1-8B-Instruct": "llama3.1-8b",
-           "meta-llama/Llama-3.1-70B": "llama3.1-70b", "meta-llama/Llama-3.1-70B-Instruct": "llama3.1-70b",
-           "Qwen/Qwen2.5-7B": "qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
-           "Qwen/Qwen2.5-72B": "qwen2.5-72b", "Qwen/Qwen2.5-72B-Instruct": "qwen2.5-72b",
-           "google/gemma-2-9b": "gemma2-9b", "google/gemma-2-9b-it": "gemma2-9b",
-           "google/gemma-2-27b": "gemma2-27b", "google/gemma-2-27b-it": "gemma2-27b"}
+HUB_IDS = {
+  "meta-llama/Llama-3.1-8B": "llama3.1-8b",
+  "meta-llama/Llama-3.1-8B-Instruct": "llama3.1-8b",
+  "meta-llama/Llama-3.1-70B": "llama3.1-70b",
+  "meta-llama/Llama-3.1-70B-Instruct": "llama3.1-70b",
+  "Qwen/Qwen2.5-7B": "qwen2.5-7b",
+  "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b",
+  "Qwen/Qwen2.5-72B": "qwen2.5-72b",
+  "Qwen/Qwen2.5-72B-Instruct": "qwen2.5-72b",
+  "google/gemma-2-9b": "gemma2-9b",
+  "google/gemma-2-9b-it": "gemma2-9b",
+  "google/gemma-2-27b": "gemma2-27b",
+  "google/gemma-2-27b-it": "gemma2-27b",
+}
 GIB = 1024**3
 
 
@@ -83,10 +135,12 @@ class Report:
     return self.argument + self.output - self.alias + self.temp + self.code
 
   def line(self) -> str:
-    g = lambda b: f"{b / GIB:7.2f}"  # noqa: E731
+    g = lambda b: f"{b / GIB:7.2f}"
     mesh = "x".join(str(self.mesh[a]) for a in mesh_lib.AXES)
-    return (f"{self.devices:5d} {mesh:>9} {g(self.params)} {g(self.trainable)} {g(self.optimizer)} {g(self.temp)} "
-            f"{g(self.peak)}")
+    return (
+      f"{self.devices:5d} {mesh:>9} {g(self.params)} {g(self.trainable)} {g(self.optimizer)} {g(self.temp)} "
+      f"{g(self.peak)}"
+    )
 
 
 HEADER = "devices  d x f x t  params  trained  optim.  act/tmp  peak (GiB per device)"
@@ -111,13 +165,26 @@ def model_config(model: str = "", model_config_path: str = "", config_model_path
   local = pathlib.Path(config_model_path).expanduser() / "config.json"
   if config_model_path and local.is_file():
     return from_hf_dict(json.loads(local.read_text()), str(local))
-  raise ValueError(f"no model shape for {config_model_path!r}: pass --model ({', '.join(PRESETS)}) or "
-                   "--model_config path/to/config.json.")
+  raise ValueError(
+    f"no model shape for {config_model_path!r}: pass --model ({', '.join(PRESETS)}) or "
+    "--model_config path/to/config.json."
+  )
 
 
-def compile_report(cfg: ModelConfig, options: ModelOptions, mesh: jax.sharding.Mesh, rules: Any, *, method: str,
-                   lora_rank: int, optimizer: Any, rows: int, seq: int, accum: int = 1, constrain: bool = True
-                   ) -> Report:
+def compile_report(
+  cfg: ModelConfig,
+  options: ModelOptions,
+  mesh: jax.sharding.Mesh,
+  rules: Any,
+  *,
+  method: str,
+  lora_rank: int,
+  optimizer: Any,
+  rows: int,
+  seq: int,
+  accum: int = 1,
+  constrain: bool = True,
+) -> Report:
   """Compiles one train step of an abstract model on `mesh`; returns XLA's per-device memory."""
   if constrain:  # each layer's input split by batch rows, as the training loop does
     options = options.replace(constrain=sharding_lib.ActivationSharding(mesh, rules))
@@ -130,11 +197,17 @@ def compile_report(cfg: ModelConfig, options: ModelOptions, mesh: jax.sharding.M
 
   abstract = nnx.eval_shape(build)
   graphdef, params, keys, rest = split_trainable(abstract, method)
-  sds = lambda tree: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))  # noqa: E731
+  sds = lambda tree: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))
   params_sds, frozen = sds(params), step_lib.Frozen(sds(rest), sds(keys))
   scalar = jax.ShapeDtypeStruct((), np.int32)
-  state = step_lib.TrainState(params_sds, jax.eval_shape(optimizer.init, params_sds), scalar,
-                              jax.ShapeDtypeStruct((2,), np.uint32), scalar, scalar)
+  state = step_lib.TrainState(
+    params_sds,
+    jax.eval_shape(optimizer.init, params_sds),
+    scalar,
+    jax.ShapeDtypeStruct((2,), np.uint32),
+    scalar,
+    scalar,
+  )
   batch = {k: jax.ShapeDtypeStruct((accum, rows // accum, seq), np.int32) for k in step_lib.BATCH_KEYS}
   sh = sharding_lib.train_shardings(abstract, optimizer, mesh, rules, method=method)
 
@@ -145,11 +218,18 @@ def compile_report(cfg: ModelConfig, options: ModelOptions, mesh: jax.sharding.M
   stats = jitted.lower(state, frozen, batch).compile().memory_analysis()
   trained = sharding_lib.per_device_bytes(state.params, sh.state.params)
   return Report(
-      devices=mesh.size, mesh=dict(mesh.shape), params=trained + sharding_lib.per_device_bytes(frozen, sh.frozen),
-      trainable=trained, optimizer=sharding_lib.per_device_bytes(state.opt_state, sh.state.opt_state),
-      batch=sharding_lib.per_device_bytes(batch, jax.tree.map(lambda _: sh.batch, batch)),
-      temp=stats.temp_size_in_bytes, argument=stats.argument_size_in_bytes, output=stats.output_size_in_bytes,
-      alias=stats.alias_size_in_bytes, code=stats.generated_code_size_in_bytes)
+    devices=mesh.size,
+    mesh=dict(mesh.shape),
+    params=trained + sharding_lib.per_device_bytes(frozen, sh.frozen),
+    trainable=trained,
+    optimizer=sharding_lib.per_device_bytes(state.opt_state, sh.state.opt_state),
+    batch=sharding_lib.per_device_bytes(batch, jax.tree.map(lambda _: sh.batch, batch)),
+    temp=stats.temp_size_in_bytes,
+    argument=stats.argument_size_in_bytes,
+    output=stats.output_size_in_bytes,
+    alias=stats.alias_size_in_bytes,
+    code=stats.generated_code_size_in_bytes,
+  )
 
 
 def main(argv: list[str] | None = None) -> list[Report]:
@@ -163,18 +243,27 @@ def main(argv: list[str] | None = None) -> list[Report]:
   p.add_argument("--seq", type=int, help="override data.max_seq_len")
   p.add_argument("--batch_per_device", type=int, help="rows per data-parallel device (else data.batch_size)")
   p.add_argument("--remat", help="override model.remat")
-  p.add_argument("--platform", choices=("tpu", "gpu", "cpu"), default="tpu",
-                 help="the platform whose program is traced: its dtypes, attention and kernels (default tpu)")
+  p.add_argument(
+    "--platform",
+    choices=("tpu", "gpu", "cpu"),
+    default="tpu",
+    help="the platform whose program is traced: its dtypes, attention and kernels (default tpu)",
+  )
   p.add_argument("--attention_impl", help="override model.attention_impl (xla | chunked | ...)")
   p.add_argument("--no_constraint", action="store_true", help="compile the model as is (no layer-input constraint)")
   p.add_argument("--json", action="store_true", help="print one JSON line per report too")
   args = p.parse_args(argv)
 
   from jaxtune.train import config as config_lib
+
   config = _load_config_file(args.config) if args.config else config_lib.default_config()
   config.unlock()
-  for key, value in (("peft.method", args.method), ("data.max_seq_len", args.seq), ("model.remat", args.remat),
-                     ("model.attention_impl", args.attention_impl)):
+  for key, value in (
+    ("peft.method", args.method),
+    ("data.max_seq_len", args.seq),
+    ("model.remat", args.remat),
+    ("model.attention_impl", args.attention_impl),
+  ):
     if value is not None:
       node, leaf = config, key.split(".")
       for part in leaf[:-1]:
@@ -195,11 +284,13 @@ def main(argv: list[str] | None = None) -> list[Report]:
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", max(counts))
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  print(f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, "
-        f"seq {config.data.max_seq_len}, "
-        f"remat {options.remat}, {options.dtype} compute / {options.param_dtype} params, attention "
-        f"{options.attention_impl}{note}, {options.kernels} kernels, optimizer {config.optim.name}; "
-        f"the {args.platform} program, compiled for CPU devices")
+  print(
+    f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, "
+    f"seq {config.data.max_seq_len}, "
+    f"remat {options.remat}, {options.dtype} compute / {options.param_dtype} params, attention "
+    f"{options.attention_impl}{note}, {options.kernels} kernels, optimizer {config.optim.name}; "
+    f"the {args.platform} program, compiled for CPU devices"
+  )
   print(HEADER)
   reports = []
   for n in counts:
@@ -207,9 +298,19 @@ def main(argv: list[str] | None = None) -> list[Report]:
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = batch_ways * args.batch_per_device if args.batch_per_device else config.data.batch_size
     accum = 1 if args.batch_per_device else config.train.grad_accum
-    report = compile_report(cfg, options, mesh, mesh_cfg.rules, method=config.peft.method,
-                            lora_rank=config.peft.lora.rank, optimizer=optimizer, rows=rows,
-                            seq=config.data.max_seq_len, accum=accum, constrain=not args.no_constraint)
+    report = compile_report(
+      cfg,
+      options,
+      mesh,
+      mesh_cfg.rules,
+      method=config.peft.method,
+      lora_rank=config.peft.lora.rank,
+      optimizer=optimizer,
+      rows=rows,
+      seq=config.data.max_seq_len,
+      accum=accum,
+      constrain=not args.no_constraint,
+    )
     print(report.line(), flush=True)
     if args.json:
       print(json.dumps({**dataclasses.asdict(report), "peak": report.peak}))

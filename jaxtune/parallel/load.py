@@ -19,8 +19,13 @@ from jaxtune.models.transformer import CausalLM
 from jaxtune.parallel.sharding import spec
 
 
-def load_model_sharded(path_or_hub_id: str | pathlib.Path, mesh: jax.sharding.Mesh, rules: Any,
-                       options: ModelOptions | None = None, stats: dict | None = None) -> CausalLM:
+def load_model_sharded(
+  path_or_hub_id: str | pathlib.Path,
+  mesh: jax.sharding.Mesh,
+  rules: Any,
+  options: ModelOptions | None = None,
+  stats: dict | None = None,
+) -> CausalLM:
   """An HF checkpoint as a CausalLM whose parameters are global arrays sharded over `mesh` by `rules`.
 
   `stats`, when given, receives read_bytes and peak_staged_bytes (host bytes of one transfer, the most at once).

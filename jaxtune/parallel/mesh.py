@@ -26,29 +26,31 @@ PRESETS = {"dp": (-1, 1, 1), "fsdp": (1, -1, 1), "fsdp_tp": (1, -1, 2)}
 # fsdp (FSDP is data parallel over sharded weights); weights split their model dimension over fsdp and their
 # head / MLP / vocab dimension over tensor. A dimension that a mesh axis does not divide stays whole.
 RULES = (
-    ("batch", ("data", "fsdp")),  # activations and batches [B, ...]
-    ("length", None),  # sequence positions
-    ("layers", None),  # the stacked-layer axis: every chip runs every layer
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("lora_rank", None),  # adapters shard like the weight they adapt, along its other dimensions
-    ("act_embed", None),  # activations' model dimension: whole on each chip (models/options.ACTIVATION_AXES)
+  ("batch", ("data", "fsdp")),  # activations and batches [B, ...]
+  ("length", None),  # sequence positions
+  ("layers", None),  # the stacked-layer axis: every chip runs every layer
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("lora_rank", None),  # adapters shard like the weight they adapt, along its other dimensions
+  ("act_embed", None),  # activations' model dimension: whole on each chip (models/options.ACTIVATION_AXES)
 )
 
 
 def mesh_config() -> ml_collections.ConfigDict:
   """Defaults for `config.mesh`: a preset, per-axis overrides, and the rules table."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       preset="fsdp",  # dp | fsdp | fsdp_tp
       data=0,  # axis sizes; 0: the preset's value, -1: every device left over
       fsdp=0,
       tensor=0,
       rules=RULES,  # (logical axis, mesh axes) pairs
-  ))
+    )
+  )
 
 
 def axis_sizes(cfg: Any, num_devices: int) -> dict[str, int]:
@@ -62,8 +64,10 @@ def axis_sizes(cfg: Any, num_devices: int) -> dict[str, int]:
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if rest:
     if num_devices % fixed:
-      raise ValueError(f"mesh: {num_devices} devices do not split into {sizes} (the fixed axes take {fixed}); "
-                       "change mesh.data / mesh.fsdp / mesh.tensor.")
+      raise ValueError(
+        f"mesh: {num_devices} devices do not split into {sizes} (the fixed axes take {fixed}); "
+        "change mesh.data / mesh.fsdp / mesh.tensor."
+      )
     sizes[rest[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise ValueError(f"mesh: sizes {sizes} use {fixed} devices, but there are {num_devices}; set one axis to -1.")

@@ -51,8 +51,9 @@ def _axes(var: nnx.Variable) -> tuple | None:
 
 def variable_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Any) -> dict:
   """Pure nested dict (as nnx.to_pure_dict) of the NamedSharding of every Variable in `state`."""
-  flat = [(path, NamedSharding(mesh, spec(_axes(var), var.shape, mesh, rules)))
-          for path, var in nnx.to_flat_state(state)]
+  flat = [
+    (path, NamedSharding(mesh, spec(_axes(var), var.shape, mesh, rules))) for path, var in nnx.to_flat_state(state)
+  ]
   return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
@@ -60,8 +61,9 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def optimizer_shardings(optimizer: optax.GradientTransformation, params: Any, param_shardings: Any,
-                        mesh: jax.sharding.Mesh) -> Any:
+def optimizer_shardings(
+  optimizer: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: jax.sharding.Mesh
+) -> Any:
   """Shardings of optimizer.init(params): leaves shaped like their parameter shard like it; others replicate.
 
   `params` may be abstract (ShapeDtypeStructs). Factored statistics (Adafactor's row / column
@@ -73,8 +75,9 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, params: Any, pa
   def like_param(leaf, param, sharding):
     return sharding if getattr(leaf, "shape", None) == tuple(param.shape) else rep
 
-  return optax.tree_map_params(optimizer, like_param, abstract, params, param_shardings,
-                               transform_non_params=lambda _: rep)
+  return optax.tree_map_params(
+    optimizer, like_param, abstract, params, param_shardings, transform_non_params=lambda _: rep
+  )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Any, accumulated: bool = True) -> NamedSharding:
@@ -98,16 +101,28 @@ class TrainShardings:
     return (self.state, self.frozen, self.batch)
 
 
-def train_shardings(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    rules: Any, *, method: str = "lora") -> TrainShardings:
+def train_shardings(
+  model: nnx.Module,
+  optimizer: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  rules: Any,
+  *,
+  method: str = "lora",
+) -> TrainShardings:
   """Shardings of (TrainState, Frozen, batch) for `model` (concrete or nnx.eval_shape'd), split as the step splits
   it."""
   _, params, keys, rest = split_trainable(model, method)
   param_sh = variable_shardings(params, mesh, rules)
   abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(params))
   rep = replicated(mesh)
-  state = TrainState(params=param_sh, opt_state=optimizer_shardings(optimizer, abstract_params, param_sh, mesh),
-                     step=rep, rng=rep, nonfinite_streak=rep, skipped=rep)
+  state = TrainState(
+    params=param_sh,
+    opt_state=optimizer_shardings(optimizer, abstract_params, param_sh, mesh),
+    step=rep,
+    rng=rep,
+    nonfinite_streak=rep,
+    skipped=rep,
+  )
   frozen = Frozen(variable_shardings(rest, mesh, rules), variable_shardings(keys, mesh, rules))
   return TrainShardings(state, frozen, batch_sharding(mesh, rules))
 
@@ -117,6 +132,7 @@ def place(tree: Any, shardings: Any) -> Any:
 
   Works with several processes as long as every process holds the same values (same seed, same checkpoint).
   """
+
   def put(x, sharding):
     if isinstance(x, jax.Array) and x.sharding == sharding:  # already in place (e.g. from load_model_sharded)
       return x
@@ -134,6 +150,7 @@ def shard_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[s
   grain hands process p the p-th block of rows; the mesh puts process-major devices first, so
   block p lands on process p's devices.
   """
+
   def one(x):
     x = np.asarray(x)
     rows_axis = 1 if x.ndim == 3 else 0
@@ -161,8 +178,9 @@ class ActivationSharding:
   rules: tuple[tuple[str, Any], ...]
 
   def __post_init__(self):  # hashable: the options holding this are part of the jitted program's key
-    object.__setattr__(self, "rules", tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                                            for name, axes in self.rules))
+    object.__setattr__(
+      self, "rules", tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in self.rules)
+    )
 
   def __call__(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     table = rules_dict(self.rules)

@@ -12,5 +12,14 @@ from jaxtune.peft.lora import (
   peft_state_dict,
 )
 
-__all__ = ["LoRA", "LoRADropoutKey", "LoRAParam", "apply_lora", "lora_weights", "merge_and_unload", "merge_lora",
-           "peft_config", "peft_state_dict"]
+__all__ = [
+  "LoRA",
+  "LoRADropoutKey",
+  "LoRAParam",
+  "apply_lora",
+  "lora_weights",
+  "merge_and_unload",
+  "merge_lora",
+  "peft_config",
+  "peft_state_dict",
+]

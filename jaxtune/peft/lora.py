@@ -34,8 +34,16 @@ from jaxtune.models.transformer import CausalLM, Linear
 
 METHODS = ("lora", "full")  # peft.method: train the adapters only, or every weight
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
-HF_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-            "down_proj": "down", "lm_head": "lm_head"}
+HF_NAMES = {
+  "q_proj": "q",
+  "k_proj": "k",
+  "v_proj": "v",
+  "o_proj": "o",
+  "gate_proj": "gate",
+  "up_proj": "up",
+  "down_proj": "down",
+  "lm_head": "lm_head",
+}
 
 
 class LoRAParam(nnx.Param):
@@ -56,9 +64,21 @@ def split_trainable(model: nnx.Module, method: str) -> tuple[nnx.GraphDef, nnx.S
 class LoRA(nnx.Module):
   """delta_y = scale * B(A(dropout(x))), shaped like the adapted Linear's output."""
 
-  def __init__(self, einsum: str, kernel_shape: tuple[int, ...], kernel_axes: tuple[Any, ...] | None, *,
-               rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, dtype: Any,
-               param_dtype: Any = jnp.float32, kernels: str = "plain", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    einsum: str,
+    kernel_shape: tuple[int, ...],
+    kernel_axes: tuple[Any, ...] | None,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    dtype: Any,
+    param_dtype: Any = jnp.float32,
+    kernels: str = "plain",
+    rngs: nnx.Rngs,
+  ):
     spec = einsum_lib.parse(einsum)
     ins, outs, batch = spec.ins, spec.outs, spec.batch
     n_stack = len(kernel_shape) - len(spec.w)
@@ -66,8 +86,10 @@ class LoRA(nnx.Module):
     axes = tuple(kernel_axes) if kernel_axes else (None,) * len(kernel_shape)
     stack_axes, letter_axes = axes[:n_stack], dict(zip(spec.w, axes[n_stack:]))
     if not ins or set(spec.y) != set(batch + outs):
-      raise ValueError(f"LoRA cannot adapt einsum {einsum!r}: it needs x's non-kernel letters plus the kernel's "
-                       "output letters to make up the output.")
+      raise ValueError(
+        f"LoRA cannot adapt einsum {einsum!r}: it needs x's non-kernel letters plus the kernel's "
+        "output letters to make up the output."
+      )
     r = spec.free_letters(1)
     self.a_einsum = f"{spec.x},{ins}{r}->{batch}{r}"
     self.b_einsum = f"{batch}{r},{r}{outs}->{spec.y}"
@@ -79,11 +101,15 @@ class LoRA(nnx.Module):
     fan_in = math.prod(dims[c] for c in ins)
     bound = 1.0 / math.sqrt(fan_in)  # PEFT: kaiming_uniform_(a=sqrt(5)) on lora_A [r, in]
     a_shape = stack + tuple(dims[c] for c in ins) + (rank,)
-    self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), a_shape, param_dtype, -bound, bound),
-                            axes=stack_axes + tuple(letter_axes[c] for c in ins) + ("lora_rank",))
+    self.lora_a = LoRAParam(
+      jax.random.uniform(rngs.params(), a_shape, param_dtype, -bound, bound),
+      axes=stack_axes + tuple(letter_axes[c] for c in ins) + ("lora_rank",),
+    )
     b_shape = stack + (rank,) + tuple(dims[c] for c in outs)
-    self.lora_b = LoRAParam(jnp.asarray(np.zeros(b_shape, param_dtype)),  # numpy: no compile per shape
-                            axes=stack_axes + ("lora_rank",) + tuple(letter_axes[c] for c in outs))
+    self.lora_b = LoRAParam(
+      jnp.asarray(np.zeros(b_shape, param_dtype)),  # numpy: no compile per shape
+      axes=stack_axes + ("lora_rank",) + tuple(letter_axes[c] for c in outs),
+    )
     self.dropout_key = nnx.data(None)
     if dropout > 0:
       keys = jax.random.split(rngs.params(), max(math.prod(stack), 1))
@@ -108,8 +134,10 @@ class LoRA(nnx.Module):
     dtype or kernels. None overall when fewer than two can share (PEFT's default targets, q and v
     only, still share).
     """
-    kinds = [(ad.a_einsum, jnp.dtype(ad.dtype), ad.kernels) if isinstance(ad, LoRA) and not ad._dropout_active()
-             else None for ad in adapters]
+    kinds = [
+      (ad.a_einsum, jnp.dtype(ad.dtype), ad.kernels) if isinstance(ad, LoRA) and not ad._dropout_active() else None
+      for ad in adapters
+    ]
     first = next((k for k in kinds if k is not None), None)
     group = [i for i, k in enumerate(kinds) if k is not None and k == first]
     if len(group) < 2:
@@ -120,14 +148,17 @@ class LoRA(nnx.Module):
     return out
 
 
-
 def _deltas(adapters: Sequence["LoRA"], x: jax.Array) -> tuple[jax.Array, ...]:
   """scale * B(A x) for adapters sharing x and their A einsum, through the run's kernels."""
   first = adapters[0]
   return kernels_lib.get(first.kernels).lora(
-      x, first.a_einsum, tuple(ad.b_einsum for ad in adapters),
-      tuple(ad.lora_a[...].astype(ad.dtype) for ad in adapters),
-      tuple(ad.lora_b[...].astype(ad.dtype) for ad in adapters), tuple(ad.scale for ad in adapters))
+    x,
+    first.a_einsum,
+    tuple(ad.b_einsum for ad in adapters),
+    tuple(ad.lora_a[...].astype(ad.dtype) for ad in adapters),
+    tuple(ad.lora_b[...].astype(ad.dtype) for ad in adapters),
+    tuple(ad.scale for ad in adapters),
+  )
 
 
 def merge_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, adapter: LoRA) -> jax.Array:
@@ -167,18 +198,30 @@ def _select(model: nnx.Module, targets: str | Sequence[str]) -> list[tuple[tuple
     present = {p[-1] for p, _ in linears}
     unknown = sorted(n for n in names if n not in present)
     if unknown:
-      raise ValueError(f"peft.lora.targets: {unknown} name no linear layer of this model; use names from "
-                       f"{sorted(present)} or their HF forms ({', '.join(HF_NAMES)}).")
+      raise ValueError(
+        f"peft.lora.targets: {unknown} name no linear layer of this model; use names from "
+        f"{sorted(present)} or their HF forms ({', '.join(HF_NAMES)})."
+      )
     chosen = [(p, m) for p, m in linears if p[-1] in names]
   if not chosen:
-    raise ValueError(f"peft.lora.targets: {targets!r} matched no linear layer; the model's layers are {available} "
-                     "(a regex must match a whole dotted path).")
+    raise ValueError(
+      f"peft.lora.targets: {targets!r} matched no linear layer; the model's layers are {available} "
+      "(a regex must match a whole dotted path)."
+    )
   return chosen
 
 
-def apply_lora(model: CausalLM, *, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-               targets: str | Sequence[str] = "all-linear", rngs: nnx.Rngs,
-               param_dtype: Any = jnp.float32) -> CausalLM:
+def apply_lora(
+  model: CausalLM,
+  *,
+  rank: int,
+  alpha: float,
+  dropout: float = 0.0,
+  use_rslora: bool = False,
+  targets: str | Sequence[str] = "all-linear",
+  rngs: nnx.Rngs,
+  param_dtype: Any = jnp.float32,
+) -> CausalLM:
   """Adds LoRA adapters (A random, B zero, float32) to the targeted Linears, in place; returns the model.
 
   targets: "all-linear" (q, k, v, o, gate, up, down; not lm_head), module names (a list, or one
@@ -191,9 +234,19 @@ def apply_lora(model: CausalLM, *, rank: int, alpha: float, dropout: float = 0.0
   for path, lin in _select(model, targets):
     if lin.adapter is not None:
       raise ValueError(f"{'.'.join(path)} already has an adapter; apply LoRA once.")
-    lin.adapter = LoRA(lin.einsum, tuple(lin.kernel.shape), lin.kernel.get_metadata().get("axes"), rank=rank,
-                       alpha=alpha, dropout=dropout, use_rslora=use_rslora, dtype=lin.dtype,
-                       param_dtype=param_dtype, kernels=lin.kernels, rngs=rngs)
+    lin.adapter = LoRA(
+      lin.einsum,
+      tuple(lin.kernel.shape),
+      lin.kernel.get_metadata().get("axes"),
+      rank=rank,
+      alpha=alpha,
+      dropout=dropout,
+      use_rslora=use_rslora,
+      dtype=lin.dtype,
+      param_dtype=param_dtype,
+      kernels=lin.kernels,
+      rngs=rngs,
+    )
   return model
 
 
@@ -219,14 +272,20 @@ class LoRAWeights(NamedTuple):
 
 def lora_weights(model: nnx.Module) -> list[LoRAWeights]:
   """The adapters of every adapted Linear, in module order."""
-  return [LoRAWeights(p, m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter.scale)
-          for p, m in _linears(model) if isinstance(m.adapter, LoRA)]
+  return [
+    LoRAWeights(p, m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter.scale)
+    for p, m in _linears(model)
+    if isinstance(m.adapter, LoRA)
+  ]
 
 
 def merge_lora(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
   """kernel + scale * A @ B in float32, keyed by kernel path (("layers", "attn", "q", "kernel"), ...)."""
-  return {p + ("kernel",): merge_kernel(m.kernel[...], m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter)
-          for p, m in _linears(model) if isinstance(m.adapter, LoRA)}
+  return {
+    p + ("kernel",): merge_kernel(m.kernel[...], m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter)
+    for p, m in _linears(model)
+    if isinstance(m.adapter, LoRA)
+  }
 
 
 def merge_and_unload(model: CausalLM) -> CausalLM:
@@ -267,8 +326,17 @@ def peft_config(model: CausalLM, base_model_name_or_path: str = "") -> dict[str,
   first = adapters[0][1]
   to_hf = {v: k for k, v in HF_NAMES.items()}
   return {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-      "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": first.dropout, "use_rslora": first.use_rslora,
-      "target_modules": sorted({to_hf[p[-1]] for p, _ in adapters}), "bias": "none", "use_dora": False,
-      "modules_to_save": None, "fan_in_fan_out": False, "init_lora_weights": True,
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": base_model_name_or_path,
+    "r": first.rank,
+    "lora_alpha": first.alpha,
+    "lora_dropout": first.dropout,
+    "use_rslora": first.use_rslora,
+    "target_modules": sorted({to_hf[p[-1]] for p, _ in adapters}),
+    "bias": "none",
+    "use_dora": False,
+    "modules_to_save": None,
+    "fan_in_fan_out": False,
+    "init_lora_weights": True,
   }

@@ -56,15 +56,15 @@ def load_examples(path: str | pathlib.Path, limit: int | None = None) -> list[Ex
   return examples
 
 
-def evaluate(model, tokenizer, examples: Sequence[Example], scorer: str = "json", *, max_new_tokens: int = 48,
-             batch_size: int = 50) -> Result:
+def evaluate(
+  model, tokenizer, examples: Sequence[Example], scorer: str = "json", *, max_new_tokens: int = 48, batch_size: int = 50
+) -> Result:
   """Greedy answers to every prompt, scored against the references."""
   from jaxtune.generation import generate
 
   predictions = []
   for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    predictions += generate(model, tokenizer, [e.prompt for e in chunk], max_new_tokens=max_new_tokens,
-                            temperature=0.0)
+    chunk = examples[start : start + batch_size]
+    predictions += generate(model, tokenizer, [e.prompt for e in chunk], max_new_tokens=max_new_tokens, temperature=0.0)
   correct = [SCORERS[scorer](p, e.reference) for p, e in zip(predictions, examples)]
   return Result(sum(correct) / max(len(correct), 1), predictions, correct)

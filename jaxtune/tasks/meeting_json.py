@@ -18,21 +18,53 @@ import random
 from collections.abc import Sequence
 
 SYSTEM = 'Extract the meeting as JSON with keys "person", "day" and "time" (24-hour HH:MM).'
-NAMES = ("Alice", "Bruno", "Carla", "Deepak", "Elena", "Farid", "Grace", "Hiro",
-         "Ines", "Jonas", "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya")
+NAMES = (
+  "Alice",
+  "Bruno",
+  "Carla",
+  "Deepak",
+  "Elena",
+  "Farid",
+  "Grace",
+  "Hiro",
+  "Ines",
+  "Jonas",
+  "Kofi",
+  "Lena",
+  "Mateo",
+  "Nora",
+  "Omar",
+  "Priya",
+)
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 # As written in the sentence -> as expected in the answer.
-TIMES = {"9am": "09:00", "9:30am": "09:30", "10am": "10:00", "11:15am": "11:15",
-         "1pm": "13:00", "2:30pm": "14:30", "3:45pm": "15:45", "5pm": "17:00"}
-ACTIVITIES = ("review the budget", "discuss the roadmap", "plan the launch", "go over the contract",
-              "talk about hiring", "sync on the design", "prepare the demo", "check the sales numbers")
+TIMES = {
+  "9am": "09:00",
+  "9:30am": "09:30",
+  "10am": "10:00",
+  "11:15am": "11:15",
+  "1pm": "13:00",
+  "2:30pm": "14:30",
+  "3:45pm": "15:45",
+  "5pm": "17:00",
+}
+ACTIVITIES = (
+  "review the budget",
+  "discuss the roadmap",
+  "plan the launch",
+  "go over the contract",
+  "talk about hiring",
+  "sync on the design",
+  "prepare the demo",
+  "check the sales numbers",
+)
 PHRASINGS = (
-    "{person} wants to meet on {day} at {time} to {activity}.",
-    "Can we {activity} with {person} on {day} at {time}?",
-    "On {day} at {time}, {person} and I will {activity}.",
-    "Reminder: {activity} with {person}, {day} {time}.",
-    "Let's set up a call with {person} at {time} on {day} to {activity}.",
-    "{person} asked to {activity} at {time} this {day}.",
+  "{person} wants to meet on {day} at {time} to {activity}.",
+  "Can we {activity} with {person} on {day} at {time}?",
+  "On {day} at {time}, {person} and I will {activity}.",
+  "Reminder: {activity} with {person}, {day} {time}.",
+  "Let's set up a call with {person} at {time} on {day} to {activity}.",
+  "{person} asked to {activity} at {time} this {day}.",
 )
 
 
@@ -53,11 +85,15 @@ def make_examples(n: int, seed: int, exclude: set[str] | None = None) -> list[di
     if sentence in exclude:
       continue
     exclude.add(sentence)
-    records.append({"messages": [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": sentence},
-        {"role": "assistant", "content": answer(person, day, TIMES[spoken])},
-    ]})
+    records.append(
+      {
+        "messages": [
+          {"role": "system", "content": SYSTEM},
+          {"role": "user", "content": sentence},
+          {"role": "assistant", "content": answer(person, day, TIMES[spoken])},
+        ]
+      }
+    )
   return records
 
 

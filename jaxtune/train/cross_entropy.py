@@ -22,8 +22,16 @@ import jax.numpy as jnp
 LAYOUTS = ("VD", "DV")  # tied embedding [V, D]; untied lm_head kernel [D, V]
 
 
-def fused_cross_entropy(h_BTD: jax.Array, w: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, *,
-                        layout: str, softcap: float | None = None, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+def fused_cross_entropy(
+  h_BTD: jax.Array,
+  w: jax.Array,
+  targets_BT: jax.Array,
+  weights_BT: jax.Array,
+  *,
+  layout: str,
+  softcap: float | None = None,
+  chunk: int = 128,
+) -> tuple[jax.Array, jax.Array]:
   """(sum of weight * nll, sum of weight * [target is the top logit]) over B x T tokens, float32.
 
   w: the LM head, [V, D] (layout "VD", tied embeddings) or [D, V] ("DV"). softcap: the final
@@ -33,8 +41,9 @@ def fused_cross_entropy(h_BTD: jax.Array, w: jax.Array, targets_BT: jax.Array, w
   """
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
-  return _fused(h_BTD, w, targets_BT.astype(jnp.int32), weights_BT.astype(jnp.float32), layout, softcap,
-                max(int(chunk), 1))
+  return _fused(
+    h_BTD, w, targets_BT.astype(jnp.int32), weights_BT.astype(jnp.float32), layout, softcap, max(int(chunk), 1)
+  )
 
 
 def _chunked(x: jax.Array, size: int) -> jax.Array:
@@ -93,7 +102,7 @@ def _scan(h, w, targets, weights, layout, softcap, chunk, *, grad_h: bool, grad_
 
   def body(carry, xs):
     i, h_c, t_c, w_c, h_DN = xs
-    skip = lambda carry, h_c, *_: (carry, jnp.zeros_like(h_c) if grad_h else None)  # noqa: E731
+    skip = lambda carry, h_c, *_: (carry, jnp.zeros_like(h_c) if grad_h else None)
     return jax.lax.cond(i < live_chunks, chunk_sums, skip, carry, h_c, t_c, w_c, h_DN)
 
   zero = jnp.zeros((), jnp.float32)
@@ -126,8 +135,9 @@ def _fused(h, w, targets, weights, layout, softcap, chunk):
 def _fused_fwd(h, w, targets, weights, layout, softcap, chunk):
   # symbolic_zeros: each differentiable input arrives as CustomVJPPrimal(value, perturbed), so the
   # weight gradient is computed only when the head is trained (not under LoRA).
-  loss, correct, dh, dw = _scan(h.value, w.value, targets.value, weights.value, layout, softcap, chunk,
-                                grad_h=h.perturbed, grad_w=w.perturbed)
+  loss, correct, dh, dw = _scan(
+    h.value, w.value, targets.value, weights.value, layout, softcap, chunk, grad_h=h.perturbed, grad_w=w.perturbed
+  )
   return (loss, correct), (dh, dw)
 
 
@@ -136,7 +146,7 @@ def _fused_bwd(layout, softcap, chunk, res, cotangents):
   dh, dw = res
   g = cotangents[0]  # the accuracy output has no gradient
   g = jnp.zeros((), jnp.float32) if isinstance(g, jax.custom_derivatives.SymbolicZero) else g
-  scale = lambda x: None if x is None else (x * g.astype(x.dtype))  # noqa: E731
+  scale = lambda x: None if x is None else (x * g.astype(x.dtype))
   return scale(dh), scale(dw), None, None
 
 

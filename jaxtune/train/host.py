@@ -45,11 +45,12 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
   except OSError:
     return None
   start, end = text.find("["), text.find("]")
-  return text[start + 1:end] if 0 <= start < end else None
+  return text[start + 1 : end] if 0 <= start < end else None
 
 
-def huge_page_environ(environ: Mapping[str, str], *, glibc: tuple[int, int] | None,
-                      thp: str | None) -> dict[str, str] | None:
+def huge_page_environ(
+  environ: Mapping[str, str], *, glibc: tuple[int, int] | None, thp: str | None
+) -> dict[str, str] | None:
   """`environ` with the hugetlb tunable added, or None when there is nothing to add.
 
   Nothing to add when: the user opted out (JAXTUNE_HUGEPAGES=0), GLIBC_TUNABLES already

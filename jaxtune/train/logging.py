@@ -43,9 +43,18 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
 class MetricsLogger:
   """Writes metrics to metrics.jsonl, TensorBoard (tensorboardX) and W&B (when a project is set)."""
 
-  def __init__(self, run_dir: str | pathlib.Path, *, enabled: bool = True, tensorboard: bool = True,
-               wandb_project: str = "", wandb_entity: str = "", wandb_run_name: str = "",
-               config: Mapping[str, Any] | None = None, start_step: int = 0):
+  def __init__(
+    self,
+    run_dir: str | pathlib.Path,
+    *,
+    enabled: bool = True,
+    tensorboard: bool = True,
+    wandb_project: str = "",
+    wandb_entity: str = "",
+    wandb_run_name: str = "",
+    config: Mapping[str, Any] | None = None,
+    start_step: int = 0,
+  ):
     """start_step > 0 (a resumed run): lines of later steps, written before the interruption, are dropped."""
     self.enabled = enabled
     self._tb = self._wandb = self._file = None
@@ -55,8 +64,9 @@ class MetricsLogger:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / METRICS_FILE
     if path.exists():  # keep what the resumed checkpoint's run had logged, up to its step
-      kept = [line for line in path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= start_step]
+      kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= start_step
+      ]
       path.write_text("".join(line + "\n" for line in kept))
     self._file = path.open("a")
     if tensorboard:
@@ -66,9 +76,15 @@ class MetricsLogger:
     if wandb_project:
       import wandb
 
-      self._wandb = wandb.init(project=wandb_project, entity=wandb_entity or None, name=wandb_run_name or None,
-                               dir=str(run_dir), config=dict(config or {}), resume="allow",
-                               id=_wandb_id(run_dir))
+      self._wandb = wandb.init(
+        project=wandb_project,
+        entity=wandb_entity or None,
+        name=wandb_run_name or None,
+        dir=str(run_dir),
+        config=dict(config or {}),
+        resume="allow",
+        id=_wandb_id(run_dir),
+      )
 
   def log(self, step: int, metrics: Mapping[str, Any]) -> None:
     """One line {"step": step, **metrics} and the same scalars to TensorBoard / W&B."""
@@ -119,8 +135,16 @@ class Progress:
     if bar and enabled:
       from tqdm import tqdm
 
-      self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr,
-                       dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
+      self._bar = tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        smoothing=0.1,
+      )
 
   def tokens_per_second(self, tokens: float) -> float | None:
     """Counts `tokens` processed by the step just finished; None until a first step has set the clock."""

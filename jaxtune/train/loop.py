@@ -72,8 +72,9 @@ class Run:
     self.train_iter.close()
 
   def save(self, step: int, metrics: dict | None = None) -> None:
-    self.ckpts.save(step, self.state, data_state=self.train_iter.get_state(), config=self.config.to_dict(),
-                    metrics=metrics)
+    self.ckpts.save(
+      step, self.state, data_state=self.train_iter.get_state(), config=self.config.to_dict(), metrics=metrics
+    )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[str, Any]:
@@ -88,7 +89,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   config_lib.validate(config, jax.process_count())
   # The checkpoint's config.json (fetched first for a hub id) decides what attention "auto" can use.
   model_cfg = model_config_lib.load_config(
-      hf_load.resolve(builtin_models.resolve(config.model.path, config.model.cache_dir)))
+    hf_load.resolve(builtin_models.resolve(config.model.path, config.model.cache_dir))
+  )
   platform = jax.default_backend()
   run = setup(config_lib.resolve(config, platform, model_cfg))
   if config.model.attention_impl == "auto":
@@ -97,9 +99,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   if config.model.kernels == "auto":
     run.say(f"kernels: {run.config.model.kernels} (auto: {options_lib.auto_kernels(platform)[1]})")
   logger = log_lib.MetricsLogger(
-      run.run_dir, enabled=run.main, tensorboard=config.logging.tensorboard,
-      wandb_project=config.logging.wandb_project, wandb_entity=config.logging.wandb_entity,
-      wandb_run_name=config.logging.wandb_run_name, config=run.config.to_dict(), start_step=run.start)
+    run.run_dir,
+    enabled=run.main,
+    tensorboard=config.logging.tensorboard,
+    wandb_project=config.logging.wandb_project,
+    wandb_entity=config.logging.wandb_entity,
+    wandb_run_name=config.logging.wandb_run_name,
+    config=run.config.to_dict(),
+    start_step=run.start,
+  )
   results: dict[str, Any] = {}
   try:
     before = None
@@ -121,20 +129,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   run.say(f"checkpoint: {run.ckpts.path(step)}  (metrics: {run.run_dir / log_lib.METRICS_FILE})")
   if stopped == "data":
     run.say(f"the training data ran out after {step} steps (data.num_epochs={config.data.num_epochs}).")
-  return {"step": step, "model_path": run.model_path, "checkpoint": str(run.ckpts.path(step)),
-          "train/skipped": int(run.state.skipped), **final, **results}
+  return {
+    "step": step,
+    "model_path": run.model_path,
+    "checkpoint": str(run.ckpts.path(step)),
+    "train/skipped": int(run.state.skipped),
+    **final,
+    **results,
+  }
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
   """Checkpoints, run directory, tokenizer, data, model (+ LoRA), TrainState, restored when resuming."""
   main = jax.process_index() == 0
   run_dir = pathlib.Path(config.output_dir).expanduser().absolute()
-  ckpts = ckpt_lib.Checkpoints(run_dir / "checkpoints", keep=config.checkpoint.keep,
-                               keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
+  ckpts = ckpt_lib.Checkpoints(
+    run_dir / "checkpoints",
+    keep=config.checkpoint.keep,
+    keep_best=config.checkpoint.keep_best,
+    async_save=config.checkpoint.async_save,
+  )
   if config.resume == "never" and ckpts.latest_step() is not None:
     ckpts.close()
-    raise config_lib.ConfigError(f"resume: 'never', but {ckpts.directory} already holds checkpoints "
-                                 f"(steps {ckpts.steps()}); set resume=auto or use a new output_dir.")
+    raise config_lib.ConfigError(
+      f"resume: 'never', but {ckpts.directory} already holds checkpoints "
+      f"(steps {ckpts.steps()}); set resume=auto or use a new output_dir."
+    )
   if main:
     config_lib.write(config, run_dir)
 
@@ -157,8 +177,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   return run
 
 
-def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
-           ckpts: ckpt_lib.Checkpoints) -> Run:
+def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool, ckpts: ckpt_lib.Checkpoints) -> Run:
   """Tokenizer, data iterators, task examples, model (+ LoRA) and a fresh TrainState."""
   model_path = builtin_models.resolve(config.model.path, config.model.cache_dir)
   tokenizer = hf_load.load_tokenizer(model_path)
@@ -176,8 +195,9 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   micro_rows = config.data.batch_size // config.train.grad_accum
   if micro_rows % row_shards:
     raise config_lib.ConfigError(
-        f"data.batch_size / train.grad_accum = {micro_rows} rows per micro-batch do not split over the {row_shards} "
-        f"devices that share the batch (mesh {dict(mesh.shape)}); make it a multiple of {row_shards}.")
+      f"data.batch_size / train.grad_accum = {micro_rows} rows per micro-batch do not split over the {row_shards} "
+      f"devices that share the batch (mesh {dict(mesh.shape)}); make it a multiple of {row_shards}."
+    )
   # Each layer's input stays split by batch rows, so under FSDP XLA gathers one layer's weights at a
   # time instead of the whole batch.
   options = config_lib.model_options(config, jax.default_backend(), parallel.ActivationSharding(mesh, rules))
@@ -185,15 +205,37 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   model = parallel_load.load_model_sharded(model_path, mesh, rules, options)
   if config.peft.method == "lora":
     lora = config.peft.lora
-    apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, use_rslora=lora.use_rslora,
-               targets=lora.targets, rngs=nnx.Rngs(config.train.seed))
+    apply_lora(
+      model,
+      rank=lora.rank,
+      alpha=lora.alpha,
+      dropout=lora.dropout,
+      use_rslora=lora.use_rslora,
+      targets=lora.targets,
+      rngs=nnx.Rngs(config.train.seed),
+    )
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
   shardings = parallel.train_shardings(model, optimizer, mesh, rules, method=config.peft.method)
-  graphdef, frozen, state = step_lib.init_train_state(model, optimizer, method=config.peft.method,
-                                                      seed=config.train.seed)
+  graphdef, frozen, state = step_lib.init_train_state(
+    model, optimizer, method=config.peft.method, seed=config.train.seed
+  )
   frozen, state = parallel.place(frozen, shardings.frozen), parallel.place(state, shardings.state)
-  return Run(config, run_dir, main, model_path, tokenizer, train_iter, val_data, examples, graphdef, frozen, state,
-             optimizer, ckpts, shardings)
+  return Run(
+    config,
+    run_dir,
+    main,
+    model_path,
+    tokenizer,
+    train_iter,
+    val_data,
+    examples,
+    graphdef,
+    frozen,
+    state,
+    optimizer,
+    ckpts,
+    shardings,
+  )
 
 
 def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | None, dict[str, float]]:
@@ -201,18 +243,25 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
   config = run.config
   cfg_train, steps = config.train, config.train.steps
   sh = run.shardings
-  train_step = step_lib.make_train_step(run.graphdef, run.frozen, run.optimizer,
-                                        lr_schedule=optim.make_schedule(config.optim, steps), shardings=sh.step_args)
+  train_step = step_lib.make_train_step(
+    run.graphdef,
+    run.frozen,
+    run.optimizer,
+    lr_schedule=optim.make_schedule(config.optim, steps),
+    shardings=sh.step_args,
+  )
   evaluate = None
   if run.val_data is not None:
     eval_rows = parallel.batch_sharding(sh.batch.mesh, config.mesh.rules, accumulated=False)
     eval_step = step_lib.make_eval_step(run.graphdef, run.frozen, shardings=(sh.state.params, sh.frozen, eval_rows))
-    evaluate = lambda: _evaluate(eval_step, run.state.params, run.val_data, config, eval_rows)  # noqa: E731
+    evaluate = lambda: _evaluate(eval_step, run.state.params, run.val_data, config, eval_rows)
   _check_memory(run, train_step)
   trained = sum(x.size for x in jax.tree.leaves(run.state.params))
   total = trained + sum(x.size for x in jax.tree.leaves(run.frozen.weights))
-  run.say(f"training {trained:,} of {total:,} parameters ({config.peft.method}) on "
-          f"{run.train_iter.stats.examples} examples, steps {run.start + 1}..{steps}; run directory {run.run_dir}")
+  run.say(
+    f"training {trained:,} of {total:,} parameters ({config.peft.method}) on "
+    f"{run.train_iter.stats.examples} examples, steps {run.start + 1}..{steps}; run directory {run.run_dir}"
+  )
   progress = log_lib.Progress(steps, run.start, bar=config.logging.progress, enabled=run.main)
   record = _Recorder(logger, progress, cfg_train.log_every, steps)
   # Overlap: step s's metrics are read only once step s + 1 is on the device, so the host's work
@@ -230,16 +279,21 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
         step, stopped = step - 1, "data"
         break
       tokens = float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
-      run.state, metrics = train_step(run.state, parallel.shard_batch(_micro_batches(batch, cfg_train.grad_accum),
-                                                                      sh.batch))
+      run.state, metrics = train_step(
+        run.state, parallel.shard_batch(_micro_batches(batch, cfg_train.grad_accum), sh.batch)
+      )
       if pending is not None:
         streak = record(*pending)["nonfinite_streak"]
         pending = None
       save = bool(config.checkpoint.every) and step % config.checkpoint.every == 0
       eval_now = evaluate is not None and bool(cfg_train.eval_every) and step % cfg_train.eval_every == 0
       signalled = preemption.requested or _preempted_elsewhere(run.ckpts, step)
-      if (cfg_train.overlap and step < steps and not (save or eval_now or signalled)
-          and streak + 1 < cfg_train.max_nan_streak):
+      if (
+        cfg_train.overlap
+        and step < steps
+        and not (save or eval_now or signalled)
+        and streak + 1 < cfg_train.max_nan_streak
+      ):
         pending = (step, metrics, tokens)
         continue
       streak = record(step, metrics, tokens)["nonfinite_streak"]
@@ -255,8 +309,9 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
       if eval_now:
         eval_metrics = evaluate()
         logger.log(step, eval_metrics)
-        progress.write(f"step {step}: eval loss {eval_metrics['eval/loss']:.4f}, "
-                       f"token accuracy {eval_metrics['eval/accuracy']:.3f}")
+        progress.write(
+          f"step {step}: eval loss {eval_metrics['eval/loss']:.4f}, token accuracy {eval_metrics['eval/accuracy']:.3f}"
+        )
       if save:
         run.save(step, eval_metrics)
   if pending is not None:  # the data ran out right after a step left unread
@@ -267,8 +322,10 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
   final = evaluate() if evaluate is not None else {}
   if final:
     logger.log(step, final)
-    run.say(f"eval at step {step}: loss {final['eval/loss']:.4f}, perplexity {final['eval/perplexity']:.2f}, "
-            f"token accuracy {final['eval/accuracy']:.3f}")
+    run.say(
+      f"eval at step {step}: loss {final['eval/loss']:.4f}, perplexity {final['eval/perplexity']:.2f}, "
+      f"token accuracy {final['eval/accuracy']:.3f}"
+    )
   if run.ckpts.latest_step() != step:
     run.save(step, final or None)
   return step, stopped, final
@@ -285,8 +342,10 @@ def _check_memory(run: Run, train_step: step_lib.TrainStep) -> None:
   if memory is None:
     return
   free = memory_lib.device_free(jax.local_devices()[0], jax.local_device_count())
-  run.say(f"train step: {memory.describe()}" + (f"; {free.where} has {free.bytes / memory_lib.GIB:.2f} GiB free"
-                                                  if free else ""))
+  run.say(
+    f"train step: {memory.describe()}"
+    + (f"; {free.where} has {free.bytes / memory_lib.GIB:.2f} GiB free" if free else "")
+  )
   if free is not None:
     memory_lib.check(memory, free, shape=shape, method=config.peft.method)
 
@@ -300,8 +359,9 @@ def _stop(run: Run, step: int, why: str) -> dict[str, Any]:
   if why == "nonfinite":
     limit = run.config.train.max_nan_streak
     raise NonFiniteLossError(
-        f"{limit} non-finite (NaN/inf) steps in a row at step {step}: stopped. Those updates were skipped, so "
-        f"{where} holds the last good parameters. Lower optim.lr, check the data, or raise train.max_nan_streak.")
+      f"{limit} non-finite (NaN/inf) steps in a row at step {step}: stopped. Those updates were skipped, so "
+      f"{where} holds the last good parameters. Lower optim.lr, check the data, or raise train.max_nan_streak."
+    )
   run.say(f"SIGTERM: saved {where}; resume with --config.resume=auto")
   return {"step": step, "stopped": "sigterm", "checkpoint": str(where)}
 
@@ -337,12 +397,18 @@ def _micro_batches(batch: dict[str, np.ndarray], grad_accum: int) -> dict[str, n
   return {k: v.reshape((grad_accum, v.shape[0] // grad_accum) + v.shape[1:]) for k, v in batch.items()}
 
 
-def _evaluate(eval_step: Callable, params: Any, val_data: Any, config: ml_collections.ConfigDict,
-              rows: jax.sharding.NamedSharding) -> dict[str, float]:
+def _evaluate(
+  eval_step: Callable, params: Any, val_data: Any, config: ml_collections.ConfigDict, rows: jax.sharding.NamedSharding
+) -> dict[str, float]:
   """Loss, perplexity and token accuracy on the validation split (its first train.eval_batches batches)."""
   micro = config.data.batch_size // config.train.grad_accum
-  loader = data_lib.loader_for(val_data, config.data, process_index=jax.process_index(),
-                               process_count=jax.process_count(), batch_size=micro * jax.process_count())
+  loader = data_lib.loader_for(
+    val_data,
+    config.data,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    batch_size=micro * jax.process_count(),
+  )
   outs = []  # read once at the end, so batch i + 1 is dispatched while batch i runs
   for i, batch in enumerate(loader):
     if config.train.eval_batches and i >= config.train.eval_batches:
@@ -353,8 +419,12 @@ def _evaluate(eval_step: Callable, params: Any, val_data: Any, config: ml_collec
   for out in jax.device_get(outs):
     totals += [float(out["loss_sum"]), float(out["tokens"]), float(out["correct"])]
   loss = totals[0] / max(totals[1], 1.0)
-  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0)),
-          "eval/accuracy": totals[2] / max(totals[1], 1.0), "eval/tokens": totals[1]}
+  return {
+    "eval/loss": loss,
+    "eval/perplexity": math.exp(min(loss, 80.0)),
+    "eval/accuracy": totals[2] / max(totals[1], 1.0),
+    "eval/tokens": totals[1],
+  }
 
 
 class _Recorder:
@@ -380,10 +450,15 @@ def _train_metrics(window: list[dict[str, float]], tokens_per_s: float | None) -
   """Token-weighted loss and accuracy over the steps since the last log line; the latest lr and grad norm."""
   finite = [m for m in window if m["skipped"] == 0]
   weight = sum(m["trained_tokens"] for m in finite)
-  mean = lambda key: sum(m[key] * m["trained_tokens"] for m in finite) / weight if weight else float("nan")  # noqa: E731
-  out = {"train/loss": mean("loss"), "train/accuracy": mean("accuracy"), "train/lr": window[-1]["lr"],
-         "train/grad_norm": window[-1]["grad_norm"], "train/trained_tokens": sum(m["trained_tokens"] for m in window),
-         "train/skipped_total": int(window[-1]["skipped_total"])}
+  mean = lambda key: sum(m[key] * m["trained_tokens"] for m in finite) / weight if weight else float("nan")
+  out = {
+    "train/loss": mean("loss"),
+    "train/accuracy": mean("accuracy"),
+    "train/lr": window[-1]["lr"],
+    "train/grad_norm": window[-1]["grad_norm"],
+    "train/trained_tokens": sum(m["trained_tokens"] for m in window),
+    "train/skipped_total": int(window[-1]["skipped_total"]),
+  }
   if tokens_per_s is not None:
     out["train/tokens_per_s"] = tokens_per_s
   return out
@@ -393,10 +468,18 @@ def _score_task(run: Run, label: str) -> tasks.Result:
   """Exact match of greedy generations on the task's held-out examples."""
   task = run.config.task
   start = time.perf_counter()
-  result = tasks.evaluate(run.model(), run.tokenizer, run.examples, task.scorer, max_new_tokens=task.max_new_tokens,
-                          batch_size=task.batch_size)
-  run.say(f"exact match {label}: {sum(result.correct)}/{len(run.examples)} = {result.score:.0%} "
-          f"({time.perf_counter() - start:.0f} s to generate)")
+  result = tasks.evaluate(
+    run.model(),
+    run.tokenizer,
+    run.examples,
+    task.scorer,
+    max_new_tokens=task.max_new_tokens,
+    batch_size=task.batch_size,
+  )
+  run.say(
+    f"exact match {label}: {sum(result.correct)}/{len(run.examples)} = {result.score:.0%} "
+    f"({time.perf_counter() - start:.0f} s to generate)"
+  )
   return result
 
 

@@ -40,8 +40,10 @@ class StepMemory:
     return self.outputs - self.aliased + self.temporaries + self.code
 
   def describe(self) -> str:
-    return (f"{self.extra / GIB:.2f} GiB per device beyond its {self.arguments / GIB:.2f} GiB of arguments "
-            f"(temporaries {self.temporaries / GIB:.2f}, new outputs {(self.outputs - self.aliased) / GIB:.2f})")
+    return (
+      f"{self.extra / GIB:.2f} GiB per device beyond its {self.arguments / GIB:.2f} GiB of arguments "
+      f"(temporaries {self.temporaries / GIB:.2f}, new outputs {(self.outputs - self.aliased) / GIB:.2f})"
+    )
 
 
 def of_compiled(compiled: jax.stages.Compiled) -> StepMemory | None:
@@ -49,9 +51,13 @@ def of_compiled(compiled: jax.stages.Compiled) -> StepMemory | None:
   stats = compiled.memory_analysis()
   if stats is None:
     return None
-  return StepMemory(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
-                    aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
-                    code=stats.generated_code_size_in_bytes)
+  return StepMemory(
+    arguments=stats.argument_size_in_bytes,
+    outputs=stats.output_size_in_bytes,
+    aliased=stats.alias_size_in_bytes,
+    temporaries=stats.temp_size_in_bytes,
+    code=stats.generated_code_size_in_bytes,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +106,17 @@ def check(memory: StepMemory, free: Free, *, shape: tuple[int, ...], method: str
   if need <= free.bytes:
     return
   who = f"{free.sharers} devices x " if free.sharers > 1 else ""
-  advice = ["lower data.batch_size (raise train.grad_accum to keep the effective batch)",
-            "shorten data.max_seq_len", "set model.remat=full (recompute activations in the backward)"]
+  advice = [
+    "lower data.batch_size (raise train.grad_accum to keep the effective batch)",
+    "shorten data.max_seq_len",
+    "set model.remat=full (recompute activations in the backward)",
+  ]
   if method == "full":
     advice.append("train LoRA adapters instead (peft.method=lora)")
   advice.append("or split over more devices (mesh.preset=fsdp)")
   raise DoesNotFitError(
-      f"the train step for batches of shape {list(shape)} (micro-batches, rows, tokens) needs {who}"
-      f"{memory.describe()}, but {free.where} has {free.bytes / GIB:.2f} GiB free of {free.limit / GIB:.2f}. "
-      f"To fit: {'; '.join(advice)}. `python -m jaxtune.parallel.dry_run --config ...` prints the per-device "
-      f"memory of other settings without loading weights.")
+    f"the train step for batches of shape {list(shape)} (micro-batches, rows, tokens) needs {who}"
+    f"{memory.describe()}, but {free.where} has {free.bytes / GIB:.2f} GiB free of {free.limit / GIB:.2f}. "
+    f"To fit: {'; '.join(advice)}. `python -m jaxtune.parallel.dry_run --config ...` prints the per-device "
+    f"memory of other settings without loading weights."
+  )

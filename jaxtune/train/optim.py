@@ -19,7 +19,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 def optim_config() -> ml_collections.ConfigDict:
   """Defaults for `config.optim`."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       name="adamw",  # adamw | adafactor | lion | sgd
       lr=2e-4,  # peak learning rate
       schedule="cosine",  # constant | linear | cosine (linear and cosine decay to 0 at the last step)
@@ -31,7 +32,8 @@ def optim_config() -> ml_collections.ConfigDict:
       eps=1e-8,  # Adam epsilon
       clip_norm=1.0,  # global gradient-norm clipping; 0 turns it off
       decay_embeddings=False,  # weight decay on the embedding table too
-  ))
+    )
+  )
 
 
 def _warmup(cfg: Any, total_steps: int) -> int:
@@ -99,7 +101,7 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
   parts.append(_method(cfg))
   if cfg.weight_decay:
-    mask = lambda params: decay_mask(params, cfg.decay_embeddings)  # noqa: E731
+    mask = lambda params: decay_mask(params, cfg.decay_embeddings)
     parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=mask))
   parts.append(optax.scale_by_learning_rate(make_schedule(cfg, total_steps)))
   return optax.chain(*parts)

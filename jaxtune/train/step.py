@@ -44,8 +44,9 @@ class Frozen(NamedTuple):
   dropout_keys: Any
 
 
-def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, *, method: str = "lora",
-                     seed: int = 0) -> tuple[nnx.GraphDef, Frozen, TrainState]:
+def init_train_state(
+  model: nnx.Module, optimizer: optax.GradientTransformation, *, method: str = "lora", seed: int = 0
+) -> tuple[nnx.GraphDef, Frozen, TrainState]:
   """Splits the model into (graphdef, frozen, state); the state's arrays are the model's (not copied).
 
   The step donates the state, so after the first step rebuild the model with `model_from_state`.
@@ -53,12 +54,22 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
   graphdef, params, keys, rest = split_trainable(model, method)
   params = nnx.to_pure_dict(params)
   if not jax.tree.leaves(params):
-    raise ValueError("peft.method='lora' but the model has no LoRA adapters; call jaxtune.peft.apply_lora first."
-                     if method == "lora" else "the model has no parameters to train.")
-  zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
-  state = _unaliased(TrainState(params=params, opt_state=optimizer.init(params), step=zero(),
-                                rng=jax.random.key_data(jax.random.key(seed)), nonfinite_streak=zero(),
-                                skipped=zero()))
+    raise ValueError(
+      "peft.method='lora' but the model has no LoRA adapters; call jaxtune.peft.apply_lora first."
+      if method == "lora"
+      else "the model has no parameters to train."
+    )
+  zero = lambda: jnp.zeros((), jnp.int32)
+  state = _unaliased(
+    TrainState(
+      params=params,
+      opt_state=optimizer.init(params),
+      step=zero(),
+      rng=jax.random.key_data(jax.random.key(seed)),
+      nonfinite_streak=zero(),
+      skipped=zero(),
+    )
+  )
   return graphdef, Frozen(nnx.to_pure_dict(rest), nnx.to_pure_dict(keys)), state
 
 
@@ -92,8 +103,9 @@ def loss_weights(batch: dict[str, jax.Array]) -> jax.Array:
   return weights
 
 
-def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], *, chunk: int = 512, scale: Any = None
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def loss_fn(
+  model: nnx.Module, batch: dict[str, jax.Array], *, chunk: int = 512, scale: Any = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(summed cross-entropy, trained tokens, correct top-1 predictions) over one [b, T] batch, float32.
 
   Logits are computed `chunk` positions at a time, so the full [b, T, V] float32 logits never
@@ -111,8 +123,9 @@ def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], *, chunk: int = 512,
   head = model.head_weight()
   if head is not None:  # the usual case: logits and their gradient in one pass (train/cross_entropy.py)
     w, layout = head
-    loss_sum, correct = fused_cross_entropy(h, w.astype(h.dtype), targets, scaled, layout=layout,
-                                            softcap=model.config.final_softcap, chunk=chunk)
+    loss_sum, correct = fused_cross_entropy(
+      h, w.astype(h.dtype), targets, scaled, layout=layout, softcap=model.config.final_softcap, chunk=chunk
+    )
   else:
     loss_sum, correct = _checkpointed_loss(model, h, targets, scaled, chunk)
   return loss_sum, jnp.sum(weights), correct
@@ -158,9 +171,15 @@ def _jit(fn: Callable, shardings: tuple[Any, Any, Any] | None, donate: bool) -> 
   return jax.jit(fn, **kwargs)
 
 
-def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.GradientTransformation, *,
-                    lr_schedule: optax.Schedule | None = None, loss_chunk: int = 128,
-                    shardings: tuple[Any, Any, Any] | None = None) -> TrainStep:
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  frozen: Frozen,
+  optimizer: optax.GradientTransformation,
+  *,
+  lr_schedule: optax.Schedule | None = None,
+  loss_chunk: int = 128,
+  shardings: tuple[Any, Any, Any] | None = None,
+) -> TrainStep:
   """A jitted `train_step(state, batch) -> (state, metrics)` (a TrainStep); the state is donated.
 
   Each token's loss is weighted by 1 / (trained tokens of all A micro-batches), counted from the
@@ -202,16 +221,28 @@ def make_train_step(graphdef: nnx.GraphDef, frozen: Frozen, optimizer: optax.Gra
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     bad = (~ok).astype(jnp.int32)
-    new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-                           step=state.step + 1, rng=state.rng, nonfinite_streak=(state.nonfinite_streak + 1) * bad,
-                           skipped=state.skipped + bad)
+    new_state = TrainState(
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      step=state.step + 1,
+      rng=state.rng,
+      nonfinite_streak=(state.nonfinite_streak + 1) * bad,
+      skipped=state.skipped + bad,
+    )
     # The optimizer has applied step - skipped updates; that count indexes its schedule.
     lr = lr_schedule(state.step - state.skipped) if lr_schedule is not None else jnp.nan
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32), "trained_tokens": tokens,
-               "accuracy": accuracy, "skipped": bad, "skipped_total": new_state.skipped,
-               "nonfinite_streak": new_state.nonfinite_streak}
+    metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "lr": jnp.asarray(lr, jnp.float32),
+      "trained_tokens": tokens,
+      "accuracy": accuracy,
+      "skipped": bad,
+      "skipped_total": new_state.skipped,
+      "nonfinite_streak": new_state.nonfinite_streak,
+    }
     return new_state, metrics
 
   return TrainStep(_jit(step, shardings, donate=True), frozen)
@@ -234,8 +265,9 @@ class TrainStep:
     return self._jitted.lower(state, self._frozen, {k: batch[k] for k in BATCH_KEYS if k in batch})
 
 
-def make_eval_step(graphdef: nnx.GraphDef, frozen: Frozen, *, loss_chunk: int = 128,
-                   shardings: tuple[Any, Any, Any] | None = None) -> Callable:
+def make_eval_step(
+  graphdef: nnx.GraphDef, frozen: Frozen, *, loss_chunk: int = 128, shardings: tuple[Any, Any, Any] | None = None
+) -> Callable:
   """A jitted `eval_step(params, batch) -> {loss_sum, tokens, correct}` for [b, T] or [A, b, T] batches.
 
   loss = sum(loss_sum) / sum(tokens); perplexity = exp(loss); token accuracy = sum(correct) / sum(tokens).

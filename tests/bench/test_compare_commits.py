@@ -41,18 +41,22 @@ def test_main_refuses_fewer_than_five_steps_and_worker_flags_it_sets(capsys):
   assert "is not a commit" in capsys.readouterr().err
 
 
-IN_GIT = subprocess.run(["git", "-C", compare_commits.HERE, "rev-parse", "HEAD"], capture_output=True,
-                        check=False).returncode == 0
+IN_GIT = (
+  subprocess.run(["git", "-C", compare_commits.HERE, "rev-parse", "HEAD"], capture_output=True, check=False).returncode
+  == 0
+)
 
 
 @pytest.mark.skipif(not IN_GIT, reason="needs the repository's git history (a git checkout)")
 def test_smoke_run_compares_head_against_the_working_tree(tmp_path, capsys):
   out = tmp_path / "result.json"
-  result = compare_commits.main(["--smoke", "--before", "HEAD", "--settings", "lora:float32", "--rounds", "1",
-                                 "--steps", "1", "--json", str(out)])
+  result = compare_commits.main(
+    ["--smoke", "--before", "HEAD", "--settings", "lora:float32", "--rounds", "1", "--steps", "1", "--json", str(out)]
+  )
   assert json.loads(out.read_text())["settings"][0]["ratio"] == result["settings"][0]["ratio"]
-  head = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True, check=True,
-                        cwd=compare_commits.HERE).stdout.strip()
+  head = subprocess.run(
+    ["git", "log", "-1", "--format=%h"], capture_output=True, text=True, check=True, cwd=compare_commits.HERE
+  ).stdout.strip()
   assert result["commits"]["before"]["commit"].startswith(head + " ")
   assert result["commits"]["after"]["ref"] == "working tree"
   assert "/jaxtune-compare-" in result["commits"]["before"]["imports"]["jaxtune"]  # the worktree's own package
@@ -70,5 +74,9 @@ def test_smoke_run_compares_head_against_the_working_tree(tmp_path, capsys):
   # The temporary worktree is gone again, from disk and from git's list (other worktrees may move meanwhile).
   before_root = result["commits"]["before"]["imports"]["jaxtune"].rsplit("/jaxtune/", 1)[0]
   assert not pathlib.Path(before_root).exists()
-  assert before_root not in subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, check=True,
-                                           cwd=compare_commits.HERE).stdout
+  assert (
+    before_root
+    not in subprocess.run(
+      ["git", "worktree", "list"], capture_output=True, text=True, check=True, cwd=compare_commits.HERE
+    ).stdout
+  )

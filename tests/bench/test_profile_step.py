@@ -51,9 +51,9 @@ def test_by_role_splits_overlapping_wall_time_equally():
   costs = {"ynn_fusion.1": (2e9, "layer products"), "ynn_fusion.3": (1e8, "adapter factors")}
   ms = 1_000_000
   events = [  # (kernel, hlo op, start ns, duration ns, scope), one step
-      ("k", "ynn_fusion.1", 0, 10 * ms, ""),  # alone for 6 ms, then beside the adder for 4
-      ("k", "add_fusion", 6 * ms, 4 * ms, ""),
-      ("k", "ynn_fusion.3", 20 * ms, 2 * ms, ""),
+    ("k", "ynn_fusion.1", 0, 10 * ms, ""),  # alone for 6 ms, then beside the adder for 4
+    ("k", "add_fusion", 6 * ms, 4 * ms, ""),
+    ("k", "ynn_fusion.3", 20 * ms, 2 * ms, ""),
   ]
   roles = profile_step.by_role(events, costs, steps=1)
   assert roles["layer products"] == pytest.approx((8.0, 2.0))  # 6 ms alone + half of the 4 shared
@@ -68,11 +68,15 @@ def test_format_op_walls_ranks_ops_by_their_share_of_wall_time():
   costs = {"ynn_fusion.1": (2e9, "layer products")}
   ms = 1_000_000
   events = [  # two steps of: a product, 4 ms of it beside a loop
-      ("k", "ynn_fusion.1", 0, 10 * ms, "mi,io->mo"), ("k", "add_fusion", 6 * ms, 4 * ms, "silu"),
-      ("k", "ynn_fusion.1", 20 * ms, 10 * ms, "mi,io->mo"), ("k", "add_fusion", 26 * ms, 4 * ms, "silu"),
+    ("k", "ynn_fusion.1", 0, 10 * ms, "mi,io->mo"),
+    ("k", "add_fusion", 6 * ms, 4 * ms, "silu"),
+    ("k", "ynn_fusion.1", 20 * ms, 10 * ms, "mi,io->mo"),
+    ("k", "add_fusion", 26 * ms, 4 * ms, "silu"),
   ]
-  assert profile_step.wall_by_op(events) == {"ynn_fusion.1": pytest.approx(16 * ms),
-                                             "add_fusion": pytest.approx(4 * ms)}
+  assert profile_step.wall_by_op(events) == {
+    "ynn_fusion.1": pytest.approx(16 * ms),
+    "add_fusion": pytest.approx(4 * ms),
+  }
   rows = profile_step.format_op_walls(events, costs, steps=2, top=5).splitlines()[2:]
   product, loop = rows[0].split(), rows[1].split()
   assert product[:4] == ["8.00", "10.00", "1", "layer"] and product[5] == "250"  # 2 GFLOP in 8 ms of wall

@@ -22,21 +22,27 @@ def test_cli_prints_statistics_shows_examples_and_dumps_them(tmp_path):
   source = write_chats(tmp_path / "chats.jsonl", 12)
   config = tmp_path / "config.py"
   config.write_text(
-      "import ml_collections\n"
-      "from jaxtune.data.config import data_config\n"
-      "def get_config():\n"
-      "  c = ml_collections.ConfigDict()\n"
-      f"  c.tokenizer = {str(tokenizer_dir)!r}\n"
-      "  c.data = data_config()\n"
-      f"  c.data.train = ({str(source)!r},)\n"
-      f"  c.data.cache_dir = {str(tmp_path / 'cache')!r}\n"
-      "  c.data.batch_size = 2\n"
-      "  return c\n"
+    "import ml_collections\n"
+    "from jaxtune.data.config import data_config\n"
+    "def get_config():\n"
+    "  c = ml_collections.ConfigDict()\n"
+    f"  c.tokenizer = {str(tokenizer_dir)!r}\n"
+    "  c.data = data_config()\n"
+    f"  c.data.train = ({str(source)!r},)\n"
+    f"  c.data.cache_dir = {str(tmp_path / 'cache')!r}\n"
+    "  c.data.batch_size = 2\n"
+    "  return c\n"
   )
   dump = tmp_path / "dump.jsonl"
   command = [
-      sys.executable, "-m", "jaxtune.data", f"--config={config}", "--config.data.max_seq_len=96",
-      "--show=2", "--tokens", f"--dump={dump}",
+    sys.executable,
+    "-m",
+    "jaxtune.data",
+    f"--config={config}",
+    "--config.data.max_seq_len=96",
+    "--show=2",
+    "--tokens",
+    f"--dump={dump}",
   ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -106,7 +106,7 @@ def test_packed_batches_have_max_seq_len_and_cover_each_epoch(tmp_path):
   it = loader.loader_for(make_split([examples]), cfg)
   batches = _batches(it)
   assert {(k, b[k].shape, b[k].dtype) for b in batches for k in b} == {
-      (k, (2, 64), np.dtype(np.int32)) for k in packing.BATCH_KEYS
+    (k, (2, 64), np.dtype(np.int32)) for k in packing.BATCH_KEYS
   }
   seen = [tuple(e["input_ids"]) for b in batches for e in packing.unpack(b)]
   everything = {tuple(examples[i][0]) for i in range(len(examples))}

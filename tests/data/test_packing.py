@@ -75,7 +75,7 @@ def test_packed_rows_unpack_to_the_examples(algorithm):
   rows = packing.pack(examples.lengths, 64, algorithm)
   batch = packing.collate([[examples[i] for i in row] for row in rows], 64)
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-      k: ((len(rows), 64), np.int32) for k in packing.BATCH_KEYS
+    k: ((len(rows), 64), np.int32) for k in packing.BATCH_KEYS
   }
   recovered = packing.unpack(batch)
   order = np.concatenate(rows)

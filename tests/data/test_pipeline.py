@@ -150,10 +150,10 @@ def test_parallel_workers_match_in_process(tmp_path, tokenizer, monkeypatch):
 def test_settings_are_checked(tmp_path, tokenizer):
   source = write_chats(tmp_path / "chats.jsonl", 3)
   for key, value, message in [
-      ("train_on", "users", "train_on"),
-      ("truncation", "middle", "truncation"),
-      ("test_fraction", 1.0, "fraction"),
-      ("train", (), "data.train"),
+    ("train_on", "users", "train_on"),
+    ("truncation", "middle", "truncation"),
+    ("test_fraction", 1.0, "fraction"),
+    ("train", (), "data.train"),
   ]:
     with pytest.raises(ValueError, match=message):
       pipeline.load_split(_cfg(tmp_path, source, **{key: value}), tokenizer)

@@ -6,10 +6,10 @@ import pathlib
 import numpy as np
 
 CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+  "{% for message in messages %}"
+  "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 WORDS = "the a cat dog sat ran on under mat log red big small quickly slowly and then".split()
 
@@ -27,8 +27,10 @@ def tiny_tokenizer(chat_template: str = CHATML):
   backend.decoder = decoders.ByteLevel()
   backend.add_special_tokens(specials)
   return PreTrainedTokenizerFast(
-      tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-      chat_template=chat_template,
+    tokenizer_object=backend,
+    eos_token="<|im_end|>",
+    pad_token="<|endoftext|>",
+    chat_template=chat_template,
   )
 
 
@@ -73,10 +75,15 @@ def make_split(parts, split: str = "train"):
   from jaxtune.data.records import SkipReport
 
   stats = DataStats(
-      split=split, sources=len(parts), cached_sources=0, records=sum(len(p) for p in parts),
-      examples=sum(len(p) for p in parts), tokens=sum(len(p.input_ids) for p in parts),
-      trainable_tokens=sum(int(p.loss_mask.sum()) for p in parts), truncated=0,
-      skipped=SkipReport(),
+    split=split,
+    sources=len(parts),
+    cached_sources=0,
+    records=sum(len(p) for p in parts),
+    examples=sum(len(p) for p in parts),
+    tokens=sum(len(p.input_ids) for p in parts),
+    trainable_tokens=sum(int(p.loss_mask.sum()) for p in parts),
+    truncated=0,
+    skipped=SkipReport(),
   )
   sources = tuple(f"source{i}" for i in range(len(parts)))
   return SplitData(split, sources, list(parts), stats, fingerprint=f"synthetic-{split}")

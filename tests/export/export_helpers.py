@@ -17,16 +17,18 @@ from jaxtune.peft.lora import LoRA, LoRAParam, apply_lora
 import tiny_configs
 
 
-def lora_model(source: pathlib.Path, *, rank: int = 4, alpha: float = 8.0, seed: int = 0, std: float = 0.05,
-               **lora) -> CausalLM:
+def lora_model(
+  source: pathlib.Path, *, rank: int = 4, alpha: float = 8.0, seed: int = 0, std: float = 0.05, **lora
+) -> CausalLM:
   """The HF checkpoint at `source` in jaxtune with `apply_lora` adapters, A and B random (B is zero at init).
 
   The adapters' structure comes from apply_lora on an abstract model and their values from
   numpy: apply_lora's random init compiles once per shape, seconds per model on 2 cores.
   """
   base = load_model(source)
-  abstract = nnx.eval_shape(lambda: apply_lora(CausalLM(base.config, rngs=nnx.Rngs(0)), rank=rank, alpha=alpha,
-                                               rngs=nnx.Rngs(0), **lora))
+  abstract = nnx.eval_shape(
+    lambda: apply_lora(CausalLM(base.config, rngs=nnx.Rngs(0)), rank=rank, alpha=alpha, rngs=nnx.Rngs(0), **lora)
+  )
   graphdef, adapters, rest = nnx.split(abstract, LoRAParam, ...)
   del rest
   rng = np.random.default_rng(seed)
@@ -55,8 +57,10 @@ def assert_close_logits(got: np.ndarray, want: np.ndarray, rel: float = 1e-4, wh
   assert err <= rel * scale, f"{what}: max |diff| {err:.3g} > {rel} x logit scale {scale:.3g}"
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def write_tiny_llama(directory: pathlib.Path, vocab_size: int = 288, seed: int = 0) -> pathlib.Path:
@@ -78,14 +82,21 @@ def write_tiny_llama(directory: pathlib.Path, vocab_size: int = 288, seed: int =
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                          for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                              pad_token="<|endoftext|>", chat_template=CHATML,
-                                              clean_up_tokenization_spaces=False)
+  tok.add_special_tokens(
+    [AddedToken(t, special=True, normalized=False) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
+  )
+  fast = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tok,
+    bos_token="<|im_start|>",
+    eos_token="<|im_end|>",
+    pad_token="<|endoftext|>",
+    chat_template=CHATML,
+    clean_up_tokenization_spaces=False,
+  )
   ids = fast.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
-  config = transformers.LlamaConfig(**tiny_configs.LLAMA_TIED_CHAT, vocab_size=vocab_size, bos_token_id=ids[0],
-                                    eos_token_id=ids[1], pad_token_id=ids[2])
+  config = transformers.LlamaConfig(
+    **tiny_configs.LLAMA_TIED_CHAT, vocab_size=vocab_size, bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2]
+  )
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(config)
   with torch.no_grad():

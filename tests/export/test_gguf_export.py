@@ -41,8 +41,10 @@ def tiny(tmp_path_factory):
 def _read(path, cfg):
   """{HF name: (gguf type, float32 value in HF layout)}: llama.cpp names and q/k row order undone."""
   names = gguf_import.hf_tensor_names(cfg)
-  return {names[t.name]: (t.tensor_type, gguf_import.dequantize_tensor(t, cfg.num_heads, cfg.num_kv_heads))
-          for t in gguf.GGUFReader(path).tensors}
+  return {
+    names[t.name]: (t.tensor_type, gguf_import.dequantize_tensor(t, cfg.num_heads, cfg.num_kv_heads))
+    for t in gguf.GGUFReader(path).tensors
+  }
 
 
 @pytest.mark.parametrize("dtype,qtype,cast", [("f16", Q.F16, np.float16), ("bf16", Q.BF16, ml_dtypes.bfloat16)])

@@ -47,13 +47,20 @@ def case(request, tmp_path_factory):
   hf_base = tiny_hf.build(family, source)
   model = lora_model(source, rank=4, alpha=8.0, seed=1)
   merged_dir = export_merged(model, source, tmp_path_factory.mktemp(f"{family}_merged"))
-  hf_merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32,
-                                                                attn_implementation="eager").eval()
+  hf_merged = transformers.AutoModelForCausalLM.from_pretrained(
+    merged_dir, dtype=torch.float32, attn_implementation="eager"
+  ).eval()
   rng = np.random.default_rng(0)
   prompt = rng.integers(3, 128, size=(1, PROMPT))
   with torch.no_grad():
-    gen = hf_merged.generate(torch.tensor(prompt), attention_mask=torch.ones(1, PROMPT, dtype=torch.long),
-                             max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    gen = hf_merged.generate(
+      torch.tensor(prompt),
+      attention_mask=torch.ones(1, PROMPT, dtype=torch.long),
+      max_new_tokens=NEW,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=0,
+    ).numpy()
   ids = np.concatenate([rng.integers(3, 128, size=(1, SEQ)), gen], axis=0)
   logits = np.asarray(model(ids))
   return Case(family, source, hf_base, model, merged_dir, hf_merged, ids, logits)
@@ -72,7 +79,7 @@ def test_merged_logits_match_jaxtune_lora_model(case):
 
 def test_merged_greedy_generation_matches_jaxtune(case):
   continuation = case.ids[1, PROMPT:]
-  ours = case.logits[1, PROMPT - 1:SEQ - 1].argmax(-1)  # jaxtune's greedy choice after each prefix
+  ours = case.logits[1, PROMPT - 1 : SEQ - 1].argmax(-1)  # jaxtune's greedy choice after each prefix
   assert ours.tolist() == continuation.tolist(), case.family
   if case.family == "llama":  # and once through jaxtune's own KV-cache generation loop
     assert generate_ids(case.model, [case.ids[1, :PROMPT].tolist()], max_new_tokens=NEW) == [continuation.tolist()]

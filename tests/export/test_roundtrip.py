@@ -43,8 +43,9 @@ def test_hf_in_merged_out_is_identical(family, dtype, tmp_path):
 
 def test_untrained_lora_merges_to_the_base_exactly(tmp_path):
   tiny_hf.build("gemma2", tmp_path / "src", dtype=torch.bfloat16)
-  model = apply_lora(load_model(tmp_path / "src"), rank=2, alpha=4.0, targets=["q_proj", "down_proj"],
-                     rngs=nnx.Rngs(0))  # B = 0 at init
+  model = apply_lora(
+    load_model(tmp_path / "src"), rank=2, alpha=4.0, targets=["q_proj", "down_proj"], rngs=nnx.Rngs(0)
+  )  # B = 0 at init
   _assert_identical(export_merged(model, tmp_path / "src", tmp_path / "out"), tmp_path / "src")
 
 
@@ -84,8 +85,12 @@ def test_smollm2_round_trip_keeps_weights_and_chat_template(smollm2_dir, smollm2
   assert peak < 2 * max(sizes) < 0.5 * sum(sizes), (peak, max(sizes), sum(sizes))  # one tensor at a time
   before = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
   after = transformers.AutoTokenizer.from_pretrained(out)
-  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+  messages = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "2+2?"},
+  ]
   rendered = before.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
   assert "<|im_start|>assistant" in rendered  # a real template, not a fallback
   assert after.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == rendered

@@ -102,8 +102,9 @@ def test_load_run_restores_the_step(lora_run):
   run_dir, models = lora_run
   run = load_run(run_dir, 2)
   assert run.step == 2 and run.method == "lora"
-  np.testing.assert_array_equal(run.model.layers.attn.q.adapter.lora_b[...],
-                                models[2].layers.attn.q.adapter.lora_b[...])
+  np.testing.assert_array_equal(
+    run.model.layers.attn.q.adapter.lora_b[...], models[2].layers.attn.q.adapter.lora_b[...]
+  )
 
 
 def test_full_finetuning_run(tmp_path, cache):
@@ -143,8 +144,11 @@ def test_bad_output_paths(lora_run, tmp_path):
   with pytest.raises(ExportError, match=r"a_file: exists and is not a directory"):
     export_run(run_dir, tmp_path / "a_file", "adapter")
   out = export_run(run_dir, tmp_path / "out", "adapter")
-  with pytest.raises(ExportError, match=r"out: already holds a model \(adapter_config.json, "
-                                        r"adapter_model.safetensors\); pass --overwrite"):
+  with pytest.raises(
+    ExportError,
+    match=r"out: already holds a model \(adapter_config.json, "
+    r"adapter_model.safetensors\); pass --overwrite",
+  ):
     export_run(run_dir, out, "adapter", step=2)
   export_run(run_dir, out, "adapter", step=2, overwrite=True)
 
@@ -158,12 +162,15 @@ def test_cli_errors_name_the_problem(lora_run, tmp_path, capsys):
 
 def test_cli_exports_without_importing_torch(lora_run, tmp_path):
   run_dir, _ = lora_run
-  script = ("import sys; from jaxtune.export.__main__ import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules, 'the export imported torch'; sys.exit(rc)")
+  script = (
+    "import sys; from jaxtune.export.__main__ import main; rc = main(sys.argv[1:]); "
+    "assert 'torch' not in sys.modules, 'the export imported torch'; sys.exit(rc)"
+  )
   args = ["--run", str(run_dir), "--out", str(tmp_path / "m"), "--format", "merged", "--dtype", "bfloat16"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-  proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "wrote" in proc.stdout and "model.safetensors" in proc.stdout
   assert read_checkpoint(tmp_path / "m")["model.embed_tokens.weight"].dtype.name == "bfloat16"
@@ -173,13 +180,15 @@ def test_cli_exports_without_importing_torch(lora_run, tmp_path):
 def test_export_after_real_training(tmp_path, cache):
   from jaxtune.train import loop
 
-  config = tiny_config(tmp_path / "run", cache, **{"train.steps": 3, "train.eval": False, "train.eval_every": 0,
-                                                   "checkpoint.every": 2})
+  config = tiny_config(
+    tmp_path / "run", cache, **{"train.steps": 3, "train.eval": False, "train.eval_every": 0, "checkpoint.every": 2}
+  )
   loop.train(config)
   run = load_run(tmp_path / "run")
   assert run.step == 3
   merged = export_run(tmp_path / "run", tmp_path / "merged", "merged", step=3)
   assert_close_logits(np.asarray(load_model(merged)(IDS)), np.asarray(run.model(IDS)), rel=1e-5)
   adapter = export_run(tmp_path / "run", tmp_path / "adapter", "adapter", step=2)
-  assert set(load_file(adapter / "adapter_model.safetensors")) == set(peft_state_dict(load_run(tmp_path / "run",
-                                                                                               2).model))
+  assert set(load_file(adapter / "adapter_model.safetensors")) == set(
+    peft_state_dict(load_run(tmp_path / "run", 2).model)
+  )

@@ -48,11 +48,15 @@ def test_values_and_gradients_match_the_formula(softcap, impl, ops):
   assert not bool(mask[0, -1].any())  # the padding query sees nothing: a fully masked row
   cot = jax.random.normal(ks[3], (B, T, N, H))
   with jax.default_matmul_precision("highest"):
-    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, impl=impl, kernels=ops) * cot)  # noqa: E731
-    g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, softcap) * cot)  # noqa: E731
-    np.testing.assert_allclose(jax.jit(attn_lib.attend, static_argnames=("scale", "softcap", "impl", "kernels"))(
-        q, k, v, mask, scale=0.3, softcap=softcap, impl=impl, kernels=ops), _reference(q, k, v, mask, 0.3, softcap),
-        atol=1e-5)
+    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, impl=impl, kernels=ops) * cot)
+    g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, softcap) * cot)
+    np.testing.assert_allclose(
+      jax.jit(attn_lib.attend, static_argnames=("scale", "softcap", "impl", "kernels"))(
+        q, k, v, mask, scale=0.3, softcap=softcap, impl=impl, kernels=ops
+      ),
+      _reference(q, k, v, mask, 0.3, softcap),
+      atol=1e-5,
+    )
     got, want = _grads(f, q, k, v), _grads(g, q, k, v)
   for name, a, b in zip("qkv", got, want):
     np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
@@ -104,12 +108,16 @@ def test_causal_blocks_match_the_formula(blocks, window, softcap, ops):
   """Skipping the blocks above the diagonal changes nothing a real (non-padding) query sees: values and gradients."""
   q, k, v, mask, real, cot = _packed_rows(1, window)
   with jax.default_matmul_precision("highest"):
-    f = lambda *a: jnp.sum(  # noqa: E731
-        attn_lib.attend(*a, mask, scale=0.3, softcap=softcap, impl="chunked", kernels=ops, causal=True,
-                        causal_blocks=blocks) * cot)
-    g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, softcap) * cot)  # noqa: E731
+    f = lambda *a: jnp.sum(
+      attn_lib.attend(
+        *a, mask, scale=0.3, softcap=softcap, impl="chunked", kernels=ops, causal=True, causal_blocks=blocks
+      )
+      * cot
+    )
+    g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, softcap) * cot)
     out = jax.jit(attn_lib.attend, static_argnames=("scale", "softcap", "impl", "kernels", "causal", "causal_blocks"))(
-        q, k, v, mask, scale=0.3, softcap=softcap, impl="chunked", kernels=ops, causal=True, causal_blocks=blocks)
+      q, k, v, mask, scale=0.3, softcap=softcap, impl="chunked", kernels=ops, causal=True, causal_blocks=blocks
+    )
     np.testing.assert_allclose(out * real, _reference(q, k, v, mask, 0.3, softcap) * real, atol=1e-5)
     got, want = _grads(f, q, k, v), _grads(g, q, k, v)
   for name, a, b in zip("qkv", got, want):
@@ -121,8 +129,8 @@ def test_fused_path_told_causal_matches_the_formula():
   is_causal to the packed mask, which must change nothing a real query sees: values and gradients."""
   q, k, v, mask, real, cot = _packed_rows(2)
   with jax.default_matmul_precision("highest"):
-    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, impl="dot_product", causal=True) * cot)  # noqa: E731
-    g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, None) * cot)  # noqa: E731
+    f = lambda *a: jnp.sum(attn_lib.attend(*a, mask, scale=0.3, impl="dot_product", causal=True) * cot)
+    g = lambda *a: jnp.sum(_reference(*a, mask, 0.3, None) * cot)
     out = attn_lib.attend(q, k, v, mask, scale=0.3, impl="dot_product", causal=True)
     np.testing.assert_allclose(out * real, _reference(q, k, v, mask, 0.3, None) * real, atol=1e-5)
     for name, a, b in zip("qkv", _grads(f, q, k, v), _grads(g, q, k, v)):
@@ -159,17 +167,20 @@ def test_causal_block_count(T, want):
 EVEN = (256, 2048)  # row lengths
 
 
-@pytest.mark.parametrize("platform, dtype, head_dim, softcap, lens, want", [
-    ("gpu", "bfloat16", 64, None, EVEN, "cudnn"),       # Llama 3.2 1B, measured 1.27x / 1.20x on an H200
+@pytest.mark.parametrize(
+  "platform, dtype, head_dim, softcap, lens, want",
+  [
+    ("gpu", "bfloat16", 64, None, EVEN, "cudnn"),  # Llama 3.2 1B, measured 1.27x / 1.20x on an H200
     ("gpu", "float16", 128, None, EVEN, "cudnn"),
-    ("gpu", "float32", 64, None, EVEN, "chunked"),          # cuDNN's fused kernel takes 16-bit inputs only
-    ("gpu", "bfloat16", 256, 50.0, EVEN, "chunked"),        # Gemma 2: soft-capped logits
-    ("gpu", "bfloat16", 256, None, EVEN, "chunked"),        # Gemma 3: head dim above 128
-    ("gpu", "bfloat16", 60, None, EVEN, "chunked"),         # not a multiple of 8
-    ("gpu", "bfloat16", 64, None, (64, 127), "chunked"),    # an odd row length: the masked kernel needs even ones
+    ("gpu", "float32", 64, None, EVEN, "chunked"),  # cuDNN's fused kernel takes 16-bit inputs only
+    ("gpu", "bfloat16", 256, 50.0, EVEN, "chunked"),  # Gemma 2: soft-capped logits
+    ("gpu", "bfloat16", 256, None, EVEN, "chunked"),  # Gemma 3: head dim above 128
+    ("gpu", "bfloat16", 60, None, EVEN, "chunked"),  # not a multiple of 8
+    ("gpu", "bfloat16", 64, None, (64, 127), "chunked"),  # an odd row length: the masked kernel needs even ones
     ("cpu", "bfloat16", 64, None, EVEN, "chunked"),
-    ("tpu", "bfloat16", 128, None, EVEN, "chunked"),        # splash stays opt-in
-])
+    ("tpu", "bfloat16", 128, None, EVEN, "chunked"),  # splash stays opt-in
+  ],
+)
 def test_auto_impl_picks_cudnn_only_where_it_applies(platform, dtype, head_dim, softcap, lens, want):
   impl, why = attn_lib.auto_impl(platform, dtype, head_dim, softcap, lens)
   assert impl == want and why

@@ -20,8 +20,13 @@ def _lora(x, a, b, scale):
 
 def _arrays(seed=0):
   k = jax.random.split(jax.random.key(seed), 5)
-  return (jax.random.normal(k[0], (M, D_IN)), jax.random.normal(k[1], (D_IN, D_OUT)),
-          jax.random.normal(k[2], (D_IN, R)), jax.random.normal(k[3], (R, D_OUT)), jax.random.normal(k[4], (M, D_OUT)))
+  return (
+    jax.random.normal(k[0], (M, D_IN)),
+    jax.random.normal(k[1], (D_IN, D_OUT)),
+    jax.random.normal(k[2], (D_IN, R)),
+    jax.random.normal(k[3], (R, D_OUT)),
+    jax.random.normal(k[4], (M, D_OUT)),
+  )
 
 
 @pytest.mark.parametrize("argnums", [(0, 1), (0,), (1,)])
@@ -37,7 +42,7 @@ def test_dense_gradients_match_autodiff(argnums):
 def test_dense_with_a_frozen_weight_saves_no_input():
   """Under LoRA the base weight is frozen: its product keeps only w for the backward pass."""
   x, w, _, _, dy = _arrays()
-  f = lambda x: jnp.sum(cpu.dense(x, w) * dy)  # noqa: E731
+  f = lambda x: jnp.sum(cpu.dense(x, w) * dy)
   _, vjp = jax.vjp(f, x)
   saved = [leaf.shape for leaf in jax.tree.leaves(vjp)]
   assert (M, D_IN) not in saved and (D_IN, D_OUT) in saved
@@ -71,20 +76,24 @@ def test_shared_lora_matmul_matches_autodiff():
     ys = cpu.shared_lora_matmul(x, a, b, scales)
     for y, ai, bi, s in zip(ys, a, b, scales):
       np.testing.assert_allclose(y, s * (x @ ai) @ bi, atol=1e-4)
-    got = jax.jit(jax.grad(lambda *p: sum(jnp.sum(y * dy) for y, dy in zip(cpu.shared_lora_matmul(*p, scales), dys)),
-                           (0, 1, 2)))(x, a, b)
+    got = jax.jit(
+      jax.grad(lambda *p: sum(jnp.sum(y * dy) for y, dy in zip(cpu.shared_lora_matmul(*p, scales), dys)), (0, 1, 2))
+    )(x, a, b)
     want = jax.jit(jax.grad(plain, (0, 1, 2)))(x, a, b)
   for name, g, h in zip(("x", "A", "B"), got, want):
     for gi, hi in zip(jax.tree.leaves(g), jax.tree.leaves(h)):
       np.testing.assert_allclose(gi, hi, atol=1e-4, rtol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("spec,want", [
+@pytest.mark.parametrize(
+  "spec,want",
+  [
     ("BTD,DNH->BTNH", ("BT", "D", "NH")),
     ("BTNH,NHD->BTD", ("BT", "NH", "D")),
     ("BTD,VD->BTV", None),  # tied head: the weight is [out, in]
     ("BTD,DF->BFT", None),  # output letters permuted
-])
+  ],
+)
 def test_flat_layout(spec, want):
   parsed = einsum.parse(spec)
   assert (parsed.batch, parsed.ins, parsed.outs) == want if want else not parsed.flat
@@ -156,8 +165,9 @@ def test_sixteen_bit_weight_gradients_stay_sixteen_bit_in_xla_on_cpu():
   backend upcasts a product over a plain transpose to float32 (the slow path); over `_copy_T` every product's
   operands stay bf16 (184 against 307-330 GFLOP/s for a layer's dW on an AMD EPYC Zen 4)."""
   rng = np.random.default_rng(0)  # big enough for XLA to hand the products to YNNPACK
-  x, w, a, b, dy = _bf16(*(rng.standard_normal(shape, np.float32)
-                           for shape in ((256, 64), (64, 96), (64, 16), (16, 96), (256, 96))))
+  x, w, a, b, dy = _bf16(
+    *(rng.standard_normal(shape, np.float32) for shape in ((256, 64), (64, 96), (64, 16), (16, 96), (256, 96)))
+  )
 
   def loss(w, a, b):
     h = jnp.tanh(x)

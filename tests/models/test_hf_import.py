@@ -44,12 +44,14 @@ def test_sharded_checkpoint_with_index(tmp_path):
   assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
   assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
   ids = np.arange(3, 20)[None]
-  np.testing.assert_array_equal(np.asarray(jaxtune.load_model(tmp_path / "sharded")(ids)),
-                                np.asarray(jaxtune.load_model(tmp_path)(ids)))
+  np.testing.assert_array_equal(
+    np.asarray(jaxtune.load_model(tmp_path / "sharded")(ids)), np.asarray(jaxtune.load_model(tmp_path)(ids))
+  )
 
 
 def test_hub_id_resolves_from_local_cache_offline(llama_dir, tmp_path, monkeypatch):
   import huggingface_hub.constants
+
   cache = tmp_path / "hub"
   snapshot = cache / "models--someorg--tiny-llama" / "snapshots" / ("a" * 40)
   snapshot.mkdir(parents=True)
@@ -60,15 +62,19 @@ def test_hub_id_resolves_from_local_cache_offline(llama_dir, tmp_path, monkeypat
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
   ids = np.arange(3, 9)[None]
-  np.testing.assert_array_equal(np.asarray(jaxtune.load_model("someorg/tiny-llama")(ids)),
-                                np.asarray(jaxtune.load_model(llama_dir)(ids)))
+  np.testing.assert_array_equal(
+    np.asarray(jaxtune.load_model("someorg/tiny-llama")(ids)), np.asarray(jaxtune.load_model(llama_dir)(ids))
+  )
 
 
 def test_pickle_only_directory_is_refused(llama_dir):
   (llama_dir / "model.safetensors").unlink()
   (llama_dir / "pytorch_model.bin").write_bytes(b"not loaded")
-  with pytest.raises(CheckpointError, match=r"only pickle checkpoints \(pytorch_model.bin\).*runs arbitrary code"
-                                            r".*save_pretrained"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"only pickle checkpoints \(pytorch_model.bin\).*runs arbitrary code"
+    r".*save_pretrained",
+  ):
     jaxtune.load_model(llama_dir)
 
 
@@ -100,8 +106,13 @@ def test_unexpected_tensor_is_named(llama_dir):
 def test_corrupt_safetensors_file(llama_dir, damage):
   path = llama_dir / "model.safetensors"
   data = path.read_bytes()
-  path.write_bytes({"truncate": data[: len(data) // 2], "garbage_header": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"
-                    + data[20:], "empty": b""}[damage])
+  path.write_bytes(
+    {
+      "truncate": data[: len(data) // 2],
+      "garbage_header": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + data[20:],
+      "empty": b"",
+    }[damage]
+  )
   with pytest.raises(CheckpointError, match=r"model.safetensors: .*(truncated|corrupt|too short).*re-download"):
     jaxtune.load_model(llama_dir)
 
@@ -115,22 +126,38 @@ def test_missing_directory_and_bad_hub_id(tmp_path):
 
 def test_streaming_load_peak_memory_stays_near_one_model(tmp_path):
   """Loading a bf16 checkpoint into float32 costs about the float32 model, never twice it."""
-  cfg = dict(model_type="llama", vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-             num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+  cfg = dict(
+    model_type="llama",
+    vocab_size=8000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+  )
   (tmp_path / "config.json").write_text(json.dumps(cfg))
   from jaxtune.hf.mapping import tensor_maps
   from jaxtune.models.config import from_hf_dict
+
   rng = np.random.default_rng(0)
   shapes = {"model.embed_tokens.weight": (8000, 1024), "lm_head.weight": (8000, 1024), "model.norm.weight": (1024,)}
-  per_layer = {"input_layernorm.weight": (1024,), "post_attention_layernorm.weight": (1024,),
-               "self_attn.q_proj.weight": (1024, 1024), "self_attn.k_proj.weight": (1024, 1024),
-               "self_attn.v_proj.weight": (1024, 1024), "self_attn.o_proj.weight": (1024, 1024),
-               "mlp.gate_proj.weight": (2816, 1024), "mlp.up_proj.weight": (2816, 1024),
-               "mlp.down_proj.weight": (1024, 2816)}
+  per_layer = {
+    "input_layernorm.weight": (1024,),
+    "post_attention_layernorm.weight": (1024,),
+    "self_attn.q_proj.weight": (1024, 1024),
+    "self_attn.k_proj.weight": (1024, 1024),
+    "self_attn.v_proj.weight": (1024, 1024),
+    "self_attn.o_proj.weight": (1024, 1024),
+    "mlp.gate_proj.weight": (2816, 1024),
+    "mlp.up_proj.weight": (2816, 1024),
+    "mlp.down_proj.weight": (1024, 2816),
+  }
   for i in range(8):
     shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
   assert {n for m in tensor_maps(from_hf_dict(cfg)) for n in m.hf_names(8)} == set(shapes)
   import ml_dtypes
+
   tensors = {k: rng.standard_normal(v, np.float32).astype(ml_dtypes.bfloat16) for k, v in shapes.items()}
   _save(tmp_path, tensors)
   model_bytes = sum(np.prod(v) for v in shapes.values()) * 4

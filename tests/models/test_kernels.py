@@ -18,9 +18,9 @@ import tiny_configs
 B, T = 2, 16
 # The reference is the plain program; each other policy must match it.
 POLICIES = {
-    "plain-chunked": dict(kernels="plain", attention_impl="chunked"),
-    "cpu-xla": dict(kernels="cpu", attention_impl="xla"),
-    "cpu-chunked": dict(kernels="cpu", attention_impl="chunked"),
+  "plain-chunked": dict(kernels="plain", attention_impl="chunked"),
+  "cpu-xla": dict(kernels="cpu", attention_impl="xla"),
+  "cpu-chunked": dict(kernels="cpu", attention_impl="chunked"),
 }
 
 
@@ -57,6 +57,7 @@ def _logits_and_grads(model):
       logits = nnx.merge(graphdef, params)(ids, segment_ids=segments, positions=positions)
       real = (segments != 0)[..., None]  # padding positions' logits are never read
       return jnp.sum(logits * cot * real), logits
+
     (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return logits * (segments != 0)[..., None], grads
 

@@ -56,20 +56,35 @@ def test_fused_attention_refuses_softcapping(gemma2_dir):
 
 
 def test_old_and_new_config_layouts_agree():
-  rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-              original_max_position_embeddings=8192)
-  base = dict(model_type="llama", vocab_size=10, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-              num_attention_heads=4)
+  rope = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+  )
+  base = dict(
+    model_type="llama", vocab_size=10, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4
+  )
   new = from_hf_dict({**base, "rope_parameters": {**rope, "rope_theta": 500000.0}})
   old = from_hf_dict({**base, "rope_theta": 500000.0, "rope_scaling": rope})
   assert new == old and new.rope_full.rope_type == "llama3" and new.rope_full.theta == 500000.0
-  g3 = dict(model_type="gemma3_text", vocab_size=10, hidden_size=64, intermediate_size=32, num_hidden_layers=12,
-            num_attention_heads=4)
-  new3 = from_hf_dict({**g3, "rope_parameters": {
-      "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
-  old3 = from_hf_dict({**g3, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
-                       "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+  g3 = dict(
+    model_type="gemma3_text",
+    vocab_size=10,
+    hidden_size=64,
+    intermediate_size=32,
+    num_hidden_layers=12,
+    num_attention_heads=4,
+  )
+  new3 = from_hf_dict(
+    {
+      **g3,
+      "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+      },
+    }
+  )
+  old3 = from_hf_dict(
+    {**g3, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+  )
   assert new3 == old3
   assert new3.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
 
@@ -106,6 +121,7 @@ def test_remat_policies_agree_on_loss_and_grads(gemma2_dir, policy):
 
   def loss_and_grad(remat):
     from flax import nnx
+
     model = jaxtune.load_model(gemma2_dir, remat=remat)
     return nnx.jit(nnx.value_and_grad(lambda m: m(ids).sum()))(model)  # one compile, not op by op
 
@@ -120,7 +136,7 @@ def test_kv_cache_decoding_equals_full_forward(gemma2_dir):
   prompt = list(range(3, 15))
   new = generate_ids(model, [prompt], max_new_tokens=10)[0]
   full = np.asarray(model(np.array([prompt + new[:-1]])))[0]
-  assert np.argmax(full[len(prompt) - 1:], axis=-1).tolist() == new
+  assert np.argmax(full[len(prompt) - 1 :], axis=-1).tolist() == new
 
 
 def test_cudnn_models_decode_with_the_portable_path(tmp_path):
@@ -150,7 +166,7 @@ def test_generate_stops_at_stop_token(gemma2_dir):
   model = jaxtune.load_model(gemma2_dir)
   free = generate_ids(model, [[5, 6, 7]], max_new_tokens=8)[0]
   stopped = generate_ids(model, [[5, 6, 7]], max_new_tokens=8, stop_ids=[free[2]])[0]
-  assert stopped == free[:free.index(free[2]) + 1]
+  assert stopped == free[: free.index(free[2]) + 1]
 
 
 def test_unsupported_model_type_lists_supported(tmp_path):
@@ -168,7 +184,8 @@ def test_splash_attention_matches_xla_in_interpret_mode(family, tmp_path):
   segments = np.array([[1] * 50 + [2] * 70 + [0] * 8])
   positions = np.array([list(range(50)) + list(range(70)) + [0] * 8])
   xla = np.asarray(jaxtune.load_model(tmp_path)(ids, segment_ids=segments, positions=positions))
-  splash = np.asarray(jaxtune.load_model(tmp_path, attention_impl="splash")(ids, segment_ids=segments,
-                                                                             positions=positions))
+  splash = np.asarray(
+    jaxtune.load_model(tmp_path, attention_impl="splash")(ids, segment_ids=segments, positions=positions)
+  )
   real = segments[0] > 0
   np.testing.assert_allclose(splash[0, real], xla[0, real], atol=1e-4 * np.abs(xla).max())

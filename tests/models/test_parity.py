@@ -43,9 +43,15 @@ def test_greedy_generation_matches_transformers(pair):
   ours = generate_ids(model, prompts, max_new_tokens=32)
   for prompt, got in zip(prompts, ours):
     with torch.no_grad():
-      ref = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert got == ref[0, len(prompt):].tolist(), family
+      ref = hf_model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=32,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+      )
+    assert got == ref[0, len(prompt) :].tolist(), family
 
 
 def test_batched_left_padded_generation_matches_transformers(pair):
@@ -57,6 +63,7 @@ def test_batched_left_padded_generation_matches_transformers(pair):
   ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
   mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
   with torch.no_grad():
-    ref = hf_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)
+    ref = hf_model.generate(
+      ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
   assert ours == ref[:, width:].tolist(), family

@@ -29,12 +29,13 @@ def test_sixteen_bit_value_is_kept_as_bits_with_the_same_value_and_gradient(dtyp
     y = keep(y)
     return jnp.sum(jnp.cos(y).astype(jnp.float32) * jnp.arange(8.0))
 
-  bits = lambda y: CPU.name(y, "keep")  # noqa: E731
-  plain = lambda y: jax.ad_checkpoint.checkpoint_name(y, "keep")  # noqa: E731
+  bits = lambda y: CPU.name(y, "keep")
+  plain = lambda y: jax.ad_checkpoint.checkpoint_name(y, "keep")
   x, w = _inputs(dtype)
   lines = _residuals(lambda x, w: loss(x, w, bits), x, w, capsys=capsys)
   assert [line for line in lines if "named 'keep'" in line] and all(
-      line.startswith("u16[4,8]") for line in lines if "named 'keep'" in line), lines
+    line.startswith("u16[4,8]") for line in lines if "named 'keep'" in line
+  ), lines
   assert not [line for line in lines if "named" not in line and "argument" not in line], lines  # nothing else kept
   want = jax.value_and_grad(jax.checkpoint(lambda x, w: loss(x, w, plain), policy=KEEP), argnums=(0, 1))(x, w)
   got = jax.value_and_grad(jax.checkpoint(lambda x, w: loss(x, w, bits), policy=KEEP), argnums=(0, 1))(x, w)
@@ -50,6 +51,7 @@ def test_float32_is_named_as_it_is(capsys):
 
 def test_a_name_in_a_custom_vjp_forward_is_kept_as_bits(capsys):
   """differentiated=False (a custom_vjp forward rule, which no JVP traces): the policy still sees the name."""
+
   @jax.custom_vjp
   def double(y):
     return 2 * y

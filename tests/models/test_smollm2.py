@@ -17,8 +17,9 @@ def test_logits_match_transformers_on_the_converted_weights(smollm2_dir):
   batch = tokenizer(texts, padding=True, padding_side="right", return_tensors="np")
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
   with torch.no_grad():
-    ref = hf_model(input_ids=torch.tensor(batch["input_ids"]),
-                   attention_mask=torch.tensor(batch["attention_mask"])).logits.numpy()
+    ref = hf_model(
+      input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"])
+    ).logits.numpy()
   out = np.asarray(model(batch["input_ids"], batch["attention_mask"]))
   valid = batch["attention_mask"].astype(bool)
   assert np.abs(out - ref)[valid].max() <= 1e-4 * np.abs(ref[valid]).max()
@@ -28,15 +29,27 @@ def test_logits_match_transformers_on_the_converted_weights(smollm2_dir):
 def test_chat_question_gets_a_sensible_answer(smollm2_dir):
   model = jaxtune.load_model(smollm2_dir)
   tokenizer = jaxtune.load_tokenizer(smollm2_dir)
-  answers = jaxtune.generate(model, tokenizer, ["What is the capital of France?", "What is 2 + 2?"],
-                             max_new_tokens=24)
+  answers = jaxtune.generate(model, tokenizer, ["What is the capital of France?", "What is 2 + 2?"], max_new_tokens=24)
   assert "Paris" in answers[0], answers
   assert "4" in answers[1], answers
 
 
 def test_generate_command_line(smollm2_dir):
-  out = subprocess.run([sys.executable, "-m", "jaxtune.generate", "--model", str(smollm2_dir), "--prompt",
-                        "What is the capital of France?", "--max_new_tokens", "16"],
-                       capture_output=True, text=True, check=True)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxtune.generate",
+      "--model",
+      str(smollm2_dir),
+      "--prompt",
+      "What is the capital of France?",
+      "--max_new_tokens",
+      "16",
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   assert "Paris" in out.stdout
   assert "RuntimeWarning" not in out.stderr

@@ -32,15 +32,21 @@ def _kernel_env(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
-def _run(tmp_path: pathlib.Path, smollm2_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
-         **params) -> tuple[nbformat.NotebookNode, str]:
+def _run(
+  tmp_path: pathlib.Path, smollm2_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, **params
+) -> tuple[nbformat.NotebookNode, str]:
   """Executes the notebook with `params` injected after its parameter cell; returns it and its text output."""
   _kernel_env(tmp_path, monkeypatch)
   cache = tmp_path / "models"
   cache.mkdir()
   (cache / "smollm2-gguf").symlink_to(smollm2_dir)  # the session's conversion stands in for the built-in one
-  overrides = {"model.cache_dir": str(cache), "data.cache_dir": str(tmp_path / "data"), "logging.progress": False,
-               "logging.tensorboard": False, **params.pop("CONFIG_OVERRIDES", {})}
+  overrides = {
+    "model.cache_dir": str(cache),
+    "data.cache_dir": str(tmp_path / "data"),
+    "logging.progress": False,
+    "logging.tensorboard": False,
+    **params.pop("CONFIG_OVERRIDES", {}),
+  }
   params = {"INSTALL": False, "OUTPUT_DIR": str(tmp_path / "out"), "CONFIG_OVERRIDES": overrides, **params}
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -48,8 +54,9 @@ def _run(tmp_path: pathlib.Path, smollm2_dir: pathlib.Path, monkeypatch: pytest.
   assert len(at) == 1, "the notebook needs exactly one cell tagged 'parameters'"
   source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
   nb.cells.insert(at[0] + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
-  client = NotebookClient(nb, kernel_name="python3", timeout=600,
-                          resources={"metadata": {"path": str(NOTEBOOK.parent)}})  # runs where it lives
+  client = NotebookClient(
+    nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+  )  # runs where it lives
   try:
     client.execute()
   finally:
@@ -67,8 +74,10 @@ def _run(tmp_path: pathlib.Path, smollm2_dir: pathlib.Path, monkeypatch: pytest.
 def _check_outputs(text: str, out: pathlib.Path) -> None:
   assert "Note: no TPU found, running on CPU" in text
   assert "exact match before training:" in text and "exact match after training:" in text
-  for fmt, names in {"merged": ("config.json", "model.safetensors", "tokenizer.json"),
-                     "adapter": ("adapter_config.json", "adapter_model.safetensors")}.items():
+  for fmt, names in {
+    "merged": ("config.json", "model.safetensors", "tokenizer.json"),
+    "adapter": ("adapter_config.json", "adapter_model.safetensors"),
+  }.items():
     for name in names:
       assert (out / fmt / name).is_file(), f"{fmt}/{name} was not exported"
       assert f"  {name}  " in text, f"{fmt}/{name} is not listed"
@@ -77,16 +86,25 @@ def _check_outputs(text: str, out: pathlib.Path) -> None:
 
 def test_notebook_runs_end_to_end(tmp_path, smollm2_dir, monkeypatch):
   """Every cell, at the smallest setting that still trains, exports and generates (tens of seconds)."""
-  _, text = _run(tmp_path, smollm2_dir, monkeypatch, STEPS=2, TRAIN_EXAMPLES=16, EVAL_EXAMPLES=4,
-                 GENERATE_EXAMPLES=2, CONFIG_OVERRIDES={"train.eval": False, "task.max_new_tokens": 16})
+  _, text = _run(
+    tmp_path,
+    smollm2_dir,
+    monkeypatch,
+    STEPS=2,
+    TRAIN_EXAMPLES=16,
+    EVAL_EXAMPLES=4,
+    GENERATE_EXAMPLES=2,
+    CONFIG_OVERRIDES={"train.eval": False, "task.max_new_tokens": 16},
+  )
   _check_outputs(text, tmp_path / "out")
 
 
 @pytest.mark.slow
 def test_notebook_learns_the_task(tmp_path, smollm2_dir, monkeypatch):
   """The notebook at the reduced quickstart of tests/train/test_quickstart.py: exact match goes up."""
-  _, text = _run(tmp_path, smollm2_dir, monkeypatch, STEPS=10, EVAL_EXAMPLES=8,
-                 CONFIG_OVERRIDES={"task.max_new_tokens": 24})
+  _, text = _run(
+    tmp_path, smollm2_dir, monkeypatch, STEPS=10, EVAL_EXAMPLES=8, CONFIG_OVERRIDES={"task.max_new_tokens": 24}
+  )
   _check_outputs(text, tmp_path / "out")
-  score = lambda label: int(re.search(rf"exact match {label} training:\s+(\d+)% of", text)[1])  # noqa: E731
+  score = lambda label: int(re.search(rf"exact match {label} training:\s+(\d+)% of", text)[1])
   assert score("after") >= score("before") + 25, text

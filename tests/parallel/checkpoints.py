@@ -13,8 +13,9 @@ from jaxtune.hf.mapping import tensor_maps
 from jaxtune.models.config import from_hf_dict
 
 
-def write(directory: pathlib.Path, hf_config: dict, dtype=np.float32, seed: int = 0,
-          max_file_bytes: int = 1 << 62) -> int:
+def write(
+  directory: pathlib.Path, hf_config: dict, dtype=np.float32, seed: int = 0, max_file_bytes: int = 1 << 62
+) -> int:
   """Writes config.json and model(-N).safetensors of random tensors; returns the model's bytes in float32."""
   directory.mkdir(parents=True, exist_ok=True)
   (directory / "config.json").write_text(json.dumps(hf_config))

@@ -1,6 +1,6 @@
 """Run as a script with 8 fake CPU devices: 3 train steps per preset mesh vs one device; prints JSON results.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel/equivalence.py
+XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel/equivalence.py
 """
 
 from __future__ import annotations
@@ -37,8 +37,14 @@ def batches() -> list[dict[str, np.ndarray]]:
     ids = rng.integers(3, 128, size=(ACCUM, ROWS, T)).astype(np.int32)
     seg = np.ones_like(ids)
     seg[..., 12:] = 0  # padding at the end of every row
-    out.append({"input_ids": ids, "loss_mask": (rng.random(ids.shape) < 0.7).astype(np.int32), "segment_ids": seg,
-                "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape).copy()})
+    out.append(
+      {
+        "input_ids": ids,
+        "loss_mask": (rng.random(ids.shape) < 0.7).astype(np.int32),
+        "segment_ids": seg,
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape).copy(),
+      }
+    )
   return out
 
 
@@ -82,11 +88,14 @@ def run(method: str, mesh_name: str | None) -> dict:
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
   out = {"losses": losses, "params": {jax.tree_util.keystr(p): np.asarray(x).tolist() for p, x in flat}}
   if mesh_name is not None:  # shard shape on device 0 vs the whole parameter, and the optimizer state's
-    out["shards"] = {jax.tree_util.keystr(p): [list(x.shape), list(x.addressable_shards[0].data.shape)]
-                     for p, x in flat}
+    out["shards"] = {
+      jax.tree_util.keystr(p): [list(x.shape), list(x.addressable_shards[0].data.shape)] for p, x in flat
+    }
     mu = optax.tree_utils.tree_get(state.opt_state, "mu")
-    out["mu_shards"] = {jax.tree_util.keystr(p): list(x.addressable_shards[0].data.shape)
-                        for p, x in jax.tree_util.tree_flatten_with_path(mu)[0]}
+    out["mu_shards"] = {
+      jax.tree_util.keystr(p): list(x.addressable_shards[0].data.shape)
+      for p, x in jax.tree_util.tree_flatten_with_path(mu)[0]
+    }
   return out
 
 

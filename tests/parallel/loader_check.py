@@ -1,8 +1,8 @@
 """Run as a script: the sharded loader against the plain loader (8 fake devices), or its host memory (2 processes).
 
-    python tests/parallel/loader_check.py equal CKPT_DIR
-    python tests/parallel/loader_check.py memory CKPT_DIR PROCESS_ID PORT [WARM_DIR]   (two processes, 2 devices each;
-      WARM_DIR, a small checkpoint loaded before the measurement, takes the one-time runtime costs out of it)
+python tests/parallel/loader_check.py equal CKPT_DIR
+python tests/parallel/loader_check.py memory CKPT_DIR PROCESS_ID PORT [WARM_DIR]   (two processes, 2 devices each;
+  WARM_DIR, a small checkpoint loaded before the measurement, takes the one-time runtime costs out of it)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def mesh_of(name: str):
 
 def equal(directory: str) -> dict:
   from jaxtune.hf.load import load_model
+
   ref = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_model(directory))))
   out = {}
   for name in MESHES:

@@ -31,9 +31,14 @@ def global_batches() -> list[dict[str, np.ndarray]]:
   out = []
   for _ in range(STEPS):
     ids = rng.integers(3, 128, size=(1, 8, 16)).astype(np.int32)
-    out.append({"input_ids": ids, "loss_mask": (rng.random(ids.shape) < 0.7).astype(np.int32),
-                "segment_ids": np.ones_like(ids), "positions": np.broadcast_to(np.arange(16, dtype=np.int32),
-                                                                               ids.shape).copy()})
+    out.append(
+      {
+        "input_ids": ids,
+        "loss_mask": (rng.random(ids.shape) < 0.7).astype(np.int32),
+        "segment_ids": np.ones_like(ids),
+        "positions": np.broadcast_to(np.arange(16, dtype=np.int32), ids.shape).copy(),
+      }
+    )
   return out
 
 
@@ -80,13 +85,18 @@ def multi(pid: int, count: int, port: int, workdir: str) -> dict:
   ckpts.close()
   params = jax.experimental.multihost_utils.process_allgather(state.params, tiled=True)
   local_shape = list(jax.tree.leaves(state.params)[0].addressable_shards[0].data.shape)
-  return {"losses": losses, "params": jax.tree.map(lambda x: np.asarray(x).tolist(), params),
-          "embed_shard": local_shape, "devices": jax.device_count()}
+  return {
+    "losses": losses,
+    "params": jax.tree.map(lambda x: np.asarray(x).tolist(), params),
+    "embed_shard": local_shape,
+    "devices": jax.device_count(),
+  }
 
 
 def main() -> None:
   pid, count, port, workdir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
   import jax.experimental.multihost_utils  # noqa: F401
+
   out = reference() if count == 0 else multi(pid, count, port, workdir)
   print("RESULTS " + json.dumps(out), flush=True)
 

@@ -32,10 +32,14 @@ QWEN = {**LLAMA, "model_type": "qwen2"}  # q/k/v biases
 
 
 def _env(devices: int) -> dict[str, str]:
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_COMPILATION_CACHE_DIR": str(REPO / ".pytest_cache" / "jaxtune-xla"),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+  return {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(REPO),
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_COMPILATION_CACHE_DIR": str(REPO / ".pytest_cache" / "jaxtune-xla"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+  }
 
 
 def _results(text: str) -> dict:
@@ -45,8 +49,9 @@ def _results(text: str) -> dict:
 
 
 def _script(args: list[str], devices: int, timeout: float = 240) -> dict:
-  out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env(devices), timeout=timeout,
-                       cwd=REPO)
+  out = subprocess.run(
+    [sys.executable, *args], capture_output=True, text=True, env=_env(devices), timeout=timeout, cwd=REPO
+  )
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   return _results(out.stdout)
 
@@ -57,8 +62,16 @@ def _two_processes(args: list[str], tmp_path: pathlib.Path, timeout: float = 240
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   logs = [tmp_path / f"p{i}.log" for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, *[a.format(pid=i, port=port) for a in args]], cwd=REPO, env=_env(2),
-                            stdout=logs[i].open("w"), stderr=subprocess.STDOUT) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, *[a.format(pid=i, port=port) for a in args]],
+      cwd=REPO,
+      env=_env(2),
+      stdout=logs[i].open("w"),
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
   try:
     for p in procs:
       p.wait(timeout)
@@ -73,29 +86,36 @@ def _two_processes(args: list[str], tmp_path: pathlib.Path, timeout: float = 240
 
 # --- in-process: sizes, rules, specs ---------------------------------------------------------------------------
 
+
 def _cfg(**kw):
   cfg = mesh_lib.mesh_config()
   cfg.update(kw)
   return cfg
 
 
-@pytest.mark.parametrize("kw, devices, expected", [
+@pytest.mark.parametrize(
+  "kw, devices, expected",
+  [
     (dict(preset="dp"), 8, dict(data=8, fsdp=1, tensor=1)),
     (dict(preset="fsdp"), 8, dict(data=1, fsdp=8, tensor=1)),
     (dict(preset="fsdp_tp"), 8, dict(data=1, fsdp=4, tensor=2)),
     (dict(preset="fsdp_tp", data=2), 8, dict(data=2, fsdp=2, tensor=2)),
     (dict(preset="fsdp", data=2), 256, dict(data=2, fsdp=128, tensor=1)),
-])
+  ],
+)
 def test_axis_sizes(kw, devices, expected):
   assert mesh_lib.axis_sizes(_cfg(**kw), devices) == expected
 
 
-@pytest.mark.parametrize("kw, devices, match", [
+@pytest.mark.parametrize(
+  "kw, devices, match",
+  [
     (dict(preset="fsdp_tp", tensor=3), 8, "do not split"),
     (dict(preset="dp", fsdp=-1), 8, "at most one -1"),
     (dict(preset="nope"), 8, "unknown"),
     (dict(preset="dp", data=2), 8, "set one axis to -1"),
-])
+  ],
+)
 def test_axis_sizes_errors(kw, devices, match):
   with pytest.raises(ValueError, match=match):
     mesh_lib.axis_sizes(_cfg(**kw), devices)
@@ -106,9 +126,11 @@ def test_spec_follows_rules_and_drops_axes_that_do_not_divide():
   rules = mesh_lib.RULES
   P = jax.sharding.PartitionSpec
   assert sharding.spec(("layers", "embed", "heads", "head_dim"), (2, 64, 4, 24), mesh, rules) == P(
-      None, "fsdp", "tensor", None)
+    None, "fsdp", "tensor", None
+  )
   assert sharding.spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 1, 24), mesh, rules) == P(
-      None, "fsdp", None, None)  # one KV head: replicated over tensor
+    None, "fsdp", None, None
+  )  # one KV head: replicated over tensor
   assert sharding.spec(("batch", "length"), (8, 16), mesh, rules) == P(("data", "fsdp"), None)
   assert sharding.spec(("batch", "length"), (2, 16), mesh, rules) == P("data", None)  # 2 rows: data only
   with pytest.raises(ValueError, match="no rule for logical axis 'experts'"):
@@ -119,8 +141,12 @@ def test_distributed_spec_from_env():
   assert distributed.DistributedSpec.from_env({}).mode == "none"
   env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
   spec = distributed.DistributedSpec.from_env(env)
-  assert (spec.mode, spec.coordinator_address, spec.num_processes, spec.process_id) == ("explicit", "10.0.0.1:1234",
-                                                                                        4, 3)
+  assert (spec.mode, spec.coordinator_address, spec.num_processes, spec.process_id) == (
+    "explicit",
+    "10.0.0.1:1234",
+    4,
+    3,
+  )
   assert distributed.DistributedSpec.from_env(env, process_id=1).process_id == 1  # flags win over the environment
   with pytest.raises(ValueError, match="process id"):
     distributed.DistributedSpec.from_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
@@ -130,6 +156,7 @@ def test_distributed_spec_from_env():
 
 
 # --- 8 fake devices ---------------------------------------------------------------------------------------------
+
 
 def _max_diff(a: dict, b: dict) -> float:
   return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
@@ -154,8 +181,9 @@ def test_presets_match_one_device_and_split_parameters():
         else:  # an adapter splits along the dimensions it shares with its weight: B of q has no `embed`
           assert frac % split == 0, (method, name, key, whole, shard)
       if method == "lora" and name != "dp":
-        assert got["shards"]["['layers']['attn']['q']['adapter']['lora_a']"][1][1] == 64 // (8 // frac * 0 + (
-            8 if name == "fsdp" else 2))  # A [L, D, r]: D over fsdp
+        assert got["shards"]["['layers']['attn']['q']['adapter']['lora_a']"][1][1] == 64 // (
+          8 // frac * 0 + (8 if name == "fsdp" else 2)
+        )  # A [L, D, r]: D over fsdp
       assert got["mu_shards"] == {k: s for k, (_, s) in got["shards"].items()}  # Adam moments split like params
   assert moved > 1e-3  # the params did train (LoRA B and full weights moved)
 
@@ -174,6 +202,7 @@ def test_sharded_loader_matches_plain_loader(tmp_path):
 
 # --- two processes ----------------------------------------------------------------------------------------------
 
+
 def test_two_processes_train_save_restore_match_one_process(tmp_path):
   procs = _two_processes([str(HERE / "multihost.py"), "{pid}", "2", "{port}", str(tmp_path)], tmp_path)
   ref = _script([str(HERE / "multihost.py"), "0", "0", "0", str(tmp_path)], devices=1)
@@ -191,13 +220,23 @@ def test_two_processes_train_save_restore_match_one_process(tmp_path):
 
 def test_sharded_loader_host_memory_is_a_fraction_of_the_model(tmp_path):
   """Two processes, FSDP over their 4 devices: each holds and stages about half the model, never all of it."""
-  cfg = dict(model_type="llama", vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-             num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+  cfg = dict(
+    model_type="llama",
+    vocab_size=8000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+  )
   model_bytes = checkpoints.write(tmp_path / "ckpt", cfg, dtype="bfloat16")  # float32 size of the model
   # A 64-wide model loaded first takes the runtime's one-time costs (~15 MB) out of the measured growth.
   checkpoints.write(tmp_path / "warm", {**cfg, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 176})
-  procs = _two_processes([str(HERE / "loader_check.py"), "memory", str(tmp_path / "ckpt"), "{pid}", "{port}",
-                          str(tmp_path / "warm")], tmp_path)
+  procs = _two_processes(
+    [str(HERE / "loader_check.py"), "memory", str(tmp_path / "ckpt"), "{pid}", "{port}", str(tmp_path / "warm")],
+    tmp_path,
+  )
   for r in procs:
     assert abs(r["held"] - model_bytes / 2) < 0.01 * model_bytes  # this process's shards: half the model
     assert r["read_bytes"] < 0.51 * model_bytes  # it read only its slices
@@ -209,10 +248,29 @@ def test_sharded_loader_host_memory_is_a_fraction_of_the_model(tmp_path):
 
 def test_dry_run_reports_memory_from_a_config_json(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(LLAMA))
-  out = subprocess.run([sys.executable, "-m", "jaxtune.parallel.dry_run", "--model_config",
-                        str(tmp_path / "config.json"), "--num_devices", "1,8", "--method", "full", "--seq", "32",
-                        "--batch_per_device", "1", "--json"], capture_output=True, text=True, env=_env(1), cwd=REPO,
-                       timeout=240)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxtune.parallel.dry_run",
+      "--model_config",
+      str(tmp_path / "config.json"),
+      "--num_devices",
+      "1,8",
+      "--method",
+      "full",
+      "--seq",
+      "32",
+      "--batch_per_device",
+      "1",
+      "--json",
+    ],
+    capture_output=True,
+    text=True,
+    env=_env(1),
+    cwd=REPO,
+    timeout=240,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   reports = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
   one, eight = reports
@@ -224,13 +282,20 @@ def test_dry_run_reports_memory_from_a_config_json(tmp_path):
 
 # --- both loaders equally strict (one device, in-process) -------------------------------------------------------
 
-@pytest.mark.parametrize("change, match", [
+
+@pytest.mark.parametrize(
+  "change, match",
+  [
     ("missing", r"tensor 'model.layers.1.mlp.up_proj.weight' is missing \(needed for layers.mlp.up.kernel\)"),
     ("unexpected", r"unexpected tensors model.layers.0.self_attn.q_proj.lora_A.weight"),
-    ("misshapen", r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(47, 64\), but config.json implies "
-                  r"\(48, 64\)"),
+    (
+      "misshapen",
+      r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(47, 64\), but config.json implies "
+      r"\(48, 64\)",
+    ),
     ("ignored", None),  # rotary inv_freq buffers carry no weights and are allowed
-])
+  ],
+)
 def test_sharded_and_plain_loaders_are_equally_strict(tmp_path, change, match):
   from safetensors.numpy import load_file, save_file
 

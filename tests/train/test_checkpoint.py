@@ -24,8 +24,11 @@ def cache(tmp_path_factory):
 
 
 def _fake_state(scale: float) -> dict:
-  return {"params": {"a": jnp.arange(64.0) * scale, "b": jnp.ones((3, 2), jnp.bfloat16) * scale},
-          "step": jnp.int32(scale), "rng": jnp.array([1, 2], jnp.uint32)}
+  return {
+    "params": {"a": jnp.arange(64.0) * scale, "b": jnp.ones((3, 2), jnp.bfloat16) * scale},
+    "step": jnp.int32(scale),
+    "rng": jnp.array([1, 2], jnp.uint32),
+  }
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, cache):
@@ -37,8 +40,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, cache):
   victim = tiny_runs.start(tiny_runs.cli_args(cut_dir, cache, **SETTINGS), tmp_path / "victim.log")
   try:
     # Kill once step 15's checkpoint is complete and training has gone past it (steps 16.. are lost).
-    reached = tiny_runs.wait_for(lambda: 15 in tiny_runs.complete_steps(cut_dir)
-                                 and tiny_runs.logged_step(cut_dir) >= 17, victim)
+    reached = tiny_runs.wait_for(
+      lambda: 15 in tiny_runs.complete_steps(cut_dir) and tiny_runs.logged_step(cut_dir) >= 17, victim
+    )
     alive = victim.poll() is None
     victim.send_signal(signal.SIGKILL)
     victim.wait(30)
@@ -65,7 +69,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, cache):
     np.testing.assert_array_equal(cut_state[key], ref_state[key], err_msg=key)
   # The same loss curve, step for step, bit for bit (lines after the restored step were replaced).
   assert tiny_runs.train_curve(cut_dir) == tiny_runs.train_curve(ref_dir)
-  evals = lambda d: [(m["step"], m["eval/loss"]) for m in tiny_runs.metrics(d) if "eval/loss" in m]  # noqa: E731
+  evals = lambda d: [(m["step"], m["eval/loss"]) for m in tiny_runs.metrics(d) if "eval/loss" in m]
   assert evals(cut_dir) == evals(ref_dir)
   assert [m["step"] for m in tiny_runs.metrics(cut_dir) if "train/loss" in m] == list(range(1, STEPS + 1))
 
@@ -92,8 +96,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache):
 # Orbax leaves un-awaited read coroutines behind when an array file is truncated; they are harmless.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, cache):
-  config = tiny_runs.tiny(tmp_path, cache, **{"train.steps": 12, "checkpoint.every": 5, "train.eval": False,
-                                              "train.eval_every": 0})
+  config = tiny_runs.tiny(
+    tmp_path, cache, **{"train.steps": 12, "checkpoint.every": 5, "train.eval": False, "train.eval_every": 0}
+  )
   loop.train(config)
   assert tiny_runs.complete_steps(tmp_path) == [10, 12]
   data_files = sorted((tmp_path / "checkpoints" / "12" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)

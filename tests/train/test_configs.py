@@ -13,8 +13,16 @@ from jaxtune.train import config as config_lib
 import tiny_runs
 
 CONFIG_FILES = sorted(p.stem for p in tiny_runs.CONFIGS.glob("*.py") if not p.name.startswith("_"))
-REQUIRED = ("model.path", "data.train", "output_dir", "train.steps", "peft.method", "peft.lora.rank",
-            "peft.lora.alpha", "resume")
+REQUIRED = (
+  "model.path",
+  "data.train",
+  "output_dir",
+  "train.steps",
+  "peft.method",
+  "peft.lora.rank",
+  "peft.lora.alpha",
+  "resume",
+)
 
 
 def _get(config, key):
@@ -80,31 +88,35 @@ def test_config_is_locked_against_typos():
 
 
 BAD = [
-    ({"output_dir": ""}, "output_dir: empty"),
-    ({"model.path": ""}, "model.path: empty"),
-    ({"model.path": "./no/such/dir"}, "model.path: ./no/such/dir is neither a directory nor a hub id"),
-    ({"peft.method": "qlora"}, "peft.method: 'qlora' is not one of lora, full"),
-    ({"peft.lora.rank": 0}, "peft.lora.rank: 0 must be >= 1"),
-    ({"peft.lora.dropout": 1.0}, "peft.lora.dropout"),
-    ({"peft.method": "full", "model.param_dtype": "bfloat16"}, "model.param_dtype: bfloat16 with peft.method=full"),
-    ({"train.steps": 0}, "train.steps: 0 must be >= 1"),
-    ({"train.grad_accum": 3}, "data.batch_size: 8 rows do not split into train.grad_accum=3"),
-    ({"data.train": ()}, "data.train: no training data"),
-    ({"data.bucket_lengths": (4096,)}, "data.bucket_lengths: [4096] outside 1..max_seq_len"),
-    ({"model.attention_impl": "cudnn", "data.bucket_lengths": (63, 128)},
-     "data.max_seq_len / data.bucket_lengths: rows of [63] tokens, but cuDNN attention"),
-    ({"data.train": ("missing.jsonl",)}, "data.train: missing.jsonl does not exist"),
-    ({"data.validation": (), "train.eval_every": 5}, "train.eval_every: 5 but there is no validation data"),
-    ({"checkpoint.keep_best": True, "checkpoint.every": 7}, "checkpoint.every=7 is not a multiple of "
-                                                             "train.eval_every=20"),
-    ({"checkpoint.keep_best": True, "train.eval_every": 0}, "checkpoint.keep_best: needs a validation loss"),
-    ({"resume": "latest"}, "resume: 'latest' is not one of auto, never"),
-    ({"model.remat": "some"}, "model.remat"),
-    ({"logging.wandb_project": "p"}, "wandb package is not installed"),
-    ({"task.test_file": "nope.jsonl"}, "task.test_file: nope.jsonl is not a file"),
-    ({"optim.name": "adam"}, "optim.name: unknown 'adam'"),
-    ({"optim.warmup_steps": 100, "train.steps": 10}, "optim.warmup_steps=100"),
-    ({"data.max_seq_len": 4096}, "data.max_seq_len: 4096 exceeds the model's max_position_embeddings (1024)"),
+  ({"output_dir": ""}, "output_dir: empty"),
+  ({"model.path": ""}, "model.path: empty"),
+  ({"model.path": "./no/such/dir"}, "model.path: ./no/such/dir is neither a directory nor a hub id"),
+  ({"peft.method": "qlora"}, "peft.method: 'qlora' is not one of lora, full"),
+  ({"peft.lora.rank": 0}, "peft.lora.rank: 0 must be >= 1"),
+  ({"peft.lora.dropout": 1.0}, "peft.lora.dropout"),
+  ({"peft.method": "full", "model.param_dtype": "bfloat16"}, "model.param_dtype: bfloat16 with peft.method=full"),
+  ({"train.steps": 0}, "train.steps: 0 must be >= 1"),
+  ({"train.grad_accum": 3}, "data.batch_size: 8 rows do not split into train.grad_accum=3"),
+  ({"data.train": ()}, "data.train: no training data"),
+  ({"data.bucket_lengths": (4096,)}, "data.bucket_lengths: [4096] outside 1..max_seq_len"),
+  (
+    {"model.attention_impl": "cudnn", "data.bucket_lengths": (63, 128)},
+    "data.max_seq_len / data.bucket_lengths: rows of [63] tokens, but cuDNN attention",
+  ),
+  ({"data.train": ("missing.jsonl",)}, "data.train: missing.jsonl does not exist"),
+  ({"data.validation": (), "train.eval_every": 5}, "train.eval_every: 5 but there is no validation data"),
+  (
+    {"checkpoint.keep_best": True, "checkpoint.every": 7},
+    "checkpoint.every=7 is not a multiple of train.eval_every=20",
+  ),
+  ({"checkpoint.keep_best": True, "train.eval_every": 0}, "checkpoint.keep_best: needs a validation loss"),
+  ({"resume": "latest"}, "resume: 'latest' is not one of auto, never"),
+  ({"model.remat": "some"}, "model.remat"),
+  ({"logging.wandb_project": "p"}, "wandb package is not installed"),
+  ({"task.test_file": "nope.jsonl"}, "task.test_file: nope.jsonl is not a file"),
+  ({"optim.name": "adam"}, "optim.name: unknown 'adam'"),
+  ({"optim.warmup_steps": 100, "train.steps": 10}, "optim.warmup_steps=100"),
+  ({"data.max_seq_len": 4096}, "data.max_seq_len: 4096 exceeds the model's max_position_embeddings (1024)"),
 ]
 
 
@@ -143,11 +155,23 @@ def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path):
 
 def test_command_line_typos_and_bad_settings_fail_before_any_weights_load(tmp_path):
   run_dir, cache = tmp_path / "run", tmp_path / "cache"
-  typo = subprocess.run(tiny_runs.cli_args(run_dir, cache, **{"train.stpes": 3}), cwd=tiny_runs.REPO,
-                        env=tiny_runs.env(), capture_output=True, text=True, timeout=120)
+  typo = subprocess.run(
+    tiny_runs.cli_args(run_dir, cache, **{"train.stpes": 3}),
+    cwd=tiny_runs.REPO,
+    env=tiny_runs.env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert typo.returncode != 0 and "stpes" in typo.stderr
-  bad = subprocess.run(tiny_runs.cli_args(run_dir, cache, **{"checkpoint.keep_best": True, "train.eval_every": 0}),
-                       cwd=tiny_runs.REPO, env=tiny_runs.env(), capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    tiny_runs.cli_args(run_dir, cache, **{"checkpoint.keep_best": True, "train.eval_every": 0}),
+    cwd=tiny_runs.REPO,
+    env=tiny_runs.env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode != 0
   assert "checkpoint.keep_best: needs a validation loss" in bad.stderr
   assert "Traceback" not in bad.stderr

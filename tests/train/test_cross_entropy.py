@@ -46,7 +46,7 @@ def test_matches_plain_cross_entropy(layout, softcap, chunk):
     def f(h, w):
       return fused_cross_entropy(h, w, targets, weights, layout=layout, softcap=softcap, chunk=chunk)[0] / 5.0
 
-    g = lambda h, w: _reference(h, w, targets, weights, layout, softcap)[0] / 5.0  # noqa: E731
+    g = lambda h, w: _reference(h, w, targets, weights, layout, softcap)[0] / 5.0
     got_dh, got_dw = jax.grad(f, argnums=(0, 1))(h, w)
     want_dh, want_dw = jax.grad(g, argnums=(0, 1))(h, w)
   np.testing.assert_allclose(got_dh, want_dh, atol=1e-5)
@@ -67,12 +67,13 @@ def _shapes(jaxpr) -> set[tuple[int, ...]]:
 def test_frozen_head_gradient_is_never_formed():
   """Under LoRA the head is frozen: no [D, V] accumulator may appear in the step at all."""
   h, w, targets, weights = _inputs("VD")
-  f = lambda h: fused_cross_entropy(h, w, targets, weights, layout="VD", chunk=3)[0]  # noqa: E731
+  f = lambda h: fused_cross_entropy(h, w, targets, weights, layout="VD", chunk=3)[0]
   assert not {(D, V), (V, D)} & _shapes(jax.make_jaxpr(jax.grad(f))(h).jaxpr)
-  trained = lambda h, w: fused_cross_entropy(h, w, targets, weights, layout="VD", chunk=3)[0]  # noqa: E731
+  trained = lambda h, w: fused_cross_entropy(h, w, targets, weights, layout="VD", chunk=3)[0]
   assert (D, V) in _shapes(jax.make_jaxpr(jax.grad(trained, argnums=(0, 1)))(h, w).jaxpr)  # the walk sees it
-  np.testing.assert_allclose(jax.grad(f)(h), jax.grad(lambda h: _reference(h, w, targets, weights, "VD", None)[0])(h),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    jax.grad(f)(h), jax.grad(lambda h: _reference(h, w, targets, weights, "VD", None)[0])(h), atol=1e-5
+  )
 
 
 def test_bfloat16_inputs_give_float32_sums_and_input_dtype_gradients():
@@ -102,13 +103,14 @@ def test_bfloat16_head_gradients_are_16_bit_products(layout):
   float32 one runs as TF32 on a GPU at a quarter of the rate), and both gradients stay within bf16's
   error of the float32 formula."""
   h, w, targets, weights = _inputs(layout)
-  f = lambda h, w: fused_cross_entropy(h, w, targets, weights, layout=layout, chunk=4)[0]  # noqa: E731
+  f = lambda h, w: fused_cross_entropy(h, w, targets, weights, layout=layout, chunk=4)[0]
   h16, w16 = h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   grad = jax.grad(f, argnums=(0, 1))
   assert _dot_operand_types(jax.make_jaxpr(grad)(h16, w16).jaxpr) == {("bfloat16", "bfloat16")}
   with jax.default_matmul_precision("highest"):
     want = jax.grad(lambda h, w: _reference(h, w, targets, weights, layout, None)[0], argnums=(0, 1))(
-        h16.astype(jnp.float32), w16.astype(jnp.float32))
+      h16.astype(jnp.float32), w16.astype(jnp.float32)
+    )
   for name, got, ref in zip(("dh", "dw"), grad(h16, w16), want):
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=0.02 * float(np.abs(ref).max()), err_msg=name)
 
@@ -132,7 +134,7 @@ def test_positions_without_weight_skip_the_head():
   weights[0, [1, 6]] = 1.0
   weights[1, [0, 3]] = 0.5
   poisoned = jnp.where(jnp.asarray(weights)[..., None] > 0, h, jnp.nan)
-  f = lambda h: fused_cross_entropy(h, w, targets, weights, layout="VD", chunk=2)  # noqa: E731
+  f = lambda h: fused_cross_entropy(h, w, targets, weights, layout="VD", chunk=2)
   with jax.default_matmul_precision("highest"):
     loss, correct = f(poisoned)
     want = _reference(h, w, targets, weights, "VD", None)

@@ -22,7 +22,9 @@ def test_keeps_the_users_other_tunables():
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
-@pytest.mark.parametrize("environ, glibc, thp", [
+@pytest.mark.parametrize(
+  "environ, glibc, thp",
+  [
     ({"JAXTUNE_HUGEPAGES": "0"}, GLIBC, THP),  # opted out
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, THP),  # the user's own value wins
     ({"JAXTUNE_REEXECUTED": "1"}, GLIBC, THP),  # already the re-executed process
@@ -31,7 +33,8 @@ def test_keeps_the_users_other_tunables():
     ({}, GLIBC, "always"),  # every large mapping gets huge pages already
     ({}, GLIBC, "never"),
     ({}, GLIBC, None),  # no THP file
-])
+  ],
+)
 def test_nothing_to_add(environ, glibc, thp):
   assert host.huge_page_environ(environ, glibc=glibc, thp=thp) is None
 
@@ -43,13 +46,16 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
   assert host.thp_mode(str(tmp_path / "missing")) is None
 
 
-@pytest.mark.parametrize("argv, want", [
+@pytest.mark.parametrize(
+  "argv, want",
+  [
     (["python", "-m", "jaxtune.train", "--config", "c.py"], True),
     (["python", "-X", "dev", "-m", "jaxtune.train"], True),
     (["python", "-mjaxtune.train"], True),
     (["python", "-m", "ipykernel_launcher", "-f", "k.json"], False),  # a notebook kernel running the module
     (["python", "script.py", "jaxtune.train"], False),
-])
+  ],
+)
 def test_launched_as(argv, want):
   assert host.launched_as("jaxtune.train", argv) is want
 
@@ -57,14 +63,16 @@ def test_launched_as(argv, want):
 def test_reexec_keeps_argv_and_sets_the_tunable_once(tmp_path):
   """A real re-execution of `python -m module`: the child sees its arguments again and the tunable, once."""
   (tmp_path / "reexec_probe.py").write_text(
-      "import os, sys\nfrom jaxtune.train import host\nprint('start', flush=True)\n"
-      "host.reexec_with_huge_pages('reexec_probe')\nprint(sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))\n")
+    "import os, sys\nfrom jaxtune.train import host\nprint('start', flush=True)\n"
+    "host.reexec_with_huge_pages('reexec_probe')\nprint(sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))\n"
+  )
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXTUNE_REEXECUTED", "JAXTUNE_HUGEPAGES")}
   env["PYTHONPATH"] = os.pathsep.join([str(tmp_path)] + sys.path)
 
   def run(*argv):
-    return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, check=True, timeout=60,
-                          cwd=tmp_path).stdout.splitlines()
+    return subprocess.run(
+      [sys.executable, *argv], env=env, capture_output=True, text=True, check=True, timeout=60, cwd=tmp_path
+    ).stdout.splitlines()
 
   expected = host.huge_page_environ(env, glibc=host.glibc_version(), thp=host.thp_mode())
   if expected is None:  # this machine needs nothing: the process runs on as it is

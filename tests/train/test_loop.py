@@ -56,8 +56,11 @@ def _trace(monkeypatch) -> list[str]:
 
 def _short(run_dir, cache, **overrides):
   """7 steps, evals after steps 3 and 6, checkpoints after 4 and 7."""
-  return tiny_runs.tiny(run_dir, cache, **{"train.steps": 7, "train.eval_every": 3, "checkpoint.every": 4,
-                                           "checkpoint.keep": 5, **overrides})
+  return tiny_runs.tiny(
+    run_dir,
+    cache,
+    **{"train.steps": 7, "train.eval_every": 3, "checkpoint.every": 4, "checkpoint.keep": 5, **overrides},
+  )
 
 
 def test_loss_goes_down_and_eval_runs(lora_run):
@@ -99,8 +102,11 @@ def test_lora_checkpoint_holds_adapters_only(lora_run):
 
 
 def test_full_finetuning_checkpoints_every_weight(tmp_path, cache):
-  config = tiny_runs.tiny(tmp_path, cache, **{"peft.method": "full", "train.steps": 4, "train.eval": False,
-                                              "train.eval_every": 0, "optim.lr": 1e-3})
+  config = tiny_runs.tiny(
+    tmp_path,
+    cache,
+    **{"peft.method": "full", "train.steps": 4, "train.eval": False, "train.eval_every": 0, "optim.lr": 1e-3},
+  )
   result = loop.train(config)
   state = tiny_runs.saved_state(tmp_path, 4)
   params = {k for k in state if k.startswith("params/")}
@@ -113,9 +119,19 @@ def test_nonfinite_streak_stops_with_last_good_checkpoint(tmp_path, cache, monke
   # A learning rate of 1e30 makes the first update overflow the forward pass: every later
   # step is non-finite, skipped, and the run stops after max_nan_streak of them.
   events = _trace(monkeypatch)
-  config = _short(tmp_path, cache, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.schedule": "constant",
-                                      "train.max_nan_streak": 3, "train.eval": False, "train.eval_every": 0,
-                                      "checkpoint.every": 0})
+  config = _short(
+    tmp_path,
+    cache,
+    **{
+      "optim.lr": 1e30,
+      "optim.warmup_steps": 0,
+      "optim.schedule": "constant",
+      "train.max_nan_streak": 3,
+      "train.eval": False,
+      "train.eval_every": 0,
+      "checkpoint.every": 0,
+    },
+  )
   with pytest.raises(loop.NonFiniteLossError, match="3 non-finite"):
     loop.train(config)
   # Step 3 ends a streak of 2, so step 4 could end one of 3: it is read before anything else is dispatched.
@@ -137,7 +153,7 @@ def test_overlap_reads_each_step_after_the_next_dispatch_and_changes_nothing(tmp
   synced = loop.train(_short(tmp_path / "sync", cache, **{"train.overlap": False}))
   assert events == ["d1", "r1", "d2", "r2", "d3", "r3", "d4", "r4", "s4", "d5", "r5", "d6", "r6", "d7", "r7", "s7"]
 
-  drop = lambda lines: [{k: v for k, v in m.items() if k != "train/tokens_per_s"} for m in lines]  # noqa: E731
+  drop = lambda lines: [{k: v for k, v in m.items() if k != "train/tokens_per_s"} for m in lines]
   assert drop(tiny_runs.metrics(tmp_path / "overlap")) == drop(tiny_runs.metrics(tmp_path / "sync"))
   assert overlapped["eval/loss"] == synced["eval/loss"]
   for step in (4, 7):
@@ -149,9 +165,20 @@ def test_data_running_out_reads_the_last_step(tmp_path, cache, monkeypatch):
   lines = (tiny_runs.CONFIGS.parent / "data" / "quickstart" / "train.jsonl").read_text().splitlines()
   (tmp_path / "three_batches.jsonl").write_text("\n".join(lines[:24]) + "\n")  # batch_size 8
   events = _trace(monkeypatch)
-  result = loop.train(_short(tmp_path / "run", cache, **{
-      "data.train": (str(tmp_path / "three_batches.jsonl"),), "data.num_epochs": 1, "train.steps": 10,
-      "train.eval": False, "train.eval_every": 0, "checkpoint.every": 0}))
+  result = loop.train(
+    _short(
+      tmp_path / "run",
+      cache,
+      **{
+        "data.train": (str(tmp_path / "three_batches.jsonl"),),
+        "data.num_epochs": 1,
+        "train.steps": 10,
+        "train.eval": False,
+        "train.eval_every": 0,
+        "checkpoint.every": 0,
+      },
+    )
+  )
   assert events == ["d1", "d2", "r1", "d3", "r2", "r3", "s3"]
   assert result["step"] == 3 and result["checkpoint"].endswith("checkpoints/3")
   assert [m["step"] for m in tiny_runs.metrics(tmp_path / "run") if "train/loss" in m] == [1, 2, 3]

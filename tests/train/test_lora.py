@@ -71,13 +71,16 @@ def test_shapes_axes_and_scale(base):
   assert model.lm_head.adapter is None and base.layers.attn.q.adapter is None  # the base is untouched
 
 
-@pytest.mark.parametrize("targets, expected", [
+@pytest.mark.parametrize(
+  "targets, expected",
+  [
     (["q_proj", "v"], {"q", "v"}),
     (r"layers\.mlp\..*", {"gate", "up", "down"}),
     (["lm_head"], {"lm_head"}),
     ("down_proj", {"down"}),  # one name, not a regex
     ("all-linear", {"q", "k", "v", "o", "gate", "up", "down"}),
-])
+  ],
+)
 def test_targets(base, targets, expected):
   model = _with_lora(base, targets=targets)
   adapted = {w.path[-1] for w in lora.lora_weights(model)}
@@ -122,11 +125,15 @@ def test_shared_input_adapters_match_separate_ones(base, monkeypatch, targets, g
   def loss_and_grads(params, rest):  # jitted afresh for each path: the adapters' choice is made when tracing
     def loss(params):
       return jnp.sum(jnp.tanh(nnx.merge(graphdef, params, rest)(IDS)))
+
     return jax.value_and_grad(loss)(params)
 
   real = kernels.PlainKernels.lora
-  monkeypatch.setattr(kernels.PlainKernels, "lora", lambda self, x, a_spec, b_specs, a, *rest: calls.append(len(a))
-                      or real(self, x, a_spec, b_specs, a, *rest))
+  monkeypatch.setattr(
+    kernels.PlainKernels,
+    "lora",
+    lambda self, x, a_spec, b_specs, a, *rest: calls.append(len(a)) or real(self, x, a_spec, b_specs, a, *rest),
+  )
   shared = jax.jit(loss_and_grads)(params, rest)
   assert sorted(set(calls) - {1}) == groups  # adapters per shared product (1: the separate ones)
   monkeypatch.setattr(lora.LoRA, "shared_deltas", staticmethod(lambda adapters, x: None))
@@ -159,8 +166,9 @@ def test_forward_and_export_match_peft(tmp_path, peft):
   _randomize_b(model)
   config = lora.peft_config(model)
   assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-  peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(
-      r=4, lora_alpha=6.0, use_rslora=True, target_modules="all-linear", lora_dropout=0.0))
+  peft_model = peft.get_peft_model(
+    hf_model, peft.LoraConfig(r=4, lora_alpha=6.0, use_rslora=True, target_modules="all-linear", lora_dropout=0.0)
+  )
   tensors = lora.peft_state_dict(model)
   assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
   assert tensors["base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight"].shape == (4 * 24, 4)
@@ -178,7 +186,8 @@ def _saved_layer_residuals(model, capsys, ids=IDS, with_dtypes=False) -> list:
   each)."""
   graphdef, adapters, rest = nnx.split(model, lora.LoRAParam, ...)
   jax.ad_checkpoint.print_saved_residuals(
-      lambda p: nnx.merge(graphdef, p, rest)(jnp.asarray(ids)).astype(jnp.float32).sum(), adapters)
+    lambda p: nnx.merge(graphdef, p, rest)(jnp.asarray(ids)).astype(jnp.float32).sum(), adapters
+  )
   out = []
   for line in capsys.readouterr().out.splitlines():
     if "output of scan" in line:
@@ -211,14 +220,19 @@ def test_remat_keeps_sixteen_bit_outputs_as_bits_on_cpu(capsys):
   """A bfloat16 model on CPU keeps its named arrays and each layer's input as their uint16 bits: XLA's CPU backend
   writes a layer into a uint16 stack in place, where it converts a whole bfloat16 stack to float32 and back for
   every layer (a bf16 LoRA step on an AMD EPYC Zen 4: 3.18 s with bf16 stacks, 2.73 s with uint16)."""
-  model = _model(TINY, remat="dots_no_batch", dtype="bfloat16", param_dtype="bfloat16", kernels="cpu",
-                 attention_impl="chunked")
+  model = _model(
+    TINY, remat="dots_no_batch", dtype="bfloat16", param_dtype="bfloat16", kernels="cpu", attention_impl="chunked"
+  )
   kept = _saved_layer_residuals(_with_lora(model), capsys, with_dtypes=True)
   L, (B, T), D, F = TINY["num_hidden_layers"], IDS.shape, TINY["hidden_size"], TINY["intermediate_size"]
   N, K, H = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["head_dim"]
   bits = sorted(shape for dtype, shape in kept if dtype == "u16")
-  assert bits == sorted([(L, B, K, N // K, T, H)] * 2 + [(L, B, K, T, H)] * 2  # q and the attention output; k, v
-                        + [(L, B, T, D)] * 2 + [(L, B, T, F)] * 2), kept  # the layer input and an adapted o; gate, up
+  assert bits == sorted(
+    [(L, B, K, N // K, T, H)] * 2
+    + [(L, B, K, T, H)] * 2  # q and the attention output; k, v
+    + [(L, B, T, D)] * 2
+    + [(L, B, T, F)] * 2
+  ), kept  # the layer input and an adapted o; gate, up
   assert "bf16" not in {dtype for dtype, _ in kept}, kept  # the rest: float32 softmax statistics and LoRA x A
 
 
@@ -239,6 +253,7 @@ def test_remat_keeps_cudnn_attention_outputs(monkeypatch, capsys):
   softmax statistics by primitive, so the backward does not rerun the forward. Traced on CPU (no
   compile), with jax's cuDNN version probe answered."""
   from jax._src.cudnn import fused_attention_stablehlo
+
   monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
   model = _model(TINY, remat="dots_no_batch", attention_impl="cudnn", dtype="bfloat16", param_dtype="bfloat16")
   shapes = _saved_layer_residuals(_with_lora(model), capsys)

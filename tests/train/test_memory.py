@@ -36,12 +36,20 @@ def test_a_step_that_cannot_fit_is_refused_with_numbers_and_advice():
   with pytest.raises(memory.DoesNotFitError) as e:
     memory.check(step, memory.Free(4 * GIB, 16 * GIB, "TPU v5 lite (tpu)"), shape=(1, 8, 2048), method="full")
   message = str(e.value)
-  for part in ("[1, 8, 2048]", "5.00 GiB per device", "temporaries 5.00", "4.00 GiB free of 16.00",
-               "data.batch_size", "train.grad_accum", "model.remat=full", "peft.method=lora", "dry_run"):
+  for part in (
+    "[1, 8, 2048]",
+    "5.00 GiB per device",
+    "temporaries 5.00",
+    "4.00 GiB free of 16.00",
+    "data.batch_size",
+    "train.grad_accum",
+    "model.remat=full",
+    "peft.method=lora",
+    "dry_run",
+  ):
     assert part in message, (part, message)
   with pytest.raises(memory.DoesNotFitError, match="2 devices x"):  # CPU devices share the host's memory
-    memory.check(step, memory.Free(8 * GIB, 24 * GIB, "this host's RAM", sharers=2), shape=(1, 8, 2048),
-                 method="lora")
+    memory.check(step, memory.Free(8 * GIB, 24 * GIB, "this host's RAM", sharers=2), shape=(1, 8, 2048), method="lora")
 
 
 def test_the_loop_checks_before_the_first_step(tmp_path, monkeypatch, capsys, caplog):

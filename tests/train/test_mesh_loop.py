@@ -12,9 +12,19 @@ import tiny_runs
 def _start(run_dir, cache, devices: int, preset: str, method: str) -> subprocess.Popen:
   env = tiny_runs.env()
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  args = tiny_runs.cli_args(run_dir, cache, **{"mesh.preset": preset, "peft.method": method, "train.steps": 4,
-                                               "data.batch_size": 16,
-                                               "checkpoint.every": 0, "train.eval": False, "task.test_file": ""})
+  args = tiny_runs.cli_args(
+    run_dir,
+    cache,
+    **{
+      "mesh.preset": preset,
+      "peft.method": method,
+      "train.steps": 4,
+      "data.batch_size": 16,
+      "checkpoint.every": 0,
+      "train.eval": False,
+      "task.test_file": "",
+    },
+  )
   return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -10,16 +10,21 @@ from jaxtune.train import optim
 
 # The leaf names of a jaxtune parameter tree (pure dict, as in TrainState.params).
 PARAMS = {
-    "embed": jnp.ones((8, 4)),
-    "final_norm": {"scale": jnp.ones((4,))},
-    "lm_head": {"kernel": jnp.ones((4, 8))},
-    "layers": {
-        "pre_attn_norm": {"scale": jnp.ones((2, 4))},
-        "attn": {"q": {"kernel": jnp.ones((2, 4, 2, 2)), "bias": jnp.ones((2, 2, 2)),
-                       "adapter": {"lora_a": jnp.ones((2, 4, 3)), "lora_b": jnp.ones((2, 3, 2, 2))}},
-                 "q_norm": {"scale": jnp.ones((2, 2))}},
-        "mlp": {"down": {"kernel": jnp.ones((2, 6, 4))}},
+  "embed": jnp.ones((8, 4)),
+  "final_norm": {"scale": jnp.ones((4,))},
+  "lm_head": {"kernel": jnp.ones((4, 8))},
+  "layers": {
+    "pre_attn_norm": {"scale": jnp.ones((2, 4))},
+    "attn": {
+      "q": {
+        "kernel": jnp.ones((2, 4, 2, 2)),
+        "bias": jnp.ones((2, 2, 2)),
+        "adapter": {"lora_a": jnp.ones((2, 4, 3)), "lora_b": jnp.ones((2, 3, 2, 2))},
+      },
+      "q_norm": {"scale": jnp.ones((2, 2))},
     },
+    "mlp": {"down": {"kernel": jnp.ones((2, 6, 4))}},
+  },
 }
 
 
@@ -54,9 +59,10 @@ def test_weight_decay_reaches_only_masked_in_leaves():
 def test_every_optimizer_descends(name):
   target = {"w": jnp.arange(12.0).reshape(3, 4) / 10, "b": jnp.ones((4,))}
   params = jax.tree.map(jnp.zeros_like, target)
-  loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)  # noqa: E731
-  opt = optim.make_optimizer(_cfg(name=name, lr=0.05, schedule="constant", b1=0.9 if name != "sgd" else 0.0),
-                             total_steps=30)
+  loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)
+  opt = optim.make_optimizer(
+    _cfg(name=name, lr=0.05, schedule="constant", b1=0.9 if name != "sgd" else 0.0), total_steps=30
+  )
   state = opt.init(params)
 
   @jax.jit
@@ -89,12 +95,15 @@ def test_clipping_bounds_the_update():
   assert float(optax.tree.norm(updates)) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     (dict(name="adam"), "optim.name"),
     (dict(schedule="exp"), "optim.schedule"),
     (dict(warmup_steps=5, warmup_ratio=0.1), "set one of them"),
     (dict(warmup_steps=50), "between 0 and"),
-])
+  ],
+)
 def test_config_errors(overrides, message):
   with pytest.raises(ValueError, match=message):
     optim.make_optimizer(_cfg(**overrides), total_steps=10)

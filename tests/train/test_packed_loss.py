@@ -38,6 +38,7 @@ def test_packed_batch_loss_grads_and_logits_equal_unpacked():
     def loss(m):
       total, tokens, _ = loss_fn(m, batch, chunk=16)
       return total / tokens
+
     return nnx.value_and_grad(loss)(m)
 
   (lp, gp), (lu, gu) = loss_and_grads(model, packed), loss_and_grads(model, unpacked)
@@ -51,5 +52,5 @@ def test_packed_batch_loss_grads_and_logits_equal_unpacked():
     start = 0
     for i in row:
       n = len(examples[i][0])
-      np.testing.assert_allclose(logits_packed[r, start:start + n], logits_alone[i, :n], atol=1e-5)
+      np.testing.assert_allclose(logits_packed[r, start : start + n], logits_alone[i, :n], atol=1e-5)
       start += n

@@ -17,8 +17,10 @@ def test_quickstart_data_is_made_by_the_script(tmp_path):
   paths = meeting_json.write(tmp_path)
   for split in ("train", "validation", "test"):
     assert paths[split].read_text() == (tiny_runs.REPO / "data" / "quickstart" / f"{split}.jsonl").read_text()
-  sentences = {split: {json.loads(line)["messages"][1]["content"] for line in paths[split].read_text().splitlines()}
-               for split in paths}
+  sentences = {
+    split: {json.loads(line)["messages"][1]["content"] for line in paths[split].read_text().splitlines()}
+    for split in paths
+  }
   assert not sentences["test"] & sentences["train"] and not sentences["validation"] & sentences["train"]
 
 

@@ -29,8 +29,8 @@ def make_batch(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
   for r in range(rows):
     start = 0
     for s, length in enumerate(rng.integers(4, 8, size=2), start=1):
-      seg[r, start:start + length], pos[r, start:start + length] = s, np.arange(length)
-      mask[r, start + rng.integers(1, length - 1):start + length] = 1
+      seg[r, start : start + length], pos[r, start : start + length] = s, np.arange(length)
+      mask[r, start + rng.integers(1, length - 1) : start + length] = 1
       start += length
     ids[r, start:] = 0
   return {"input_ids": ids, "loss_mask": mask, "segment_ids": seg, "positions": pos}
@@ -62,8 +62,7 @@ def base():
 def test_chunked_loss_matches_full_logits(base):
   batch = {k: jnp.asarray(v) for k, v in make_batch(3).items()}
   loss_sum, tokens, correct = nnx.jit(lambda m, b: step_lib.loss_fn(m, b, chunk=4))(base, batch)
-  logits = nnx.jit(lambda m, b: m(b["input_ids"], segment_ids=b["segment_ids"], positions=b["positions"]))(
-      base, batch)
+  logits = nnx.jit(lambda m, b: m(b["input_ids"], segment_ids=b["segment_ids"], positions=b["positions"]))(base, batch)
   logits, targets = np.asarray(logits, np.float64)[:, :-1], np.asarray(batch["input_ids"])[:, 1:]
   seg = np.asarray(batch["segment_ids"])
   weights = np.asarray(batch["loss_mask"])[:, 1:] * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] != 0)
@@ -85,7 +84,7 @@ def test_fused_and_checkpointed_losses_agree(monkeypatch, tied):
   graphdef, params = nnx.split(model)
 
   def value_and_grads():  # one compile each, at scale 1 and 1/8
-    f = lambda p, s: step_lib.loss_fn(nnx.merge(graphdef, p), batch, chunk=4, scale=s)[0]  # noqa: E731
+    f = lambda p, s: step_lib.loss_fn(nnx.merge(graphdef, p), batch, chunk=4, scale=s)[0]
     f = jax.jit(jax.value_and_grad(f))
     return f(params, jnp.float32(1.0)), f(params, jnp.float32(0.125))
 
@@ -114,15 +113,16 @@ def lora_run(base):
   opt = optim.make_optimizer(cfg, total_steps=20)
   graphdef, frozen, state = step_lib.init_train_state(model, opt, method="lora", seed=0)
   base_weights = copy(nnx.to_pure_dict(nnx.state(base)))
-  train_step = step_lib.make_train_step(graphdef, frozen, opt, lr_schedule=optim.make_schedule(cfg, 20),
-                                        loss_chunk=8)
+  train_step = step_lib.make_train_step(graphdef, frozen, opt, lr_schedule=optim.make_schedule(cfg, 20), loss_chunk=8)
   return graphdef, frozen, copy(state), train_step, base_weights
 
 
 def test_lora_learns_and_only_adapters_change(lora_run):
   graphdef, frozen, state0, train_step, base_weights = lora_run
   assert {p[-1] for p, _ in jax.tree_util.tree_leaves_with_path(state0.params)} == {
-      jax.tree_util.DictKey("lora_a"), jax.tree_util.DictKey("lora_b")}
+    jax.tree_util.DictKey("lora_a"),
+    jax.tree_util.DictKey("lora_b"),
+  }
   batch = accumulate(make_batch(4), 2)
   state, losses = jax.tree.map(jnp.asarray, state0), []
   for _ in range(20):
@@ -179,7 +179,7 @@ def test_each_batch_shape_compiles_once(lora_run, caplog):
   _, _, state0, train_step, _ = lora_run
   long = accumulate(make_batch(4, seed=2), 2)
   short = {k: v[..., :12] for k, v in long.items()}  # a shorter bucket of the same rows; no other test uses it
-  compiles = lambda: [m for m in caplog.messages if m.startswith("Compiling jit(step)")]  # noqa: E731
+  compiles = lambda: [m for m in caplog.messages if m.startswith("Compiling jit(step)")]
   with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
     state = jax.tree.map(jnp.asarray, state0)
     for batch in (long, short, short, long, long, short):
@@ -203,8 +203,11 @@ def sgd_full(base):
   for micro in (1, 4):
     graphdef, frozen, state = step_lib.init_train_state(fresh(base), opt, method="full", seed=0)
     assert not jax.tree.leaves(frozen.weights)  # everything trains
-    runs[micro] = (state, step_lib.make_train_step(graphdef, frozen, opt, loss_chunk=8),
-                   step_lib.make_eval_step(graphdef, frozen, loss_chunk=8) if micro == 4 else None)
+    runs[micro] = (
+      state,
+      step_lib.make_train_step(graphdef, frozen, opt, loss_chunk=8),
+      step_lib.make_eval_step(graphdef, frozen, loss_chunk=8) if micro == 4 else None,
+    )
   return runs
 
 

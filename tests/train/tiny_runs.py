@@ -42,15 +42,20 @@ def tiny(run_dir: pathlib.Path, cache: pathlib.Path, **overrides):
 
 def cli_args(run_dir: pathlib.Path, cache: pathlib.Path, **overrides) -> list[str]:
   """`python -m jaxtune.train --config configs/tiny.py ...` with the same settings as `tiny()`."""
-  settings = {"output_dir": run_dir, "model.cache_dir": cache / "models", "data.cache_dir": cache / "data",
-              **overrides}
+  settings = {"output_dir": run_dir, "model.cache_dir": cache / "models", "data.cache_dir": cache / "data", **overrides}
   return [sys.executable, "-m", "jaxtune.train", f"--config={CONFIGS / 'tiny.py'}"] + [
-      f"--config.{k}={v}" for k, v in settings.items()]
+    f"--config.{k}={v}" for k, v in settings.items()
+  ]
 
 
 def env() -> dict[str, str]:
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(XLA_CACHE),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": XLA_CACHE_MIN_SECS}
+  return {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(REPO),
+    "JAX_COMPILATION_CACHE_DIR": str(XLA_CACHE),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": XLA_CACHE_MIN_SECS,
+  }
 
 
 def start(args: list[str], log: pathlib.Path) -> subprocess.Popen:
