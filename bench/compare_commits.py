@@ -17,8 +17,10 @@ before every turn (`bench.train_cpu.machine_rate`: it drifts by ~10%). Only two 
 at a time. Per setting it reports the median step time of each side, `after/before` = after's
 speed / before's speed (> 1: the new code is faster), the target `after/before >= 0.97`, each
 side's peak RSS and the turns' machine rates; at the top the CPU model, both commits and this
-command. At least 5 measured steps per side (rounds x steps) unless `--smoke`. Exit status 0
-whatever the ratios: a measurement, not a gate.
+command. Each worker also dumps its train step's optimised HLO, and the report says whether the
+two commits compile the same program (instructions compared without source metadata): where they
+do, a ratio away from 1 is the machine's noise, not the change. At least 5 measured steps per side
+(rounds x steps) unless `--smoke`. Exit status 0 whatever the ratios: a measurement, not a gate.
 
 Flags this script does not know (--remat, --loss-chunk, --seq, --batch, --warmup, ...) go
 unchanged to both workers; flags not given take each commit's own default, as that commit ships.
@@ -34,6 +36,8 @@ import contextlib
 import json
 import math
 import os
+import pathlib
+import re
 import shlex
 import shutil
 import statistics
@@ -156,13 +160,44 @@ def worker_environ(hugepages: str, xla_flags: str) -> dict[str, str]:
 
 
 def start_worker(
-  root: str, setting: str, dtype: str, worker_args: Sequence[str], env: dict[str, str]
+  root: str, setting: str, dtype: str, worker_args: Sequence[str], env: dict[str, str], dump_dir: str | None = None
 ) -> subprocess.Popen:
-  """`python -m bench.train_cpu --worker jaxtune` with cwd = root, so it imports root's jaxtune and bench."""
+  """`python -m bench.train_cpu --worker jaxtune` with cwd = root, so it imports root's jaxtune and bench.
+
+  dump_dir: where XLA writes the train step's optimised HLO (`same_program` compares two of them)."""
   cmd = [sys.executable, "-m", "bench.train_cpu", "--worker", "jaxtune", "--setting", setting]
   cmd += ["--dtype", dtype] if dtype != "float32" else []
   cmd += list(worker_args)
+  if dump_dir:
+    dump = f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step"
+    env = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " " + dump).strip())
   return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
+
+
+_METADATA = re.compile(r",? ?metadata=\{[^}]*\}|,? ?stack_frame_id=\d+")
+
+
+def program_lines(dump_dir: str) -> list[str] | None:
+  """The instructions of the train step's optimised HLO in dump_dir, without source metadata; None if absent.
+
+  Two commits whose lines are equal run the same program: any difference in their step times is the
+  machine's, not the code's.
+  """
+  dumps = sorted(pathlib.Path(dump_dir).glob("*jit_step*after_optimizations.txt"), key=lambda f: f.stat().st_size)
+  if not dumps:
+    return None
+  text = _METADATA.sub("", dumps[-1].read_text())
+  keep = re.compile(r"^\s+(ROOT )?%|^ENTRY|^%?[\w.\-]+ .*\{$")
+  return [line for line in text.splitlines() if keep.match(line)]
+
+
+def same_program(before_dir: str, after_dir: str) -> dict:
+  """{"identical": bool | None, "lines": [before, after], "differing": count} for the two sides' dumps."""
+  before, after = program_lines(before_dir), program_lines(after_dir)
+  if before is None or after is None:
+    return {"identical": None, "lines": [len(before or []), len(after or [])], "differing": None}
+  differing = sum(1 for a, b in zip(before, after) if a != b) + abs(len(before) - len(after))
+  return {"identical": differing == 0, "lines": [len(before), len(after)], "differing": differing}
 
 
 def measure(
@@ -173,6 +208,7 @@ def measure(
   times = {s: [] for s in SIDES}
   turns = []
   name = f"{setting}:{dtype}"
+  dumps = {s: tempfile.mkdtemp(prefix=f"jaxtune-hlo-{s}-") for s in SIDES}
 
   def ask(side: str, line: str | None = None) -> dict:
     try:
@@ -185,7 +221,7 @@ def measure(
 
   try:
     for side in SIDES:  # built and warmed one at a time: never two compiles at once
-      procs[side] = start_worker(trees[side]["root"], setting, dtype, worker_args, env)
+      procs[side] = start_worker(trees[side]["root"], setting, dtype, worker_args, env, dumps[side])
       info[side] = ask(side)
       print(
         f"{name} {side}: built in {info[side]['build_s']:.1f} s, first step {info[side]['first_step_s']:.1f} s, "
@@ -216,11 +252,14 @@ def measure(
     for side in SIDES:
       info[side].update(ask(side, "quit"))
       procs[side].wait()
+    program = same_program(dumps["before"], dumps["after"])
   finally:
     for proc in procs.values():
       if proc.poll() is None:
         proc.kill()
         proc.wait()
+    for d in dumps.values():
+      shutil.rmtree(d, ignore_errors=True)
   rates = [t["machine_gflops"] for t in turns]
   row = {
     "setting": setting,
@@ -228,6 +267,7 @@ def measure(
     "turns": turns,
     "machine_gflops": rates,
     "sides": {s: dict(info[s], step_s=statistics.median(times[s]), times=times[s]) for s in SIDES},
+    "same_program": program,
   }
   row.update(summarize(times["before"], times["after"]))
   return row
@@ -252,6 +292,16 @@ def report_row(row: dict) -> str:
       + " ".join(f"{r:.0f}" for r in rates)
     ),
   ]
+  program = row.get("same_program") or {}
+  if program.get("identical") is not None:
+    lines.append(
+      f"{'':14} optimised step HLO: "
+      + (
+        f"identical ({program['lines'][0]} instructions): the two commits run the same program"
+        if program["identical"]
+        else f"differs ({program['differing']} of {program['lines'][0]} / {program['lines'][1]} instruction lines)"
+      )
+    )
   if b["trainable"] != a["trainable"]:
     lines.append(f"{'':14} trainable parameters differ: before {b['trainable']:,}, after {a['trainable']:,}")
   return "\n".join(lines)

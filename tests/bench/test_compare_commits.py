@@ -29,6 +29,23 @@ def test_summarize_is_after_speed_over_before_speed_of_the_medians():
     compare_commits.summarize([1.0], [])
 
 
+def _dump(directory, body: str) -> str:
+  directory.mkdir()
+  (directory / "module_0054.jit_step.cpu_after_optimizations.txt").write_text(body)
+  return str(directory)
+
+
+def test_same_program_compares_instructions_without_source_metadata(tmp_path):
+  hlo = 'HloModule jit_step\n\nENTRY %main {\n  %p = f32[4]{0} parameter(0), metadata={op_name="a" source_file="SRC"}\n'
+  hlo += "  ROOT %n = f32[4]{0} negate(%p), metadata={stack_frame_id=FRAME}\n}\n"
+  before = _dump(tmp_path / "b", hlo.replace("SRC", "/old/jaxtune/x.py").replace("FRAME", "3"))
+  after = _dump(tmp_path / "a", hlo.replace("SRC", "/new/jaxtune/y.py").replace("FRAME", "7"))
+  assert compare_commits.same_program(before, after) == {"identical": True, "lines": [3, 3], "differing": 0}
+  changed = _dump(tmp_path / "c", hlo.replace("negate", "abs"))
+  assert compare_commits.same_program(before, changed)["differing"] == 1
+  assert compare_commits.same_program(before, str(tmp_path))["identical"] is None  # no dump: not compared
+
+
 def test_main_refuses_fewer_than_five_steps_and_worker_flags_it_sets(capsys):
   with pytest.raises(SystemExit):
     compare_commits.main(["--before", "HEAD", "--rounds", "2", "--steps", "2"])
@@ -68,6 +85,13 @@ def test_smoke_run_compares_head_against_the_working_tree(tmp_path, capsys):
     assert len(got["times"]) == 1 and got["step_s"] > 0 and got["peak_rss_gb"] > 0
   assert row["ratio"] == pytest.approx(row["before_s"] / row["after_s"])
   assert len(row["machine_gflops"]) == 2 and min(row["machine_gflops"]) > 0
+  program = row["same_program"]
+  assert program["identical"] is not None and min(program["lines"]) > 100  # both steps' optimised HLO was read
+  clean = not subprocess.run(
+    ["git", "status", "--porcelain", "--", "jaxtune", "bench"], capture_output=True, text=True, cwd=compare_commits.HERE
+  ).stdout
+  if clean:  # HEAD against an unchanged tree: one program
+    assert program["identical"], program
   printed = capsys.readouterr().out
   assert "cpu: " in printed and "command: python -m bench.compare_commits --smoke" in printed
   assert "after/before >= 0.97: " in printed
