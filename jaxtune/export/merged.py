@@ -80,15 +80,17 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
 
 
 def check_matches_source(cfg: ModelConfig, hf_config: dict, where: pathlib.Path) -> None:
-  """The model must have the architecture of the source config.json whose files the export reuses."""
+  """The model must have the architecture of the source config.json whose files the export reuses.
+
+  A ModelConfig holds the architecture only (run options live in the model's ModelOptions), so the
+  two compare whole."""
   source = from_hf_dict(hf_config, where=str(where))
-  ours = cfg
-  if ours != source:
+  if cfg != source:
     short = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
     diffs = [
-      f"{f.name}: model {short(getattr(ours, f.name))}, config.json {short(getattr(source, f.name))}"
+      f"{f.name}: model {short(getattr(cfg, f.name))}, config.json {short(getattr(source, f.name))}"
       for f in dataclasses.fields(source)
-      if getattr(ours, f.name) != getattr(source, f.name)
+      if getattr(cfg, f.name) != getattr(source, f.name)
     ]
     raise ExportError(
       f"{where}: describes a different model than the one being exported ({'; '.join(diffs[:4])}); "

@@ -278,6 +278,9 @@ def test_dry_run_reports_memory_from_a_config_json(tmp_path):
   assert one["params"] / eight["params"] > 6  # FSDP: ~1/8 of the weights per device (norms stay whole)
   assert one["optimizer"] / eight["optimizer"] > 6
   assert eight["temp"] > 0 and eight["peak"] >= eight["argument"]
+  # By default the program a TPU runs: bf16, the plain kernels, chunked attention (not the CPU layout).
+  assert "bfloat16 compute" in out.stdout and "attention chunked, plain kernels" in out.stdout, out.stdout
+  assert "the tpu program" in out.stdout
 
 
 # --- both loaders equally strict (one device, in-process) -------------------------------------------------------
