@@ -174,9 +174,8 @@ def attend(
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap, kernels):
+def _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap):
   """(logits [B, K, G, T, S] float32 with masked entries at _MASKED, tanh of the soft-cap or None)."""
-  del kernels  # float32 logits from any operands: one form for every backend
   logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32) * scale
   tanh = None
   if softcap is not None:
@@ -187,7 +186,7 @@ def _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap, kernels):
 
 def _plain_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap, kernels):
   """softmax(mask(cap(scale q k^T))) v for queries grouped per KV head; [B, K, G, T, H], autodiff's backward."""
-  logits, _ = _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap, kernels)
+  logits, _ = _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap)
   e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   probs = e / jnp.sum(e, axis=-1, keepdims=True)
   out = kernels.product("BKGTS,BKSH->BKGTH", probs.astype(v_BKSH.dtype), v_BKSH)
@@ -205,7 +204,7 @@ def _chunked_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap, kernel
 
 
 def _attention_fwd(q, k, v, mask, scale, softcap, kernels):
-  logits, _ = _masked_logits(q, k, mask, scale, softcap, kernels)
+  logits, _ = _masked_logits(q, k, mask, scale, softcap)
   m = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - m)
   denom = jnp.sum(e, axis=-1, keepdims=True)
@@ -219,7 +218,7 @@ def _attention_fwd(q, k, v, mask, scale, softcap, kernels):
 
 def _attention_bwd(scale, softcap, kernels, res, dout):
   q, k, v, mask, m, denom, out = res
-  logits, tanh = _masked_logits(q, k, mask, scale, softcap, kernels)
+  logits, tanh = _masked_logits(q, k, mask, scale, softcap)
   probs = jnp.exp(logits - m) / denom  # float32 [B, K, G, T, S]
   dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dout, v, preferred_element_type=jnp.float32)
   # softmax backward: dlogits = p * (dp - sum_s p dp); that row sum equals dout . out, a [T, H]
