@@ -123,6 +123,11 @@ class TensorMap:
     return a_hf, b_hf
 
 
+def module_names(cfg: ModelConfig) -> dict[str, str]:
+  """{our Linear's name: its HF module name} ("q": "q_proj", ..., "lm_head": "lm_head"), from the table."""
+  return {m.path[-2]: m.hf_name.split(".")[-2] for m in tensor_maps(cfg) if m.path[-1] == "kernel"}
+
+
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
   """The full table for one model config, in checkpoint order."""
   D, N, K, H, F, V = (

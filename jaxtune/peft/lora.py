@@ -34,16 +34,6 @@ from jaxtune.models.transformer import CausalLM, Linear
 
 METHODS = ("lora", "full")  # peft.method: train the adapters only, or every weight
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
-HF_NAMES = {
-  "q_proj": "q",
-  "k_proj": "k",
-  "v_proj": "v",
-  "o_proj": "o",
-  "gate_proj": "gate",
-  "up_proj": "up",
-  "down_proj": "down",
-  "lm_head": "lm_head",
-}
 
 
 class LoRAParam(nnx.Param):
@@ -183,7 +173,8 @@ def _linears(model: nnx.Module) -> list[tuple[tuple[str, ...], Linear]]:
 def _select(model: nnx.Module, targets: str | Sequence[str]) -> list[tuple[tuple[str, ...], Linear]]:
   linears = _linears(model)
   available = sorted({".".join(p) for p, _ in linears})
-  if isinstance(targets, str) and (targets in HF_NAMES or targets in HF_NAMES.values()):
+  hf_names = {hf: ours for ours, hf in mapping.module_names(model.config).items()}  # q_proj -> q, ...
+  if isinstance(targets, str) and (targets in hf_names or targets in hf_names.values()):
     targets = [targets]  # one module name, not a regex
   if targets == "all-linear":
     chosen = [(p, m) for p, m in linears if p[-1] in ALL_LINEAR]
@@ -194,13 +185,13 @@ def _select(model: nnx.Module, targets: str | Sequence[str]) -> list[tuple[tuple
       raise ValueError(f"peft.lora.targets: {targets!r} is not a valid regex ({e}).") from None
     chosen = [(p, m) for p, m in linears if pattern.fullmatch(".".join(p))]
   else:
-    names = {HF_NAMES.get(t, t) for t in targets}
+    names = {hf_names.get(t, t) for t in targets}
     present = {p[-1] for p, _ in linears}
     unknown = sorted(n for n in names if n not in present)
     if unknown:
       raise ValueError(
         f"peft.lora.targets: {unknown} name no linear layer of this model; use names from "
-        f"{sorted(present)} or their HF forms ({', '.join(HF_NAMES)})."
+        f"{sorted(present)} or their HF forms ({', '.join(hf_names)})."
       )
     chosen = [(p, m) for p, m in linears if p[-1] in names]
   if not chosen:
@@ -324,7 +315,7 @@ def peft_config(model: CausalLM, base_model_name_or_path: str = "") -> dict[str,
   if not adapters:
     raise ValueError("the model has no LoRA adapters; call apply_lora first.")
   first = adapters[0][1]
-  to_hf = {v: k for k, v in HF_NAMES.items()}
+  to_hf = mapping.module_names(model.config)
   return {
     "peft_type": "LORA",
     "task_type": "CAUSAL_LM",
