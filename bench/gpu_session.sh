@@ -8,7 +8,8 @@
 #      mask; the loss column says whether they agree;
 #   2b. jaxtune with the CPU-tuned kernels (model.kernels=cpu) against part 1's plain ones, same shape;
 #   3. where a step's time goes, LoRA and full (python -m bench.profile_step);
-#   4. the training CLI on configs/tiny.py, which must log `attention: cudnn (auto: ...)`.
+#   4. the training CLI on configs/tiny.py, which must log `attention: cudnn (auto: ...)` and
+#      `kernels: plain (auto: gpu: ...)`.
 # Logs go to $OUT/session_*.log; a summary of all parts is printed last. SESSION_SMOKE=1 runs every
 # part at its smoke size (on CPU too, with python3 being a jaxtune environment), to check the script.
 set -uo pipefail
@@ -60,4 +61,5 @@ for name in profile_lora profile_full; do
 done
 echo "--- cli"
 grep -m1 'attention:' "$out/session_cli.log"
+grep -m1 'kernels:' "$out/session_cli.log"
 tail -3 "$out/session_cli.log"
