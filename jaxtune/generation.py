@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.hf.tokens import END_OF_TURN_TOKENS
 from jaxtune.models.transformer import CausalLM, KVCache
 
-# End-of-turn markers of the supported families' chat templates; generation stops on any present in the vocab.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this, so a few shapes compile
 
 

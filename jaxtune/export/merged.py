@@ -22,8 +22,8 @@ import numpy as np
 
 from jaxtune.export import files
 from jaxtune.export.files import ExportError, TensorSpec
-from jaxtune.generation import END_OF_TURN_TOKENS
 from jaxtune.hf import mapping
+from jaxtune.hf.tokens import END_OF_TURN_TOKENS
 from jaxtune.models.config import ModelConfig, from_hf_dict
 from jaxtune.models.transformer import CausalLM, Linear
 from jaxtune.peft.lora import LoRA, merge_kernel

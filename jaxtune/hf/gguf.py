@@ -21,8 +21,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxtune.generation import END_OF_TURN_TOKENS
 from jaxtune.hf import mapping
+from jaxtune.hf.tokens import END_OF_TURN_TOKENS
 from jaxtune.models.config import ModelConfig, from_hf_dict
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -83,7 +83,7 @@ class LoRA(nnx.Module):
     r = spec.free_letters(1)
     self.a_einsum = f"{spec.x},{ins}{r}->{batch}{r}"
     self.b_einsum = f"{batch}{r},{r}{outs}->{spec.y}"
-    self.einsum, self.k_spec, self.ins, self.outs = einsum, spec.w, ins, outs
+    self.spec = spec  # the adapted Linear's parsed einsum: its kernel letters, inputs and outputs
     self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), use_rslora
     self.scale = float(alpha) / (math.sqrt(rank) if use_rslora else rank)
     self.dtype, self.kernels = dtype, kernels
@@ -153,10 +153,11 @@ def _deltas(adapters: Sequence["LoRA"], x: jax.Array) -> tuple[jax.Array, ...]:
 
 def merge_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, adapter: LoRA) -> jax.Array:
   """kernel + scale * A @ B in float32; the three share their leading stack axes (all layers, one, or none)."""
-  n_stack = a.ndim - len(adapter.ins) - 1
-  letters = einsum_lib.parse(adapter.einsum).free_letters(n_stack + 1)  # the stack letters, then r
+  linear = adapter.spec
+  n_stack = a.ndim - len(linear.ins) - 1
+  letters = linear.free_letters(n_stack + 1)  # the stack letters, then r
   stack, r = letters[:-1], letters[-1]
-  spec = f"{stack}{adapter.ins}{r},{stack}{r}{adapter.outs}->{stack}{adapter.k_spec}"
+  spec = f"{stack}{linear.ins}{r},{stack}{r}{linear.outs}->{stack}{linear.w}"
   return _fold(kernel, a, b, np.float32(adapter.scale), spec=spec)
 
 
@@ -303,7 +304,7 @@ def peft_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
     a, b = np.asarray(linear.adapter.lora_a[...], np.float32), np.asarray(linear.adapter.lora_b[...], np.float32)
     for i, name in enumerate(tmap.hf_names(model.config.num_layers)):
       module = "base_model.model." + name.removesuffix(".weight")
-      a_hf, b_hf = tmap.lora_to_hf(a[i] if tmap.stacked else a, b[i] if tmap.stacked else b, linear.adapter.k_spec)
+      a_hf, b_hf = tmap.lora_to_hf(a[i] if tmap.stacked else a, b[i] if tmap.stacked else b, linear.adapter.spec.w)
       out[module + ".lora_A.weight"] = np.ascontiguousarray(a_hf)
       out[module + ".lora_B.weight"] = np.ascontiguousarray(b_hf)
   return out
