@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from jaxtune.errors import UserError
+
 FORMATS = ("messages", "sharegpt", "alpaca", "completion", "text", "preference", "template")
 # Canonical field names that `field_map` may point at source columns.
 CANONICAL_FIELDS = (
@@ -43,7 +45,7 @@ _SHAREGPT_ROLES = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.\[\]%:-]+)?$")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A bad record or source: ``location: field: problem; fix``. `reason` is the short key skips are counted by."""
 
   def __init__(self, location: str, field: str, problem: str, fix: str = "", *, reason: str | None = None):

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
+from jaxtune.errors import UserError
 from jaxtune.hf.safetensors_io import DTYPES as _SAFETENSORS_DTYPES
 from jaxtune.hf.safetensors_io import Checkpoint
 
@@ -48,7 +49,7 @@ TOKENIZER_PATTERNS = (
 MODEL_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "adapter_config.json", "config.json", "*.gguf")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
   """An export that cannot be done as asked; the message says where and what to do."""
 
 

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxtune.errors import UserError
 from jaxtune.hf import mapping
 from jaxtune.hf.tokens import END_OF_TURN_TOKENS
 from jaxtune.models.config import ModelConfig, from_hf_dict
@@ -32,7 +33,7 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-class GGUFImportError(ValueError):
+class GGUFImportError(UserError, ValueError):
   """A GGUF file that jaxtune cannot turn into a Hugging Face checkpoint."""
 
 

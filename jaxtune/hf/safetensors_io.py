@@ -16,6 +16,8 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from jaxtune.errors import UserError
+
 DTYPES = {
   "F64": np.dtype(np.float64),
   "F32": np.dtype(np.float32),
@@ -33,7 +35,7 @@ DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint file or directory that cannot be loaded; the message says where and what to do."""
 
 

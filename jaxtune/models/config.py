@@ -13,13 +13,15 @@ import json
 import pathlib
 from typing import Any, Mapping
 
+from jaxtune.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 
 # Rope variants whose inverse frequencies do not depend on the sequence length.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
   """A config.json that jaxtune cannot run."""
 
 

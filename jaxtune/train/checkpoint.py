@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from jaxtune.errors import UserError
+
 BEST_METRIC = "eval/loss"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """The run directory holds checkpoints of a differently configured run."""
 
 

@@ -15,6 +15,7 @@ import ml_collections
 
 from jaxtune.data import packing
 from jaxtune.data.config import data_config
+from jaxtune.errors import UserError
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import options as options_lib
 from jaxtune.models.config import ModelConfig
@@ -31,7 +32,7 @@ RESUME = ("auto", "never")
 SCORERS = ("exact", "json")  # see jaxtune.tasks.SCORERS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config that cannot run: names the key(s) and what to do."""
 
 

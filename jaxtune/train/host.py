@@ -69,8 +69,13 @@ def huge_page_environ(
 
 
 def launched_as(module: str, orig_argv: list[str]) -> bool:
-  """Whether the interpreter's own command line is `python [options] -m module ...`."""
-  return any(a == "-m" and b == module for a, b in zip(orig_argv, orig_argv[1:])) or f"-m{module}" in orig_argv
+  """Whether the interpreter's command line is `python [options] -m module ...` or the script named `module`.
+
+  The second is a console script: `jaxtune train ...` runs `python /venv/bin/jaxtune train ...`.
+  """
+  if any(a == "-m" and b == module for a, b in zip(orig_argv, orig_argv[1:])) or f"-m{module}" in orig_argv:
+    return True
+  return len(orig_argv) > 1 and os.path.basename(orig_argv[1]) == module
 
 
 def reexec_with_huge_pages(module: str) -> None:

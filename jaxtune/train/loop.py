@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxtune import data as data_lib
 from jaxtune import parallel, tasks
+from jaxtune.errors import UserError
 from jaxtune.hf import load as hf_load
 from jaxtune.models import config as model_config_lib
 from jaxtune.models import options as options_lib
@@ -36,7 +37,7 @@ from jaxtune.train import memory as memory_lib
 from jaxtune.train import step as step_lib
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
   """Too many non-finite steps in a row; the last good parameters are checkpointed."""
 
 

@@ -47,17 +47,20 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
 
 
 @pytest.mark.parametrize(
-  "argv, want",
+  "module, argv, want",
   [
-    (["python", "-m", "jaxtune.train", "--config", "c.py"], True),
-    (["python", "-X", "dev", "-m", "jaxtune.train"], True),
-    (["python", "-mjaxtune.train"], True),
-    (["python", "-m", "ipykernel_launcher", "-f", "k.json"], False),  # a notebook kernel running the module
-    (["python", "script.py", "jaxtune.train"], False),
+    ("jaxtune.train", ["python", "-m", "jaxtune.train", "--config", "c.py"], True),
+    ("jaxtune.train", ["python", "-X", "dev", "-m", "jaxtune.train"], True),
+    ("jaxtune.train", ["python", "-mjaxtune.train"], True),
+    ("jaxtune.train", ["python", "-m", "ipykernel_launcher", "-f", "k.json"], False),  # a notebook kernel
+    ("jaxtune.train", ["python", "script.py", "jaxtune.train"], False),
+    ("jaxtune", ["/venv/bin/python", "/venv/bin/jaxtune", "train"], True),  # the console script
+    ("jaxtune", ["python", "-m", "jaxtune", "train"], True),
+    ("jaxtune", ["python", "/venv/bin/jaxtune-other", "train"], False),
   ],
 )
-def test_launched_as(argv, want):
-  assert host.launched_as("jaxtune.train", argv) is want
+def test_launched_as(module, argv, want):
+  assert host.launched_as(module, argv) is want
 
 
 def test_reexec_keeps_argv_and_sets_the_tunable_once(tmp_path):
