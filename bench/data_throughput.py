@@ -4,9 +4,10 @@
     python -m bench.data_throughput --step-tokens-per-s 150  # also print the ratio to a train step
     python -m bench.data_throughput --smoke                  # tiny character tokenizer, 1 copy (seconds)
 
-The records are data/quickstart/train.jsonl repeated --copies times (the cache is off, so
-every record is tokenised). Packing uses rows of --seq tokens and batches of --batch rows,
-as the CPU train benchmark does. Tokens are the templated example tokens (no padding).
+The records are the quickstart's train.jsonl (jaxtune/tasks/data/meeting_json) repeated
+--copies times (the cache is off, so every record is tokenised). Packing uses rows of --seq
+tokens and batches of --batch rows, as the CPU train benchmark does. Tokens are the templated
+example tokens (no padding).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pathlib
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from jaxtune.tasks import meeting_json
 
 
 def tokenizer_for(smoke: bool):
@@ -33,7 +34,7 @@ def tokenizer_for(smoke: bool):
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--source", default=str(REPO / "data/quickstart/train.jsonl"))
+  p.add_argument("--source", default=str(meeting_json.DATA / "train.jsonl"))
   p.add_argument("--copies", type=int, default=10)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--batch", type=int, default=4)

@@ -11,6 +11,7 @@ arguments. A new entry point adds one line here. Every `main` is wrapped by `gua
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import importlib
@@ -78,6 +79,33 @@ def guard(main: Callable[[list[str]], int | None]) -> Callable[[Sequence[str] | 
       return 130
 
   return guarded
+
+
+def parser(prog: str, doc: str, *, config: str | None = None) -> argparse.ArgumentParser:
+  """A subcommand's parser: its module docstring as help, --debug, and with `config` the config flags.
+
+  `--config NAME_OR_FILE` and `--config.KEY=VALUE` are taken out of argv before parsing
+  (`parse_with_config`); they are declared here so that --help lists them.
+  """
+  p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  if config:
+    p.add_argument("--config", metavar="NAME_OR_FILE", help=config)
+    p.add_argument(
+      "--config.KEY", metavar="VALUE", dest="_override", help="set one setting, e.g. --config.train.steps=9"
+    )
+  p.add_argument("--debug", action="store_true", help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
+  return p
+
+
+def parse_with_config(p: argparse.ArgumentParser, argv: Sequence[str]):
+  """(the loaded config, the other arguments): --config is required."""
+  from jaxtune import configs
+
+  spec, overrides, rest = configs.split_argv(argv)
+  args = p.parse_args(rest)
+  if spec is None:
+    p.error("--config is required: a config file or a shipped config (" + ", ".join(configs.shipped()) + ")")
+  return configs.load(spec, overrides), args
 
 
 def usage() -> str:

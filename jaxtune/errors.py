@@ -11,3 +11,7 @@ UserError too.
 
 class UserError(Exception):
   """An error in what the user gave us; the message says what to change."""
+
+
+class ConfigError(UserError, ValueError):
+  """A setting that cannot work: the message names the key (`data.max_seq_len: ...`) and what to do."""

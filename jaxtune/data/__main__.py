@@ -1,27 +1,22 @@
 """Look at a dataset the way training will: statistics, examples with trained tokens marked, a dump.
 
-  python -m jaxtune.data --config configs/data_example.py --show 3
-  python -m jaxtune.data --config configs/data_example.py --config.data.train=my.jsonl \
-      --split validation --dump /tmp/examples.jsonl
+  jaxtune data --config quickstart --show 3
+  jaxtune data --config configs/my_run.py --config.data.train=my.jsonl --split validation --dump /tmp/examples.jsonl
 
-The config file needs `tokenizer` (a directory, or a hub id in the local cache) and `data`.
-Trained tokens are shown in green on a terminal and between [[ ]] otherwise. The dump holds one
-JSON object per example after templating and truncation, before packing: location, input_ids
-and the 0/1 loss_mask.
+(also `python -m jaxtune.data ...`). The config is a training config (its model.path's tokenizer is
+used) or a data-only one with `tokenizer` and `data` (configs/data_example.py). Trained tokens are
+shown in green on a terminal and between [[ ]] otherwise. The dump holds one JSON object per example
+after templating and truncation, before packing: location, input_ids and the 0/1 loss_mask.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import sys
 from typing import TextIO
 
-from absl import app, flags
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with `tokenizer` and `data`.")
-_SPLIT = flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "Which split.")
-_SHOW = flags.DEFINE_integer("show", 0, "How many examples to print with trained tokens marked.")
-_TOKENS = flags.DEFINE_bool("tokens", False, "With --show, also one line per token: id, trained, text.")
-_DUMP = flags.DEFINE_string("dump", None, "Write every example of the split to this JSONL file.")
+from jaxtune import cli
 
 
 def describe(config, *, split: str, show: int, tokens: bool, dump: str | None, out: TextIO) -> None:
@@ -30,7 +25,7 @@ def describe(config, *, split: str, show: int, tokens: bool, dump: str | None, o
   from jaxtune.data import loader, pipeline
   from jaxtune.hf.load import load_tokenizer
 
-  tokenizer = load_tokenizer(config.tokenizer)
+  tokenizer = load_tokenizer(tokenizer_path(config))
   data = pipeline.load_split(config.data, tokenizer, split)
   batches = loader.loader_for(data, config.data)
   print(batches.stats.summary(), file=out)
@@ -68,19 +63,40 @@ def render(ids, mask, tokenizer, *, color: bool) -> str:
   return "".join(parts)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  describe(
-    _CONFIG.value,
-    split=_SPLIT.value,
-    show=_SHOW.value,
-    tokens=_TOKENS.value,
-    dump=_DUMP.value,
-    out=sys.stdout,
+def tokenizer_path(config) -> str:
+  """The tokenizer a training config's model.path has, or a data-only config's `tokenizer`; built-ins built once."""
+  from jaxtune.errors import ConfigError
+  from jaxtune.train import builtin_models
+  from jaxtune.train.config import default_config
+
+  if "model" in config:
+    key, path, cache = "model.path", config.model.path, config.model.cache_dir
+  else:
+    key, path, cache = "tokenizer", config.tokenizer, default_config().model.cache_dir
+  if not path:
+    raise ConfigError(
+      f"{key}: empty; set a checkpoint directory, a hub id or one of {', '.join(builtin_models.BUILTIN_MODELS)}"
+    )
+  return builtin_models.resolve(path, cache)
+
+
+def parser() -> argparse.ArgumentParser:
+  p = cli.parser(
+    "jaxtune data", __doc__.split("\n\n", 1)[1], config="a training or data-only config, or a shipped name"
   )
+  p.add_argument("--split", choices=("train", "validation", "test"), default="train", help="which split")
+  p.add_argument("--show", type=int, default=0, help="how many examples to print with trained tokens marked")
+  p.add_argument("--tokens", action="store_true", help="with --show, also one line per token: id, trained, text")
+  p.add_argument("--dump", help="write every example of the split to this JSONL file")
+  return p
+
+
+@cli.guard
+def main(argv: list[str]) -> int:
+  config, args = cli.parse_with_config(parser(), argv)
+  describe(config, split=args.split, show=args.show, tokens=args.tokens, dump=args.dump, out=sys.stdout)
+  return 0
 
 
 if __name__ == "__main__":  # Worker processes re-import this module; only the parent runs.
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  sys.exit(main())

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from jaxtune import configs
+
 
 def data_config() -> ml_collections.ConfigDict:
   """The data stage's settings and their defaults."""
@@ -51,4 +53,13 @@ def data_config() -> ml_collections.ConfigDict:
   c.prefetch = 4  # Batches prepared ahead by a background thread.
   c.cache_dir = "~/.cache/jaxtune/data"  # Tokenised examples; empty: no cache.
   c.num_workers = 0  # Tokenizer processes for large sources; 0 or 1: tokenise in-process.
-  return c
+  return configs.locked(c)
+
+
+def data_only_config() -> ml_collections.ConfigDict:
+  """A config for `jaxtune data` alone: the tokenizer and the data section (a training config works too)."""
+  c = ml_collections.ConfigDict()
+  # A tokenizer directory, a hub id in the local cache, or a built-in model (smollm2-gguf, tiny-random).
+  c.tokenizer = ""
+  c.data = data_config()
+  return configs.locked(c)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from jaxtune.data import packing, pipeline
+from jaxtune.errors import ConfigError
 
 _SORT_WINDOW = 64  # Unpacked training: batches whose examples are sorted by length together.
 
@@ -51,7 +52,7 @@ def loader_for(
   """
   batch_size = batch_size or data_cfg.batch_size
   if batch_size % process_count or not 0 <= process_index < process_count:
-    raise ValueError(
+    raise ConfigError(
       f"data.batch_size {batch_size} must split evenly over {process_count} processes (process_index {process_index})."
     )
   plan = _Plan(data, data_cfg, batch_size, training=data.split == "train")
@@ -62,7 +63,7 @@ def loader_for(
       if data.split == "validation"
       else ("set data.test_fraction" if data.split == "test" else "lower data.batch_size or add data")
     )
-    raise ValueError(
+    raise ConfigError(
       f"split {data.split!r} has {plan.num_examples} examples, not enough for one global batch"
       f" of {batch_size} rows; {hint}."
     )
@@ -102,7 +103,7 @@ class BatchIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues with the batch after the one that was last taken when `state` was saved."""
     if state.get("fingerprint", self._fingerprint) != self._fingerprint:
-      raise ValueError(
+      raise ConfigError(
         "the data iterator state comes from different data or data settings (sources, "
         "tokenizer, splits, lengths, packing, batch size or seed), so it cannot resume exactly."
         " Restore the original data settings, or drop 'fingerprint' from the state to resume "
@@ -121,12 +122,12 @@ class _Plan:
     self.sizes = [len(e) for e in data.examples]
     self.weights = tuple(cfg.weights) if training else ()
     if self.weights and (len(self.weights) != len(self.sizes) or min(self.weights) < 0 or sum(self.weights) <= 0):
-      raise ValueError(
+      raise ConfigError(
         f"data.weights {self.weights}: need one non-negative weight per train source ({len(self.sizes)}), not all zero."
       )
     for w, n, source in zip(self.weights, self.sizes, data.sources):
       if w > 0 and n == 0:
-        raise ValueError(f"data.weights: source {source!r} has weight {w} but no examples.")
+        raise ConfigError(f"data.weights: source {source!r} has weight {w} but no examples.")
     self.training = training
     self.shuffle = cfg.shuffle and training
     self.seed = cfg.seed

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxtune.errors import ConfigError
+
 Example = tuple[np.ndarray, np.ndarray]  # (input_ids, loss_mask) of one example
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
@@ -43,7 +45,7 @@ def pack(
   elif algorithm == "bfd":
     bins = _best_fit(placed, capacity)
   else:
-    raise ValueError(f"data.packing_algorithm: unknown {algorithm!r}; use 'ffd' or 'bfd'.")
+    raise ConfigError(f"data.packing_algorithm: unknown {algorithm!r}; use 'ffd' or 'bfd'.")
   rows: list[list[int]] = [[] for _ in range(max(bins, default=-1) + 1)]
   for example, row in zip(by_length.tolist(), bins):
     rows[row].append(example)
@@ -100,7 +102,7 @@ def bucket_lengths(configured: Sequence[int], max_seq_len: int) -> tuple[int, ..
     configured = [64 * 2**k for k in range(32) if 64 * 2**k < max_seq_len]
   too_long = [b for b in configured if not 0 < b <= max_seq_len]
   if too_long:
-    raise ValueError(
+    raise ConfigError(
       f"data.bucket_lengths: {too_long} outside 1..max_seq_len ({max_seq_len}); drop them or raise data.max_seq_len."
     )
   return tuple(sorted(set(configured) | {max_seq_len}))

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from jaxtune.errors import UserError
+from jaxtune.errors import ConfigError, UserError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "completion", "text", "preference", "template")
 # Canonical field names that `field_map` may point at source columns.
@@ -106,16 +106,16 @@ def read_records(
 ) -> Iterator[Record]:
   """Yield validated `Record`s from a file, a saved `datasets` directory, or a hub dataset id (``id[:split]``)."""
   if on_error not in ("raise", "skip"):
-    raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
   if on_error == "skip" and report is None:
     raise ValueError("on_error='skip' needs a SkipReport (report=...) so that skipped records are counted")
   if format != "auto" and format not in FORMATS:
-    raise ValueError(f"format must be 'auto' or one of {', '.join(FORMATS)}; got {format!r}")
+    raise ConfigError(f"format must be 'auto' or one of {', '.join(FORMATS)}; got {format!r}")
   if format == "template" and not prompt_template:
-    raise ValueError("format='template' needs prompt_template, e.g. 'Context: {context}\\nQuestion: {question}'")
+    raise ConfigError("format='template' needs prompt_template, e.g. 'Context: {context}\\nQuestion: {question}'")
   for key in field_map or {}:
     if key not in CANONICAL_FIELDS:
-      raise ValueError(f"field_map key {key!r} is not a field jaxtune reads; use one of {CANONICAL_FIELDS}")
+      raise ConfigError(f"field_map key {key!r} is not a field jaxtune reads; use one of {CANONICAL_FIELDS}")
 
   fmt = format
   for location, raw in _iter_raw(source):

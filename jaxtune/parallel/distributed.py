@@ -16,6 +16,8 @@ from typing import Mapping
 
 import jax
 
+from jaxtune.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class DistributedSpec:
@@ -46,9 +48,9 @@ class DistributedSpec:
         if bad
       ]
       if missing:
-        raise ValueError(f"multi-process run: set the {', '.join(missing)} as well, on every process.")
+        raise ConfigError(f"multi-process run: set the {', '.join(missing)} as well, on every process.")
       if pid >= count:
-        raise ValueError(f"process id {pid} is out of range for {count} processes (ids are 0..{count - 1}).")
+        raise ConfigError(f"process id {pid} is out of range for {count} processes (ids are 0..{count - 1}).")
       return cls("explicit", address, count, pid, f"process {pid} of {count}, coordinator {address}")
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):

@@ -15,11 +15,10 @@ keeps no [T, S] probabilities.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib.util
 import json
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -27,6 +26,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxtune import cli, configs
+from jaxtune.errors import ConfigError
 from jaxtune.models.config import ModelConfig, from_hf_dict
 from jaxtune.models.options import ModelOptions
 from jaxtune.models.transformer import CausalLM
@@ -146,13 +147,6 @@ class Report:
 HEADER = "devices  d x f x t  params  trained  optim.  act/tmp  peak (GiB per device)"
 
 
-def _load_config_file(path: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("dry_run_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def model_config(model: str = "", model_config_path: str = "", config_model_path: str = "") -> ModelConfig:
   """ModelConfig from a preset name, a config.json path, or a run config's model.path (dir or known hub id)."""
   if model_config_path:
@@ -160,12 +154,12 @@ def model_config(model: str = "", model_config_path: str = "", config_model_path
   name = model or HUB_IDS.get(config_model_path, "")
   if name:
     if name not in PRESETS:
-      raise ValueError(f"--model: unknown {name!r}; presets: {', '.join(PRESETS)}.")
+      raise ConfigError(f"--model: unknown {name!r}; presets: {', '.join(PRESETS)}.")
     return from_hf_dict(PRESETS[name], name)
   local = pathlib.Path(config_model_path).expanduser() / "config.json"
   if config_model_path and local.is_file():
     return from_hf_dict(json.loads(local.read_text()), str(local))
-  raise ValueError(
+  raise ConfigError(
     f"no model shape for {config_model_path!r}: pass --model ({', '.join(PRESETS)}) or "
     "--model_config path/to/config.json."
   )
@@ -232,9 +226,16 @@ def compile_report(
   )
 
 
-def main(argv: list[str] | None = None) -> list[Report]:
-  p = argparse.ArgumentParser(prog="python -m jaxtune.parallel.dry_run", description=__doc__.split("\n")[0])
-  p.add_argument("--config", help="configs/X.py: model.path, peft, optim, data sizes, mesh")
+@cli.guard
+def main(argv: list[str]) -> int:
+  run(argv)
+  return 0
+
+
+def run(argv: list[str]) -> list[Report]:
+  """The reports for the command line `argv`, printed as they come."""
+  p = cli.parser("jaxtune dry-run", __doc__.split("\n")[0])
+  p.add_argument("--config", help="a config file or a shipped name: model.path, peft, optim, data sizes, mesh")
   p.add_argument("--model", default="", help=f"a preset shape: {', '.join(PRESETS)}")
   p.add_argument("--model_config", default="", help="an HF config.json instead of the config's model.path")
   p.add_argument("--num_devices", default="8", help="comma-separated device counts, e.g. 8,16,32")
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> list[Report]:
 
   from jaxtune.train import config as config_lib
 
-  config = _load_config_file(args.config) if args.config else config_lib.default_config()
+  config = configs.load(args.config) if args.config else config_lib.default_config()
   config.unlock()
   for key, value in (
     ("peft.method", args.method),
@@ -319,4 +320,4 @@ def main(argv: list[str] | None = None) -> list[Report]:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -19,6 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxtune.errors import ConfigError
+
 AXES = ("data", "fsdp", "tensor")
 PRESETS = {"dp": (-1, 1, 1), "fsdp": (1, -1, 1), "fsdp_tp": (1, -1, 2)}
 
@@ -56,21 +58,21 @@ def mesh_config() -> ml_collections.ConfigDict:
 def axis_sizes(cfg: Any, num_devices: int) -> dict[str, int]:
   """{data, fsdp, tensor} sizes for `num_devices`, with the one -1 resolved; raises on a mismatch."""
   if cfg.preset not in PRESETS:
-    raise ValueError(f"mesh.preset: unknown {cfg.preset!r}; choose one of {', '.join(PRESETS)}.")
+    raise ConfigError(f"mesh.preset: unknown {cfg.preset!r}; choose one of {', '.join(PRESETS)}.")
   sizes = {a: int(cfg[a]) or preset for a, preset in zip(AXES, PRESETS[cfg.preset])}
   rest = [a for a, s in sizes.items() if s == -1]
   if len(rest) > 1 or any(s < -1 or s == 0 for s in sizes.values()):
-    raise ValueError(f"mesh: sizes {sizes}: each must be >= 1, with at most one -1 (the rest of the devices).")
+    raise ConfigError(f"mesh: sizes {sizes}: each must be >= 1, with at most one -1 (the rest of the devices).")
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if rest:
     if num_devices % fixed:
-      raise ValueError(
+      raise ConfigError(
         f"mesh: {num_devices} devices do not split into {sizes} (the fixed axes take {fixed}); "
         "change mesh.data / mesh.fsdp / mesh.tensor."
       )
     sizes[rest[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f"mesh: sizes {sizes} use {fixed} devices, but there are {num_devices}; set one axis to -1.")
+    raise ConfigError(f"mesh: sizes {sizes} use {fixed} devices, but there are {num_devices}; set one axis to -1.")
   return sizes
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxtune.errors import ConfigError
 from jaxtune.parallel.mesh import rules_dict
 from jaxtune.peft.lora import split_trainable
 from jaxtune.train.step import Frozen, TrainState
@@ -36,7 +37,7 @@ def spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: jax.shar
   table, used, out = rules_dict(rules), set(), []
   for name, dim in zip(axes, shape):
     if name is not None and name not in table:
-      raise ValueError(f"mesh.rules: no rule for logical axis {name!r}; add ({name!r}, mesh axes or None).")
+      raise ConfigError(f"mesh.rules: no rule for logical axis {name!r}; add ({name!r}, mesh axes or None).")
     mesh_axes = [a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1]
     while mesh_axes and dim % int(np.prod([mesh.shape[a] for a in mesh_axes])):
       mesh_axes.pop()

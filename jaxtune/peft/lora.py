@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.errors import ConfigError
 from jaxtune.hf import mapping
 from jaxtune.models import einsum as einsum_lib
 from jaxtune.models import kernels as kernels_lib
@@ -47,7 +48,7 @@ class LoRADropoutKey(nnx.Variable):
 def split_trainable(model: nnx.Module, method: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
   """(graphdef, trained leaves, adapter dropout keys, the rest) of `model` under peft.method `method`."""
   if method not in METHODS:
-    raise ValueError(f"peft.method: unknown {method!r}; choose one of {', '.join(METHODS)}.")
+    raise ConfigError(f"peft.method: unknown {method!r}; choose one of {', '.join(METHODS)}.")
   return nnx.split(model, LoRAParam if method == "lora" else nnx.Param, LoRADropoutKey, ...)
 
 
@@ -183,20 +184,20 @@ def _select(model: nnx.Module, targets: str | Sequence[str]) -> list[tuple[tuple
     try:
       pattern = re.compile(targets)
     except re.error as e:
-      raise ValueError(f"peft.lora.targets: {targets!r} is not a valid regex ({e}).") from None
+      raise ConfigError(f"peft.lora.targets: {targets!r} is not a valid regex ({e}).") from None
     chosen = [(p, m) for p, m in linears if pattern.fullmatch(".".join(p))]
   else:
     names = {hf_names.get(t, t) for t in targets}
     present = {p[-1] for p, _ in linears}
     unknown = sorted(n for n in names if n not in present)
     if unknown:
-      raise ValueError(
+      raise ConfigError(
         f"peft.lora.targets: {unknown} name no linear layer of this model; use names from "
         f"{sorted(present)} or their HF forms ({', '.join(hf_names)})."
       )
     chosen = [(p, m) for p, m in linears if p[-1] in names]
   if not chosen:
-    raise ValueError(
+    raise ConfigError(
       f"peft.lora.targets: {targets!r} matched no linear layer; the model's layers are {available} "
       "(a regex must match a whole dotted path)."
     )
@@ -220,9 +221,9 @@ def apply_lora(
   name; ours: "q", or HF's: "q_proj"), or a regex matched against whole dotted paths ("layers.attn.(q|v)").
   """
   if rank < 1:
-    raise ValueError(f"peft.lora.rank must be >= 1, got {rank}.")
+    raise ConfigError(f"peft.lora.rank must be >= 1, got {rank}.")
   if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"peft.lora.dropout must be in [0, 1), got {dropout}.")
+    raise ConfigError(f"peft.lora.dropout must be in [0, 1), got {dropout}.")
   for path, lin in _select(model, targets):
     if lin.adapter is not None:
       raise ValueError(f"{'.'.join(path)} already has an adapter; apply LoRA once.")

@@ -11,6 +11,8 @@ import json
 import pathlib
 from collections.abc import Callable, Sequence
 
+from jaxtune.errors import UserError
+
 
 def exact(prediction: str, reference: str) -> bool:
   """The same text, surrounding whitespace aside."""
@@ -49,7 +51,7 @@ def load_examples(path: str | pathlib.Path, limit: int | None = None) -> list[Ex
       continue
     messages = json.loads(line).get("messages") or []
     if not messages or messages[-1].get("role") != "assistant":
-      raise ValueError(f"{path}:{n}: a task record needs messages ending with an assistant turn (the reference).")
+      raise UserError(f"{path}:{n}: a task record needs messages ending with an assistant turn (the reference).")
     examples.append(Example(messages[:-1], messages[-1]["content"]))
     if limit and len(examples) == limit:
       break

@@ -1,25 +1,36 @@
-"""python -m jaxtune.train --config configs/NAME.py [--config.a.b=value ...]
+"""jaxtune train --config NAME_OR_FILE [--config.KEY=VALUE ...] [--print_config] [--debug]
 
-The config file's `get_config()` gives the settings; `--config.KEY=VALUE` overrides any of
-them; an unknown key fails at once. The run directory is config.output_dir.
+(also `python -m jaxtune.train ...`). `--config` names a config file (configs/NAME.py) or a config
+shipped in the package (`quickstart`, `tiny`, ...); `--config.KEY=VALUE` overrides any setting, and a
+key that does not exist fails at once, naming the nearest one (jaxtune/configs). The run directory
+is config.output_dir; the resolved config is printed at the start and saved there as config.json.
 """
 
+from __future__ import annotations
+
+import argparse
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
+from jaxtune import cli, configs
 from jaxtune.train import host
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+
+def parser() -> argparse.ArgumentParser:
+  shipped = ", ".join(configs.shipped())
+  p = cli.parser("jaxtune train", __doc__.split("\n\n", 1)[1], config=f"a config file or a shipped config: {shipped}")
+  p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+  p.add_argument("--verbose", action="store_true", help="log at INFO (Orbax narrates every save)")
+  return p
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.train.steps=100.")
-  if not flags.FLAGS["verbosity"].present:  # Orbax narrates every save at INFO; -v 0 brings it back
-    logging.set_verbosity(logging.WARNING)
+@cli.guard
+def main(argv: list[str]) -> int:
+  config, args = cli.parse_with_config(parser(), argv)
+
+  from absl import logging
+
+  logging.set_verbosity(logging.INFO if args.verbose else logging.WARNING)
   from jaxtune.parallel import distributed
 
   # Before any other JAX call: joins the other hosts of a TPU pod / cluster (a no-op on one machine).
@@ -28,17 +39,15 @@ def main(argv: list[str]) -> None:
 
   if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR unset: rerun configs start faster
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxtune/xla"))
-  from jaxtune.train.checkpoint import CheckpointMismatchError
-  from jaxtune.train.config import ConfigError
-  from jaxtune.train.loop import train
+  from jaxtune.train import loop
 
-  try:
-    train(_CONFIG.value)
-  except (ConfigError, CheckpointMismatchError) as e:  # the user's to fix: the message, not a traceback
-    sys.exit(f"error: {e}")
+  if args.print_config:
+    configs.dump(loop.prepare(config).config)
+    return 0
+  loop.train(config)
+  return 0
 
 
 if __name__ == "__main__":
   host.reexec_with_huge_pages("jaxtune.train")  # CPU runs: huge pages for XLA's per-step buffers (host.py)
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  sys.exit(main())

@@ -13,9 +13,10 @@ from typing import Any
 
 import ml_collections
 
+from jaxtune import configs
 from jaxtune.data import packing
 from jaxtune.data.config import data_config
-from jaxtune.errors import UserError
+from jaxtune.errors import ConfigError
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import options as options_lib
 from jaxtune.models.config import ModelConfig
@@ -30,10 +31,6 @@ ATTENTION = ("auto",) + options_lib.ATTENTION_IMPLS
 KERNELS = ("auto",) + options_lib.KERNELS
 RESUME = ("auto", "never")
 SCORERS = ("exact", "json")  # see jaxtune.tasks.SCORERS
-
-
-class ConfigError(UserError, ValueError):
-  """A config that cannot run: names the key(s) and what to do."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -123,7 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
       before=True,  # also score the model before training
     )
   )
-  return c
+  return configs.locked(c)  # a config file can change settings, not add them (jaxtune/configs)
 
 
 def _fail(key: str, problem: str, fix: str = "") -> None:

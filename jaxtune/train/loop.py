@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxtune import configs, parallel, tasks
 from jaxtune import data as data_lib
-from jaxtune import parallel, tasks
 from jaxtune.errors import UserError
 from jaxtune.hf import load as hf_load
 from jaxtune.models import config as model_config_lib
@@ -78,11 +78,19 @@ class Run:
     )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[str, Any]:
-  """Runs (or resumes) the training run of `config`; returns its final metrics.
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A validated config with every "auto" resolved for this platform, and why each resolved as it did."""
 
-  workdir, when given, replaces config.output_dir. Raises ConfigError before loading anything
-  when the config cannot work, and NonFiniteLossError when the loss stays NaN/inf.
+  config: ml_collections.ConfigDict
+  model_config: model_config_lib.ModelConfig
+  notes: tuple[str, ...]  # e.g. "attention: chunked (auto: ...)"
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> Prepared:
+  """Validates `config` and resolves it for this platform; loads no weights (`--print_config` shows this).
+
+  workdir, when given, replaces config.output_dir. Raises ConfigError when the config cannot work.
   """
   if workdir:
     config = ml_collections.ConfigDict(config.to_dict())
@@ -93,12 +101,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
     hf_load.resolve(builtin_models.resolve(config.model.path, config.model.cache_dir))
   )
   platform = jax.default_backend()
-  run = setup(config_lib.resolve(config, platform, model_cfg))
+  resolved = config_lib.resolve(config, platform, model_cfg)
+  notes = []
   if config.model.attention_impl == "auto":
-    _, why = config_lib.auto_attention(run.config, platform, model_cfg)
-    run.say(f"attention: {run.config.model.attention_impl} (auto: {why})")
+    _, why = config_lib.auto_attention(resolved, platform, model_cfg)
+    notes.append(f"attention: {resolved.model.attention_impl} (auto: {why})")
   if config.model.kernels == "auto":
-    run.say(f"kernels: {run.config.model.kernels} (auto: {options_lib.auto_kernels(platform)[1]})")
+    notes.append(f"kernels: {resolved.model.kernels} (auto: {options_lib.auto_kernels(platform)[1]})")
+  return Prepared(resolved, model_cfg, tuple(notes))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the training run of `config`; returns its final metrics.
+
+  workdir, when given, replaces config.output_dir. Raises ConfigError before loading anything
+  when the config cannot work, and NonFiniteLossError when the loss stays NaN/inf.
+  """
+  prepared = prepare(config, workdir)
+  config = prepared.config
+  if jax.process_index() == 0:
+    log_lib.info("config (saved as config.json in the run directory):", True)
+    configs.dump(config)
+  run = setup(config)
+  for note in prepared.notes:
+    run.say(note)
   logger = log_lib.MetricsLogger(
     run.run_dir,
     enabled=run.main,
@@ -190,6 +216,7 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   examples = tasks.load_examples(config.task.test_file, config.task.num_examples) if config.task.test_file else []
 
   mesh = parallel.make_mesh(config.mesh)
+  log_lib.info(_devices_line(mesh), main)
   rules = config.mesh.rules
   rows = parallel.batch_sharding(mesh, rules, accumulated=False)
   row_shards = mesh.size // rows.shard_shape((mesh.size, 1))[0]
@@ -239,6 +266,41 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   )
 
 
+def preflight(run: Run) -> str:
+  """What the run is about to do: the data, the steps and epochs it makes, the parameters it trains."""
+  config, stats = run.config, run.train_iter.stats
+  steps, todo = config.train.steps, config.train.steps - run.start
+  trained = sum(x.size for x in jax.tree.leaves(run.state.params))
+  total = trained + sum(x.size for x in jax.tree.leaves(run.frozen.weights))
+  per_epoch = stats.batches_per_epoch
+  lines = [
+    f"pre-flight: {stats.examples:,} training examples, {stats.tokens:,} tokens, {stats.trainable_tokens:,} of them "
+    f"trained ({stats.trainable_fraction:.1%})",
+    f"  {per_epoch:,} batches of {config.data.batch_size} rows per epoch (packing {config.data.packing}, "
+    f"efficiency {stats.packing_efficiency:.1%}); steps {run.start + 1}..{steps} = {todo / per_epoch:.2f} epochs",
+    f"  training {trained:,} of {total:,} parameters ({config.peft.method}); run directory {run.run_dir}",
+  ]
+  epochs = config.data.num_epochs
+  if epochs and steps > epochs * per_epoch:
+    lines.append(
+      f"  note: data.num_epochs={epochs} holds {epochs * per_epoch:,} batches, so the run stops there, before "
+      f"train.steps={steps}; set data.num_epochs=0 to repeat the data"
+    )
+  return "\n".join(lines)
+
+
+def _devices_line(mesh: jax.sharding.Mesh) -> str:
+  """`devices: 8 x TPU v5 lite (tpu), 2 processes; mesh data=1 fsdp=8 tensor=1`."""
+  device = mesh.devices.flat[0]
+  processes = jax.process_count()
+  return (
+    f"devices: {mesh.size} x {device.device_kind} ({device.platform})"
+    + (f", {processes} processes" if processes > 1 else "")
+    + "; mesh "
+    + " ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+  )
+
+
 def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | None, dict[str, float]]:
   """Steps run.start+1 .. train.steps; returns (last step, why it stopped early or None, final eval)."""
   config = run.config
@@ -257,12 +319,7 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
     eval_step = step_lib.make_eval_step(run.graphdef, run.frozen, shardings=(sh.state.params, sh.frozen, eval_rows))
     evaluate = lambda: _evaluate(eval_step, run.state.params, run.val_data, config, eval_rows)
   _check_memory(run, train_step)
-  trained = sum(x.size for x in jax.tree.leaves(run.state.params))
-  total = trained + sum(x.size for x in jax.tree.leaves(run.frozen.weights))
-  run.say(
-    f"training {trained:,} of {total:,} parameters ({config.peft.method}) on "
-    f"{run.train_iter.stats.examples} examples, steps {run.start + 1}..{steps}; run directory {run.run_dir}"
-  )
+  run.say(preflight(run))
   progress = log_lib.Progress(steps, run.start, bar=config.logging.progress, enabled=run.main)
   record = _Recorder(logger, progress, cfg_train.log_every, steps)
   # Overlap: step s's metrics are read only once step s + 1 is on the device, so the host's work
@@ -431,13 +488,17 @@ def _evaluate(
 class _Recorder:
   """Reads a dispatched step's metrics, updates the progress bar, logs every log_every steps and the last."""
 
+  ETA_AFTER = 3  # steps timed after the first (which compiles) before the ETA is announced
+
   def __init__(self, logger: log_lib.MetricsLogger, progress: log_lib.Progress, log_every: int, last: int):
     self._logger, self._progress, self._log_every, self._last = logger, progress, log_every, last
     self._window: list[dict[str, float]] = []  # the steps since the last log line
+    self._first: tuple[int, float] | None = None  # (step, time) the first step finished: the clock starts there
 
   def __call__(self, step: int, metrics: dict[str, jax.Array], tokens: float) -> dict[str, float]:
     """Blocks until `step` has finished; returns its metrics as floats."""
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self._announce_eta(step)
     self._window.append(metrics)
     tokens_per_s = self._progress.tokens_per_second(tokens)
     self._progress.update(step, metrics["loss"], metrics["lr"], tokens_per_s)
@@ -445,6 +506,24 @@ class _Recorder:
       self._logger.log(step, _train_metrics(self._window, tokens_per_s))
       self._window = []
     return metrics
+
+  def _announce_eta(self, step: int) -> None:
+    now = time.perf_counter()
+    if self._first is None:
+      self._first = (step, now)
+    elif step - self._first[0] == self.ETA_AFTER and step < self._last:
+      per_step = (now - self._first[1]) / self.ETA_AFTER
+      left = per_step * (self._last - step)
+      self._progress.write(
+        f"ETA: {per_step:.3g} s/step, about {_duration(left)} for the {self._last - step:,} steps left "
+        "(evaluations and saves come on top)"
+      )
+
+
+def _duration(seconds: float) -> str:
+  minutes, s = divmod(int(round(seconds)), 60)
+  hours, m = divmod(minutes, 60)
+  return f"{hours} h {m:02d} min" if hours else (f"{m} min {s:02d} s" if m else f"{s} s")
 
 
 def _train_metrics(window: list[dict[str, float]], tokens_per_s: float | None) -> dict[str, float]:

@@ -15,7 +15,7 @@ import pathlib
 
 import jax
 
-from jaxtune.train.config import ConfigError
+from jaxtune.errors import ConfigError
 
 GIB = 2**30
 

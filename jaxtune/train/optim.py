@@ -13,6 +13,8 @@ import jax
 import ml_collections
 import optax
 
+from jaxtune.errors import ConfigError
+
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -38,21 +40,21 @@ def optim_config() -> ml_collections.ConfigDict:
 
 def _warmup(cfg: Any, total_steps: int) -> int:
   if cfg.warmup_steps and cfg.warmup_ratio:
-    raise ValueError("optim.warmup_steps and optim.warmup_ratio are both set; set one of them.")
+    raise ConfigError("optim.warmup_steps and optim.warmup_ratio are both set; set one of them.")
   if not 0.0 <= cfg.warmup_ratio < 1.0:
-    raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}.")
+    raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}.")
   warmup = int(cfg.warmup_steps) or int(round(cfg.warmup_ratio * total_steps))
   if warmup < 0 or warmup > total_steps:
-    raise ValueError(f"optim.warmup_steps={warmup} must be between 0 and the {total_steps} training steps.")
+    raise ConfigError(f"optim.warmup_steps={warmup} must be between 0 and the {total_steps} training steps.")
   return warmup
 
 
 def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
   """Learning rate at each optimizer update: linear warmup from 0, then constant, linear or cosine to 0."""
   if cfg.schedule not in SCHEDULES:
-    raise ValueError(f"optim.schedule: unknown {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+    raise ConfigError(f"optim.schedule: unknown {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
   if total_steps < 1:
-    raise ValueError(f"the schedule needs at least one training step, got {total_steps}.")
+    raise ConfigError(f"the schedule needs at least one training step, got {total_steps}.")
   warmup = _warmup(cfg, total_steps)
   decay_steps = max(total_steps - warmup, 1)
   if cfg.schedule == "constant":
@@ -91,7 +93,7 @@ def _method(cfg: Any) -> optax.GradientTransformation:
     return optax.chain(optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0))
   if cfg.name == "sgd":
     return optax.trace(decay=cfg.b1) if cfg.b1 else optax.identity()
-  raise ValueError(f"optim.name: unknown {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+  raise ConfigError(f"optim.name: unknown {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}.")
 
 
 def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:

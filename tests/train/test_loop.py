@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxtune.models.config import from_hf_dict
+from jaxtune.tasks import meeting_json
 from jaxtune.train import loop
 
 import tiny_runs
@@ -162,7 +163,7 @@ def test_overlap_reads_each_step_after_the_next_dispatch_and_changes_nothing(tmp
 
 
 def test_data_running_out_reads_the_last_step(tmp_path, cache, monkeypatch):
-  lines = (tiny_runs.CONFIGS.parent / "data" / "quickstart" / "train.jsonl").read_text().splitlines()
+  lines = (meeting_json.DATA / "train.jsonl").read_text().splitlines()
   (tmp_path / "three_batches.jsonl").write_text("\n".join(lines[:24]) + "\n")  # batch_size 8
   events = _trace(monkeypatch)
   result = loop.train(

@@ -16,7 +16,7 @@ import tiny_runs
 def test_quickstart_data_is_made_by_the_script(tmp_path):
   paths = meeting_json.write(tmp_path)
   for split in ("train", "validation", "test"):
-    assert paths[split].read_text() == (tiny_runs.REPO / "data" / "quickstart" / f"{split}.jsonl").read_text()
+    assert paths[split].read_text() == (meeting_json.DATA / f"{split}.jsonl").read_text()
   sentences = {
     split: {json.loads(line)["messages"][1]["content"] for line in paths[split].read_text().splitlines()}
     for split in paths

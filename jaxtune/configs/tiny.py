@@ -5,13 +5,12 @@
 Used by the tests (loss goes down, exact resume, SIGTERM, NaN stop) and as an install smoke test.
 """
 
-import pathlib
-
 import ml_collections
 
+from jaxtune.tasks import meeting_json
 from jaxtune.train.config import default_config
 
-DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "quickstart"
+DATA = meeting_json.DATA  # shipped inside the package: the config runs from an installed wheel
 
 
 def get_config() -> ml_collections.ConfigDict:

