@@ -106,7 +106,9 @@ def nearest(key: str, config: ml_collections.ConfigDict) -> str:
     near = difflib.get_close_matches(key, list(leaves(config)), n=1, cutoff=0.5)
     return f"; did you mean {near[0]}?" if near else f"; the sections are {', '.join(config.keys())}"
   keys = list(section.keys())
-  near = [ALIASES[leaf]] if ALIASES.get(leaf) in keys else difflib.get_close_matches(leaf, keys, n=1, cutoff=0.6)
+  close = difflib.get_close_matches(leaf, ALIASES, n=1, cutoff=0.8)  # another tool's name, perhaps misspelt
+  ours = ALIASES.get(leaf) or (ALIASES[close[0]] if close else "")
+  near = [ours] if ours in keys else difflib.get_close_matches(leaf, keys, n=1, cutoff=0.6)
   if near:
     return f"; did you mean {parent + '.' if parent else ''}{near[0]}?"
   return f"; {parent or 'the config'} has {', '.join(keys)}"
@@ -324,9 +326,9 @@ def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections
   return config
 
 
-def dump(config: ml_collections.ConfigDict, file=sys.stdout) -> None:
-  """The config as `key = value` lines, sorted: what --print_config shows."""
+def dump(config: ml_collections.ConfigDict) -> None:
+  """The config as `key = value` lines on stdout, sorted: what --print_config shows."""
   for key, value in sorted(leaves(config).items()):
     if isinstance(value, ml_collections.ConfigDict):
       value = value.to_dict()
-    print(f"{key} = {value!r}", file=file)
+    print(f"{key} = {value!r}")
