@@ -178,8 +178,9 @@ def test_no_such_config_names_the_shipped_ones(capsys):
 
 
 def test_settings_that_cannot_work_and_missing_files(tmp_path, models, capsys):
-  run = tiny_args(tmp_path, models)
+  run = tiny_args(tmp_path, tmp_path / "no-models")
   assert one_line_error(capsys, train_main, run + ["--config.train.steps=0"]) == "train.steps: 0 must be >= 1."
+  assert not (tmp_path / "run").exists() and not (tmp_path / "no-models").exists()  # nothing built or written
   missing = tmp_path / "nope.jsonl"
   assert f"data.train: {missing} does not exist" in one_line_error(
     capsys, train_main, run + [f"--config.data.train={missing}"]
