@@ -245,6 +245,10 @@ def test_overrides_parse_as_the_settings_type_and_field_map_stays_open():
   assert (config.train.steps, config.optim.lr, config.data.packing) == (7, 3e-4, False)
   assert config.data.train == ("a.jsonl", "b.jsonl") and config.data.bucket_lengths == (64, 128)
   assert config.data.field_map.to_dict() == {"question": "query"}
+  configs.update(config, {"train.steps": 9, "data.field_map.answer": "reply"})  # Python values, from a notebook
+  assert config.train.steps == 9 and config.data.field_map.answer == "reply"
+  with pytest.raises(ConfigError, match="optim.learnig_rate: not a setting; did you mean optim.lr"):
+    configs.update(config, {"optim.learnig_rate": 1e-3})
   spec, overrides, rest = configs.split_argv(["--config=tiny", "--config.train.steps", "3", "--show", "2"])
   assert (spec, overrides, rest) == ("tiny", [("train.steps", "3")], ["--show", "2"])
 

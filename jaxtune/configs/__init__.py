@@ -258,16 +258,21 @@ def _tuple(text: str, key: str) -> tuple:
   return (value,)
 
 
+def _setting(config: ml_collections.ConfigDict, key: str, flag: str) -> tuple[ml_collections.ConfigDict, str]:
+  """(the sub-config holding dotted `key`, its last part); a key that is not a setting fails, naming the nearest."""
+  parent, _, leaf = key.rpartition(".")
+  node = config
+  for part in parent.split(".") if parent else ():
+    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+  if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and parent not in OPEN_MAPS):
+    raise ConfigError(f"{flag}: not a setting{nearest(key, config)}")
+  return node, leaf
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
-  """Sets each (dotted key, text) on `config`; a key that is not a setting fails, naming the nearest one."""
+  """Sets each (dotted key, text) of `--config.KEY=text` on `config`, the text parsed as the setting's type."""
   for key, text in overrides:
-    parent, _, leaf = key.rpartition(".")
-    node = config
-    for part in parent.split(".") if parent else ():
-      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-    open_map = parent in OPEN_MAPS
-    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not open_map):
-      raise ConfigError(f"--config.{key}: not a setting{nearest(key, config)}")
+    node, leaf = _setting(config, key, f"--config.{key}")
     value = parse_value(text, node[leaf], key) if leaf in node else text
     try:
       node[leaf] = value
@@ -275,6 +280,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple
       raise ConfigError(
         f"--config.{key}={text}: a {type(value).__name__} for a {type(node[leaf]).__name__} setting ({node[leaf]!r})"
       ) from None
+
+
+def update(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+  """Sets {dotted key: Python value} on `config` (from a notebook, say) with the same checks as the command line."""
+  for key, value in values.items():
+    node, leaf = _setting(config, key, key)
+    try:
+      node[leaf] = value
+    except TypeError:
+      raise ConfigError(f"{key}: a {type(value).__name__} for a {type(node[leaf]).__name__} setting") from None
 
 
 def split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:
