@@ -145,9 +145,11 @@ def test_nonfinite_streak_stops_with_last_good_checkpoint(tmp_path, cache, monke
   assert lines[-1]["train/loss"] is None and lines[-1]["train/skipped_total"] == 3  # NaN is written as null
 
 
-def test_overlap_reads_each_step_after_the_next_dispatch_and_changes_nothing(tmp_path, cache, monkeypatch):
+def test_overlap_reads_each_step_after_the_next_dispatch_and_changes_nothing(tmp_path, cache, monkeypatch, capsys):
   events = _trace(monkeypatch)
   overlapped = loop.train(_short(tmp_path / "overlap", cache))
+  out = capsys.readouterr().out  # timed from the first step read (it compiles) over the next three
+  assert out.count("ETA: ") == 1 and "for the 3 steps left" in out
   # Steps 3 and 6 evaluate, step 4 saves, step 7 is the last: each is read before the next dispatch.
   assert events == ["d1", "d2", "r1", "d3", "r2", "r3", "d4", "r4", "s4", "d5", "d6", "r5", "r6", "d7", "r7", "s7"]
   events.clear()
@@ -162,7 +164,7 @@ def test_overlap_reads_each_step_after_the_next_dispatch_and_changes_nothing(tmp
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), step
 
 
-def test_data_running_out_reads_the_last_step(tmp_path, cache, monkeypatch):
+def test_data_running_out_reads_the_last_step(tmp_path, cache, monkeypatch, capsys):
   lines = (meeting_json.DATA / "train.jsonl").read_text().splitlines()
   (tmp_path / "three_batches.jsonl").write_text("\n".join(lines[:24]) + "\n")  # batch_size 8
   events = _trace(monkeypatch)
@@ -182,6 +184,10 @@ def test_data_running_out_reads_the_last_step(tmp_path, cache, monkeypatch):
   )
   assert events == ["d1", "d2", "r1", "d3", "r2", "r3", "s3"]
   assert result["step"] == 3 and result["checkpoint"].endswith("checkpoints/3")
+  out = capsys.readouterr().out  # the pre-flight summary said so before the first step
+  assert "pre-flight: 24 training examples" in out and "3 batches of 8 rows per epoch" in out
+  assert "steps 1..10 = 3.33 epochs" in out
+  assert "data.num_epochs=1 holds 3 batches, so the run stops there, before train.steps=10" in out
   assert [m["step"] for m in tiny_runs.metrics(tmp_path / "run") if "train/loss" in m] == [1, 2, 3]
 
 
