@@ -8,15 +8,17 @@ The library code is `jaxtune.generation` (this module only parses arguments), so
 
 from __future__ import annotations
 
-import argparse
+import sys
 from typing import Sequence
 
+from jaxtune import cli
 from jaxtune.generation import generate
 from jaxtune.hf.load import load_model, load_tokenizer
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m jaxtune.generate", description=__doc__.split("\n", 1)[0])
+@cli.guard
+def main(argv: Sequence[str]) -> int:
+  parser = cli.parser("python -m jaxtune.generate", __doc__.split("\n", 1)[0])
   parser.add_argument("--model", required=True, help="HF checkpoint directory or hub id")
   parser.add_argument("--prompt", required=True, action="append", help="a user message (repeat for a batch)")
   parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -40,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   )
   for answer in answers:
     print(answer)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
