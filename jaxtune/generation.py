@@ -1,9 +1,14 @@
-"""Batched KV-cache generation: greedy, temperature, top-k and top-p sampling.
+"""KV-cache generation: greedy, temperature, top-k and top-p sampling, batched or streamed.
 
 Prompts of different lengths are left-padded into one batch; positions count real
 tokens only, so every row sees the positions it would see alone. The prefill and
 the whole decode loop run as one compiled `lax.while_loop`, stopping early once
 every row has produced a stop token. The command line lives in `jaxtune/generate.py`.
+
+Streaming (`stream_ids`, `stream_text`: the chat) runs the same prefill and the same
+one-token step from the host instead, one compiled call per token, so each token can be
+shown as soon as it exists. Its prompt padding, cache length and key schedule are those
+of the batched loop: one prompt gives the tokens `generate_ids` gives, sampled ones too.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +62,26 @@ def _sample(
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _prefill(model: CausalLM, input_ids_BP, mask_BP, key, cache_len: int, sampling: tuple):
+  """(first new token [B], its position [B], the filled cache, the key for the next token)."""
+  B, _ = input_ids_BP.shape
+  cache = KVCache.create(model.config, B, cache_len, model.options.dtype)
+  positions = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
+  hidden, cache = model.hidden_states(input_ids_BP, segment_ids=mask_BP, positions=positions, cache=cache)
+  logits = model.logits(hidden[:, -1:])  # only the last prompt position predicts anything we keep
+  key, sub = jax.random.split(key)
+  return _sample(logits[:, -1], sub, *sampling), positions[:, -1] + 1, cache, key
+
+
+def _decode_step(model: CausalLM, token_B, pos_B, cache: KVCache, key, sampling: tuple):
+  """Feeds one token per row at `pos_B`: (the next token, the position after it, the cache, the next key)."""
+  B = token_B.shape[0]
+  segments = jnp.ones((B, 1), jnp.int32)
+  logits, cache = model(token_B[:, None], segment_ids=segments, positions=pos_B[:, None], cache=cache)
+  key, sub = jax.random.split(key)
+  return _sample(logits[:, -1], sub, *sampling), pos_B + 1, cache, key
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
 def _generate(
   graphdef,
@@ -73,13 +98,8 @@ def _generate(
 ):
   model: CausalLM = nnx.merge(graphdef, state)
   B, P = input_ids_BP.shape
-  cache = KVCache.create(model.config, B, P + max_new_tokens, model.options.dtype)
-  positions = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
-  hidden, cache = model.hidden_states(input_ids_BP, segment_ids=mask_BP, positions=positions, cache=cache)
-  logits = model.logits(hidden[:, -1:])  # only the last prompt position predicts anything we keep
-  next_pos = positions[:, -1] + 1
-  key, sub = jax.random.split(key)
-  token = _sample(logits[:, -1], sub, temperature, top_k, top_p)
+  sampling = (temperature, top_k, top_p)
+  token, next_pos, cache, key = _prefill(model, input_ids_BP, mask_BP, key, P + max_new_tokens, sampling)
   out = jnp.zeros((B, max_new_tokens), jnp.int32)
   done = jnp.zeros((B,), bool)
 
@@ -91,13 +111,34 @@ def _generate(
     i, token, pos, cache, out, done, key = carry
     out = out.at[:, i].set(jnp.where(done, 0, token))
     done = done | jnp.isin(token, stop_ids)
-    logits, cache = model(token[:, None], segment_ids=jnp.ones((B, 1), jnp.int32), positions=pos[:, None], cache=cache)
-    key, sub = jax.random.split(key)
-    return i + 1, _sample(logits[:, -1], sub, temperature, top_k, top_p), pos + 1, cache, out, done, key
+    token, pos, cache, key = _decode_step(model, token, pos, cache, key, sampling)
+    return i + 1, token, pos, cache, out, done, key
 
   carry = (jnp.int32(0), token, next_pos, cache, out, done, key)
   _, _, _, _, out, done, _ = jax.lax.while_loop(cond, body, carry)
   return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampling"))
+def _stream_prefill(graphdef, state, input_ids_BP, mask_BP, key, *, cache_len: int, sampling: tuple):
+  return _prefill(nnx.merge(graphdef, state), input_ids_BP, mask_BP, key, cache_len, sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="cache")
+def _stream_step(graphdef, state, token_B, pos_B, cache, key, *, sampling: tuple):
+  return _decode_step(nnx.merge(graphdef, state), token_B, pos_B, cache, key, sampling)
+
+
+def _left_pad(input_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, mask) [B, P]: prompts right-aligned, P the longest rounded up to `_PROMPT_BUCKET`."""
+  P = max(len(p) for p in input_ids)
+  P = -(-P // _PROMPT_BUCKET) * _PROMPT_BUCKET
+  ids = np.zeros((len(input_ids), P), np.int32)
+  mask = np.zeros((len(input_ids), P), np.int32)
+  for row, prompt in enumerate(input_ids):
+    ids[row, P - len(prompt) :] = prompt
+    mask[row, P - len(prompt) :] = 1
+  return ids, mask
 
 
 def generate_ids(
@@ -112,13 +153,7 @@ def generate_ids(
   seed: int = 0,
 ) -> list[list[int]]:
   """New token ids for each prompt (a list of token ids), up to and including the first stop token."""
-  P = max(len(p) for p in input_ids)
-  P = -(-P // _PROMPT_BUCKET) * _PROMPT_BUCKET
-  ids = np.zeros((len(input_ids), P), np.int32)
-  mask = np.zeros((len(input_ids), P), np.int32)
-  for row, prompt in enumerate(input_ids):
-    ids[row, P - len(prompt) :] = prompt
-    mask[row, P - len(prompt) :] = 1
+  ids, mask = _left_pad(input_ids)
   graphdef, state = nnx.split(model)
   out = _generate(
     graphdef,
@@ -138,6 +173,74 @@ def generate_ids(
     cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
     result.append(row[:cut])
   return result
+
+
+def stream_ids(
+  model: CausalLM,
+  prompt_ids: Sequence[int],
+  *,
+  max_new_tokens: int = 128,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  stop_ids: Sequence[int] = (),
+  seed: int = 0,
+) -> Iterator[int]:
+  """New token ids of one prompt as they are decoded, up to and including the first stop token.
+
+  The same tokens as `generate_ids(model, [prompt_ids], ...)`: its prefill, step, padding and keys,
+  with the loop on the host. Closing the generator early (Ctrl-C, `break`) stops the decoding.
+  """
+  if max_new_tokens < 1:
+    return
+  ids, mask = _left_pad([prompt_ids])
+  graphdef, state = nnx.split(model)
+  sampling = (float(temperature), top_k, top_p)
+  stops = set(stop_ids)
+  token, pos, cache, key = _stream_prefill(
+    graphdef,
+    state,
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    jax.random.key(seed),
+    cache_len=ids.shape[1] + max_new_tokens,
+    sampling=sampling,
+  )
+  for i in range(max_new_tokens):
+    new = int(token[0])
+    yield new
+    if new in stops or i + 1 == max_new_tokens:  # the batched loop computes one token more, never shown
+      return
+    token, pos, cache, key = _stream_step(graphdef, state, token, pos, cache, key, sampling=sampling)
+
+
+def stream_text(tokenizer, ids: Iterable[int], *, strip: bool = True) -> Iterator[str]:
+  """Text chunks of a token stream: the stream decoded as a whole (special tokens skipped), each time its new end.
+
+  A token can hold part of a character (byte-level BPE splits UTF-8): while the decoded text ends
+  in U+FFFD, the rest of the character may still come, so that text waits for the next token.
+  strip=True leaves out leading and trailing whitespace, as `generate` does: whitespace waits
+  until something follows it. Decoding everything each time (not the new tokens alone) keeps what
+  tokenizers do across tokens (SentencePiece's word-start spaces); it is quadratic in the answer's
+  length, and a fast tokenizer's decode is cheap next to a decoding step.
+  """
+  seen: list[int] = []
+  shown = 0
+
+  def ready(final: bool) -> str:
+    text = tokenizer.decode(seen, skip_special_tokens=True)
+    text = text if final else text.rstrip("\ufffd")  # at the end an incomplete character stays U+FFFD
+    return text.strip() if strip else text
+
+  for token in ids:
+    seen.append(token)
+    text = ready(final=False)
+    if len(text) > shown:
+      yield text[shown:]
+      shown = len(text)
+  text = ready(final=True)
+  if len(text) > shown:
+    yield text[shown:]
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]], chat: bool | None = None) -> list[list[int]]:
