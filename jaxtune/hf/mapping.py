@@ -104,13 +104,10 @@ class TensorMap:
 
     return tuple(hf_index), to_ours
 
-  def lora_to_hf(self, a: np.ndarray, b: np.ndarray, kernel_letters: str) -> tuple[np.ndarray, np.ndarray]:
-    """One layer's LoRA factors A [in..., r], B [r, out...] -> PEFT's lora_A [r, in] and lora_B [out, r].
-
-    `kernel_letters` names the kernel's axes (the Linear's einsum); the HF weight is [out, in].
-    """
+  def _lora_axes(self, kernel_letters: str, n_in: int) -> tuple[str, str, list[str], list[str]]:
+    """(input letters, output letters, the inputs in the order of HF's [in] axis, the outputs in that of its [out])."""
     groups, ours = _groups(self.layout, len(kernel_letters))
-    ins, outs = kernel_letters[: a.ndim - 1], kernel_letters[a.ndim - 1 :]
+    ins, outs = kernel_letters[:n_in], kernel_letters[n_in:]
     as_ours = dict(zip(kernel_letters, ours))
     if len(groups) != 2 or set(groups[0]) != {as_ours[c] for c in outs} or set(groups[1]) != {as_ours[c] for c in ins}:
       raise ValueError(
@@ -118,9 +115,39 @@ class TensorMap:
         f"inputs {ins!r} and outputs {outs!r}."
       )
     of = {v: k for k, v in as_ours.items()}
-    a_hf = a.transpose([a.ndim - 1] + [ins.index(of[c]) for c in groups[1]]).reshape(a.shape[-1], -1)
-    b_hf = b.transpose([1 + outs.index(of[c]) for c in groups[0]] + [0]).reshape(-1, b.shape[0])
+    return ins, outs, [of[c] for c in groups[1]], [of[c] for c in groups[0]]
+
+  def lora_to_hf(self, a: np.ndarray, b: np.ndarray, kernel_letters: str) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's LoRA factors A [in..., r], B [r, out...] -> PEFT's lora_A [r, in] and lora_B [out, r].
+
+    `kernel_letters` names the kernel's axes (the Linear's einsum); the HF weight is [out, in].
+    """
+    ins, outs, hf_ins, hf_outs = self._lora_axes(kernel_letters, a.ndim - 1)
+    a_hf = a.transpose([a.ndim - 1] + [ins.index(c) for c in hf_ins]).reshape(a.shape[-1], -1)
+    b_hf = b.transpose([1 + outs.index(c) for c in hf_outs] + [0]).reshape(-1, b.shape[0])
     return a_hf, b_hf
+
+  def lora_from_hf(
+    self, a_hf: np.ndarray, b_hf: np.ndarray, kernel_letters: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's lora_A [r, in] and lora_B [out, r] -> one layer's A of `a_shape` [in..., r], B of `b_shape` [r, out...].
+
+    The inverse of `lora_to_hf`; ValueError naming the expected [r, in] / [out, r] shape when a
+    factor has another.
+    """
+    ins, outs, hf_ins, hf_outs = self._lora_axes(kernel_letters, len(a_shape) - 1)
+    r, size = a_shape[-1], {**dict(zip(ins, a_shape[:-1])), **dict(zip(outs, b_shape[1:]))}
+    for name, got, want in (
+      ("lora_A.weight", a_hf.shape, (r, math.prod(size[c] for c in hf_ins))),
+      ("lora_B.weight", b_hf.shape, (math.prod(size[c] for c in hf_outs), r)),
+    ):
+      if tuple(got) != want:
+        raise ValueError(f"{name} has shape {tuple(got)}, expected {want}")
+    a = a_hf.reshape((r,) + tuple(size[c] for c in hf_ins)).transpose([1 + hf_ins.index(c) for c in ins] + [0])
+    b = b_hf.reshape(tuple(size[c] for c in hf_outs) + (r,)).transpose(
+      [len(hf_outs)] + [hf_outs.index(c) for c in outs]
+    )
+    return a, b
 
 
 def module_names(cfg: ModelConfig) -> dict[str, str]:

@@ -292,22 +292,43 @@ def merge_and_unload(model: CausalLM) -> CausalLM:
   return out
 
 
-def peft_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
-  """Adapters as PEFT saves them: `base_model.model.<hf module>.lora_{A,B}.weight`, [r, in] and [out, r]."""
+PEFT_PREFIX = "base_model.model."  # PeftModel's path to the wrapped model's modules, as its saved names spell it
+
+
+class PeftModule(NamedTuple):
+  """One adapted Linear, its weight's row of the table, and PEFT's name of its module in each layer."""
+
+  path: tuple[str, ...]
+  adapter: LoRA
+  tmap: mapping.TensorMap
+  names: list[str]  # "base_model.model.model.layers.{i}.self_attn.q_proj", one per layer when stacked
+
+
+def peft_modules(model: CausalLM) -> list[PeftModule]:
+  """Every adapted Linear with its PEFT module names (no values read: works on an abstract model)."""
   hf_module = {m.path[:-1]: m for m in mapping.tensor_maps(model.config) if m.path[-1] == "kernel"}
-  out = {}
+  out = []
   for p, linear in _linears(model):
     if not isinstance(linear.adapter, LoRA):
       continue
     tmap = hf_module.get(p)
     if tmap is None:
       raise ValueError(f"no Hugging Face name is known for adapted layer {'.'.join(p)}.")
-    a, b = np.asarray(linear.adapter.lora_a[...], np.float32), np.asarray(linear.adapter.lora_b[...], np.float32)
-    for i, name in enumerate(tmap.hf_names(model.config.num_layers)):
-      module = "base_model.model." + name.removesuffix(".weight")
-      a_hf, b_hf = tmap.lora_to_hf(a[i] if tmap.stacked else a, b[i] if tmap.stacked else b, linear.adapter.spec.w)
-      out[module + ".lora_A.weight"] = np.ascontiguousarray(a_hf)
-      out[module + ".lora_B.weight"] = np.ascontiguousarray(b_hf)
+    names = [PEFT_PREFIX + name.removesuffix(".weight") for name in tmap.hf_names(model.config.num_layers)]
+    out.append(PeftModule(p, linear.adapter, tmap, names))
+  return out
+
+
+def peft_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
+  """Adapters as PEFT saves them: `base_model.model.<hf module>.lora_{A,B}.weight`, [r, in] and [out, r]."""
+  out = {}
+  for module in peft_modules(model):
+    a, b = np.asarray(module.adapter.lora_a[...], np.float32), np.asarray(module.adapter.lora_b[...], np.float32)
+    for i, name in enumerate(module.names):
+      stacked = module.tmap.stacked
+      a_hf, b_hf = module.tmap.lora_to_hf(a[i] if stacked else a, b[i] if stacked else b, module.adapter.spec.w)
+      out[name + ".lora_A.weight"] = np.ascontiguousarray(a_hf)
+      out[name + ".lora_B.weight"] = np.ascontiguousarray(b_hf)
   return out
 
 

@@ -1,0 +1,172 @@
+"""A PEFT LoRA adapter directory onto a loaded base model: the inverse of `jaxtune.export.adapter`.
+
+    DIR/adapter_config.json         peft_type LORA, r, lora_alpha, use_rslora
+    DIR/adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in], .lora_B.weight [out, r]
+
+The adapters become jaxtune's own (`apply_lora` with the file's r, alpha and modules), their
+values read through the weight table's LoRA layout (`mapping.TensorMap.lora_from_hf`), so a
+loaded adapter generates, merges and exports like a trained one. Which modules are adapted comes
+from the tensors in the file (PEFT's `target_modules` may be a regex). What jaxtune's LoRA has no
+form for (DoRA, per-module ranks, some layers only, trained biases, extra trained modules) is
+refused with the key or tensor that asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.errors import UserError
+from jaxtune.hf import mapping
+from jaxtune.hf.safetensors_io import SafetensorsFile
+from jaxtune.models.transformer import CausalLM
+from jaxtune.peft.lora import PEFT_PREFIX, LoRAParam, PeftModule, apply_lora, lora_weights, peft_modules
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FACTORS = (".lora_A.weight", ".lora_B.weight")
+
+# adapter_config.json keys whose values other than PEFT's defaults jaxtune's LoRA cannot express.
+_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+  "use_dora": (bool, "DoRA adapters are not supported"),
+  "modules_to_save": (bool, "modules trained in full besides the adapters are not supported"),
+  "bias": (lambda v: v not in (None, "none"), "trained biases are not supported"),
+  "lora_bias": (bool, "trained biases are not supported"),
+  "fan_in_fan_out": (bool, "fan_in_fan_out (GPT-2 style Conv1D weights) is not supported"),
+  "layers_to_transform": (lambda v: v is not None, "adapters on some layers only are not supported"),
+  "rank_pattern": (bool, "a rank per module is not supported"),
+  "alpha_pattern": (bool, "an alpha per module is not supported"),
+  "target_parameters": (bool, "adapters on parameters (not modules) are not supported"),
+}
+
+
+class AdapterError(UserError, ValueError):
+  """A PEFT adapter directory that cannot be loaded onto the model; the message names the file and key or tensor."""
+
+
+def read_adapter_config(directory: pathlib.Path) -> dict:
+  """adapter_config.json, checked for what jaxtune's LoRA can express."""
+  if not directory.is_dir():
+    raise AdapterError(
+      f"{directory}: not a directory; pass a PEFT adapter directory ({CONFIG_FILE} and {WEIGHTS_FILE})."
+    )
+  path = directory / CONFIG_FILE
+  if not path.is_file():
+    raise AdapterError(f"{path}: not found; a PEFT adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}.")
+  try:
+    config = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise AdapterError(f"{path}:{e.lineno}: invalid JSON ({e.msg}).") from None
+  if config.get("peft_type") != "LORA":
+    raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters can be loaded.")
+  for key in ("r", "lora_alpha"):
+    if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+      raise AdapterError(f"{path}: {key} is {config.get(key)!r}; a LoRA adapter needs a positive {key}.")
+  for key, (unsupported, why) in _UNSUPPORTED.items():
+    if unsupported(config.get(key)):
+      raise AdapterError(f"{path}: {key} is {config[key]!r}: {why}; only plain LoRA adapters can be loaded.")
+  return config
+
+
+def _weights(directory: pathlib.Path) -> SafetensorsFile:
+  path = directory / WEIGHTS_FILE
+  if not path.is_file():
+    pickled = directory / "adapter_model.bin"
+    hint = (
+      f"it holds {pickled.name}, a pickle, which jaxtune does not read: save the adapter with safe_serialization=True"
+      if pickled.is_file()
+      else "the adapter's weights are missing"
+    )
+    raise AdapterError(f"{path}: not found; {hint}.")
+  return SafetensorsFile(path)
+
+
+def _adapted(names: list[str], cfg, path: pathlib.Path) -> list[str]:
+  """The HF module names (q_proj, ...) with LoRA factors in the file; AdapterError for a tensor of another kind."""
+  known = set(mapping.module_names(cfg).values())
+  found = set()
+  for name in names:
+    module = name.removeprefix(PEFT_PREFIX)
+    factor = next((f for f in FACTORS if module.endswith(f)), None)
+    short = module.removesuffix(factor or "").rsplit(".", 1)[-1]
+    if not name.startswith(PEFT_PREFIX) or factor is None or short not in known:
+      raise AdapterError(
+        f"{path}: tensor {name!r} is not a LoRA factor of a linear layer of this {cfg.model_type} model "
+        f"(expected {PEFT_PREFIX}<module>{FACTORS[0]} or {FACTORS[1]}, modules {', '.join(sorted(known))})."
+      )
+    found.add(short)
+  if not found:
+    raise AdapterError(f"{path}: holds no LoRA tensors.")
+  return sorted(found)
+
+
+def _factors(weights: SafetensorsFile, module: PeftModule, rank: int) -> tuple[np.ndarray, np.ndarray]:
+  """The module's A and B in our layout (stacked over layers when its weight is), from PEFT's tensors."""
+  a_shape, b_shape = module.adapter.lora_a.shape, module.adapter.lora_b.shape
+  stack = 1 if module.tmap.stacked else 0
+  a_all, b_all = np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
+  present = set(weights.keys())
+  for i, name in enumerate(module.names):
+    for factor in FACTORS:
+      if name + factor not in present:
+        raise AdapterError(
+          f"{weights.path}: tensor {name + factor!r} is missing; jaxtune's LoRA adapts a module in every layer, "
+          f"so the adapter must hold {name.rsplit('.', 1)[-1]} factors for all {len(module.names)} layers."
+        )
+    try:
+      a, b = module.tmap.lora_from_hf(
+        weights.get(name + FACTORS[0]),
+        weights.get(name + FACTORS[1]),
+        module.adapter.spec.w,
+        a_shape[stack:],
+        b_shape[stack:],
+      )
+    except ValueError as e:
+      raise AdapterError(
+        f"{weights.path}: {name}.{e} for r={rank} on this base; the adapter was made for another model, or "
+        f"{CONFIG_FILE}'s r is not the tensors' rank."
+      ) from None
+    a_all[(i,) * stack], b_all[(i,) * stack] = a, b
+  return a_all, b_all
+
+
+def load_adapter(model: CausalLM, directory: str | os.PathLike) -> CausalLM:
+  """The base `model` (no adapters) with the PEFT LoRA adapter in `directory`: a new model sharing its arrays."""
+  if lora_weights(model):
+    raise ValueError("the model already has LoRA adapters; load an adapter onto the base model.")
+  directory = pathlib.Path(directory).expanduser()
+  config = read_adapter_config(directory)
+  weights = _weights(directory)
+  rank = int(config["r"])
+  build = lambda: apply_lora(
+    CausalLM(model.config, model.options, rngs=nnx.Rngs(0)),
+    rank=rank,
+    alpha=float(config["lora_alpha"]),
+    use_rslora=bool(config.get("use_rslora", False)),
+    targets=_adapted(weights.keys(), model.config, weights.path),
+    rngs=nnx.Rngs(0),
+  )
+  # Built abstractly (apply_lora's random init compiles once per shape), then filled from the file.
+  graphdef, adapters, _ = nnx.split(nnx.eval_shape(build), LoRAParam, ...)
+  adapters = jax.tree.map(lambda s: jnp.asarray(np.zeros(s.shape, s.dtype)), adapters)
+  out = nnx.merge(graphdef, adapters, nnx.state(model))
+  read = set()
+  for module in peft_modules(out):
+    a, b = _factors(weights, module, rank)
+    module.adapter.lora_a.set_value(jnp.asarray(a, module.adapter.lora_a.dtype))
+    module.adapter.lora_b.set_value(jnp.asarray(b, module.adapter.lora_b.dtype))
+    read.update(name + factor for name in module.names for factor in FACTORS)
+  extra = sorted(set(weights.keys()) - read)
+  if extra:
+    raise AdapterError(
+      f"{weights.path}: tensor {extra[0]!r}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''} match no "
+      f"layer of this model ({model.config.num_layers} layers); the adapter was made for another model."
+    )
+  return out
