@@ -1,0 +1,112 @@
+"""`python -m jaxtune.chat` in a real pseudo-terminal: prompts, streamed answers, commands, Ctrl-C and exit."""
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+
+from jaxtune import generation
+
+import tiny_runs
+
+TIMEOUT = 120  # a cold start (imports, load, first compiles) is seconds; this only bounds a hang
+
+
+# The child makes the pty its controlling terminal, so that Ctrl-C there is a SIGINT, as in a shell. (Popen, not
+# pty.fork: forking this process, whose JAX runs threads, is unsafe.)
+LAUNCH = (
+  "import fcntl, runpy, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+  "runpy.run_module('jaxtune.chat', run_name='__main__')"
+)
+
+
+class Terminal:
+  """`python -m jaxtune.chat ARGS` on the far side of a pty: what it writes is read back; typing goes to its stdin."""
+
+  def __init__(self, args: list[str], env: dict[str, str]):
+    self.fd, child = pty.openpty()
+    self.proc = subprocess.Popen(
+      [sys.executable, "-c", LAUNCH, *args],
+      stdin=child,
+      stdout=child,
+      stderr=child,
+      start_new_session=True,
+      cwd=tiny_runs.REPO,
+      env=env,
+    )
+    os.close(child)
+    self.seen, self.typed = "", []
+
+  def read_until(self, marker: str) -> str:
+    """Everything written since the last call, up to and including the next `marker`."""
+    deadline = time.monotonic() + TIMEOUT
+    while marker not in self.seen:
+      assert time.monotonic() < deadline, (
+        f"no {marker!r} after {TIMEOUT} s of typing {self.typed[-1:]}; the terminal shows:\n{self.seen}"
+      )
+      if select.select([self.fd], [], [], 1.0)[0]:
+        try:
+          data = os.read(self.fd, 4096)
+        except OSError:  # the child exited and closed its side
+          data = b""
+        assert data, f"the chat exited before {marker!r}; the terminal shows:\n{self.seen}"
+        self.seen += data.decode("utf-8", "replace").replace("\r\n", "\n")
+    out, self.seen = self.seen.split(marker, 1)
+    return out + marker
+
+  def type(self, text: str) -> None:
+    os.write(self.fd, text.encode())
+    self.typed.append(text)
+
+  def exit_code(self) -> int:
+    try:
+      return self.proc.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+      raise AssertionError(f"the chat did not exit; the terminal shows:\n{self.seen}") from None
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+    os.close(self.fd)
+
+
+def test_chat_in_a_terminal(tiny, tiny_dir):
+  env = {**tiny_runs.env(), "TERM": "dumb"}  # dumb: readline writes no escape sequences
+  term = Terminal(["--model", str(tiny_dir), "--max_new_tokens", "8", "--temperature", "0"], env)
+  # While the chat starts, the answers it must give (greedy), computed here with the batched loop, one at a time as
+  # the chat asks them (the same padded shapes).
+  model, tokenizer = tiny
+  conversations = [
+    [{"role": "user", "content": "hello"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+  ]
+  want = [generation.generate(model, tokenizer, [c], max_new_tokens=8)[0] for c in conversations]
+  try:
+    assert "chatting with" in term.read_until("you> ")
+    term.type("hello\n")
+    first = term.read_until("you> ")
+    term.type("/system be brief\n")
+    system = term.read_until("you> ")
+    term.type("/reset\n")
+    reset = term.read_until("you> ")
+    term.type("hi\n")
+    second = term.read_until("you> ")
+    # Ctrl-C at the prompt: the line is dropped, the chat goes on. (A Ctrl-C between readline's prompt and its wait
+    # for a key is seen only at the next key: CPython's readline checks signals when its wait is interrupted. No
+    # person types within microseconds of the prompt; the test waits a moment.)
+    time.sleep(0.3)
+    term.type("half a line\x03")
+    interrupted = term.read_until("you> ")
+    term.type("/exit\n")
+    assert term.exit_code() == 0
+  finally:
+    term.close()
+  assert re.search(rf"hello\nmodel> {re.escape(want[0])}\n\nyou> $", first), first
+  assert "(system prompt set: new conversation)" in system and "(new conversation)" in reset
+  assert second.endswith(f"model> {want[1]}\n\nyou> "), second
+  assert "model>" not in interrupted + term.seen
+  assert "Traceback" not in first + system + reset + second + interrupted + term.seen
