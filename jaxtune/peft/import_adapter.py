@@ -165,8 +165,9 @@ def load_adapter(model: CausalLM, directory: str | os.PathLike) -> CausalLM:
     read.update(name + factor for name in module.names for factor in FACTORS)
   extra = sorted(set(weights.keys()) - read)
   if extra:
+    more = f"; so are {len(extra) - 1} more" if len(extra) > 1 else ""
     raise AdapterError(
-      f"{weights.path}: tensor {extra[0]!r}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''} match no "
-      f"layer of this model ({model.config.num_layers} layers); the adapter was made for another model."
+      f"{weights.path}: tensor {extra[0]!r} is for no layer of this model ({model.config.num_layers} layers){more}; "
+      "the adapter was made for another model."
     )
   return out

@@ -1,0 +1,121 @@
+"""PEFT LoRA adapter directories onto a base model: PEFT's own logits, jaxtune's exports read back, and refusals."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxtune.errors import UserError
+from jaxtune.export import export_adapter
+from jaxtune.hf.load import load_model
+from jaxtune.peft.import_adapter import AdapterError, load_adapter
+from jaxtune.peft.lora import lora_weights
+
+import tiny_hf
+from export_helpers import assert_close_logits, lora_model
+
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_adapter_saved_by_peft_gives_peft_logits(tmp_path, peft):
+  import torch
+
+  hf = tiny_hf.build("llama", tmp_path / "base")  # untied, head_dim 24 != hidden / heads, llama3 rope
+  config = peft.LoraConfig(
+    r=4, lora_alpha=8, target_modules=LINEAR + ["lm_head"], use_rslora=True, init_lora_weights=False
+  )
+  peft_model = peft.get_peft_model(hf, config).eval()  # init_lora_weights=False: B is random, not zero
+  peft_model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)  # the adapters alone
+  ids = np.random.default_rng(0).integers(3, 128, size=(2, 16))
+  with torch.no_grad():
+    want = peft_model(input_ids=torch.tensor(ids)).logits.numpy()
+  base = load_model(tmp_path / "base")
+  model = load_adapter(base, tmp_path / "adapter")
+  assert_close_logits(np.asarray(model(ids)), want, what="jaxtune + adapter vs PEFT")
+  assert np.abs(np.asarray(base(ids)) - want).max() > 0.05 * np.abs(want).max()  # the adapter matters
+  assert not lora_weights(base)  # the base is left as it was
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dir, tmp_path_factory):
+  """jaxtune LoRA (rsLoRA, three module kinds) on tiny-random with random A and B, and its exported adapter."""
+  model = lora_model(tiny_dir, rank=4, alpha=8.0, seed=1, use_rslora=True, targets=["q", "v", "down"])
+  return model, export_adapter(model, tmp_path_factory.mktemp("adapter"), str(tiny_dir))
+
+
+def test_exported_adapter_loads_back_to_the_same_parameters(tiny, exported):
+  model, out = exported
+  loaded = lora_weights(load_adapter(tiny[0], out))
+  want = lora_weights(model)
+  assert (
+    [w.path for w in loaded]
+    == [w.path for w in want]
+    == [("layers", "attn", "q"), ("layers", "attn", "v"), ("layers", "mlp", "down")]
+  )
+  for got, ref in zip(loaded, want):
+    assert got.scale == ref.scale == 8.0 / 2.0  # rsLoRA: alpha / sqrt(r)
+    np.testing.assert_array_equal(np.asarray(got.a), np.asarray(ref.a))
+    np.testing.assert_array_equal(np.asarray(got.b), np.asarray(ref.b))
+
+
+def _damaged(src, dst, config=None, tensors=None):
+  shutil.copytree(src, dst)
+  if config is not None:
+    path = dst / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+  if tensors is not None:
+    path = dst / "adapter_model.safetensors"
+    save_file(tensors(load_file(path)), str(path))
+  return dst
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+  "config, tensors, match",
+  [
+    ({"peft_type": "IA3"}, None, r"adapter_config.json: peft_type is 'IA3'; only LORA adapters"),
+    ({"use_dora": True}, None, r"adapter_config.json: use_dora is True: DoRA adapters are not supported"),
+    ({"modules_to_save": ["lm_head"]}, None, r"modules_to_save is \['lm_head'\]: modules trained in full"),
+    ({"layers_to_transform": [0]}, None, r"layers_to_transform is \[0\]: adapters on some layers only"),
+    ({"r": 8}, None, rf"{Q0}.lora_A.weight has shape \(4, 32\), expected \(8, 32\) for r=8"),
+    (
+      None,
+      lambda t: {**t, Q0 + ".lora_B.weight": t[Q0 + ".lora_B.weight"][:16]},
+      rf"{Q0}.lora_B.weight has shape \(16, 4\), expected \(32, 4\)",
+    ),
+    (
+      None,
+      lambda t: {k: v for k, v in t.items() if "layers.1.mlp" not in k},
+      r"'base_model.model.model.layers.1.mlp.down_proj.lora_A.weight' is missing",
+    ),
+    (
+      None,
+      lambda t: {**t, "base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 128), np.float32)},
+      r"tensor 'base_model.model.model.embed_tokens.lora_embedding_A' is not a LoRA factor",
+    ),
+    (
+      None,
+      lambda t: {**t, Q0.replace(".0.", ".2.") + ".lora_A.weight": t[Q0 + ".lora_A.weight"]},
+      r"layers.2.self_attn.q_proj.lora_A.weight' is for no layer of this model \(2 layers\)",
+    ),
+  ],
+  ids=["ia3", "dora", "modules_to_save", "some_layers", "rank", "shape", "missing", "embedding", "extra_layer"],
+)
+def test_refusals_name_the_key_or_tensor(tiny, exported, tmp_path, config, tensors, match):
+  adapter = _damaged(exported[1], tmp_path / "adapter", config, tensors)
+  with pytest.raises(AdapterError, match=match) as info:
+    load_adapter(tiny[0], adapter)
+  assert isinstance(info.value, UserError) and str(adapter) in str(info.value)
+
+
+def test_missing_files(tiny, exported, tmp_path):
+  adapter = _damaged(exported[1], tmp_path / "adapter")
+  (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+  with pytest.raises(AdapterError, match=r"adapter_model.safetensors: not found; it holds adapter_model.bin, a pickle"):
+    load_adapter(tiny[0], adapter)
+  with pytest.raises(AdapterError, match=r"nowhere: not a directory; pass a PEFT adapter directory"):
+    load_adapter(tiny[0], tmp_path / "nowhere")
