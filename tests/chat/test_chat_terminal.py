@@ -74,12 +74,12 @@ class Terminal:
     os.close(self.fd)
 
 
-def test_chat_in_a_terminal(tiny, tiny_dir):
+def test_chat_in_a_terminal(tiny_dir, request):
   env = {**tiny_runs.env(), "TERM": "dumb"}  # dumb: readline writes no escape sequences
   term = Terminal(["--model", str(tiny_dir), "--max_new_tokens", "8", "--temperature", "0"], env)
   # While the chat starts, the answers it must give (greedy), computed here with the batched loop, one at a time as
-  # the chat asks them (the same padded shapes).
-  model, tokenizer = tiny
+  # the chat asks them (the same padded shapes). The model is loaded here too, after the chat was started.
+  model, tokenizer = request.getfixturevalue("tiny")
   conversations = [
     [{"role": "user", "content": "hello"}],
     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
