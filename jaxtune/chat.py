@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import sys
 from typing import Any
@@ -56,11 +57,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     epilog=__doc__.split("\n", 1)[1],
   )
   source = p.add_mutually_exclusive_group(required=True)
-  source.add_argument("--run", type=pathlib.Path, help="a training run's directory (its output_dir)")
-  source.add_argument("--model", help="an HF checkpoint directory, hub id, or built-in model (tiny-random, ...)")
-  p.add_argument("--step", type=int, help="with --run: the checkpoint step (default: the latest)")
-  p.add_argument("--adapter", type=pathlib.Path, help="with --model: a PEFT LoRA adapter directory to apply")
-  p.add_argument("--system", help="the system prompt")
+  source.add_argument("--run", type=pathlib.Path, metavar="RUN_DIR", help="a training run's directory (its output_dir)")
+  source.add_argument(
+    "--model", metavar="DIR", help="an HF checkpoint directory, hub id or built-in model (tiny-random)"
+  )
+  p.add_argument("--step", type=int, metavar="N", help="with --run: the checkpoint step (default: the latest)")
+  p.add_argument("--adapter", type=pathlib.Path, metavar="DIR", help="with --model: a PEFT LoRA adapter to apply")
+  p.add_argument("--system", metavar="TEXT", help="the system prompt")
   p.add_argument("--max_new_tokens", type=int, default=256, help="the longest answer, in tokens (default 256)")
   p.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default 0.7)")
   p.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest tokens only")
@@ -73,7 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     choices=("float32", "bfloat16"),
     help="with --model: weights and compute (default float32 on CPU, bfloat16 elsewhere); a run keeps its own",
   )
-  p.add_argument("--prompt-file", type=pathlib.Path, help="answer this file's lines (one prompt a line), then exit")
+  p.add_argument(
+    "--prompt-file", type=pathlib.Path, metavar="FILE", help="answer this file's lines (one prompt a line), then exit"
+  )
   args = p.parse_args(argv)
   if args.step is not None and args.run is None:
     p.error("--step needs --run")
@@ -98,13 +103,13 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
   from jaxtune.train import builtin_models
 
   path = builtin_models.resolve(args.model, MODEL_CACHE)
+  tokenizer = _tokenizer(path)  # before the weights: a checkpoint without a chat template fails at once
   model = load_model(path, dtype=args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
   if args.adapter is not None:
     from jaxtune.peft.import_adapter import load_adapter
 
     model = load_adapter(model, args.adapter)
-  name = args.model + (f" + {args.adapter}" if args.adapter is not None else "")
-  return model, _tokenizer(path), name
+  return model, tokenizer, args.model + (f" + {args.adapter}" if args.adapter is not None else "")
 
 
 def _tokenizer(path):
@@ -151,7 +156,7 @@ class Chat:
     try:
       return encode_prompts(self.tokenizer, [messages], chat=True)[0]
     except jinja2.TemplateError as e:
-      raise ChatError(f"the model's chat template refuses this conversation: {e}") from None
+      raise ChatError(f"the model's chat template refuses this conversation: {e}") from e
 
   def set_system(self, text: str | None) -> None:
     """A new system prompt (None: none), checked against the template; the conversation starts over."""
@@ -162,9 +167,9 @@ class Chat:
       except ChatError as e:
         self.encode(probe)  # the template fails without a system message too: that is the error to show
         raise ChatError(
-          f"the model's chat template has no system role ({str(e).split(': ', 1)[-1]}); chat without --system / "
-          "/system, or put the instructions in your first message."
-        ) from None
+          f"the model's chat template has no system role ({e.__cause__}); chat without --system / /system, or put "
+          "the instructions in your first message."
+        ) from e
     self.system, self.turns = text or None, []
 
   def prompt(self, text: str) -> list[int]:
@@ -205,13 +210,14 @@ class Chat:
       **self.sampling,
     )
     print(ANSWER, end="", flush=True)
-    shown = []
+    shown, stopped = [], True
     try:
       for chunk in stream_text(self.tokenizer, tokens):
         print(chunk, end="", flush=True)
         shown.append(chunk)
+      stopped = False
     finally:
-      if shown:
+      if shown or not stopped:
         self.turns.append({"role": "assistant", "content": "".join(shown)})
       else:  # stopped before a word: as if never asked
         self.turns.pop()
@@ -242,6 +248,7 @@ def handle(chat: Chat, line: str) -> bool:
 
 
 def repl(chat: Chat) -> None:
+  interactive = sys.stdin.isatty()
   try:
     import readline  # noqa: F401  line editing and history for input()
   except ImportError:
@@ -249,6 +256,8 @@ def repl(chat: Chat) -> None:
   while True:
     try:
       line = input(PROMPT)
+      if not interactive:  # piped input: show it, so the output reads as a transcript
+        print(line)
     except EOFError:
       print()
       return
@@ -277,6 +286,10 @@ def main(argv: list[str]) -> int:
   args = parse_args(argv)
   if args.prompt_file is not None and not args.prompt_file.is_file():
     raise ChatError(f"{args.prompt_file}: no such file; --prompt-file takes a text file with one prompt a line.")
+  import jax
+
+  if not jax.config.jax_compilation_cache_dir:  # as `jaxtune train` does: the next chat with a model starts faster
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxtune/xla"))
   model, tokenizer, name = load(args)
   sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
   chat = Chat(model, tokenizer, args.max_new_tokens, sampling, seed=args.seed)

@@ -1,5 +1,6 @@
 """Parameter-efficient fine-tuning: adapters applied as transforms of the model's parameter tree."""
 
+from jaxtune.peft.import_adapter import AdapterError, load_adapter
 from jaxtune.peft.lora import (
   LoRA,
   LoRADropoutKey,
@@ -13,10 +14,12 @@ from jaxtune.peft.lora import (
 )
 
 __all__ = [
+  "AdapterError",
   "LoRA",
   "LoRADropoutKey",
   "LoRAParam",
   "apply_lora",
+  "load_adapter",
   "lora_weights",
   "merge_and_unload",
   "merge_lora",

@@ -76,18 +76,20 @@ def test_a_template_without_a_system_role(tiny):
 
 def test_ctrl_c_stops_the_answer_and_keeps_what_was_shown(tiny, monkeypatch, capsys):
   model, tokenizer = tiny
+  words = [tokenizer("Hi th")["input_ids"], []]  # Ctrl-C after two words, then before any
 
   def interrupted(*args, **kwargs):
-    yield from tokenizer("Hi th")["input_ids"]
+    yield from words.pop(0)
     raise KeyboardInterrupt
 
   monkeypatch.setattr(generation, "stream_ids", interrupted)
-  lines = iter(["hello", "/bogus", "/exit"])
+  lines = iter(["hello", "/bogus", "again", "/exit"])
   monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
   chat = Chat(model, tokenizer, max_new_tokens=8, sampling={})
   repl(chat)
   out, err = capsys.readouterr()
-  assert f"{ANSWER}Hi th [stopped]" in out
+  assert f"{ANSWER}Hi th [stopped]" in out and out.count("[stopped]") == 2
+  # What was shown stays in the history; an answer stopped before its first word takes its question with it.
   assert chat.turns == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi th"}]
   assert err == "error: unknown command /bogus; the commands are /reset, /system [TEXT], /exit.\n"
   assert handle(chat, "/exit") is False
