@@ -207,11 +207,15 @@ def stream_ids(
     sampling=sampling,
   )
   for i in range(max_new_tokens):
+    # The next step is queued before the host waits for this token, so showing it overlaps computing the next.
+    following = (
+      None if i + 1 == max_new_tokens else _stream_step(graphdef, state, token, pos, cache, key, sampling=sampling)
+    )
     new = int(token[0])
     yield new
-    if new in stops or i + 1 == max_new_tokens:  # the batched loop computes one token more, never shown
+    if new in stops or following is None:
       return
-    token, pos, cache, key = _stream_step(graphdef, state, token, pos, cache, key, sampling=sampling)
+    token, pos, cache, key = following
 
 
 def stream_text(tokenizer, ids: Iterable[int], *, strip: bool = True) -> Iterator[str]:
