@@ -1,5 +1,7 @@
 """`jaxtune chat` in-process: --prompt-file transcripts, history and its truncation, commands, and the user's errors."""
 
+import shutil
+
 import pytest
 
 from jaxtune import generation
@@ -113,6 +115,10 @@ def test_errors_are_one_line(tiny_dir, tmp_path, capsys):
   assert "no_model: not a directory" in one_line_error(capsys)
   assert main(["--model", str(tiny_dir), "--prompt-file", str(tmp_path / "none.txt")]) == 2
   assert "none.txt: no such file" in one_line_error(capsys)
+  no_template = shutil.copytree(tiny_dir, tmp_path / "base_model")
+  (no_template / "chat_template.jinja").unlink()
+  assert main(["--model", str(no_template)]) == 2
+  assert "base_model: the tokenizer has no chat template" in one_line_error(capsys)
   bad = tmp_path / "bad.txt"
   bad.write_text("/sytem be brief\n")
   assert main(["--model", str(tiny_dir), "--prompt-file", str(bad)]) == 2
