@@ -37,7 +37,7 @@ import pathlib
 import sys
 from typing import Any
 
-from jaxtune.cli import guard
+from jaxtune import cli
 from jaxtune.errors import UserError
 
 PROMPT, ANSWER = "you> ", "model> "
@@ -50,12 +50,8 @@ class ChatError(UserError, ValueError):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-    prog="jaxtune chat",
-    description=__doc__.splitlines()[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split("\n", 1)[1],
-  )
+  p = cli.parser("jaxtune chat", __doc__.splitlines()[0])
+  p.epilog = __doc__.split("\n", 1)[1]
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--run", type=pathlib.Path, metavar="RUN_DIR", help="a training run's directory (its output_dir)")
   source.add_argument(
@@ -281,7 +277,7 @@ def answer_file(chat: Chat, path: pathlib.Path) -> None:
         return
 
 
-@guard
+@cli.guard
 def main(argv: list[str]) -> int:
   args = parse_args(argv)
   if args.prompt_file is not None and not args.prompt_file.is_file():
