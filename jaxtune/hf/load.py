@@ -11,6 +11,7 @@ layer's share of one tensor, never the model. A whole load is the same on one de
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 from typing import Any, Callable
 
@@ -255,7 +256,21 @@ def init_model(cfg: ModelConfig, seed: int = 0, options: ModelOptions | None = N
 
 
 def load_tokenizer(path_or_hub_id: str | pathlib.Path):
-  """The checkpoint's transformers tokenizer (never with remote code)."""
+  """The checkpoint's transformers tokenizer (never with remote code).
+
+  The class its tokenizer_config.json names is built directly when transformers has it: going
+  through AutoTokenizer imports transformers' configuration module, which imports torch wherever
+  torch is installed (seconds at every start, and the runtime never needs it).
+  """
   import transformers
 
-  return transformers.AutoTokenizer.from_pretrained(str(resolve(path_or_hub_id)), trust_remote_code=False)
+  directory = resolve(path_or_hub_id)
+  config_file = directory / "tokenizer_config.json"
+  name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+  if isinstance(name, str) and name.isidentifier():
+    # As AutoTokenizer chooses: the fast (Rust) class where one exists, e.g. LlamaTokenizerFast for LlamaTokenizer.
+    for candidate in (name if name.endswith("Fast") else f"{name}Fast", name):
+      cls = getattr(transformers, candidate, None)
+      if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase):
+        return cls.from_pretrained(str(directory))
+  return transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)

