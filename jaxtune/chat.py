@@ -41,7 +41,6 @@ from jaxtune import cli
 from jaxtune.errors import UserError
 
 PROMPT, ANSWER = "you> ", "model> "
-MODEL_CACHE = "~/.cache/jaxtune/models"  # where built-in models (tiny-random, smollm2-gguf) are built
 COMMANDS = "/reset, /system [TEXT], /exit"
 
 
@@ -98,7 +97,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return run.model, _tokenizer(run.source_dir), f"{args.run} step {run.step}"
   from jaxtune.train import builtin_models
 
-  path = builtin_models.resolve(args.model, MODEL_CACHE)
+  path = builtin_models.resolve(args.model, builtin_models.DEFAULT_CACHE)
   tokenizer = _tokenizer(path)  # before the weights: a checkpoint without a chat template fails at once
   model = load_model(path, dtype=args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
   if args.adapter is not None:

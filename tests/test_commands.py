@@ -209,16 +209,19 @@ def test_debug_shows_the_traceback(tmp_path, models, capsys, monkeypatch):
 
 def test_errors_users_cause_are_user_errors():
   """The guard prints these alone; any other exception is a bug and keeps its traceback."""
+  from jaxtune.chat import ChatError
   from jaxtune.data.records import DataError
   from jaxtune.export.files import ExportError
   from jaxtune.hf.gguf import GGUFImportError
   from jaxtune.hf.safetensors_io import CheckpointError
   from jaxtune.models.config import ModelConfigError
+  from jaxtune.peft.import_adapter import AdapterError
   from jaxtune.train.checkpoint import CheckpointMismatchError
   from jaxtune.train.loop import NonFiniteLossError
   from jaxtune.train.memory import DoesNotFitError
 
   kinds = (DataError, ExportError, GGUFImportError, CheckpointError, ModelConfigError, CheckpointMismatchError)
+  kinds += (AdapterError, ChatError)
   assert all(issubclass(k, UserError) for k in kinds + (NonFiniteLossError, DoesNotFitError, ConfigError))
   assert cli.user_message(FileNotFoundError(2, "No such file or directory", "x.jsonl")) == (
     "x.jsonl: No such file or directory"

@@ -67,12 +67,11 @@ def tokenizer_path(config) -> str:
   """The tokenizer a training config's model.path has, or a data-only config's `tokenizer`; built-ins built once."""
   from jaxtune.errors import ConfigError
   from jaxtune.train import builtin_models
-  from jaxtune.train.config import default_config
 
   if "model" in config:
     key, path, cache = "model.path", config.model.path, config.model.cache_dir
   else:
-    key, path, cache = "tokenizer", config.tokenizer, default_config().model.cache_dir
+    key, path, cache = "tokenizer", config.tokenizer, builtin_models.DEFAULT_CACHE
   if not path:
     raise ConfigError(
       f"{key}: empty; set a checkpoint directory, a hub id or one of {', '.join(builtin_models.BUILTIN_MODELS)}"

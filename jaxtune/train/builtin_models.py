@@ -15,6 +15,7 @@ import string
 import numpy as np
 
 BUILTIN_MODELS = ("smollm2-gguf", "tiny-random")
+DEFAULT_CACHE = "~/.cache/jaxtune/models"  # where they are built unless model.cache_dir says otherwise
 TINY_SPECIALS = ("<pad>", "<|im_start|>", "<|im_end|>")
 TINY_CONFIG = dict(
   architectures=["LlamaForCausalLM"],

@@ -22,6 +22,7 @@ from jaxtune.models import options as options_lib
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import mesh_config
 from jaxtune.peft.lora import METHODS
+from jaxtune.train import builtin_models
 from jaxtune.train.builtin_models import BUILTIN_MODELS
 from jaxtune.train.optim import make_optimizer, optim_config
 
@@ -54,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
       # 1.1 GB (LoRA) / 1.4 GB (full); on an H200 it is faster than none and takes 10.6 against 22.8 GB
       # (LoRA, Llama 3.2 1B shape).
       remat="dots_no_batch",
-      cache_dir="~/.cache/jaxtune/models",  # where built-in models are converted to
+      cache_dir=builtin_models.DEFAULT_CACHE,  # where built-in models are converted to
     )
   )
   c.data = data_config()
