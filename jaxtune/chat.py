@@ -31,11 +31,13 @@ the oldest turns are dropped, and the chat says so the first time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import pathlib
+import signal
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from jaxtune import cli
 from jaxtune.errors import UserError
@@ -204,6 +206,7 @@ class Chat:
       seed=seed,
       **self.sampling,
     )
+    tokens = _until_ctrl_c(tokens)
     print(ANSWER, end="", flush=True)
     shown, stopped = [], True
     try:
@@ -242,6 +245,54 @@ def handle(chat: Chat, line: str) -> bool:
   return True
 
 
+# Ctrl-C. The terminal sends SIGINT to the process, and the kernel hands it to any thread that does not block it.
+# Taken by one of XLA's worker threads, it would reach the main thread, waiting in readline for a key, only at the
+# next key: Ctrl-C at the prompt would seem ignored. So every thread blocks SIGINT (threads inherit the mask of the
+# thread that starts them): the main thread lets it in only while it waits at the prompt, and otherwise looks for a
+# pending one between decoded tokens.
+_SIGINT = {signal.SIGINT}
+_MASKS = hasattr(signal, "pthread_sigmask")  # POSIX
+
+
+@contextlib.contextmanager
+def ctrl_c_blocked():
+  """SIGINT blocked in this thread and every thread it starts, then the caller's mask again."""
+  if not _MASKS:
+    yield
+    return
+  before = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGINT)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+@contextlib.contextmanager
+def ctrl_c_allowed():
+  """SIGINT delivered at once (as KeyboardInterrupt) inside the block: the prompt's wait for a key."""
+  if not _MASKS:
+    yield
+    return
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGINT)
+
+
+def raise_if_ctrl_c() -> None:
+  """KeyboardInterrupt when a blocked Ctrl-C is pending (and consumes it)."""
+  if _MASKS and signal.SIGINT in signal.sigpending():
+    signal.sigtimedwait(_SIGINT, 0)
+    raise KeyboardInterrupt
+
+
+def _until_ctrl_c(tokens: Iterator[int]) -> Iterator[int]:
+  for token in tokens:
+    raise_if_ctrl_c()
+    yield token
+
+
 def repl(chat: Chat) -> None:
   interactive = sys.stdin.isatty()
   try:
@@ -250,7 +301,8 @@ def repl(chat: Chat) -> None:
     pass
   while True:
     try:
-      line = input(PROMPT)
+      with ctrl_c_allowed():
+        line = input(PROMPT)
       if not interactive:  # piped input: show it, so the output reads as a transcript
         print(line)
     except EOFError:
@@ -281,11 +333,17 @@ def main(argv: list[str]) -> int:
   args = parse_args(argv)
   if args.prompt_file is not None and not args.prompt_file.is_file():
     raise ChatError(f"{args.prompt_file}: no such file; --prompt-file takes a text file with one prompt a line.")
+  with ctrl_c_blocked():
+    return _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
   import jax
 
   if not jax.config.jax_compilation_cache_dir:  # as `jaxtune train` does: the next chat with a model starts faster
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxtune/xla"))
   model, tokenizer, name = load(args)
+  raise_if_ctrl_c()  # pressed while the model loaded: quit now
   sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
   chat = Chat(model, tokenizer, args.max_new_tokens, sampling, seed=args.seed)
   if args.max_new_tokens >= model.config.max_position_embeddings:

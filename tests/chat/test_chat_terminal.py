@@ -1,6 +1,7 @@
 """`python -m jaxtune.chat` in a real pseudo-terminal: prompts, streamed answers, commands, Ctrl-C and exit."""
 
 import os
+import pathlib
 import pty
 import re
 import select
@@ -57,6 +58,13 @@ class Terminal:
     out, self.seen = self.seen.split(marker, 1)
     return out + marker
 
+  def wait_for_the_prompt_to_wait(self) -> None:
+    """Until the chat's main thread sleeps in readline's wait for a key (Linux: its wchan is a poll or select)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not any(w in pathlib.Path(f"/proc/{self.proc.pid}/wchan").read_text() for w in ("poll", "select")):
+      assert time.monotonic() < deadline, f"the chat never waited for a key; the terminal shows:\n{self.seen}"
+      time.sleep(0.01)
+
   def type(self, text: str) -> None:
     os.write(self.fd, text.encode())
     self.typed.append(text)
@@ -95,11 +103,14 @@ def test_chat_in_a_terminal(tiny_dir, request):
     reset = term.read_until("you> ")
     term.type("hi\n")
     second = term.read_until("you> ")
-    # Ctrl-C at the prompt: the line is dropped, the chat goes on. (A Ctrl-C between readline's prompt and its wait
-    # for a key is seen only at the next key: CPython's readline checks signals when its wait is interrupted. No
-    # person types within microseconds of the prompt; the test waits a moment.)
-    time.sleep(0.3)
-    term.type("half a line\x03")
+    # Ctrl-C at the prompt: the line is dropped, the chat goes on. (A Ctrl-C that lands between readline's echo of a
+    # key and its wait for the next is seen only at the next key: CPython's readline checks signals when its wait is
+    # interrupted. No person types within that microsecond, but a test on a loaded machine can: so it waits until
+    # the chat waits.)
+    term.type("half a line")
+    term.read_until("half a line")
+    term.wait_for_the_prompt_to_wait()
+    term.type("\x03")
     interrupted = term.read_until("you> ")
     term.type("/exit\n")
     assert term.exit_code() == 0
