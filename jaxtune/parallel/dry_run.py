@@ -35,7 +35,7 @@ from jaxtune.parallel import mesh as mesh_lib
 from jaxtune.parallel import sharding as sharding_lib
 from jaxtune.peft import apply_lora
 from jaxtune.peft.lora import split_trainable
-from jaxtune.train import optim
+from jaxtune.train import builtin_models, optim
 from jaxtune.train import step as step_lib
 
 # The config.json fields that set memory, for the models of docs/scaling.md (rope and norms do not matter here).
@@ -147,8 +147,12 @@ class Report:
 HEADER = "devices  d x f x t  params  trained  optim.  act/tmp  peak (GiB per device)"
 
 
-def model_config(model: str = "", model_config_path: str = "", config_model_path: str = "") -> ModelConfig:
-  """ModelConfig from a preset name, a config.json path, or a run config's model.path (dir or known hub id)."""
+def model_config(
+  model: str = "", model_config_path: str = "", config_model_path: str = "", cache_dir: str = ""
+) -> ModelConfig:
+  """ModelConfig from a preset name, a config.json path, or a run config's model.path (dir, hub id, built-in)."""
+  if config_model_path in builtin_models.BUILTIN_MODELS:
+    config_model_path = builtin_models.resolve(config_model_path, cache_dir or builtin_models.DEFAULT_CACHE)
   if model_config_path:
     return from_hf_dict(json.loads(pathlib.Path(model_config_path).read_text()), model_config_path)
   name = model or HUB_IDS.get(config_model_path, "")
@@ -274,7 +278,7 @@ def run(argv: list[str]) -> list[Report]:
   if args.preset:
     mesh_cfg = ml_collections.ConfigDict(mesh_cfg.to_dict())
     mesh_cfg.preset = args.preset
-  cfg = model_config(args.model, args.model_config, config.model.path)
+  cfg = model_config(args.model, args.model_config, config.model.path, config.model.cache_dir)
   config = config_lib.resolve(config, args.platform, cfg)  # e.g. TPU: bfloat16 compute, float32 masters for full
   options = config_lib.model_options(config, args.platform)
   note = ""
