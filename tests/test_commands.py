@@ -297,3 +297,10 @@ def test_the_jaxtune_script_prints_one_line_and_a_traceback_only_with_debug(tmp_
     timeout=120,
   )
   assert debug.returncode == 1 and "Traceback" in debug.stderr and "optim.learning_rate" in debug.stderr
+
+
+def test_dry_run_reads_a_built_in_models_shape(models):
+  from jaxtune.parallel import dry_run
+
+  cfg = dry_run.model_config(config_model_path="tiny-random", cache_dir=str(models))
+  assert (cfg.hidden_size, cfg.num_layers) == (32, 2)
