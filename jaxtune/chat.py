@@ -256,15 +256,20 @@ _MASKS = hasattr(signal, "pthread_sigmask")  # POSIX
 
 @contextlib.contextmanager
 def ctrl_c_blocked():
-  """SIGINT blocked in this thread and every thread it starts, then the caller's mask again."""
-  if not _MASKS:
-    yield
-    return
-  before = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGINT)
+  """SIGINT blocked in this thread and every thread it starts, then the caller's mask again.
+
+  Inside, Ctrl-C raises KeyboardInterrupt (where it is let in) even when this process inherited SIGINT
+  ignored, as a command started in the background by a non-interactive shell does.
+  """
+  handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+  before = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGINT) if _MASKS else None
   try:
     yield
   finally:
-    signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    if before is not None:
+      signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    if handler is not None:  # None: one installed outside Python, which Python cannot put back
+      signal.signal(signal.SIGINT, handler)
 
 
 @contextlib.contextmanager
