@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data.records import DataError, Record
+from jaxtune.hf.tokens import END_OF_TURN_TOKENS
 
 TRAIN_ON = ("assistant", "all", "last_assistant")
 _MARK = "\ue000\ue001\ue002"  # private-use characters, no letters: no template trims, cases or rewrites them
@@ -69,11 +70,13 @@ def encode_record(
   trained = turns[-1:] if train_on == "last_assistant" else turns
   mask = np.zeros(len(ids), np.int8)
   spans = {}
+  markers = end_of_turn_ids(tokenizer)
   for k in turns:  # every turn is located and checked, even those not trained
     start, answer_start, answer_end, common_end = _assistant_span(messages, k, full, render, record.location)
-    end = _end_of_turn(full, offsets, answer_end, common_end, f"messages[{k}]", record.location)
+    end, marker = _end_of_turn(full, ids, offsets, answer_end, common_end, markers, tokenizer, k, record.location)
     spans[k] = (start, answer_start, answer_end, end)
-    tokens = _check_turn(spans[k], k, full, ids, offsets, tokenizer, record.location)
+    expected = full[start:answer_start] + _split_reasoning(messages[k]["content"])[1].strip() + marker
+    tokens = _check_turn(spans[k], k, full, ids, offsets, tokenizer, expected, record.location)
     if k in trained:
       mask[tokens] = 1
   if _GENERATION_TAG.search(render.template):
@@ -229,11 +232,59 @@ def _assistant_span(
   return start, answer_start, answer_end, common_end
 
 
+def end_of_turn_ids(tokenizer: Any) -> frozenset[int]:
+  """Ids of the tokens that close an assistant turn: the known end-of-turn tokens in the vocabulary, and EOS."""
+  vocab = tokenizer.get_vocab()
+  ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  return frozenset(ids)
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+  return {i for i, token in tokenizer.added_tokens_decoder.items() if token.special} | set(tokenizer.all_special_ids)
+
+
 def _end_of_turn(
-  full: str, offsets: list[tuple[int, int]], answer_end: int, common_end: int, field: str, location: str
-) -> int:
-  """End of the end-of-turn text: the last token boundary within the common text, less trailing whitespace."""
-  end = max([b for a, b in offsets if answer_end < b <= common_end], default=answer_end)
+  full: str,
+  ids: np.ndarray,
+  offsets: list[tuple[int, int]],
+  answer_end: int,
+  common_end: int,
+  markers: frozenset[int],
+  tokenizer: Any,
+  k: int,
+  location: str,
+) -> tuple[int, str]:
+  """(end of the turn's trained text, its end marker's text), within what follows the answer in both renders.
+
+  The text after an answer that is the same whether or not the answer closes the conversation holds the
+  end-of-turn marker, but can run past it: a template that always writes the assistant header after the last
+  turn (Meta-Llama-3-8B-Instruct's first template) shares `<|start_header_id|>` with the next user turn. So the
+  turn ends right after the first end-of-turn token (`end_of_turn_ids`) there. A template that closes turns
+  with plain text (no special token) keeps that text; one whose closing text holds special tokens but none
+  that ends a turn cannot be masked exactly and is refused.
+  """
+  field = f"messages[{k}]"
+  after = [t for t, (a, b) in enumerate(offsets) if answer_end < b <= common_end and b > a]
+  ends = [t for t in after if int(ids[t]) in markers]
+  if ends:
+    end = offsets[ends[0]][1]
+    marker = tokenizer.decode([int(ids[ends[0]])], skip_special_tokens=False)
+  else:
+    specials = [t for t in after if int(ids[t]) in _special_ids(tokenizer)]
+    if specials:
+      shown = tokenizer.decode([int(ids[t]) for t in after], skip_special_tokens=False)
+      raise DataError(
+        location,
+        field,
+        f"the chat template closes this answer with {shown!r}, which holds special tokens but none that ends a "
+        f"turn ({', '.join(t for t in END_OF_TURN_TOKENS if t in tokenizer.get_vocab()) or 'no EOS'})",
+        "use a template that ends answers with an end-of-turn or EOS token",
+        reason="template not maskable",
+      )
+    end = max([offsets[t][1] for t in after], default=answer_end)
+    marker = full[answer_end:end].strip()
   end = answer_end + len(full[answer_end:end].rstrip())
   if end == answer_end:
     raise DataError(
@@ -243,7 +294,7 @@ def _end_of_turn(
       "use a template that closes answers (e.g. with EOS)",
       reason="no end-of-turn token",
     )
-  return end
+  return end, marker
 
 
 def _check_turn(
@@ -253,9 +304,15 @@ def _check_turn(
   ids: np.ndarray,
   offsets: list[tuple[int, int]],
   tokenizer: Any,
+  expected: str,
   location: str,
 ) -> list[int]:
-  """Token indices of turn k, checked to decode to exactly the turn's text."""
+  """Token indices of turn k, checked to decode to exactly `expected`: what the template writes between the
+  assistant header and the answer (a reasoning block), the message's own content, and its end marker.
+
+  `expected` is built from the record and the end marker token, not from where the turn was found in the
+  rendering, so a span that runs on into the next turn's header cannot pass.
+  """
   start, _, _, end = span
   field = f"messages[{k}]"
   tokens = [t for t, (a, b) in enumerate(offsets) if _overlaps(a, b, start, end)]
@@ -272,11 +329,11 @@ def _check_turn(
       reason="bad loss mask",
     )
   decoded = tokenizer.decode(ids[tokens].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-  if _squash(decoded) != _squash(full[start:end]):
+  if _squash(decoded) != _squash(expected):
     raise DataError(
       location,
       field,
-      f"the trained tokens decode to {decoded!r}, not to the assistant turn {full[start:end]!r}",
+      f"the trained tokens decode to {decoded!r}, not to the answer and its end marker {expected!r}",
       "check the tokenizer and chat template",
       reason="bad loss mask",
     )

@@ -24,12 +24,17 @@ CONVERSATIONS["multi+system"] = [SYSTEM] + CONVERSATIONS["multi"]
 
 # template -> (tokenizer source, end-of-turn text after a middle answer, after the final answer)
 CASES = {
+  # The template Meta-Llama-3-8B-Instruct first shipped: it writes the assistant header after the last turn
+  # whether or not a generation prompt was asked for.
+  "llama-3-original": ("llama3", "<|eot_id|>", "<|eot_id|>"),
+  # ChatML with the same habit.
+  "chatml-always-prompt": ("qwen3", "<|im_end|>", "<|im_end|>"),
   "llama-3.1": ("llama3", "<|eot_id|>", "<|eot_id|>"),
   "llama-3.2": ("llama3", "<|eot_id|>", "<|eot_id|>"),
   "llama-3.2-generation": ("llama3", "<|eot_id|>", "<|eot_id|>"),
   "gemma-2": ("gemma", "<end_of_turn>", "<end_of_turn>"),
   "gemma-3": ("gemma", "<end_of_turn>", "<end_of_turn>"),
-  "phi-3": ("phi3", "<|end|>", "<|end|>\n<|endoftext|>"),
+  "phi-3": ("phi3", "<|end|>", "<|end|>"),  # the <|endoftext|> after the last turn closes the text, not the turn
   "qwen2.5": ("qwen3", "<|im_end|>", "<|im_end|>"),
   "smollm2": ("qwen3", "<|im_end|>", "<|im_end|>"),
   "mistral-v3": ("mistral-v3", "</s>", "</s>"),
