@@ -33,7 +33,9 @@ def data_config() -> ml_collections.ConfigDict:
 
   # Templating and loss masks (see jaxtune.data.chat).
   c.train_on = "assistant"  # assistant | all | last_assistant
-  c.chat_template = ""  # Empty: the tokenizer's own template.
+  # Empty: the tokenizer's own template. A name (llama2, llama3, mistral, qwen2.5, qwen3, gemma, phi3:
+  # jaxtune/data/templates) or Jinja text replaces it, in training, task scoring and the exported tokenizer.
+  c.chat_template = ""
 
   # Lengths.
   c.max_seq_len = 2048

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from jaxtune.data import chat, records
+from jaxtune.data import chat, records, templates
 from jaxtune.data.records import DataError, SkipReport
 
 SPLITS = ("train", "validation", "test")
@@ -320,7 +320,7 @@ def tokenize_source(
       data_cfg.prompt_template,
       data_cfg.on_error,
       data_cfg.train_on,
-      data_cfg.chat_template,
+      templates.resolve(data_cfg.chat_template),
     ]
   )
   path = pathlib.Path(data_cfg.cache_dir).expanduser() / f"{key}.npz" if data_cfg.cache_dir else None
@@ -337,7 +337,7 @@ def tokenize_source(
     on_error=data_cfg.on_error,
     report=skipped,
   )
-  settings = (data_cfg.train_on, data_cfg.chat_template or None, data_cfg.on_error)
+  settings = (data_cfg.train_on, templates.resolve(data_cfg.chat_template), data_cfg.on_error)
   examples = Examples.from_items(_encode_all(stream, tokenizer, settings, data_cfg.num_workers, skipped))
   if path is not None:
     _save(path, examples, skipped)

@@ -140,6 +140,19 @@ def prepare_output_dir(
   return out
 
 
+def write_chat_template(out: pathlib.Path, template: str) -> None:
+  """Makes `template` the exported tokenizer's chat template (the run's `data.chat_template`).
+
+  Both places transformers reads: chat_template.jinja, which it prefers, and tokenizer_config.json.
+  """
+  config = out / "tokenizer_config.json"
+  if config.is_file():
+    data = json.loads(config.read_text())
+    data["chat_template"] = template
+    config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+  (out / "chat_template.jinja").write_text(template)
+
+
 def copy_tokenizer_files(source_dir: pathlib.Path, out: pathlib.Path) -> list[str]:
   """Copies the tokenizer and chat-template files of the source checkpoint; returns their names."""
   copied = []

@@ -130,8 +130,11 @@ def check_source(cfg: ModelConfig, source_dir: str | os.PathLike) -> None:
   _tokenizer_tables(pathlib.Path(source_dir), cfg.vocab_size)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, source: pathlib.Path, n_vocab: int) -> None:
-  """Tokens, token types, merges, special ids, add-bos flag and chat template (llama.cpp's keys)."""
+def _add_tokenizer(writer: gguf.GGUFWriter, source: pathlib.Path, n_vocab: int, chat_template: str | None) -> None:
+  """Tokens, token types, merges, special ids, add-bos flag and chat template (llama.cpp's keys).
+
+  chat_template: the one the run trained with, in place of the source's (None: the source's).
+  """
   tokens, types, pre = _tokenizer_tables(source, n_vocab)
   writer.add_tokenizer_model("gpt2")
   writer.add_tokenizer_pre(pre)
@@ -139,6 +142,8 @@ def _add_tokenizer(writer: gguf.GGUFWriter, source: pathlib.Path, n_vocab: int) 
   writer.add_token_types(types)
   special = gguf.SpecialVocab(source, load_merges=True, n_vocab=n_vocab)
   special.add_special_token.setdefault("bos", False)  # llama.cpp would otherwise assume a BOS is wanted
+  if chat_template:
+    special.chat_template = chat_template
   if special.chat_template is None:
     warnings.warn(f"{source} has no chat template; the GGUF file will have none.", stacklevel=3)
   special.add_to_gguf(writer, quiet=True)
@@ -210,10 +215,12 @@ def export_gguf(
   dtype: str = "f16",
   overwrite: bool = False,
   name: str | None = None,
+  chat_template: str | None = None,
 ) -> pathlib.Path:
   """Writes `model` (LoRA merged) as one GGUF file for llama.cpp; returns its path.
 
   source_dir: the HF checkpoint the model was loaded from (tokenizer and chat template).
+  chat_template: written instead of the source's (a run's `data.chat_template`).
   dtype: "f16", "bf16", "q8_0" or "f32".
   """
   dtype = gguf_dtype(dtype)
@@ -236,7 +243,7 @@ def export_gguf(
   writer = gguf.GGUFWriter(partial, "llama")
   try:
     _add_hparams(writer, model, name or source.name, file_type)
-    _add_tokenizer(writer, source, cfg.vocab_size)
+    _add_tokenizer(writer, source, cfg.vocab_size, chat_template)
     plans = []
     for spec, gguf_name in specs:
       plan = _plan(spec, gguf_name, qtype)

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxtune.data import templates
 from jaxtune.export import files
 from jaxtune.export import gguf as gguf_export
 from jaxtune.export.adapter import ADAPTER_PATTERNS, export_adapter
@@ -226,10 +227,15 @@ def export_run(
     run = load_run(run_dir, step, base_weights=False)
     return export_adapter(run.model, out_dir, run.base_model, dtype=dtype or "float32", overwrite=overwrite)
   run = load_run(run_dir, step)
+  # A template named in the run's config (data.chat_template) goes with the model: inference formats as training did.
+  template = templates.resolve(config.get("data", {}).get("chat_template", ""))
   if format == "merged":
-    return export_merged(
+    out = export_merged(
       run.model, run.source_dir, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
     )
+    if template:
+      files.write_chat_template(out, template)
+    return out
   out = files.prepare_output_dir(out_dir, overwrite=overwrite, patterns=patterns)
   return gguf_export.export_gguf(
     run.model,
@@ -238,6 +244,7 @@ def export_run(
     dtype=dtype,
     overwrite=overwrite,
     name=f"{run_dir.name}-step{run.step}",
+    chat_template=template,
   )
 
 

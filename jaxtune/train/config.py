@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 from jaxtune import configs
-from jaxtune.data import packing
+from jaxtune.data import packing, templates
 from jaxtune.data.config import data_config
 from jaxtune.errors import ConfigError
 from jaxtune.models import attention as attn_lib
@@ -196,6 +196,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   if train.eval_every < 0 or train.log_every < 1:
     _fail("train.eval_every / train.log_every", "eval_every must be >= 0 and log_every >= 1")
 
+  templates.resolve(data.chat_template)  # a name that is not one fails here, listing the names
   if not _sources(data.train):
     _fail("data.train", "no training data", "set a JSONL/JSON/Parquet/CSV file, a directory or a dataset id")
   for source in _sources(data.train) + _sources(data.validation):

@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxtune import configs, parallel, tasks
 from jaxtune import data as data_lib
+from jaxtune.data import templates
 from jaxtune.errors import UserError
 from jaxtune.hf import load as hf_load
 from jaxtune.models import config as model_config_lib
@@ -208,6 +209,9 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   """Tokenizer, data iterators, task examples, model (+ LoRA) and a fresh TrainState."""
   model_path = builtin_models.resolve(config.model.path, config.model.cache_dir)
   tokenizer = hf_load.load_tokenizer(model_path)
+  template = templates.resolve(config.data.chat_template)
+  if template:  # the configured template formats the task's prompts too, as it does the training data
+    tokenizer.chat_template = template
   pid, pcount = jax.process_index(), jax.process_count()
   train_iter = data_lib.make_loader(config.data, tokenizer, split="train", process_index=pid, process_count=pcount)
   val_data = None

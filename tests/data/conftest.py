@@ -61,7 +61,15 @@ FAMILIES = {  # family -> (special tokens, bos, eos)
 }
 
 
+# Real templates that jaxtune ships as named templates (jaxtune/data/templates), under their fixture names.
+PACKAGED = {"qwen2.5": "qwen2.5", "phi-3": "phi3", "mistral-v3": "mistral", "gemma-3": "gemma"}
+
+
 def load_template(name: str) -> str:
+  from jaxtune.data import templates
+
+  if name in PACKAGED:
+    return templates.resolve(PACKAGED[name])
   return (TEMPLATES / f"{name}.jinja").read_text()
 
 
