@@ -162,6 +162,7 @@ COMMAND_LINE_MISTAKES = {
   "no value": (["--config.data.max_seq_len"], "--config.data.max_seq_len needs a value"),
   "unknown format": (["--config.data.format=xml"], "format must be 'auto' or one of"),
   "unknown field_map key": (["--config.data.field_map.questin=q"], "field_map key 'questin' is not a field jaxtune"),
+  "unknown template name": (["--config.data.chat_template=llama4"], "'llama4' is neither a named template (gemma,"),
 }
 
 

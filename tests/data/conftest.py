@@ -68,8 +68,8 @@ PACKAGED = {"qwen2.5": "qwen2.5", "phi-3": "phi3", "mistral-v3": "mistral", "gem
 def load_template(name: str) -> str:
   from jaxtune.data import templates
 
-  if name in PACKAGED:
-    return templates.resolve(PACKAGED[name])
+  if name in PACKAGED or name in templates.NAMES:
+    return templates.resolve(PACKAGED.get(name, name))
   return (TEMPLATES / f"{name}.jinja").read_text()
 
 

@@ -3,6 +3,8 @@ tokens."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,9 @@ CASES = {
   # ChatML with the same habit.
   "chatml-always-prompt": ("qwen3", "<|im_end|>", "<|im_end|>"),
   "llama-3.1": ("llama3", "<|eot_id|>", "<|eot_id|>"),
+  # Named templates that no fixture above stands for (jaxtune/data/templates).
+  "llama2": ("mistral-v3", " </s>", " </s>"),  # ' ' + answer + ' ' + eos_token
+  "llama3": ("llama3", "<|eot_id|>", "<|eot_id|>"),
   "llama-3.2": ("llama3", "<|eot_id|>", "<|eot_id|>"),
   "llama-3.2-generation": ("llama3", "<|eot_id|>", "<|eot_id|>"),
   "gemma-2": ("gemma", "<end_of_turn>", "<end_of_turn>"),
@@ -188,6 +193,19 @@ def test_template_without_end_of_turn_is_rejected(family_tokenizer):
   assert str(err.value).startswith("data.jsonl:7: messages[1]: the chat template writes no end-of-turn token")
 
 
+def test_template_closing_answers_with_special_tokens_but_no_end_of_turn_is_rejected(family_tokenizer):
+  template = (
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}<|python_tag|>{% endfor %}"
+  )
+  tokenizer = family_tokenizer("llama3", template)
+  with pytest.raises(DataError) as err:
+    encode(tokenizer, CONVERSATIONS["single"])
+  assert str(err.value).startswith(
+    "data.jsonl:7: messages[1]: the chat template closes this answer with '<|python_tag|>', which holds special "
+    "tokens but none that ends a turn (<|eot_id|>, <|eom_id|>)"
+  )
+
+
 def test_template_that_rewrites_answers_is_rejected(family_tokenizer):
   template = (
     "{% for m in messages %}{{ m.role }}: {{ m.content | upper if m.role == 'assistant' else m.content }}"
@@ -212,3 +230,33 @@ def test_text_records_train_every_token_and_end_with_eos(family_tokenizer):
   enc = encode_record(Record("text", text="The quick brown fox.", location="t.jsonl:1"), tokenizer)
   assert enc.input_ids[-1] == tokenizer.eos_token_id and enc.loss_mask.all()
   assert tokenizer.decode(enc.input_ids.tolist()) == "The quick brown fox.<|eot_id|>"
+
+
+@pytest.mark.parametrize("name", ["llama-3-original", "chatml-always-prompt"])
+def test_templates_with_an_unconditional_generation_prompt_train_answers_only(name, tokenizer_for):
+  """The trailing assistant header they write is neither trained after the last answer nor doubled in a prompt."""
+  from jaxtune.generation import encode_prompts
+
+  tokenizer, template = tokenizer_for(name)
+  header = "<|start_header_id|>assistant<|end_header_id|>" if name.startswith("llama") else "<|im_start|>assistant"
+  for train_on, runs in (("last_assistant", 1), ("assistant", 2)):
+    enc = encode(tokenizer, CONVERSATIONS["multi"], template, train_on=train_on)
+    trained = trained_runs(tokenizer, enc)
+    assert len(trained) == runs and not any(header in run or "<|start_header_id|>" in run for run in trained), trained
+  enc = encode(tokenizer, CONVERSATIONS["multi"], template, train_on="all")
+  assert enc.loss_mask.all()
+  if template is not None:  # generation formats prompts with the tokenizer's own template: give it this one
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = template
+  (prompt,) = encode_prompts(tokenizer, [CONVERSATIONS["multi"][:1]])
+  text = tokenizer.decode(prompt, skip_special_tokens=False)
+  assert text.count(header) == 1 and text.rstrip().endswith(header), text
+
+
+def test_unknown_template_names_list_the_named_ones():
+  from jaxtune.data import templates
+  from jaxtune.errors import ConfigError
+
+  with pytest.raises(ConfigError, match="data.chat_template: 'llama4' is neither a named template \\(gemma, llama2"):
+    templates.resolve("llama4")
+  assert templates.resolve("") is None and templates.resolve("{{ messages }}") == "{{ messages }}"

@@ -178,16 +178,21 @@ def test_cli_exports_without_importing_torch(lora_run, tmp_path):
 
 @pytest.mark.slow
 def test_export_after_real_training(tmp_path, cache):
+  from jaxtune.data import templates
+  from jaxtune.hf.load import load_tokenizer
   from jaxtune.train import loop
 
-  config = tiny_config(
-    tmp_path / "run", cache, **{"train.steps": 3, "train.eval": False, "train.eval_every": 0, "checkpoint.every": 2}
-  )
+  # Trained with a named template (ChatML, which the tiny tokenizer's special tokens fit), which the export keeps.
+  settings = {"train.steps": 3, "train.eval": False, "train.eval_every": 0, "checkpoint.every": 2}
+  config = tiny_config(tmp_path / "run", cache, **settings, **{"data.chat_template": "qwen2.5"})
   loop.train(config)
   run = load_run(tmp_path / "run")
   assert run.step == 3
   merged = export_run(tmp_path / "run", tmp_path / "merged", "merged", step=3)
   assert_close_logits(np.asarray(load_model(merged)(IDS)), np.asarray(run.model(IDS)), rel=1e-5)
+  assert (
+    load_tokenizer(merged).chat_template == templates.resolve("qwen2.5") != load_tokenizer(run.source_dir).chat_template
+  )
   adapter = export_run(tmp_path / "run", tmp_path / "adapter", "adapter", step=2)
   assert set(load_file(adapter / "adapter_model.safetensors")) == set(
     peft_state_dict(load_run(tmp_path / "run", 2).model)
