@@ -100,6 +100,14 @@ def test_metadata_matches_llama_cpp_own_smollm2_file(smollm2_lora, smollm2_dir, 
   assert sorted(t.name for t in ours.tensors) == sorted(t.name for t in reference.tensors)
 
 
+def test_a_runs_chat_template_replaces_the_sources(tiny, tmp_path):
+  from jaxtune.data import templates
+
+  source, model, _ = tiny
+  path = export_gguf(model, source, tmp_path / "t.gguf", dtype="f16", chat_template=templates.resolve("llama3"))
+  assert gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents() == templates.resolve("llama3") != CHATML
+
+
 def test_refusals_leave_no_file(tmp_path, tiny):
   tiny_hf.build("qwen2", tmp_path / "qwen2")
   with pytest.raises(ExportError, match=r"model_type 'qwen2'.*--format merged"):
