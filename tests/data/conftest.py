@@ -5,7 +5,8 @@ Real tokenizers come from package registries and are cached under pytest's cache
   - Mistral v3 / v7: the SentencePiece models inside the PyPI wheel mistral-common (downloaded with
     `pip download --no-deps`, not installed: it pins numpy<2.4 on Python <= 3.12). Converting them to a fast
     tokenizer needs the `sentencepiece` package.
-Llama 3.x, Gemma 2/3 and Phi-3 use their real templates (tests/data/fixtures/templates/) with a tiny byte-level BPE
+Llama 3.x, Gemma 2/3 and Phi-3 use their real templates (tests/data/fixtures/templates/, and the named ones
+jaxtune ships in jaxtune/data/templates/) with a tiny byte-level BPE
 tokenizer that knows each family's special tokens.
 """
 
@@ -184,7 +185,7 @@ def mistral_tokenizers(mistral_dirs: dict[str, pathlib.Path]) -> dict:
 
 @pytest.fixture(scope="session")
 def template_text():
-  """`template_text(name)`: a real chat template from tests/data/fixtures/templates."""
+  """`template_text(name)`: a real chat template from tests/data/fixtures/templates or jaxtune/data/templates."""
   return load_template
 
 
