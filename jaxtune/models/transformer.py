@@ -180,10 +180,15 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope_lib.apply_rope(q, *cos_sin), rope_lib.apply_rope(k, *cos_sin)
     if kv_cache is not None:  # write the new keys/values at their slots, attend over the whole cache
-      k_cache, v_cache = kv_cache
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-      kv_cache = (k, v)
+      # kv_cache: every layer's keys and values [L, B, S, K, H] and this layer's index. The new entries are
+      # written into the stacked arrays in place (they are the layer loop's carry), so a decoding step moves
+      # only what it reads, not a copy of the whole cache per layer.
+      k_all, v_all, layer = kv_cache
+      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (layer, 0, cache_index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (layer, 0, cache_index, 0, 0))
+      k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+      kv_cache = (k_all, v_all)
     kernels = kernels_lib.get(self.kernels)
     if self.impl == "splash" and kv_cache is None:
       out = attn_lib.splash_attend(
@@ -408,5 +413,16 @@ class CausalLM(nnx.Module):
 
     if remat != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    kv = None if cache is None else (cache.k, cache.v)
-    return jax.lax.scan(body, x, (state, sliding, kv))
+    if cache is None:
+      return jax.lax.scan(body, x, (state, sliding, None))
+
+    # Decoding: the whole cache rides in the carry and each layer updates its slice in place (Attention).
+    def cached(carry, xs):
+      x, k_all, v_all = carry
+      layer_state, is_sliding, layer = xs
+      x, (k_all, v_all) = body(x, (layer_state, is_sliding, (k_all, v_all, layer)))
+      return (x, k_all, v_all), None
+
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(cached, (x, cache.k, cache.v), (state, sliding, layers))
+    return x, (k, v)
