@@ -1,0 +1,12 @@
+"""bench.generate: both samplers on the tiny model, each row with its rates and peak RSS."""
+
+from bench import generate
+
+
+def test_smoke_measures_both_sides_with_the_same_tokens(capsys):
+  rows = generate.main(["--smoke"])
+  assert [(r["side"], r["batch"], r["new"]) for r in rows] == [("jaxtune", 2, 16), ("transformers", 2, 16)]
+  for r in rows:
+    assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_gib"] > 0, r
+  out = capsys.readouterr().out
+  assert out.startswith("cpu: ") and "jaxtune / transformers decode: " in out
