@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from bench.train_cpu import cpu_model
+from bench.train_cpu import _ask, cpu_model
 
 
 def _prompts(tokenizer, batch: int) -> list[list[int]]:
@@ -101,16 +101,6 @@ def _start(side: str, args, path: str) -> subprocess.Popen:
   cmd += ["--sampled"] if args.sampled else []
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
-
-
-def _ask(proc: subprocess.Popen, line: str | None = None) -> dict:
-  if line is not None:
-    proc.stdin.write(line + "\n")
-    proc.stdin.flush()
-  out = proc.stdout.readline()
-  if not out:
-    raise RuntimeError(f"benchmark worker exited with {proc.wait()}; see its stderr above.")
-  return json.loads(out)
 
 
 def main(argv=None) -> list[dict]:
