@@ -297,8 +297,13 @@ class KVCache:
     )
 
 
+class HeadParam(nnx.Param):
+  """A task head added to the LM (a reward model's score): trained under every PEFT method, as PEFT's
+  modules_to_save trains a sequence classifier's `score`."""
+
+
 class CausalLM(nnx.Module):
-  """Embeddings, a scanned stack of decoder layers, final norm and LM head."""
+  """Embeddings, a scanned stack of decoder layers, final norm and LM head (and optionally a score head)."""
 
   def __init__(self, cfg: ModelConfig, options: ModelOptions | None = None, *, rngs: nnx.Rngs):
     """cfg: the architecture (config.json); options: how this run executes it (default: plain, float32)."""
@@ -313,6 +318,27 @@ class CausalLM(nnx.Module):
     self.lm_head = nnx.data(None)
     if not cfg.tie_embeddings:
       self.lm_head = Linear("BTD,DV->BTV", (D, V), ("embed", "vocab"), options=options, rngs=rngs)
+    self.score = nnx.data(None)  # HeadParam [D, labels] once `add_score_head` makes this a reward model
+
+  def add_score_head(
+    self, kernel: jax.Array | None = None, *, labels: int = 1, seed: int = 0, std: float = 0.02
+  ) -> None:
+    """Makes this a sequence scorer (transformers' *ForSequenceClassification `score`, no bias).
+
+    kernel: [D, labels] (HF stores its transpose); default normal(0, std), transformers' init with
+    its default initializer_range 0.02.
+    """
+    D = self.config.hidden_size
+    if kernel is None:
+      kernel = std * jax.random.normal(jax.random.key(seed), (D, labels), jnp.float32)
+    if tuple(kernel.shape) != (D, labels):
+      raise ValueError(f"score head kernel must be [{D}, {labels}], got {list(kernel.shape)}.")
+    self.score = HeadParam(jnp.asarray(kernel, self.options.param_dtype), axes=("embed", None))
+
+  def scores(self, hidden_BTD: jax.Array) -> jax.Array:
+    """The score head at every position, float32 [B, T, labels]."""
+    w = self.score[...]
+    return jnp.einsum("BTD,DL->BTL", hidden_BTD, w.astype(hidden_BTD.dtype), preferred_element_type=jnp.float32)
 
   def __call__(
     self,

@@ -31,7 +31,7 @@ from jaxtune.errors import ConfigError
 from jaxtune.hf import mapping
 from jaxtune.models import einsum as einsum_lib
 from jaxtune.models import kernels as kernels_lib
-from jaxtune.models.transformer import CausalLM, Linear
+from jaxtune.models.transformer import CausalLM, HeadParam, Linear
 
 METHODS = ("lora", "full")  # peft.method: train the adapters only, or every weight
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -49,7 +49,23 @@ def split_trainable(model: nnx.Module, method: str) -> tuple[nnx.GraphDef, nnx.S
   """(graphdef, trained leaves, adapter dropout keys, the rest) of `model` under peft.method `method`."""
   if method not in METHODS:
     raise ConfigError(f"peft.method: unknown {method!r}; choose one of {', '.join(METHODS)}.")
-  return nnx.split(model, LoRAParam if method == "lora" else nnx.Param, LoRADropoutKey, ...)
+  trained = nnx.Any(LoRAParam, HeadParam) if method == "lora" else nnx.Param
+  return nnx.split(model, trained, LoRADropoutKey, ...)
+
+
+def base_graphdef(model: nnx.Module) -> nnx.GraphDef:
+  """The graph of `model` with every adapter detached: merged with the frozen weights of
+  `split_trainable`, it is the base model (the reference of DPO and KTO under LoRA), run
+  without the adapters' products and without a second copy of any weight."""
+  linears = _linears(model)
+  adapters = [linear.adapter for _, linear in linears]
+  try:
+    for _, linear in linears:
+      linear.adapter = None
+    return nnx.graphdef(model)
+  finally:
+    for (_, linear), adapter in zip(linears, adapters):
+      linear.adapter = adapter
 
 
 class LoRA(nnx.Module):

@@ -151,3 +151,28 @@ def _fused_bwd(layout, softcap, chunk, res, cotangents):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+
+
+def token_log_probs(
+  logits_fn, h_BTD: jax.Array, targets_BT: jax.Array, *, chunk: int = 128
+) -> tuple[jax.Array, jax.Array]:
+  """(log p(target), [target is the top logit]) per position, float32 [B, T], for sequence-level losses.
+
+  logits_fn maps hidden states [B, C, D] to float32 logits (the model's head, adapters and
+  soft-cap included). Logits exist one chunk of positions at a time and are recomputed in the
+  backward pass: preference losses weight each sequence's tokens by a factor that depends on
+  the sums themselves, so the gradient cannot be formed on the way forward as `fused_cross_entropy` does.
+  """
+  b, t = targets_BT.shape
+  size = max(min(int(chunk), t), 1)
+
+  @jax.checkpoint
+  def body(_, xs):
+    h_c, t_c = xs
+    z = logits_fn(h_c).astype(jnp.float32)
+    target = jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0]
+    return None, (target - jax.nn.logsumexp(z, axis=-1), (target >= jnp.max(z, axis=-1)).astype(jnp.float32))
+
+  _, (logp, top1) = jax.lax.scan(body, None, (_chunked(h_BTD, size), _chunked(targets_BT.astype(jnp.int32), size)))
+  back = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1)[:, :t]
+  return back(logp), back(top1)

@@ -12,6 +12,7 @@ and restores without the model.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -22,6 +23,7 @@ from flax import nnx
 
 from jaxtune.data.packing import BATCH_KEYS
 from jaxtune.peft.lora import refresh_dropout_keys, split_trainable
+from jaxtune.train import objectives
 from jaxtune.train.cross_entropy import fused_cross_entropy
 
 
@@ -156,11 +158,18 @@ def _checkpointed_loss(model, h, targets, weights, chunk):
   return loss_sum, correct
 
 
+# Keys a preference batch adds (jaxtune/data/packing.py): KTO labels per token; precomputed reference
+# log-probs and reward margins per token.
+INT_KEYS = BATCH_KEYS + ("labels",)
+FLOAT_KEYS = ("ref_logps", "margins")
+
+
 def _micro_batches(batch: dict[str, Any]) -> dict[str, jax.Array]:
   missing = [k for k in ("input_ids", "loss_mask") if k not in batch]
   if missing:
     raise ValueError(f"batch is missing {missing}; a batch holds {', '.join(BATCH_KEYS)}.")
-  return {k: jnp.asarray(batch[k], jnp.int32) for k in BATCH_KEYS if k in batch}
+  out = {k: jnp.asarray(batch[k], jnp.int32) for k in INT_KEYS if k in batch}
+  return out | {k: jnp.asarray(batch[k], jnp.float32) for k in FLOAT_KEYS if k in batch}
 
 
 def _jit(fn: Callable, shardings: tuple[Any, Any, Any] | None, donate: bool) -> Callable:
@@ -171,6 +180,22 @@ def _jit(fn: Callable, shardings: tuple[Any, Any, Any] | None, donate: bool) -> 
   return jax.jit(fn, **kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What the step minimises: `name` (objectives.OBJECTIVES), its settings, and for DPO / KTO the graph
+  of the reference model (`reference`: the base graph with the adapters off, merged with the frozen
+  weights; None when the batches carry precomputed `ref_logps`). pad_id: a reward model pools
+  at each sequence's last token that is not the pad token, as transformers does."""
+
+  name: str = "sft"
+  settings: Any = None
+  reference: nnx.GraphDef | None = None
+  pad_id: int = 0
+
+
+SFT = Objective()
+
+
 def make_train_step(
   graphdef: nnx.GraphDef,
   frozen: Frozen,
@@ -179,12 +204,14 @@ def make_train_step(
   lr_schedule: optax.Schedule | None = None,
   loss_chunk: int = 128,
   shardings: tuple[Any, Any, Any] | None = None,
+  objective: Objective = SFT,
 ) -> TrainStep:
   """A jitted `train_step(state, batch) -> (state, metrics)` (a TrainStep); the state is donated.
 
-  Each token's loss is weighted by 1 / (trained tokens of all A micro-batches), counted from the
+  SFT weights each token's loss by 1 / (trained tokens of all A micro-batches), counted from the
   batch before any forward pass, so the summed gradients are already the mean's and A
-  micro-batches update exactly like one batch A times the size. A
+  micro-batches update exactly like one batch A times the size; the sequence objectives divide
+  by the batch's example count the same way (objectives.batch_totals). A
   non-finite loss or gradient norm leaves params and optimizer state unchanged.
   shardings: optional (state, frozen, batch) shardings for jit.
   """
@@ -194,28 +221,46 @@ def make_train_step(
 
     tokens = jnp.sum(loss_weights(batch))
     scale = 1.0 / jnp.maximum(tokens, 1.0)
+    totals = None if objective.name == "sft" else objectives.batch_totals(objective.name, batch)
+    reference = None if objective.reference is None else nnx.merge(objective.reference, frozen.weights)
 
-    def micro(carry, xs):
-      i, mb = xs
+    def grad_of(i, mb):
+      """((loss, metric sums), gradients) of micro-batch i."""
       keys = refresh_dropout_keys(frozen.dropout_keys, jax.random.fold_in(step_key, i))
 
       def loss_of(params):
         model = nnx.merge(graphdef, params, frozen.weights, keys)
         model.set_attributes(deterministic=False, raise_if_not_found=False)  # adapter dropout on
-        loss, _, correct = loss_fn(model, mb, chunk=loss_chunk, scale=scale)
-        return loss, correct
+        if totals is None:
+          loss, _, correct = loss_fn(model, mb, chunk=loss_chunk, scale=scale)
+          return loss, {"accuracy": correct}
+        return objectives.sequence_loss(
+          objective.name,
+          objective.settings,
+          model,
+          reference,
+          mb,
+          totals,
+          chunk=loss_chunk,
+          pad_id=objective.pad_id,
+        )
 
-      (loss, correct), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+      return jax.value_and_grad(loss_of, has_aux=True)(state.params)
+
+    def micro(carry, xs):
+      (loss, sums), grads = grad_of(*xs)
       acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[0], grads)
-      return (acc, carry[1] + loss, carry[2] + correct), None
+      return (acc, carry[1] + loss, jax.tree.map(jnp.add, carry[2], sums)), None
 
+    first = jax.tree.map(lambda x: x[0], batch)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     zero = jnp.zeros((), jnp.float32)
-    init, micro_batches = (zeros, zero, zero), batch["input_ids"].shape[0]
+    no_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(grad_of, 0, first)[0][1])
+    init, micro_batches = (zeros, zero, no_sums), batch["input_ids"].shape[0]
     if micro_batches == 1:  # no loop: a smaller program that compiles faster
-      (grads, loss, accuracy), _ = micro(init, (0, jax.tree.map(lambda x: x[0], batch)))
+      (grads, loss, sums), _ = micro(init, (0, first))
     else:
-      (grads, loss, accuracy), _ = jax.lax.scan(micro, init, (jnp.arange(micro_batches), batch))
+      (grads, loss, sums), _ = jax.lax.scan(micro, init, (jnp.arange(micro_batches), batch))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -238,11 +283,16 @@ def make_train_step(
       "grad_norm": grad_norm,
       "lr": jnp.asarray(lr, jnp.float32),
       "trained_tokens": tokens,
-      "accuracy": accuracy,
       "skipped": bad,
       "skipped_total": new_state.skipped,
       "nonfinite_streak": new_state.nonfinite_streak,
     }
+    for key, value in sums.items():
+      metrics[key] = value / micro_batches if key in objectives.PER_MICRO_BATCH else value
+    if "rewards/chosen" in sums:
+      metrics["rewards/margins"] = metrics.get("rewards/margins", sums["rewards/chosen"] - sums["rewards/rejected"])
+    if totals is not None:
+      metrics["examples"] = totals["examples"]
     return new_state, metrics
 
   return TrainStep(_jit(step, shardings, donate=True), frozen)
@@ -262,7 +312,7 @@ class TrainStep:
     return self._jitted(state, self._frozen, _micro_batches(batch))
 
   def lower(self, state: Any, batch: dict[str, Any]) -> jax.stages.Lowered:
-    return self._jitted.lower(state, self._frozen, {k: batch[k] for k in BATCH_KEYS if k in batch})
+    return self._jitted.lower(state, self._frozen, {k: batch[k] for k in INT_KEYS + FLOAT_KEYS if k in batch})
 
 
 def make_eval_step(
