@@ -22,7 +22,7 @@ from jaxtune.models import options as options_lib
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import mesh_config
 from jaxtune.peft.lora import METHODS
-from jaxtune.train import builtin_models
+from jaxtune.train import builtin_models, objectives
 from jaxtune.train.builtin_models import BUILTIN_MODELS
 from jaxtune.train.optim import make_optimizer, optim_config
 
@@ -39,6 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.output_dir = ""  # The run directory: checkpoints/, metrics.jsonl, events, config.json.
   c.resume = "auto"  # auto: continue from the newest complete checkpoint in output_dir | never
+
+  # What the run minimises: sft, or a preference objective with its settings (train/objectives.py).
+  for key, value in objectives.objective_config().items():
+    c[key] = value
 
   c.model = ml_collections.ConfigDict(
     dict(
@@ -163,6 +167,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   _choice(config, "model.attention_impl", ATTENTION)
   _choice(config, "model.kernels", KERNELS)
   _choice(config, "peft.method", METHODS)
+  objectives.validate(config)
 
   lora, train, data = config.peft.lora, config.train, config.data
   if config.peft.method == "lora":

@@ -30,11 +30,13 @@ from jaxtune.models import config as model_config_lib
 from jaxtune.models import options as options_lib
 from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
-from jaxtune.train import builtin_models, optim
+from jaxtune.peft import lora as lora_lib
+from jaxtune.train import builtin_models, objectives, optim
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
 from jaxtune.train import logging as log_lib
 from jaxtune.train import memory as memory_lib
+from jaxtune.train import reference as ref_lib
 from jaxtune.train import step as step_lib
 
 
@@ -60,6 +62,7 @@ class Run:
   optimizer: Any
   ckpts: ckpt_lib.Checkpoints
   shardings: parallel.TrainShardings  # where params, optimizer state and batches live on the mesh
+  objective: step_lib.Objective = step_lib.SFT  # what the step minimises (train/objectives.py)
   start: int = 0  # the step restored from (0: a fresh run)
 
   def model(self):
@@ -213,7 +216,8 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   if template:  # the configured template formats the task's prompts too, as it does the training data
     tokenizer.chat_template = template
   pid, pcount = jax.process_index(), jax.process_count()
-  train_iter = data_lib.make_loader(config.data, tokenizer, split="train", process_index=pid, process_count=pcount)
+  train_data = data_lib.load_split(config.data, tokenizer, "train")
+  data_lib.check_kind(train_data.kind, config.objective, train_data.sources)
   val_data = None
   if config.train.eval and (config.data.validation or config.data.validation_fraction):
     val_data = data_lib.load_split(config.data, tokenizer, "validation")
@@ -235,6 +239,14 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   options = config_lib.model_options(config, jax.default_backend(), parallel.ActivationSharding(mesh, rules))
   # Every process reads only the slices of each tensor that its own devices hold.
   model = parallel_load.load_model_sharded(model_path, mesh, rules, options)
+  if config.objective == "reward":
+    model.add_score_head(seed=config.train.seed)
+  reference = _reference_mode(config, train_data)
+  if reference == "precomputed":  # the initial model, before the adapters: the reference itself
+    say = lambda message: log_lib.info(message, main)
+    fingerprint = ref_lib.model_fingerprint(model_path, options.dtype, options.kernels, config.model.attention_impl)
+    train_data = _with_reference(train_data, model, config, fingerprint, say)
+    val_data = val_data and _with_reference(val_data, model, config, fingerprint, say)
   if config.peft.method == "lora":
     lora = config.peft.lora
     apply_lora(
@@ -246,6 +258,13 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
       targets=lora.targets,
       rngs=nnx.Rngs(config.train.seed),
     )
+  objective = step_lib.Objective(
+    config.objective,
+    objectives.settings(config),
+    lora_lib.base_graphdef(model) if reference == "live" else None,
+    pad_id=_pad_id(tokenizer),
+  )
+  train_iter = data_lib.loader_for(train_data, config.data, process_index=pid, process_count=pcount)
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
   shardings = parallel.train_shardings(model, optimizer, mesh, rules, method=config.peft.method)
   graphdef, frozen, state = step_lib.init_train_state(
@@ -267,7 +286,42 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
     optimizer,
     ckpts,
     shardings,
+    objective,
   )
+
+
+def _reference_mode(config: ml_collections.ConfigDict, train_data: Any) -> str | None:
+  """live | precomputed for DPO and KTO (config key `reference`), None for the objectives without one.
+
+  auto: precomputed under full fine-tuning (no reference weights are kept), and under LoRA when
+  the run sees every training example at least once, so the pass costs at most the reference
+  forwards it replaces; live otherwise.
+  """
+  if config.objective not in objectives.WITH_REFERENCE:
+    return None
+  if config.reference != "auto":
+    return config.reference
+  seen = config.train.steps * config.data.batch_size
+  if config.peft.method != "lora" or seen >= train_data.stats.examples:
+    return "precomputed"
+  return "live"
+
+
+def _with_reference(split: Any, model: Any, config: ml_collections.ConfigDict, fingerprint: str, say) -> Any:
+  """`split` with each source's examples carrying the model's reference log-probs (cached in data.cache_dir)."""
+  cache_dir = pathlib.Path(config.data.cache_dir).expanduser() if config.data.cache_dir else None
+  buckets = data_lib.bucket_lengths(tuple(config.data.bucket_lengths), config.data.max_seq_len)
+  examples = []
+  for i, part in enumerate(split.examples):
+    cache = cache_dir / f"ref-{split.fingerprint[:16]}-{i}-{fingerprint}.npy" if cache_dir else None
+    examples.append(ref_lib.attach(part, model, cache=cache, buckets=buckets, say=say, label=f" ({split.split})"))
+  return dataclasses.replace(split, examples=examples)
+
+
+def _pad_id(tokenizer: Any) -> int:
+  """The pad token a reward model pools by (and its export writes): the tokenizer's, else its EOS."""
+  pad = tokenizer.pad_token_id
+  return int(pad if pad is not None else tokenizer.eos_token_id)
 
 
 def preflight(run: Run) -> str:
@@ -316,12 +370,15 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
     run.optimizer,
     lr_schedule=optim.make_schedule(config.optim, steps),
     shardings=sh.step_args,
+    objective=run.objective,
   )
   evaluate = None
   if run.val_data is not None:
     eval_rows = parallel.batch_sharding(sh.batch.mesh, config.mesh.rules, accumulated=False)
-    eval_step = step_lib.make_eval_step(run.graphdef, run.frozen, shardings=(sh.state.params, sh.frozen, eval_rows))
-    evaluate = lambda: _evaluate(eval_step, run.state.params, run.val_data, config, eval_rows)
+    eval_step = step_lib.make_eval_step(
+      run.graphdef, run.frozen, shardings=(sh.state.params, sh.frozen, eval_rows), objective=run.objective
+    )
+    evaluate = lambda: _evaluate(eval_step, run.state.params, run.val_data, config, eval_rows, run.objective.name)
   _check_memory(run, train_step)
   run.say(preflight(run))
   progress = log_lib.Progress(steps, run.start, bar=config.logging.progress, enabled=run.main)
@@ -371,9 +428,7 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
       if eval_now:
         eval_metrics = evaluate()
         logger.log(step, eval_metrics)
-        progress.write(
-          f"step {step}: eval loss {eval_metrics['eval/loss']:.4f}, token accuracy {eval_metrics['eval/accuracy']:.3f}"
-        )
+        progress.write(f"step {step}: {_eval_line(eval_metrics)}")
       if save:
         run.save(step, eval_metrics)
   if pending is not None:  # the data ran out right after a step left unread
@@ -384,10 +439,7 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
   final = evaluate() if evaluate is not None else {}
   if final:
     logger.log(step, final)
-    run.say(
-      f"eval at step {step}: loss {final['eval/loss']:.4f}, perplexity {final['eval/perplexity']:.2f}, "
-      f"token accuracy {final['eval/accuracy']:.3f}"
-    )
+    run.say(f"eval at step {step}: {_eval_line(final)}")
   if run.ckpts.latest_step() != step:
     run.save(step, final or None)
   return step, stopped, final
@@ -399,6 +451,10 @@ def _check_memory(run: Run, train_step: step_lib.TrainStep) -> None:
   accum = config.train.grad_accum
   shape = (accum, config.data.batch_size // accum, run.train_iter.longest_row)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.shardings.batch) for k in step_lib.BATCH_KEYS}
+  if config.objective == "kto":
+    batch["labels"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.shardings.batch)
+  if config.objective in objectives.WITH_REFERENCE and run.objective.reference is None:
+    batch["ref_logps"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=run.shardings.batch)
   run.say(f"compiling the train step for batches of shape {list(shape)} (micro-batches, rows, tokens)")
   memory = memory_lib.of_compiled(train_step.lower(run.state, batch).compile())
   if memory is None:
@@ -460,9 +516,15 @@ def _micro_batches(batch: dict[str, np.ndarray], grad_accum: int) -> dict[str, n
 
 
 def _evaluate(
-  eval_step: Callable, params: Any, val_data: Any, config: ml_collections.ConfigDict, rows: jax.sharding.NamedSharding
+  eval_step: Callable,
+  params: Any,
+  val_data: Any,
+  config: ml_collections.ConfigDict,
+  rows: jax.sharding.NamedSharding,
+  objective: str = "sft",
 ) -> dict[str, float]:
-  """Loss, perplexity and token accuracy on the validation split (its first train.eval_batches batches)."""
+  """The validation split's metrics (its first train.eval_batches batches): SFT loss, perplexity and
+  token accuracy; a preference objective's loss and reward metrics under TRL's names."""
   micro = config.data.batch_size // config.train.grad_accum
   loader = data_lib.loader_for(
     val_data,
@@ -477,6 +539,9 @@ def _evaluate(
       break
     outs.append(eval_step(params, parallel.shard_batch(batch, rows)))
   loader.close()
+  if objective != "sft":
+    sums = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *jax.device_get(outs))
+    return {f"eval/{k}": v for k, v in objectives.eval_means(objective, sums).items()}
   totals = np.zeros(3)  # float64 sums on the host
   for out in jax.device_get(outs):
     totals += [float(out["loss_sum"]), float(out["tokens"]), float(out["correct"])]
@@ -545,7 +610,27 @@ def _train_metrics(window: list[dict[str, float]], tokens_per_s: float | None) -
   }
   if tokens_per_s is not None:
     out["train/tokens_per_s"] = tokens_per_s
+  # A preference objective's metrics (TRL's names: rewards/chosen, logps/rejected, kl, ...), averaged
+  # over the window's good steps.
+  for key in sorted(set(window[-1]) - _STEP_KEYS):
+    values = [m[key] for m in finite]
+    out[f"train/{key}"] = sum(values) / len(values) if values else float("nan")
   return out
+
+
+# What every step reports; anything else is an objective's own metric (logged as train/<name>).
+_STEP_KEYS = {"loss", "grad_norm", "lr", "trained_tokens", "accuracy", "skipped", "skipped_total", "nonfinite_streak"}
+
+
+def _eval_line(metrics: dict[str, float]) -> str:
+  """One line: SFT's loss, perplexity and token accuracy; or a preference objective's loss and rewards."""
+  if "eval/perplexity" in metrics:
+    return (
+      f"eval loss {metrics['eval/loss']:.4f}, perplexity {metrics['eval/perplexity']:.2f}, "
+      f"token accuracy {metrics['eval/accuracy']:.3f}"
+    )
+  shown = ["loss", "rewards/accuracies", "rewards/margins", "accuracy", "margin"]
+  return ", ".join(f"eval {k} {metrics['eval/' + k]:.4f}" for k in shown if f"eval/{k}" in metrics)
 
 
 def _score_task(run: Run, label: str) -> tasks.Result:

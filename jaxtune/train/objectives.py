@@ -262,13 +262,13 @@ def _first_sequence(segment_ids: jax.Array) -> jax.Array:
 
 
 def batch_totals(name: str, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """What the objective's means divide by, counted over the whole batch [A, b, T] before any forward pass."""
+  """What the objective's means divide by, counted over the whole batch [A, b, T] before any forward pass
+  (raw counts: `sequence_loss` divides by at least 1)."""
   seg, mask = batch["segment_ids"], batch["loss_mask"][..., 1:].astype(jnp.float32)
   first = _first_sequence(seg)
-  totals = {"examples": jnp.maximum(pair_count(batch).astype(jnp.float32), 1.0)}
-  totals["chosen_tokens"] = jnp.maximum(jnp.sum(mask * first), 1.0)
+  totals = {"examples": pair_count(batch).astype(jnp.float32), "chosen_tokens": jnp.sum(mask * first)}
   if name == "orpo":  # TRL's ORPO NLL: the token mean over the chosen sequences, prompt included
-    totals["nll_tokens"] = jnp.maximum(jnp.sum(first), 1.0)
+    totals["nll_tokens"] = jnp.sum(first)
   if name == "kto":
     starts = (seg % 2 == 1) & (seg != jnp.pad(seg, [(0, 0)] * (seg.ndim - 1) + [(1, 0)])[..., :-1])
     labels = batch["labels"]
@@ -304,6 +304,7 @@ def sequence_loss(
 
   reference: the reference model for DPO / KTO when its log-probs are not in the batch (`ref_logps`).
   """
+  totals = {k: jnp.maximum(v, 1.0) for k, v in totals.items()}
   ids, seg = mb["input_ids"], mb["segment_ids"]
   hidden, _ = model.hidden_states(ids, segment_ids=seg, positions=mb.get("positions"))
   if name == "reward":
@@ -371,10 +372,10 @@ def _kto(cfg, policy, ref, mb, seg, totals, accuracy):
   loss, metrics = kto_loss(cfg, policy, ref, desirable, kl)
   total = jnp.sum(loss * valid) / totals["examples"]
   sums = {
-    "rewards/chosen": jnp.sum(metrics["rewards/chosen"] * valid) / jnp.maximum(totals["desirable"], 1.0),
-    "rewards/rejected": jnp.sum(metrics["rewards/rejected"] * valid) / jnp.maximum(totals["undesirable"], 1.0),
-    "logps/chosen": jnp.sum(metrics["logps/chosen"] * valid) / jnp.maximum(totals["desirable"], 1.0),
-    "logps/rejected": jnp.sum(metrics["logps/rejected"] * valid) / jnp.maximum(totals["undesirable"], 1.0),
+    "rewards/chosen": jnp.sum(metrics["rewards/chosen"] * valid) / totals["desirable"],
+    "rewards/rejected": jnp.sum(metrics["rewards/rejected"] * valid) / totals["undesirable"],
+    "logps/chosen": jnp.sum(metrics["logps/chosen"] * valid) / totals["desirable"],
+    "logps/rejected": jnp.sum(metrics["logps/rejected"] * valid) / totals["undesirable"],
     "kl": kl,  # one value per micro-batch: the step averages it (PER_MICRO_BATCH)
     "accuracy": accuracy,
   }
@@ -388,3 +389,43 @@ def reference_log_probs(model: Any, batch: dict[str, jax.Array], *, chunk: int =
   hidden, _ = model.hidden_states(ids, segment_ids=seg, positions=batch.get("positions"))
   logp, _ = _token_log_probs(model, hidden, ids, chunk)
   return jnp.pad(logp * _within(seg), [(0, 0), (1, 0)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: exact means over a whole split, batch by batch
+
+_DIVISOR = {"accuracy": "chosen_tokens", "nll_loss": "nll_tokens"}
+_KTO_DIVISOR = {"rewards/chosen": "desirable", "logps/chosen": "desirable"} | {
+  "rewards/rejected": "undesirable",
+  "logps/rejected": "undesirable",
+}
+
+
+def _divisor(name: str, key: str) -> str:
+  return (_KTO_DIVISOR.get(key) if name == "kto" else None) or _DIVISOR.get(key, "examples")
+
+
+def eval_sums(name: str, loss: jax.Array, means: dict, totals: dict) -> dict:
+  """One batch's means turned back into sums (each times its divisor), plus the divisors."""
+  sums = {"loss": loss * totals["examples"]}
+  for key, value in means.items():
+    sums[key] = value if key in PER_MICRO_BATCH else value * totals[_divisor(name, key)]
+  sums["batches"] = jnp.ones((), jnp.float32)
+  return sums | {f"total/{k}": v for k, v in totals.items()}
+
+
+def eval_means(name: str, sums: dict) -> dict[str, float]:
+  """The split's means from the summed `eval_sums` of all its batches."""
+  totals = {k.removeprefix("total/"): float(v) for k, v in sums.items() if k.startswith("total/")}
+  out = {}
+  for key, value in sums.items():
+    if key.startswith("total/") or key == "batches":
+      continue
+    if key in PER_MICRO_BATCH:
+      out[key] = float(value) / max(float(sums["batches"]), 1.0)
+    else:
+      out[key] = float(value) / max(totals[_divisor(name, key) if key != "loss" else "examples"], 1.0)
+  if "rewards/chosen" in out and "rewards/margins" not in out:
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+  out["examples"] = totals["examples"]
+  return out

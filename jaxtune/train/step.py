@@ -316,26 +316,44 @@ class TrainStep:
 
 
 def make_eval_step(
-  graphdef: nnx.GraphDef, frozen: Frozen, *, loss_chunk: int = 128, shardings: tuple[Any, Any, Any] | None = None
+  graphdef: nnx.GraphDef,
+  frozen: Frozen,
+  *,
+  loss_chunk: int = 128,
+  shardings: tuple[Any, Any, Any] | None = None,
+  objective: Objective = SFT,
 ) -> Callable:
-  """A jitted `eval_step(params, batch) -> {loss_sum, tokens, correct}` for [b, T] or [A, b, T] batches.
+  """A jitted `eval_step(params, batch) -> sums` for [b, T] or [A, b, T] batches.
 
-  loss = sum(loss_sum) / sum(tokens); perplexity = exp(loss); token accuracy = sum(correct) / sum(tokens).
+  SFT: {loss_sum, tokens, correct}: loss = sum(loss_sum) / sum(tokens); perplexity = exp(loss);
+  token accuracy = sum(correct) / sum(tokens). Sequence objectives: each metric times what its mean
+  divides by, and those divisors (objectives.eval_sums), so a split's metrics are exact means however
+  it is batched (`objectives.eval_means` divides).
   """
 
   def evaluate(params: Any, frozen: Frozen, batch: dict[str, jax.Array]):
     model = nnx.merge(graphdef, params, frozen.weights, frozen.dropout_keys)
     model.set_attributes(deterministic=True, raise_if_not_found=False)
+    reference = None if objective.reference is None else nnx.merge(objective.reference, frozen.weights)
 
     def one(carry, mb):
-      loss_sum, tokens, correct = loss_fn(model, mb, chunk=loss_chunk)
-      return (carry[0] + loss_sum, carry[1] + tokens, carry[2] + correct), None
+      if objective.name == "sft":
+        loss_sum, tokens, correct = loss_fn(model, mb, chunk=loss_chunk)
+        sums = {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+      else:
+        totals = objectives.batch_totals(objective.name, mb)
+        loss, means = objectives.sequence_loss(
+          objective.name, objective.settings, model, reference, mb, totals, chunk=loss_chunk, pad_id=objective.pad_id
+        )
+        sums = objectives.eval_sums(objective.name, loss, means, totals)
+      return jax.tree.map(jnp.add, carry, sums), None
 
-    zero = jnp.zeros((), jnp.float32)
     if batch["input_ids"].ndim == 2:
       batch = jax.tree.map(lambda x: x[None], batch)
-    (loss_sum, tokens, correct), _ = jax.lax.scan(one, (zero, zero, zero), batch)
-    return {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+    first = jax.tree.map(lambda x: x[0], batch)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(lambda: one(None, first)[0]))
+    sums, _ = jax.lax.scan(one, zeros, batch)
+    return sums
 
   jitted = _jit(evaluate, shardings, donate=False)
 
