@@ -56,12 +56,16 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
   """Every Hugging Face tensor of the model, in checkpoint order, each computed when asked for.
 
   LoRA adapters are folded in (in float32) before the cast to `dtype`; tied embeddings
-  give no lm_head tensor.
+  give no lm_head tensor. A model with a score head (a reward model) is written as transformers'
+  *ForSequenceClassification: the backbone, `score.weight` [labels, D], no lm_head.
   """
   dtype = np.dtype(dtype)
   cfg = model.config
   specs = []
+  scorer = model.score is not None
   for tmap in mapping.tensor_maps(cfg):
+    if scorer and tmap.path[0] == "lm_head":
+      continue
     owner = _module_at(model, tmap.path[:-1])
     var = getattr(owner, tmap.path[-1])
     adapted = tmap.path[-1] == "kernel" and isinstance(owner, Linear) and isinstance(owner.adapter, LoRA)
@@ -76,7 +80,27 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
         return np.asarray(tmap.to_hf(np.asarray(jax.device_get(value)))).astype(dtype)
 
       specs.append(TensorSpec(name, tmap.hf_shape, dtype, produce))
+  if scorer:
+    kernel = model.score  # [D, labels]; HF's Linear stores [labels, D]
+    produce = lambda: np.asarray(jax.device_get(kernel[...])).T.astype(dtype)
+    specs.append(TensorSpec(SCORE_TENSOR, kernel.shape[::-1], dtype, produce))
   return specs
+
+
+SCORE_TENSOR = "score.weight"
+
+
+def scorer_config(hf_config: dict, labels: int, pad_id: int) -> dict:
+  """config.json of the *ForSequenceClassification twin of a causal LM config.
+
+  pad_token_id is what transformers pools by (each sequence's last token that is not a pad);
+  without it a batch of more than one sequence cannot be scored.
+  """
+  arch = [a.replace("ForCausalLM", "ForSequenceClassification") for a in hf_config.get("architectures") or []]
+  config = dict(hf_config, architectures=arch, pad_token_id=int(pad_id))
+  config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
+  config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
+  return config
 
 
 def check_matches_source(cfg: ModelConfig, hf_config: dict, where: pathlib.Path) -> None:
@@ -127,11 +151,14 @@ def export_merged(
   dtype: Any = None,
   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
   overwrite: bool = False,
+  pad_id: int | None = None,
 ) -> pathlib.Path:
   """Writes `model` (LoRA merged) as an HF checkpoint in `out_dir`; returns the directory.
 
   source_dir: the HF checkpoint the model was loaded from (config.json, generation and
   tokenizer files are taken from it). dtype: of the written tensors; default the source's.
+  pad_id: for a reward model (a score head), the pad token its config names, which decides
+  where transformers pools; required then.
   """
   source = pathlib.Path(source_dir).expanduser()
   hf_config = files.read_json(source / "config.json")
@@ -158,6 +185,10 @@ def export_merged(
     )
 
   config = {k: v for k, v in hf_config.items() if k != "torch_dtype"}  # transformers 5: `dtype` replaces it
+  if model.score is not None:
+    if pad_id is None:
+      raise ExportError("a reward model's export needs the pad token it pools by (pad_id).")
+    config = scorer_config(config, model.score.shape[1], pad_id)
   config["dtype"] = dtype.name
   files.write_json(out / "config.json", config)
   files.write_json(out / "generation_config.json", generation_config(source, hf_config))

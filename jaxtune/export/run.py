@@ -27,10 +27,11 @@ from jaxtune.export.adapter import ADAPTER_PATTERNS, export_adapter
 from jaxtune.export.files import ExportError
 from jaxtune.export.merged import DEFAULT_MAX_SHARD_BYTES, export_merged
 from jaxtune.hf import load as hf_load
+from jaxtune.hf import tokens as tokens_lib
 from jaxtune.models import options as options_lib
 from jaxtune.models.config import ModelConfig, load_config
 from jaxtune.models.options import ModelOptions
-from jaxtune.models.transformer import CausalLM
+from jaxtune.models.transformer import CausalLM, HeadParam
 from jaxtune.peft.lora import LoRADropoutKey, LoRAParam, apply_lora
 from jaxtune.train import builtin_models
 from jaxtune.train import checkpoint as ckpt_lib
@@ -131,7 +132,9 @@ def _run_source(step_dir: pathlib.Path) -> tuple[dict, pathlib.Path, str]:
   return config, source, str(source) if path in builtin_models.BUILTIN_MODELS else path
 
 
-def _with_adapters(cfg: ModelConfig, options: ModelOptions, lora: dict, base: CausalLM | None) -> CausalLM:
+def _with_adapters(
+  cfg: ModelConfig, options: ModelOptions, lora: dict, base: CausalLM | None, scorer: bool = False
+) -> CausalLM:
   """The model with LoRA adapters of the run's shapes, their values still to be restored.
 
   Built abstractly (no random init, which costs a compile per shape) and then given the
@@ -140,7 +143,7 @@ def _with_adapters(cfg: ModelConfig, options: ModelOptions, lora: dict, base: Ca
 
   def build():
     return apply_lora(
-      CausalLM(cfg, options, rngs=nnx.Rngs(0)),
+      _causal_lm(cfg, options, scorer),
       rank=lora["rank"],
       alpha=lora["alpha"],
       dropout=lora.get("dropout", 0.0),
@@ -149,9 +152,19 @@ def _with_adapters(cfg: ModelConfig, options: ModelOptions, lora: dict, base: Ca
       rngs=nnx.Rngs(0),
     )
 
-  graphdef, adapters, keys, rest = nnx.split(nnx.eval_shape(build), LoRAParam, LoRADropoutKey, ...)
+  graphdef, adapters, keys, rest = nnx.split(nnx.eval_shape(build), _TRAINED, LoRADropoutKey, ...)
   keys = jax.tree.map(lambda s: jnp.asarray(np.zeros(s.shape, s.dtype)), keys)  # dropout is off outside training
   return nnx.merge(graphdef, adapters, keys, rest if base is None else nnx.state(base))
+
+
+_TRAINED = nnx.Any(LoRAParam, HeadParam)  # what a LoRA run's checkpoint holds: adapters and a new head
+
+
+def _causal_lm(cfg: ModelConfig, options: ModelOptions, scorer: bool) -> CausalLM:
+  model = CausalLM(cfg, options, rngs=nnx.Rngs(0))
+  if scorer:  # a reward model: its score head's values come from the checkpoint
+    model.add_score_head()
+  return model
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None, *, base_weights: bool = True) -> RunModel:
@@ -165,13 +178,14 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, base_weight
   config, source, base_model = _run_source(step_dir)
   model_cfg, peft = config.get("model", {}), config.get("peft", {})
   method = peft.get("method", "lora")
+  scorer = config.get("objective") == "reward"
   compute = model_cfg.get("dtype", "float32")
   platform = jax.default_backend()
 
   if method == "full":  # every weight is in the checkpoint: restore it into an abstract model
     cfg = load_config(source)
     options = options_lib.for_platform(platform, dtype=compute, param_dtype=model_cfg.get("param_dtype", "float32"))
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, options, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: _causal_lm(cfg, options, scorer)))
     model = nnx.merge(graphdef, _fill(state, _restore_params(step_dir, nnx.to_pure_dict(state))))
   elif method == "lora":
     base = None
@@ -179,8 +193,8 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, base_weight
       base = hf_load.load_model(source, dtype=compute, param_dtype=files.source_dtype(source).name)
     cfg = base.config if base is not None else load_config(source)
     options = base.options if base is not None else options_lib.for_platform(platform, dtype=compute)
-    model = _with_adapters(cfg, options, peft["lora"], base)
-    adapters = nnx.state(model, LoRAParam)
+    model = _with_adapters(cfg, options, peft["lora"], base, scorer)
+    adapters = nnx.state(model, _TRAINED)
     nnx.update(model, _fill(adapters, _restore_params(step_dir, nnx.to_pure_dict(adapters))))
   else:
     raise ExportError(f"{step_dir / 'config'}: peft.method {method!r} is not one jaxtune can export (lora, full).")
@@ -217,6 +231,10 @@ def export_run(
   if format == "gguf":
     gguf_export.check_source(load_config(source), source)
   method = config.get("peft", {}).get("method", "lora")
+  if config.get("objective") == "reward" and format != "merged":
+    raise ExportError(
+      f"{run_dir}: a reward model exports as a transformers *ForSequenceClassification checkpoint; use --format merged."
+    )
   if format == "adapter" and method != "lora":
     raise ExportError(
       f"{run_dir}: the run fine-tuned every weight (peft.method={method}), so there is no adapter; "
@@ -230,8 +248,15 @@ def export_run(
   # A template named in the run's config (data.chat_template) goes with the model: inference formats as training did.
   template = templates.resolve(config.get("data", {}).get("chat_template", ""))
   if format == "merged":
+    pad_id = tokens_lib.pad_id(hf_load.load_tokenizer(run.source_dir)) if run.model.score is not None else None
     out = export_merged(
-      run.model, run.source_dir, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
+      run.model,
+      run.source_dir,
+      out_dir,
+      dtype=dtype,
+      max_shard_bytes=max_shard_bytes,
+      overwrite=overwrite,
+      pad_id=pad_id,
     )
     if template:
       files.write_chat_template(out, template)

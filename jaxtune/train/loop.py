@@ -26,6 +26,7 @@ from jaxtune import data as data_lib
 from jaxtune.data import templates
 from jaxtune.errors import UserError
 from jaxtune.hf import load as hf_load
+from jaxtune.hf import tokens as tokens_lib
 from jaxtune.models import config as model_config_lib
 from jaxtune.models import options as options_lib
 from jaxtune.parallel import load as parallel_load
@@ -262,7 +263,7 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
     config.objective,
     objectives.settings(config),
     lora_lib.base_graphdef(model) if reference == "live" else None,
-    pad_id=_pad_id(tokenizer),
+    pad_id=tokens_lib.pad_id(tokenizer),
   )
   train_iter = data_lib.loader_for(train_data, config.data, process_index=pid, process_count=pcount)
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
@@ -316,12 +317,6 @@ def _with_reference(split: Any, model: Any, config: ml_collections.ConfigDict, f
     cache = cache_dir / f"ref-{split.fingerprint[:16]}-{i}-{fingerprint}.npy" if cache_dir else None
     examples.append(ref_lib.attach(part, model, cache=cache, buckets=buckets, say=say, label=f" ({split.split})"))
   return dataclasses.replace(split, examples=examples)
-
-
-def _pad_id(tokenizer: Any) -> int:
-  """The pad token a reward model pools by (and its export writes): the tokenizer's, else its EOS."""
-  pad = tokenizer.pad_token_id
-  return int(pad if pad is not None else tokenizer.eos_token_id)
 
 
 def preflight(run: Run) -> str:
