@@ -277,7 +277,7 @@ def batch_totals(name: str, batch: dict[str, jax.Array]) -> dict[str, jax.Array]
   return totals
 
 
-def _last_scored(ids: jax.Array, segment_ids: jax.Array, pad_id: int) -> jax.Array:
+def last_scored(ids: jax.Array, segment_ids: jax.Array, pad_id: int) -> jax.Array:
   """float32 [b, T]: each segment's last token that is not `pad_id`, where transformers'
   *ForSequenceClassification pools (it looks for the last non-pad token, so a sequence ending in a
   pad-valued EOS is scored one token earlier, there and here alike)."""
@@ -308,7 +308,7 @@ def sequence_loss(
   ids, seg = mb["input_ids"], mb["segment_ids"]
   hidden, _ = model.hidden_states(ids, segment_ids=seg, positions=mb.get("positions"))
   if name == "reward":
-    scores = model.scores(hidden)[..., 0] * _last_scored(ids, seg, pad_id)
+    scores = model.scores(hidden)[..., 0] * last_scored(ids, seg, pad_id)
     b, t = ids.shape
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     chosen, rejected = pair_slots(jnp.zeros((b, t + 2), jnp.float32).at[rows, seg].add(scores))
