@@ -259,6 +259,19 @@ def apply_lora(
   return model
 
 
+def adapter_settings(model: nnx.Module) -> dict[str, Any]:
+  """The peft.lora settings that rebuild `model`'s adapters (rank, alpha, use_rslora, targets as a regex
+  over whole dotted paths), e.g. after `load_adapter`, so the run's saved config describes them."""
+  adapted = [(path, linear.adapter) for path, linear in _linears(model) if isinstance(linear.adapter, LoRA)]
+  if not adapted:
+    raise ValueError("the model has no LoRA adapters.")
+  first = adapted[0][1]
+  if any((a.rank, a.alpha, a.use_rslora) != (first.rank, first.alpha, first.use_rslora) for _, a in adapted):
+    raise ValueError("the adapters differ in rank or alpha; peft.lora describes one setting for all.")
+  paths = sorted(re.escape(".".join(path)) for path, _ in adapted)
+  return {"rank": first.rank, "alpha": first.alpha, "use_rslora": first.use_rslora, "targets": "|".join(paths)}
+
+
 def refresh_dropout_keys(keys: Any, key: jax.Array) -> Any:
   """New key data for every LoRADropoutKey leaf of `keys` (a pure state), all from one key."""
   leaves, treedef = jax.tree.flatten(keys)

@@ -66,6 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.peft = ml_collections.ConfigDict()
   c.peft.method = "lora"  # lora | full
+  # A PEFT LoRA adapter directory the adapters start from (e.g. an SFT run exported with --format
+  # adapter), instead of fresh ones; its rank, alpha and modules replace peft.lora's. Under DPO and
+  # KTO the model it gives is the reference (precomputed).
+  c.peft.init_adapter = ""
   c.peft.lora = ml_collections.ConfigDict(
     dict(
       rank=16,
@@ -167,6 +171,10 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   _choice(config, "model.attention_impl", ATTENTION)
   _choice(config, "model.kernels", KERNELS)
   _choice(config, "peft.method", METHODS)
+  if config.peft.init_adapter and config.peft.method != "lora":
+    _fail("peft.init_adapter", "an adapter to start from needs peft.method=lora")
+  if config.peft.init_adapter and not pathlib.Path(config.peft.init_adapter).expanduser().is_dir():
+    _fail("peft.init_adapter", f"{config.peft.init_adapter} is not a directory", "pass a PEFT adapter directory")
   objectives.validate(config)
 
   lora, train, data = config.peft.lora, config.train, config.data

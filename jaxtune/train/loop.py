@@ -32,6 +32,7 @@ from jaxtune.models import options as options_lib
 from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
 from jaxtune.peft import lora as lora_lib
+from jaxtune.peft.import_adapter import load_adapter
 from jaxtune.train import builtin_models, objectives, optim
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
@@ -240,15 +241,10 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   options = config_lib.model_options(config, jax.default_backend(), parallel.ActivationSharding(mesh, rules))
   # Every process reads only the slices of each tensor that its own devices hold.
   model = parallel_load.load_model_sharded(model_path, mesh, rules, options)
-  if config.objective == "reward":
-    model.add_score_head(seed=config.train.seed)
-  reference = _reference_mode(config, train_data)
-  if reference == "precomputed":  # the initial model, before the adapters: the reference itself
-    say = lambda message: log_lib.info(message, main)
-    fingerprint = ref_lib.model_fingerprint(model_path, options.dtype, options.kernels, config.model.attention_impl)
-    train_data = _with_reference(train_data, model, config, fingerprint, say)
-    val_data = val_data and _with_reference(val_data, model, config, fingerprint, say)
-  if config.peft.method == "lora":
+  if config.peft.method == "lora" and config.peft.init_adapter:  # continue from a trained adapter
+    model = load_adapter(model, config.peft.init_adapter)
+    config.peft.lora.update(lora_lib.adapter_settings(model))  # saved with each checkpoint: exports rebuild them
+  elif config.peft.method == "lora":
     lora = config.peft.lora
     apply_lora(
       model,
@@ -259,6 +255,16 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
       targets=lora.targets,
       rngs=nnx.Rngs(config.train.seed),
     )
+  if config.objective == "reward":
+    model.add_score_head(seed=config.train.seed)
+  reference = _reference_mode(config, train_data)
+  if reference == "precomputed":  # the model as training starts (fresh adapters add nothing) is the reference
+    say = lambda message: log_lib.info(message, main)
+    fingerprint = ref_lib.model_fingerprint(
+      model_path, options.dtype, options.kernels, config.model.attention_impl, config.peft.init_adapter
+    )
+    train_data = _with_reference(train_data, model, config, fingerprint, say)
+    val_data = val_data and _with_reference(val_data, model, config, fingerprint, say)
   objective = step_lib.Objective(
     config.objective,
     objectives.settings(config),
@@ -294,8 +300,9 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
 def _reference_mode(config: ml_collections.ConfigDict, train_data: Any) -> str | None:
   """live | precomputed for DPO and KTO (config key `reference`), None for the objectives without one.
 
-  auto: precomputed under full fine-tuning (no reference weights are kept), and under LoRA when
-  the run sees every training example at least once, so the pass costs at most the reference
+  auto: precomputed under full fine-tuning (no reference weights are kept), when the adapters start
+  from peft.init_adapter (the adapters-off model is not the starting model then), and under LoRA
+  when the run sees every training example at least once, so the pass costs at most the reference
   forwards it replaces; live otherwise.
   """
   if config.objective not in objectives.WITH_REFERENCE:
@@ -303,7 +310,7 @@ def _reference_mode(config: ml_collections.ConfigDict, train_data: Any) -> str |
   if config.reference != "auto":
     return config.reference
   seen = config.train.steps * config.data.batch_size
-  if config.peft.method != "lora" or seen >= train_data.stats.examples:
+  if config.peft.method != "lora" or config.peft.init_adapter or seen >= train_data.stats.examples:
     return "precomputed"
   return "live"
 

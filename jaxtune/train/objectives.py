@@ -82,11 +82,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, name = key.split(".")
     if not config[section][name] > 0:
       raise ConfigError(f"{key}: {config[section][name]} must be positive.")
-  if config.objective in WITH_REFERENCE and config.reference == "live" and config.peft.method != "lora":
-    raise ConfigError(
-      f"reference: 'live' computes the reference with the adapters off, which needs peft.method=lora; under "
-      f"{config.peft.method!r} fine-tuning set reference=precomputed (or auto)."
-    )
+  if config.objective in WITH_REFERENCE and config.reference == "live":
+    if config.peft.method != "lora":
+      raise ConfigError(
+        f"reference: 'live' computes the reference with the adapters off, which needs peft.method=lora; under "
+        f"{config.peft.method!r} fine-tuning set reference=precomputed (or auto)."
+      )
+    if config.peft.init_adapter:
+      raise ConfigError(
+        "reference: 'live' would be the base without peft.init_adapter's adapter, not the model training starts "
+        "from; set reference=precomputed (or auto)."
+      )
 
 
 # ------------------------------------------------------------------------------------------------
