@@ -42,7 +42,7 @@ def loader_for(
   process_count: int = 1,
   batch_size: int | None = None,
 ) -> "BatchIterator":
-  """This host's batches of already loaded examples: dicts of int32 [rows, T] arrays.
+  """This host's batches of already loaded examples: dicts of [rows, T] arrays (see jaxtune.data.packing).
 
   Each host gets batch_size / process_count rows of every global batch. T is max_seq_len when
   packing, else the smallest of the bucket lengths that holds the batch's longest example.
@@ -214,7 +214,14 @@ class _Plan:
 
   def collate(self, batch: tuple[int, list[np.ndarray]]) -> dict[str, np.ndarray]:
     length, rows = batch
-    return packing.collate([[self.examples[i] for i in row] for row in rows], length)
+    return packing.collate([[self.example(i) for i in row] for row in rows], length)
+
+  def example(self, i: int) -> packing.Example:
+    examples = self.examples
+    ids, mask = examples[i]
+    ref = examples.ref_logps
+    ref = None if ref is None else ref[examples.offsets[i] : examples.offsets[i + 1]]
+    return packing.Example(ids, mask, int(examples.parts[i]), int(examples.labels[i]), ref)
 
 
 class _BatchPlanDataset(grain.IterDataset):
