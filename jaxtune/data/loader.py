@@ -117,6 +117,8 @@ class _Plan:
 
   def __init__(self, data: pipeline.SplitData, cfg: ml_collections.ConfigDict, batch_size: int, training: bool):
     self.examples = pipeline.Examples.concat(data.examples)
+    # The batch keys beyond packing.BATCH_KEYS, the same for every batch of the split.
+    self.optional = ("labels",) * (data.kind == "kto") + ("ref_logps",) * (self.examples.ref_logps is not None)
     self.lengths = self.examples.lengths
     self.num_examples = len(self.examples)
     self.sizes = [len(e) for e in data.examples]
@@ -214,7 +216,7 @@ class _Plan:
 
   def collate(self, batch: tuple[int, list[np.ndarray]]) -> dict[str, np.ndarray]:
     length, rows = batch
-    return packing.collate([[self.example(i) for i in row] for row in rows], length)
+    return packing.collate([[self.example(i) for i in row] for row in rows], length, self.optional)
 
   def example(self, i: int) -> packing.Example:
     examples = self.examples

@@ -137,17 +137,24 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
   return buckets[i]
 
 
-def collate(rows: Sequence[Sequence[Example]], length: int) -> dict[str, np.ndarray]:
-  """A batch of `len(rows)` rows of `length`, each row the concatenation of its examples' sequences."""
+def collate(
+  rows: Sequence[Sequence[Example]], length: int, optional: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+  """A batch of `len(rows)` rows of `length`, each row the concatenation of its examples' sequences.
+
+  optional: which of `OPTIONAL_KEYS` the batch has; None: those that some example carries. A loader names
+  them, so that every batch of a split has the same keys, even one of padding rows alone.
+  """
   rows = [[Example(*example) for example in row] for row in rows]
   examples = [example for row in rows for example in row]
+  if optional is None:
+    optional = [k for k, some in zip(OPTIONAL_KEYS, _carried(examples)) if some]
   batch = {k: np.zeros((len(rows), length), np.int32) for k in BATCH_KEYS}
-  if any(e.label >= 0 for e in examples):
+  if "labels" in optional:
     batch["labels"] = np.zeros((len(rows), length), np.int32)
-  with_ref = [e.ref_logps is not None for e in examples]
-  if any(with_ref):
-    if not all(with_ref):
-      raise ValueError("some examples of the batch carry ref_logps and some do not.")
+  if "ref_logps" in optional:
+    if not all(e.ref_logps is not None for e in examples):
+      raise ValueError("ref_logps asked for, but some examples of the batch carry none.")
     batch["ref_logps"] = np.zeros((len(rows), length), np.float32)
   for r, row in enumerate(rows):
     start, segment = 0, 0
@@ -168,6 +175,11 @@ def collate(rows: Sequence[Sequence[Example]], length: int) -> dict[str, np.ndar
         batch["positions"][r, a:b] = np.arange(b - a)
       start = end
   return batch
+
+
+def _carried(examples: Sequence[Example]) -> tuple[bool, bool]:
+  """Whether some example carries a label, and ref_logps (`OPTIONAL_KEYS`' order)."""
+  return any(e.label >= 0 for e in examples), any(e.ref_logps is not None for e in examples)
 
 
 def unpack(batch: dict[str, np.ndarray], *, pairs: bool = False) -> list[dict[str, np.ndarray]]:

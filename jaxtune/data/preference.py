@@ -63,8 +63,9 @@ def encode(
     raise DataError(
       record.location,
       "prompt",
-      "the chat template renders the prompt differently before chosen and before rejected",
-      "pass a chat_template that renders each turn on its own",
+      "the prompt's tokens differ before chosen and before rejected (the chat template renders it differently, "
+      "or tokens merge across the start of an answer)",
+      "pass a chat_template that renders each turn on its own, or start both answers alike (e.g. without spaces)",
       reason="template not maskable",
     )
   if np.array_equal(chosen, rejected):

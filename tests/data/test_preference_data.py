@@ -186,6 +186,16 @@ def test_bad_records_name_the_line_and_field(bad, expected, tmp_path):
   assert str(err.value).startswith(f"{path}:2: {expected}")
 
 
+@pytest.mark.parametrize("kind", ["pairs", "kto"])
+def test_bad_records_are_counted_under_skip(kind, tmp_path):
+  bad = [b for b, _ in BAD_RECORDS if ("label" in b) == (kind == "kto")]
+  good = kto(3) if kind == "kto" else pairs(3)
+  report = SkipReport()
+  records = list(read_records(write_jsonl(tmp_path / "d.jsonl", good + bad), on_error="skip", report=report))
+  assert len(records) == 3 and report.total == len(bad)
+  assert all(example.startswith(f"{tmp_path}/d.jsonl:") for example in report.examples.values())
+
+
 def test_sft_refuses_labelled_records(tmp_path, tokenizer):
   path = write_jsonl(tmp_path / "k.jsonl", kto(2))
   for fmt in ("completion", "kto"):
@@ -427,6 +437,24 @@ def test_packed_and_unpacked_batches_hold_the_same_pairs_intact(tmp_path, tokeni
   common = recovered[True].keys() & recovered[False].keys()
   assert len(common) >= len(examples) - cfg.batch_size
   assert all(recovered[True][i] == recovered[False][i] for i in common)
+
+
+def test_every_batch_of_a_split_has_the_same_keys_and_ref_logps_flow_through(tmp_path, tokenizer):
+  _, cfg = _loaded(tmp_path, tokenizer, kto(10), validation_fraction=0.5, packing=False)
+  validation = pipeline.load_split(cfg, tokenizer, "validation")
+  (examples,) = validation.examples
+  assert len(examples) == 5  # 2 batches of 4 rows: the second holds one example and three padding rows
+  examples.ref_logps = -np.arange(len(examples.input_ids), dtype=np.float32)
+  keys = set(packing.BATCH_KEYS + packing.OPTIONAL_KEYS)
+  hosts = [list(loader.loader_for(validation, cfg, process_index=p, process_count=2)) for p in (0, 1)]
+  assert [len(h) for h in hosts] == [2, 2] and all(set(b) == keys for h in hosts for b in h)
+  assert not hosts[1][1]["segment_ids"].any()  # padding rows alone, keys all the same
+  got = [e for h in zip(*hosts) for b in h for e in packing.unpack(b, pairs=True)]
+  assert len(got) == 5
+  for i, e in enumerate(got):
+    start, end = examples.offsets[i], examples.offsets[i + 1]
+    np.testing.assert_array_equal(e["ref_logps"], examples.ref_logps[start:end])
+    assert set(e["labels"].tolist()) == {1 if examples.labels[i] == 1 else 2}
 
 
 def test_collate_segments_labels_and_ref_logps():
