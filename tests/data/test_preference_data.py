@@ -369,6 +369,17 @@ def test_cache_round_trip_and_key(tmp_path, tokenizer):
   assert not np.array_equal(a.examples[0].input_ids, b.examples[0].input_ids)
 
 
+def test_parallel_workers_encode_pairs_like_the_main_process(tmp_path, tokenizer, monkeypatch):
+  path = write_jsonl(tmp_path / "p.jsonl", pairs(12) + [{"prompt": "p", "chosen": "x", "rejected": "x"}])
+  serial = pipeline.load_split(cfg_for(tmp_path, path, cache_dir="", on_error="skip"), tokenizer)
+  monkeypatch.setattr(pipeline, "PARALLEL_MIN_RECORDS", 4)
+  monkeypatch.setattr(pipeline, "_CHUNK", 4)
+  parallel = pipeline.load_split(cfg_for(tmp_path, path, cache_dir="", on_error="skip", num_workers=2), tokenizer)
+  for name in ("input_ids", "loss_mask", "offsets", "keys", "parts", "labels", "locations"):
+    np.testing.assert_array_equal(getattr(serial.examples[0], name), getattr(parallel.examples[0], name))
+  assert dict(parallel.stats.skipped.counts) == {"identical pair": 1}
+
+
 def test_summary_and_mixed_kinds(tmp_path, tokenizer):
   from test_pipeline_helpers import write_chats
 
