@@ -5,8 +5,10 @@ prompt + completion followed by its KL sequence, the same prompt + another recor
 sequence is the chat template's rendering of the whole conversation, and only its final assistant turn is
 trained: the answer and the end-of-turn marker, located and checked exactly as SFT's assistant turns are
 (`chat.encode_record` with train_on="last_assistant"). What the template writes before that turn,
-including the assistant header that ``add_generation_prompt=True`` adds, is the prompt, so the completion
-starts where TRL's does: where the prompt rendered for generation and the full conversation diverge.
+including the assistant header that ``add_generation_prompt=True`` adds, is the prompt. TRL starts the
+completion where the tokens of the prompt rendered for generation and of the full conversation diverge:
+the same place, unless the tokenizer merges tokens across it, where TRL drops the prompt's diverging tail
+and this keeps the full conversation's own tokens.
 
 String prompts and answers are templated too (see `records._from_preference`), so no EOS is appended as
 TRL does for plain text: the template's own end-of-turn marker closes every completion and is trained.
@@ -44,9 +46,9 @@ def encode(
   The prompt keeps its last `max_prompt_length` tokens and each completion its first
   `max_completion_length` (0: no limit).
   """
-  limits = (max_prompt_length, max_completion_length)
   if record.kind == "kto":
-    prompt, ids, mask = _completion(record.messages, "completion", tokenizer, chat_template, record.location, limits)
+    prompt, ids, mask = _completion(record.messages, "completion", tokenizer, chat_template, record.location)
+    prompt, ids, mask = _truncate(prompt, ids, mask, max_prompt_length, max_completion_length)
     return np.concatenate([prompt, ids]), np.concatenate([np.zeros(len(prompt), np.int8), mask]), 0, int(record.label)
   if record.kind != "preference":
     raise DataError(
@@ -55,10 +57,8 @@ def encode(
       f"cannot encode a record of kind {record.kind!r} as a pair",
       reason="unknown record kind",
     )
-  prompt, chosen, chosen_mask = _completion(record.chosen, "chosen", tokenizer, chat_template, record.location, limits)
-  other, rejected, rejected_mask = _completion(
-    record.rejected, "rejected", tokenizer, chat_template, record.location, limits
-  )
+  prompt, chosen, chosen_mask = _completion(record.chosen, "chosen", tokenizer, chat_template, record.location)
+  other, rejected, rejected_mask = _completion(record.rejected, "rejected", tokenizer, chat_template, record.location)
   if not np.array_equal(prompt, other):
     raise DataError(
       record.location,
@@ -69,13 +69,22 @@ def encode(
       reason="template not maskable",
     )
   if np.array_equal(chosen, rejected):
-    cut = f" within their first max_completion_length ({max_completion_length}) tokens" if max_completion_length else ""
     raise DataError(
       record.location,
       "rejected",
-      f"tokenises the same as chosen{cut}",
-      "raise data.max_completion_length" if cut else "a pair needs two different answers; fix or remove the record",
-      reason="identical pair after truncation" if cut else "identical pair",
+      "tokenises the same as chosen",
+      "a pair needs two different answers; fix or remove the record",
+      reason="identical pair",
+    )
+  _, chosen, chosen_mask = _truncate(prompt, chosen, chosen_mask, max_prompt_length, max_completion_length)
+  prompt, rejected, rejected_mask = _truncate(prompt, rejected, rejected_mask, max_prompt_length, max_completion_length)
+  if np.array_equal(chosen, rejected):
+    raise DataError(
+      record.location,
+      "rejected",
+      f"the same as chosen within their first max_completion_length ({max_completion_length}) tokens",
+      "raise data.max_completion_length",
+      reason="identical pair after truncation",
     )
   blank = np.zeros(len(prompt), np.int8)
   ids = np.concatenate([prompt, chosen, prompt, rejected])
@@ -83,11 +92,13 @@ def encode(
 
 
 def _completion(
-  messages: list[dict], field: str, tokenizer: Any, chat_template: str | None, location: str, limits: tuple[int, int]
+  messages: list[dict], field: str, tokenizer: Any, chat_template: str | None, location: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(prompt ids, completion ids, completion mask) of a conversation whose final assistant turn is the completion.
 
-  Errors name the conversation's messages as `field`[i], counting the prompt's messages too.
+  The completion starts at the turn's first trained token: the template's text before it, the assistant
+  header included, is the prompt rendered for generation. Errors name the conversation's messages as
+  `field`[i], counting the prompt's messages too.
   """
   try:
     record = Record("chat", messages=messages, location=location)
@@ -95,8 +106,14 @@ def _completion(
   except DataError as e:
     raise DataError(e.location, e.field.replace("messages", field, 1), e.problem, e.fix, reason=e.reason) from None
   start = int(np.argmax(enc.loss_mask))
-  prompt, ids, mask = enc.input_ids[:start], enc.input_ids[start:], enc.loss_mask[start:]
-  max_prompt, max_completion = limits
+  return enc.input_ids[:start], enc.input_ids[start:], enc.loss_mask[start:]
+
+
+def _truncate(
+  prompt: np.ndarray, ids: np.ndarray, mask: np.ndarray, max_prompt: int, max_completion: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The prompt's last `max_prompt` tokens and the completion's first `max_completion` (0: all): the end of a
+  prompt holds the question being answered, and the start of a completion what the model says first."""
   if max_prompt:
     prompt = prompt[-max_prompt:]
   if max_completion:

@@ -228,7 +228,7 @@ def test_bad_pairs_raise_or_are_counted(tmp_path, tokenizer):
     (5, "rejected: identical to chosen", first),
     (
       6,
-      "rejected: tokenises the same as chosen within their first max_completion_length (10) tokens; raise data.max_",
+      "rejected: the same as chosen within their first max_completion_length (10) tokens; raise data.max_",
       first,
     ),
     (
