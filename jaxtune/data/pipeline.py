@@ -119,7 +119,7 @@ def load_split(data_cfg: ml_collections.ConfigDict, tokenizer, split: str = "tra
     keys.append(key)
     cached += hit
     truncated += cut
-  kind = preference.split_kind(kinds, sources)
+  kind = preference.split_kind(kinds, sources, "data.train" if from_train else "data.validation")
   if kind == "kto" and split == "train":
     preference.check_labels(parts, sources)
   stats = DataStats(

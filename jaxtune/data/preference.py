@@ -189,8 +189,8 @@ def overlong(examples: Examples, indices: np.ndarray, max_seq_len: int) -> list[
   ]
 
 
-def split_kind(kinds: Sequence[str | None], sources: Sequence[str]) -> str:
-  """The one kind of data ("sft", "pairs", "kto") the sources of a split hold; a mix is a ConfigError.
+def split_kind(kinds: Sequence[str | None], sources: Sequence[str], key: str = "data.train") -> str:
+  """The one kind of data ("sft", "pairs", "kto") the sources of a split (config `key`) hold; a mix is a ConfigError.
 
   `kinds` holds each source's `Examples.kind` (None for a source without examples, which does not count);
   a split whose sources are all empty counts as "sft".
@@ -200,7 +200,7 @@ def split_kind(kinds: Sequence[str | None], sources: Sequence[str]) -> str:
   if len(distinct) > 1:
     listed = ", ".join(f"{source} ({kind})" for source, kind in found.items())
     raise ConfigError(
-      f"data.train: the sources of one split hold different kinds of data: {listed}; "
+      f"{key}: the sources of one split hold different kinds of data: {listed}; "
       "train on one kind at a time (SFT records, preference pairs, or KTO records)"
     )
   return distinct[0] if distinct else "sft"
