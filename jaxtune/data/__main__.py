@@ -5,8 +5,10 @@
 
 (also `python -m jaxtune.data ...`). The config is a training config (its model.path's tokenizer is
 used) or a data-only one with `tokenizer` and `data` (configs/data_example.py). Trained tokens are
-shown in green on a terminal and between [[ ]] otherwise. The dump holds one JSON object per example
-after templating and truncation, before packing: location, input_ids and the 0/1 loss_mask.
+shown in green on a terminal and between [[ ]] otherwise; a preference pair shows its chosen and rejected
+sequences, a KTO example its completion and KL sequence. The dump holds one JSON object per example
+after templating and truncation, before packing: location, input_ids and the 0/1 loss_mask, and for a
+two-sequence example parts (the first sequence's length) and, for KTO, label.
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ def describe(config, *, split: str, show: int, tokens: bool, dump: str | None, o
   batches.close()
   examples = pipeline.Examples.concat(data.examples)
   color = out.isatty()
+  names = SEQUENCE_NAMES.get(data.kind, ("",))
   for i in range(min(show, len(examples))):
     ids, mask = examples[i]
-    print(f"\n--- {examples.locations[i]}: {len(ids)} tokens, {int(mask.sum())} trained", file=out)
-    print(render(ids, mask, tokenizer, color=color), file=out)
+    cut = int(examples.parts[i]) or len(ids)
+    label = {1: " (desirable)", 0: " (undesirable)"}.get(int(examples.labels[i]), "")
+    print(f"\n--- {examples.locations[i]}{label}: {len(ids)} tokens, {int(mask.sum())} trained", file=out)
+    for name, (a, b) in zip(names, ((0, cut), (cut, len(ids)))):
+      if name:
+        print(f"{name}: {b - a} tokens, {int(mask[a:b].sum())} trained", file=out)
+      print(render(ids[a:b], mask[a:b], tokenizer, color=color), file=out)
     if tokens:
       print(f"{'pos':>6} {'id':>8} trained text", file=out)
       for t, (token, target) in enumerate(zip(ids.tolist(), mask.tolist())):
@@ -46,8 +54,16 @@ def describe(config, *, split: str, show: int, tokens: bool, dump: str | None, o
       for i in range(len(examples)):
         ids, mask = examples[i]
         record = {"location": examples.locations[i], "input_ids": ids.tolist(), "loss_mask": mask.tolist()}
+        if examples.parts[i]:
+          record["parts"] = int(examples.parts[i])
+        if examples.labels[i] >= 0:
+          record["label"] = bool(examples.labels[i])
         f.write(json.dumps(record) + "\n")
     print(f"\nwrote {len(examples):,} examples to {dump}", file=out)
+
+
+# The two sequences of an example of each kind, as shown.
+SEQUENCE_NAMES = {"pairs": ("chosen", "rejected"), "kto": ("completion", "KL sequence")}
 
 
 def render(ids, mask, tokenizer, *, color: bool) -> str:

@@ -47,9 +47,17 @@ def encode_record(
     raise DataError(
       record.location,
       "record",
-      "preference records are not supported yet by SFT",
-      "use a preference-training recipe, or convert the pairs to chat records",
+      "a preference record is not SFT data",
+      "use a preference-training recipe (objective=dpo, orpo, simpo or reward), or convert the pairs to chat records",
       reason="preference record in SFT",
+    )
+  if record.kind == "kto":
+    raise DataError(
+      record.location,
+      "record",
+      "a labelled KTO record is not SFT data: SFT would train on the undesirable completions too",
+      "use objective=kto",
+      reason="KTO record in SFT",
     )
   if record.kind != "chat" or not record.messages:
     raise DataError(

@@ -26,13 +26,15 @@ def data_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   # Reading records (see jaxtune.data.records).
-  c.format = "auto"  # auto | messages | sharegpt | alpaca | completion | text | preference | ...
+  # auto | messages | sharegpt | alpaca | completion | text | preference | kto | template. Auto tells
+  # preference pairs (chosen/rejected) and KTO records (a label field) apart from SFT data.
+  c.format = "auto"
   c.field_map = ml_collections.ConfigDict()  # e.g. {"question": "query"}; set in a config file.
   c.prompt_template = ""  # Empty: none.
   c.on_error = "raise"  # raise | skip: a bad record stops the run, or is skipped and counted.
 
   # Templating and loss masks (see jaxtune.data.chat).
-  c.train_on = "assistant"  # assistant | all | last_assistant
+  c.train_on = "assistant"  # assistant | all | last_assistant (SFT; pairs and KTO train on the final answer)
   # Empty: the tokenizer's own template. A name (llama2, llama3, mistral, qwen2.5, qwen3, gemma, phi3:
   # jaxtune/data/templates) or Jinja text replaces it, in training, task scoring and the exported tokenizer.
   c.chat_template = ""
@@ -42,6 +44,12 @@ def data_config() -> ml_collections.ConfigDict:
   # right: keep the start; left: keep the end; drop: drop every example longer than
   # max_seq_len. Examples left without a trainable token are dropped and counted.
   c.truncation = "right"
+  # Preference and KTO data: each prompt keeps its last max_prompt_length tokens and each completion
+  # its first max_completion_length (0: no limit). Both sequences of an example (prompt + chosen and
+  # prompt + rejected, or a KTO completion and its KL sequence) must then fit max_seq_len together; an
+  # example that does not is never cut but refused or skipped, by on_error.
+  c.max_prompt_length = 0
+  c.max_completion_length = 0
   c.packing = True  # Rows of exactly max_seq_len holding several examples each.
   c.packing_algorithm = "ffd"  # ffd (first-fit decreasing) | bfd (best-fit decreasing)
   # Unpacked rows are padded to the smallest of these lengths that fits the batch's longest
@@ -49,7 +57,9 @@ def data_config() -> ml_collections.ConfigDict:
   c.bucket_lengths = ()
 
   # Loading.
-  c.batch_size = 32  # Global: each of N hosts gets batch_size / N rows.
+  # Global: each of N hosts gets batch_size / N rows. KTO also pairs each record with another's
+  # completion for its KL sequence within groups of batch_size records (jaxtune.data.preference.with_kl).
+  c.batch_size = 32
   c.num_epochs = 1  # 0: repeat forever (step-based training).
   c.shuffle = True
   c.prefetch = 4  # Batches prepared ahead by a background thread.

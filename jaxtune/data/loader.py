@@ -42,7 +42,7 @@ def loader_for(
   process_count: int = 1,
   batch_size: int | None = None,
 ) -> "BatchIterator":
-  """This host's batches of already loaded examples: dicts of int32 [rows, T] arrays.
+  """This host's batches of already loaded examples: dicts of [rows, T] arrays (see jaxtune.data.packing).
 
   Each host gets batch_size / process_count rows of every global batch. T is max_seq_len when
   packing, else the smallest of the bucket lengths that holds the batch's longest example.
@@ -117,6 +117,8 @@ class _Plan:
 
   def __init__(self, data: pipeline.SplitData, cfg: ml_collections.ConfigDict, batch_size: int, training: bool):
     self.examples = pipeline.Examples.concat(data.examples)
+    # The batch keys beyond packing.BATCH_KEYS, the same for every batch of the split.
+    self.optional = ("labels",) * (data.kind == "kto") + ("ref_logps",) * (self.examples.ref_logps is not None)
     self.lengths = self.examples.lengths
     self.num_examples = len(self.examples)
     self.sizes = [len(e) for e in data.examples]
@@ -214,7 +216,14 @@ class _Plan:
 
   def collate(self, batch: tuple[int, list[np.ndarray]]) -> dict[str, np.ndarray]:
     length, rows = batch
-    return packing.collate([[self.examples[i] for i in row] for row in rows], length)
+    return packing.collate([[self.example(i) for i in row] for row in rows], length, self.optional)
+
+  def example(self, i: int) -> packing.Example:
+    examples = self.examples
+    ids, mask = examples[i]
+    ref = examples.ref_logps
+    ref = None if ref is None else ref[examples.offsets[i] : examples.offsets[i + 1]]
+    return packing.Example(ids, mask, int(examples.parts[i]), int(examples.labels[i]), ref)
 
 
 class _BatchPlanDataset(grain.IterDataset):

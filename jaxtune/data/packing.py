@@ -1,21 +1,42 @@
 """Packing examples into fixed-length rows, bucket lengths, and collating rows into batches.
 
-A batch is a dict of int32 [B, T] arrays:
+A batch is a dict of int32 [B, T] arrays (`BATCH_KEYS`):
   input_ids    token ids; 0 on padding.
   loss_mask    1 where input_ids[:, t] is a target (predicted from position t - 1).
-  segment_ids  1, 2, ... for the examples of a row in order; 0 on padding.
+  segment_ids  1, 2, ... for the sequences of a row in order; 0 on padding.
   positions    0, 1, ... restarting at every segment; 0 on padding.
+and, only when some example of the batch carries them (`OPTIONAL_KEYS`):
+  labels       int32: on every token of a KTO example (both its sequences) 1 if it is desirable, 2 if
+               undesirable; 0 on padding and on any other example's tokens.
+  ref_logps    float32: the examples' precomputed reference log-probs, token by token; 0 on padding.
+
+An example of two sequences (`Example.parts` > 0: a preference pair, a KTO example) takes two consecutive
+segments of its row, each with positions from 0: in a row of such examples, segments 2k+1 hold the first
+sequences (prompt + chosen, or prompt + KTO completion) and segments 2k+2 the second (prompt + rejected, or
+the KL sequence). Packing moves an example as a whole, so its two segments always share a row.
 """
 
 import bisect
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from jaxtune.errors import ConfigError
 
-Example = tuple[np.ndarray, np.ndarray]  # (input_ids, loss_mask) of one example
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
+OPTIONAL_KEYS = ("labels", "ref_logps")
+LABEL_IDS = {1: 1, 0: 2}  # KTO label (1 desirable, 0 undesirable) -> its value in the batch's `labels`
+
+
+class Example(NamedTuple):
+  """One example to collate; a plain (input_ids, loss_mask) tuple is one too."""
+
+  input_ids: np.ndarray
+  loss_mask: np.ndarray
+  parts: int = 0  # tokens of the first sequence of a two-sequence example; 0: one sequence
+  label: int = -1  # KTO: 1 desirable, 0 undesirable; -1: none
+  ref_logps: np.ndarray | None = None  # float32, one per token
 
 
 def pack(
@@ -116,29 +137,67 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
   return buckets[i]
 
 
-def collate(rows: Sequence[Sequence[Example]], length: int) -> dict[str, np.ndarray]:
-  """A batch of `len(rows)` rows of `length`, each row the concatenation of its examples."""
+def collate(
+  rows: Sequence[Sequence[Example]], length: int, optional: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+  """A batch of `len(rows)` rows of `length`, each row the concatenation of its examples' sequences.
+
+  optional: which of `OPTIONAL_KEYS` the batch has; None: those that some example carries. A loader names
+  them, so that every batch of a split has the same keys, even one of padding rows alone.
+  """
+  rows = [[Example(*example) for example in row] for row in rows]
+  examples = [example for row in rows for example in row]
+  if optional is None:
+    optional = [k for k, some in zip(OPTIONAL_KEYS, _carried(examples)) if some]
   batch = {k: np.zeros((len(rows), length), np.int32) for k in BATCH_KEYS}
+  if "labels" in optional:
+    batch["labels"] = np.zeros((len(rows), length), np.int32)
+  if "ref_logps" in optional:
+    if not all(e.ref_logps is not None for e in examples):
+      raise ValueError("ref_logps asked for, but some examples of the batch carry none.")
+    batch["ref_logps"] = np.zeros((len(rows), length), np.float32)
   for r, row in enumerate(rows):
-    start = 0
-    for segment, (ids, mask) in enumerate(row, start=1):
-      end = start + len(ids)
+    start, segment = 0, 0
+    for example in row:
+      end = start + len(example.input_ids)
       if end > length:
         raise ValueError(f"row {r} holds {end} tokens, more than its length {length}.")
-      batch["input_ids"][r, start:end] = ids
-      batch["loss_mask"][r, start:end] = mask
-      batch["segment_ids"][r, start:end] = segment
-      batch["positions"][r, start:end] = np.arange(end - start)
+      batch["input_ids"][r, start:end] = example.input_ids
+      batch["loss_mask"][r, start:end] = example.loss_mask
+      if "labels" in batch and example.label >= 0:
+        batch["labels"][r, start:end] = LABEL_IDS[example.label]
+      if "ref_logps" in batch:
+        batch["ref_logps"][r, start:end] = example.ref_logps
+      bounds = (start, start + example.parts, end) if example.parts else (start, end)
+      for a, b in zip(bounds[:-1], bounds[1:]):
+        segment += 1
+        batch["segment_ids"][r, a:b] = segment
+        batch["positions"][r, a:b] = np.arange(b - a)
       start = end
   return batch
 
 
-def unpack(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-  """Every example of a batch, in row and segment order, with its input_ids, loss_mask, positions."""
+def _carried(examples: Sequence[Example]) -> tuple[bool, bool]:
+  """Whether some example carries a label, and ref_logps (`OPTIONAL_KEYS`' order)."""
+  return any(e.label >= 0 for e in examples), any(e.ref_logps is not None for e in examples)
+
+
+def unpack(batch: dict[str, np.ndarray], *, pairs: bool = False) -> list[dict[str, np.ndarray]]:
+  """Every example of a batch, in row and segment order: its input_ids, loss_mask, positions, the optional
+  keys the batch has, and parts.
+
+  pairs: the batch holds two-sequence examples, so segments 2k+1 and 2k+2 of a row are one example (parts =
+  the first one's length); otherwise every segment is an example of its own (parts 0).
+  """
+  keys = ("input_ids", "loss_mask", "positions") + tuple(k for k in OPTIONAL_KEYS if k in batch)
   examples = []
   for r in range(batch["segment_ids"].shape[0]):
     segments = batch["segment_ids"][r]
-    for segment in range(1, int(segments.max(initial=0)) + 1):
-      where = segments == segment
-      examples.append({k: batch[k][r, where] for k in ("input_ids", "loss_mask", "positions")})
+    step = 2 if pairs else 1
+    for segment in range(1, int(segments.max(initial=0)) + 1, step):
+      first = segments == segment
+      where = (first | (segments == segment + 1)) if pairs else first
+      example = {k: batch[k][r, where] for k in keys}
+      example["parts"] = int(first.sum()) if pairs else 0
+      examples.append(example)
   return examples

@@ -1,4 +1,8 @@
-"""Records to tokenised examples: templating (cached on disk), splits, truncation, statistics."""
+"""Records to tokenised examples: templating (cached on disk), splits, truncation, statistics.
+
+SFT records become one-sequence examples (jaxtune.data.chat); preference and KTO records become two-sequence
+examples (jaxtune.data.preference), and a split says which it holds in `SplitData.kind`.
+"""
 
 import collections
 import dataclasses
@@ -7,7 +11,6 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-import os
 import pathlib
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,76 +18,14 @@ from collections.abc import Iterable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from jaxtune.data import chat, records, templates
+from jaxtune.data import chat, preference, records, templates
+from jaxtune.data import examples as examples_lib
+from jaxtune.data.examples import Examples
 from jaxtune.data.records import DataError, SkipReport
 
 SPLITS = ("train", "validation", "test")
 _CHUNK = 512  # Records per task sent to a tokenizer worker.
 PARALLEL_MIN_RECORDS = 8192  # Below this, starting workers costs more than it saves.
-
-
-@dataclasses.dataclass
-class Examples:
-  """Tokenised examples stored flat: example i spans offsets[i]:offsets[i + 1]."""
-
-  input_ids: np.ndarray  # int32 [tokens]
-  loss_mask: np.ndarray  # int8 [tokens], 1 = the token is a target
-  offsets: np.ndarray  # int64 [n + 1]
-  keys: np.ndarray  # uint64 [n]: digest of each record's content; orders the splits
-  locations: list[str]  # where each example came from, e.g. "train.jsonl:12"
-
-  def __len__(self) -> int:
-    return len(self.offsets) - 1
-
-  def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-    start, end = self.offsets[i], self.offsets[i + 1]
-    return self.input_ids[start:end], self.loss_mask[start:end]
-
-  @property
-  def lengths(self) -> np.ndarray:
-    return np.diff(self.offsets)
-
-  @classmethod
-  def from_items(cls, items: Sequence[tuple[np.ndarray, np.ndarray, int, str]]) -> "Examples":
-    """Examples from (input_ids, loss_mask, key, location) tuples."""
-    lengths = [len(ids) for ids, *_ in items]
-    return cls(
-      input_ids=np.concatenate([ids for ids, *_ in items] or [[]]).astype(np.int32),
-      loss_mask=np.concatenate([mask for _, mask, *_ in items] or [[]]).astype(np.int8),
-      offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
-      keys=np.asarray([key for *_, key, _ in items], np.uint64),
-      locations=[location for *_, location in items],
-    )
-
-  @classmethod
-  def concat(cls, parts: Sequence["Examples"]) -> "Examples":
-    """All examples of `parts`, in order."""
-    bases = np.cumsum([0] + [len(p.input_ids) for p in parts])
-    return cls(
-      input_ids=np.concatenate([p.input_ids for p in parts] or [np.zeros(0, np.int32)]),
-      loss_mask=np.concatenate([p.loss_mask for p in parts] or [np.zeros(0, np.int8)]),
-      offsets=np.concatenate([[0]] + [p.offsets[1:] + b for p, b in zip(parts, bases)]),
-      keys=np.concatenate([p.keys for p in parts] or [np.zeros(0, np.uint64)]),
-      locations=[loc for p in parts for loc in p.locations],
-    )
-
-  def windows(self, indices: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> "Examples":
-    """Examples `indices`, example indices[j] cut to its tokens starts[j]:ends[j] (absolute)."""
-    lengths = (ends - starts).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-    return Examples(
-      self.input_ids[gather],
-      self.loss_mask[gather],
-      offsets,
-      self.keys[indices],
-      [self.locations[i] for i in indices],
-    )
-
-  def select(self, indices: np.ndarray) -> "Examples":
-    """The examples at `indices`, in that order."""
-    indices = np.asarray(indices, np.int64)
-    return self.windows(indices, self.offsets[indices], self.offsets[indices + 1])
 
 
 @dataclasses.dataclass
@@ -103,16 +44,26 @@ class DataStats:
   batches_per_epoch: int = 0  # filled in by the loader, like the two below
   rows: int = 0
   packing_efficiency: float = 0.0  # non-padding tokens / all tokens of one epoch's batches
+  kind: str = "sft"  # "sft" | "pairs" | "kto" (see SplitData.kind)
+  desirable: int = 0  # kto: examples labelled true, and false below
+  undesirable: int = 0
 
   @property
   def trainable_fraction(self) -> float:
     return self.trainable_tokens / self.tokens if self.tokens else 0.0
 
+  def _examples(self) -> str:
+    if self.kind == "pairs":
+      return f"pairs {self.examples:,}"
+    if self.kind == "kto":
+      return f"KTO examples {self.examples:,} (desirable {self.desirable:,}, undesirable {self.undesirable:,})"
+    return f"examples {self.examples:,}"
+
   def summary(self) -> str:
     """A few human-readable lines."""
     lines = [
       f"split {self.split}: {self.sources} source(s), {self.cached_sources} from the cache",
-      f"  records {self.records:,}  examples {self.examples:,}  tokens {self.tokens:,}",
+      f"  records {self.records:,}  {self._examples()}  tokens {self.tokens:,}",
       f"  trainable tokens {self.trainable_tokens:,} ({self.trainable_fraction:.1%})",
       f"  truncated to max_seq_len {self.truncated:,}",
       "  " + self.skipped.summary().replace("\n", "\n  "),
@@ -127,13 +78,19 @@ class DataStats:
 
 @dataclasses.dataclass
 class SplitData:
-  """The examples of one split, one `Examples` per source, and their statistics."""
+  """The examples of one split, one `Examples` per source, and their statistics.
+
+  kind: what the split holds, for the training objective to check (`preference.check_kind`): "sft"
+  (one-sequence examples), "pairs" (preference pairs: prompt + chosen, then prompt + rejected) or "kto"
+  (prompt + completion, then its KL sequence, each example labelled).
+  """
 
   split: str
   sources: tuple[str, ...]
   examples: list[Examples]
   stats: DataStats
   fingerprint: str  # changes whenever the examples would
+  kind: str = "sft"
 
 
 def load_split(data_cfg: ml_collections.ConfigDict, tokenizer, split: str = "train") -> SplitData:
@@ -145,18 +102,26 @@ def load_split(data_cfg: ml_collections.ConfigDict, tokenizer, split: str = "tra
   validation_fraction = 0.0 if separate else data_cfg.validation_fraction
   tokenizer_id = tokenizer_fingerprint(tokenizer)
   report = SkipReport()
-  parts, keys, cached, num_records, truncated = [], [], 0, 0, 0
+  parts, keys, kinds, cached, num_records, truncated = [], [], [], 0, 0, 0
   for source in sources:
     examples, key, hit = tokenize_source(source, tokenizer, data_cfg, tokenizer_id, report)
+    kinds.append(examples.kind)
     if from_train:
       chosen = split_indices(examples.keys, data_cfg.seed, validation_fraction, data_cfg.test_fraction)[split]
       examples = examples.select(chosen)
     num_records += len(examples)
-    examples, cut = fit_to_length(examples, data_cfg.max_seq_len, data_cfg.truncation, report)
+    if examples.kind == "kto":
+      examples = preference.with_kl(examples, data_cfg.batch_size)
+    examples, cut = fit_to_length(
+      examples, data_cfg.max_seq_len, data_cfg.truncation, report, on_error=data_cfg.on_error
+    )
     parts.append(examples)
     keys.append(key)
     cached += hit
     truncated += cut
+  kind = preference.split_kind(kinds, sources, "data.train" if from_train else "data.validation")
+  if kind == "kto" and split == "train":
+    preference.check_labels(parts, sources)
   stats = DataStats(
     split=split,
     sources=len(sources),
@@ -167,10 +132,15 @@ def load_split(data_cfg: ml_collections.ConfigDict, tokenizer, split: str = "tra
     trainable_tokens=sum(int(p.loss_mask.sum()) for p in parts),
     truncated=truncated,
     skipped=report,
+    kind=kind,
+    desirable=sum(int(np.sum(p.labels == 1)) for p in parts),
+    undesirable=sum(int(np.sum(p.labels == 0)) for p in parts),
   )
   settings = [split, keys, validation_fraction, data_cfg.test_fraction, data_cfg.seed]
   settings += [data_cfg.max_seq_len, data_cfg.truncation]
-  return SplitData(split, sources, parts, stats, digest(settings))
+  if kind == "kto":  # the KL sequences pair records within groups of batch_size
+    settings.append(data_cfg.batch_size)
+  return SplitData(split, sources, parts, stats, digest(settings), kind)
 
 
 def as_sources(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -203,6 +173,9 @@ def _check(cfg: ml_collections.ConfigDict, split: str) -> None:
     )
   if cfg.max_seq_len < 2:
     raise ValueError(f"data.max_seq_len: {cfg.max_seq_len} is too short to train on.")
+  for key in ("max_prompt_length", "max_completion_length"):
+    if not isinstance(cfg[key], int) or cfg[key] < 0:
+      raise ValueError(f"data.{key}: {cfg[key]!r} must be a number of tokens, or 0 for no limit.")
 
 
 # Splits and lengths.
@@ -242,16 +215,26 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def fit_to_length(examples: Examples, max_seq_len: int, policy: str, report: SkipReport) -> tuple[Examples, int]:
+def fit_to_length(
+  examples: Examples, max_seq_len: int, policy: str, report: SkipReport, *, on_error: str = "skip"
+) -> tuple[Examples, int]:
   """Examples cut to `max_seq_len` by `policy`, and how many were cut.
 
-  The first token of every example becomes a non-target: no position of the example predicts
-  it, and in a packed row the position before it belongs to another example. Examples left
-  without a target are dropped and counted in `report`.
+  The first token of every sequence becomes a non-target: no position of the example predicts
+  it, and in a packed row the position before it belongs to another sequence. Examples left
+  without a target are dropped and counted in `report`. A two-sequence example (a preference pair, a
+  KTO example) is never cut: one too long is refused with a DataError (`on_error="raise"`) or dropped
+  and counted, whatever the policy.
   """
   starts, ends = examples.offsets[:-1].copy(), examples.offsets[1:].copy()
+  two = examples.parts > 0
   long = ends - starts > max_seq_len
-  keep = np.ones(len(examples), bool)
+  keep = ~(long & two)
+  for indices, field, problem, fix in preference.overlong(examples, np.flatnonzero(long & two), max_seq_len):
+    if len(indices) and on_error == "raise":
+      raise DataError(examples.locations[indices[0]], field, problem, fix)
+    _count(report, examples, indices, problem, fix, field)
+  long &= ~two
   if policy == "right":
     ends[long] = starts[long] + max_seq_len
   elif policy == "left":
@@ -267,6 +250,7 @@ def fit_to_length(examples: Examples, max_seq_len: int, policy: str, report: Ski
     )
   mask = examples.loss_mask.copy()
   mask[starts[starts < ends]] = 0
+  mask[starts[two] + examples.parts[two]] = 0
   targets = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
   empty = keep & (targets[ends] == targets[starts])
   _count(
@@ -291,10 +275,12 @@ def fit_to_length(examples: Examples, max_seq_len: int, policy: str, report: Ski
   return kept, int(np.sum(long & keep))
 
 
-def _count(report: SkipReport, examples: Examples, indices: np.ndarray, problem: str, fix: str) -> None:
+def _count(
+  report: SkipReport, examples: Examples, indices: np.ndarray, problem: str, fix: str, field: str = "input_ids"
+) -> None:
   """Counts dropped examples under the reason `problem`, showing the first."""
   if len(indices):
-    first = DataError(examples.locations[indices[0]], "input_ids", problem, fix)
+    first = DataError(examples.locations[indices[0]], field, problem, fix)
     report.counts[first.reason] += len(indices)
     report.examples.setdefault(first.reason, str(first))
 
@@ -321,6 +307,8 @@ def tokenize_source(
       data_cfg.on_error,
       data_cfg.train_on,
       templates.resolve(data_cfg.chat_template),
+      data_cfg.max_prompt_length,
+      data_cfg.max_completion_length,
     ]
   )
   path = pathlib.Path(data_cfg.cache_dir).expanduser() / f"{key}.npz" if data_cfg.cache_dir else None
@@ -337,7 +325,13 @@ def tokenize_source(
     on_error=data_cfg.on_error,
     report=skipped,
   )
-  settings = (data_cfg.train_on, templates.resolve(data_cfg.chat_template), data_cfg.on_error)
+  settings = (
+    data_cfg.train_on,
+    templates.resolve(data_cfg.chat_template),
+    data_cfg.on_error,
+    data_cfg.max_prompt_length,
+    data_cfg.max_completion_length,
+  )
   examples = Examples.from_items(_encode_all(stream, tokenizer, settings, data_cfg.num_workers, skipped))
   if path is not None:
     _save(path, examples, skipped)
@@ -376,19 +370,29 @@ def _chunked(stream: Iterable, size: int) -> Iterator[list]:
 
 def _encode_chunk(chunk: list, tokenizer, settings: tuple) -> tuple[list, list[tuple]]:
   """(items, errors) for a list of records; stops at the first error when on_error='raise'."""
-  train_on, chat_template, on_error = settings
+  train_on, chat_template, on_error, max_prompt_length, max_completion_length = settings
   items, errors = [], []
   for record in chunk:
     try:
-      encoded = chat.encode_record(record, tokenizer, train_on=train_on, chat_template=chat_template)
+      if record.kind in ("preference", "kto"):
+        ids, mask, parts, label = preference.encode(
+          record,
+          tokenizer,
+          chat_template=chat_template,
+          max_prompt_length=max_prompt_length,
+          max_completion_length=max_completion_length,
+        )
+      else:
+        encoded = chat.encode_record(record, tokenizer, train_on=train_on, chat_template=chat_template)
+        ids, mask, parts, label = encoded.input_ids, encoded.loss_mask, 0, -1
     except DataError as e:
       # DataError's arguments, not the exception: it does not survive pickling back.
       errors.append((e.location, e.field, e.problem, e.fix, e.reason))
       if on_error == "raise":
         break
       continue
-    ids = np.asarray(encoded.input_ids, np.int32)
-    items.append((ids, np.asarray(encoded.loss_mask, np.int8), _record_key(record), encoded.location))
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int8)
+    items.append((ids, mask, _record_key(record), record.location, parts, label))
   return items, errors
 
 
@@ -450,7 +454,8 @@ def _source_fingerprint(source: str) -> list:
 @functools.cache
 def _code_version() -> str:
   """A digest of the code that makes cached examples: a fix to masking must not meet old caches."""
-  return digest([pathlib.Path(m.__file__).read_text() for m in (records, chat, sys.modules[__name__])])
+  modules = (records, chat, preference, examples_lib, sys.modules[__name__])
+  return digest([pathlib.Path(m.__file__).read_text() for m in modules])
 
 
 def _field_map(cfg: ml_collections.ConfigDict) -> dict:
@@ -464,25 +469,11 @@ def digest(value) -> str:
 
 
 def _save(path: pathlib.Path, examples: Examples, skipped: SkipReport) -> None:
-  """Writes the cache file atomically, so an interrupted run leaves no half-written entry."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  meta = {"locations": examples.locations, "skipped": dict(skipped.counts), "examples": skipped.examples}
-  tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-  np.savez(
-    tmp,
-    input_ids=examples.input_ids,
-    loss_mask=examples.loss_mask,
-    offsets=examples.offsets,
-    keys=examples.keys,
-    meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8),
-  )
-  os.replace(tmp, path)
+  examples_lib.save(path, examples, {"skipped": dict(skipped.counts), "examples": skipped.examples})
 
 
 def _load(path: pathlib.Path) -> tuple[Examples, SkipReport]:
-  with np.load(path) as f:
-    meta = json.loads(f["meta"].tobytes())
-    examples = Examples(f["input_ids"], f["loss_mask"], f["offsets"], f["keys"], meta["locations"])
+  examples, meta = examples_lib.load(path)
   skipped = SkipReport()
   skipped.counts.update(meta["skipped"])
   skipped.examples.update(meta["examples"])

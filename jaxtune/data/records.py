@@ -17,7 +17,7 @@ from typing import Any
 
 from jaxtune.errors import ConfigError, UserError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "completion", "text", "preference", "template")
+FORMATS = ("messages", "sharegpt", "alpaca", "completion", "text", "preference", "kto", "template")
 # Canonical field names that `field_map` may point at source columns.
 CANONICAL_FIELDS = (
   "messages",
@@ -32,6 +32,7 @@ CANONICAL_FIELDS = (
   "rejected",
   "system",
   "response",
+  "label",
 )
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "model": "assistant"}
 _SHAREGPT_ROLES = {
@@ -61,11 +62,14 @@ class DataError(UserError, ValueError):
 class Record:
   """One training example in canonical form."""
 
-  kind: str  # "chat" | "text" | "preference"
+  kind: str  # "chat" | "text" | "preference" | "kto"
+  # chat: the conversation; kto: the prompt's turns then the completion, the final assistant message.
   messages: list[dict] | None = None  # [{"role": "system"|"user"|"assistant", "content": str}]
   text: str | None = None
+  # preference: two whole conversations that share every message but the final assistant answer.
   chosen: list[dict] | None = None
   rejected: list[dict] | None = None
+  label: bool | None = None  # kto: True for a desirable completion, False for an undesirable one
   location: str = ""  # "path:line" (JSONL/CSV, 1-based) or "path:row N" (JSON list, Parquet, datasets; 0-based)
 
 
@@ -134,6 +138,14 @@ def read_records(
       if fmt == "auto":
         fmt = _detect(raw, prompt_template, location)
       record = _CONVERTERS[fmt](raw, location, prompt_template)
+      if "label" in raw and record.kind == "chat":
+        raise DataError(
+          location,
+          "label",
+          "a labelled record read as SFT data: SFT trains on every completion, the undesirable ones too",
+          "train on labelled prompt/completion records with objective=kto (data.format 'kto' or 'auto')",
+          reason="labelled record in SFT",
+        )
     except DataError as err:
       if on_error == "raise":
         raise
@@ -342,9 +354,17 @@ def _apply_field_map(raw: dict, field_map: dict | None) -> dict:
 
 
 def _detect(raw: dict, prompt_template: str | None, location: str) -> str:
+  """The format of a source, from its first record's fields.
+
+  A ``label`` field marks KTO data (``prompt``/``completion``/``label``), checked first so that labelled
+  completions are never read as SFT data that would train on the undesirable ones; a plain-text corpus with
+  a ``label`` column (``text``/``label``) stays text.
+  """
   keys = set(raw)
   if prompt_template:
     return "template"
+  if "label" in keys and "text" not in keys:
+    return "kto"
   for key in ("messages", "conversations"):
     if key in keys:
       turns = raw[key]
@@ -370,11 +390,20 @@ def _detect(raw: dict, prompt_template: str | None, location: str) -> str:
 
 def _conversation(turns: Any, location: str, field: str, roles: dict, role_key: str, content_key: str) -> list[dict]:
   """Validate a list of turns and return it as canonical messages."""
+  messages = [m for m, _ in _turns(turns, location, field, roles, role_key, content_key)]
+  _check_order(messages, location, field)
+  return messages
+
+
+def _turns(
+  turns: Any, location: str, field: str, roles: dict = _ROLES, role_key: str = "role", content_key: str = "content"
+) -> list[tuple[dict, str]]:
+  """(canonical message, its field name) of each turn in a list, each checked alone (not their order)."""
   if turns is None:
     raise DataError(location, field, "missing field", f"every record needs {field!r}", reason="missing field")
   if not isinstance(turns, list):
     raise DataError(location, field, f"expected a list of messages, got {_type(turns)}", reason="bad field type")
-  messages = []
+  out = []
   for i, turn in enumerate(turns):
     where = f"{field}[{i}]"
     if not isinstance(turn, dict):
@@ -396,14 +425,15 @@ def _conversation(turns: Any, location: str, field: str, roles: dict, role_key: 
         reason="unknown role",
       )
     content = _string(turn.get(content_key), location, f"{where}.{content_key}")
-    messages.append({"role": role, "content": content})
-  _check_order(messages, location, field)
-  return messages
+    out.append(({"role": role, "content": content}, where))
+  return out
 
 
-def _check_order(messages: list[dict], location: str, field: str) -> None:
+def _check_order(messages: list[dict], location: str, field: str, names: list[str] | None = None) -> None:
+  """Roles in a trainable order; `names` are the messages' field names (default ``field[i]``)."""
   if not messages:
     raise DataError(location, field, "empty conversation", reason="no assistant turn")
+  names = names or [f"{field}[{i}]" for i in range(len(messages))]
   expected, first_turn = "user", int(messages[0]["role"] == "system")
   for i, message in enumerate(messages):
     role = message["role"]
@@ -412,7 +442,7 @@ def _check_order(messages: list[dict], location: str, field: str) -> None:
         continue
       raise DataError(
         location,
-        f"{field}[{i}].role",
+        f"{names[i]}.role",
         "'system' is only allowed as the first message",
         "merge it into the first system message",
         reason="roles out of order",
@@ -422,7 +452,7 @@ def _check_order(messages: list[dict], location: str, field: str) -> None:
         problem = f"the conversation must start with a user turn (after an optional system prompt), got {role!r}"
       else:
         problem = f"two {role!r} turns in a row; user and assistant turns must alternate"
-      raise DataError(location, f"{field}[{i}].role", problem, reason="roles out of order")
+      raise DataError(location, f"{names[i]}.role", problem, reason="roles out of order")
     expected = "assistant" if role == "user" else "user"
   if messages[-1]["role"] == "user":
     raise DataError(
@@ -543,26 +573,94 @@ class _TemplateFields(dict):
 
 
 def _from_preference(raw: dict, location: str, _: Any) -> Record:
+  """A pair in TRL's forms: ``prompt`` (a string, or messages) with ``chosen``/``rejected`` answers (strings, or
+  assistant messages), or whole ``chosen``/``rejected`` conversations whose shared messages are the prompt.
+
+  String prompts and answers become a user turn and an assistant turn (after ``system``, when given), the
+  chat template is applied to them as to SFT's completion and alpaca formats: an instruct model is tuned
+  on the format it is prompted with. The two conversations must differ only in their final assistant answer.
+  """
+  prompt = _prompt_turns(raw, location)
+  chosen = _joined(prompt, _answer_turns(raw, location, "chosen", bool(prompt)), location, "chosen")
+  rejected = _joined(prompt, _answer_turns(raw, location, "rejected", bool(prompt)), location, "rejected")
+  a, b = [m for m, _ in chosen], [m for m, _ in rejected]
+  if a == b:
+    raise DataError(
+      location,
+      "rejected",
+      "identical to chosen",
+      "a pair needs two different answers; fix or remove the record",
+      reason="identical pair",
+    )
+  shared = next(i for i in range(len(a) + 1) if i == len(a) or i == len(b) or a[i] != b[i])
+  if not shared == len(a) - 1 == len(b) - 1:
+    where = rejected[shared][1] if shared < len(b) else "rejected"
+    raise DataError(
+      location,
+      where,
+      f"chosen and rejected differ before their final answer ({len(a)} and {len(b)} messages, "
+      f"the first {shared} shared)",
+      "keep the shared turns in 'prompt' (or the same in both conversations) and one final assistant answer "
+      "in each of chosen and rejected",
+      reason="pair differs before final answer",
+    )
+  return Record("preference", chosen=a, rejected=b, location=location)
+
+
+def _from_kto(raw: dict, location: str, _: Any) -> Record:
+  """A KTO record: ``prompt`` and ``completion`` in the forms a pair's prompt and answers take, and ``label``."""
+  label = raw.get("label")
+  if label is None:
+    raise DataError(
+      location,
+      "label",
+      "missing field",
+      "KTO records need a label: true (a desirable completion) or false (an undesirable one)",
+      reason="missing field",
+    )
+  if not isinstance(label, bool):
+    raise DataError(
+      location,
+      "label",
+      f"expected true or false, got {_type(label)}",
+      "write the label as a JSON boolean: true for a desirable completion, false for an undesirable one",
+      reason="bad label",
+    )
+  prompt = _prompt_turns(raw, location)
+  turns = _joined(prompt, _answer_turns(raw, location, "completion", bool(prompt)), location, "completion")
+  return Record("kto", messages=[m for m, _ in turns], label=label, location=location)
+
+
+def _prompt_turns(raw: dict, location: str) -> list[tuple[dict, str]]:
+  """The ``prompt`` field's turns with their field names: messages as given, a string as a user turn."""
   prompt = raw.get("prompt")
+  if prompt is None:
+    return []
   if isinstance(prompt, list):
-    prompt_turns = prompt
-  elif prompt is None:
-    prompt_turns = []
-  else:
-    prompt_turns = [{"role": "user", "content": _string(prompt, location, "prompt")}]
-  pair = []
-  for field in ("chosen", "rejected"):
-    value = raw.get(field)
-    if isinstance(value, list):
-      turns = prompt_turns + value
-    else:
-      if not prompt_turns:
-        raise DataError(
-          location, "prompt", "missing field", f"a text {field!r} answer needs a prompt", reason="missing field"
-        )
-      turns = prompt_turns + [{"role": "assistant", "content": _string(value, location, field)}]
-    pair.append(_conversation(turns, location, field, _ROLES, "role", "content"))
-  return Record("preference", chosen=pair[0], rejected=pair[1], location=location)
+    return _turns(prompt, location, "prompt")
+  user = [{"role": "user", "content": _string(prompt, location, "prompt")}]
+  return [(m, m["role"] if m["role"] == "system" else "prompt") for m in _with_system(raw, location, user)]
+
+
+def _answer_turns(raw: dict, location: str, field: str, has_prompt: bool) -> list[tuple[dict, str]]:
+  """An answer field's turns: messages as given, a string as one assistant turn (which needs a prompt)."""
+  value = raw.get(field)
+  if value is None:
+    raise DataError(location, field, "missing field", reason="missing field")
+  if isinstance(value, list):
+    return _turns(value, location, field)
+  if not has_prompt:
+    raise DataError(
+      location, "prompt", "missing field", f"a text {field!r} answer needs a prompt", reason="missing field"
+    )
+  return [({"role": "assistant", "content": _string(value, location, field)}, field)]
+
+
+def _joined(prompt: list[tuple[dict, str]], answer: list[tuple[dict, str]], location: str, field: str) -> list:
+  """Prompt and answer turns as one conversation, its role order checked; errors name each turn's own field."""
+  turns = prompt + answer
+  _check_order([m for m, _ in turns], location, field, [name for _, name in turns])
+  return turns
 
 
 _CONVERTERS = {
@@ -572,6 +670,7 @@ _CONVERTERS = {
   "completion": _from_completion,
   "text": _from_text,
   "preference": _from_preference,
+  "kto": _from_kto,
   "template": _from_template,
 }
 

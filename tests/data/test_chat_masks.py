@@ -221,8 +221,11 @@ def test_missing_template_and_preference_records_fail_loudly(family_tokenizer):
   with pytest.raises(DataError, match="^data.jsonl:7: chat_template: the tokenizer has no chat template"):
     encode(tokenizer, CONVERSATIONS["single"])
   pair = Record("preference", chosen=CONVERSATIONS["single"], rejected=CONVERSATIONS["single"], location="p.jsonl:2")
-  with pytest.raises(DataError, match="^p.jsonl:2: record: preference records are not supported yet by SFT"):
+  with pytest.raises(DataError, match="^p.jsonl:2: record: a preference record is not SFT data; use a preference-tr"):
     encode_record(pair, tokenizer)
+  kto = Record("kto", messages=CONVERSATIONS["single"], label=False, location="k.jsonl:3")
+  with pytest.raises(DataError, match="^k.jsonl:3: record: a labelled KTO record is not SFT data.*; use objective=kto"):
+    encode_record(kto, tokenizer)
 
 
 def test_text_records_train_every_token_and_end_with_eos(family_tokenizer):

@@ -99,3 +99,36 @@ def data_cfg(tmp_path: pathlib.Path, **overrides):
   for key, value in overrides.items():
     cfg[key] = value
   return cfg
+
+
+def write_jsonl(path, rows) -> str:
+  """Rows are dicts (written as JSON) or raw strings (written verbatim)."""
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+  return str(path)
+
+
+def pair_rows(n: int, start: int = 0) -> list[dict]:
+  """`n` distinct preference pairs with string prompt, chosen and rejected."""
+  return [{"prompt": f"the cat {i}", "chosen": f"sat on the mat {i}", "rejected": f"ran {i}"} for i in range(start, n)]
+
+
+def kto_rows(n: int) -> list[dict]:
+  """`n` distinct KTO records; every third one (i % 3 == 1) undesirable."""
+  return [{"prompt": f"the dog {i}", "completion": f"ran quickly {i}", "label": i % 3 != 1} for i in range(n)]
+
+
+def cfg_for(tmp_path, *sources, **overrides):
+  """`data_cfg` reading `sources`, rows up to 256 tokens."""
+  return data_cfg(tmp_path, **{"train": tuple(str(s) for s in sources), "max_seq_len": 256, **overrides})
+
+
+def decoded(tokenizer, ids) -> str:
+  """Token ids as text, special tokens shown."""
+  return tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+
+def sequences(examples, i: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+  """((input_ids, loss_mask) of the first sequence, of the second) of two-sequence example i."""
+  ids, mask = examples[i]
+  k = examples.parts[i]
+  return (ids[:k], mask[:k]), (ids[k:], mask[k:])
