@@ -336,23 +336,21 @@ def make_eval_step(
     model.set_attributes(deterministic=True, raise_if_not_found=False)
     reference = None if objective.reference is None else nnx.merge(objective.reference, frozen.weights)
 
-    def one(carry, mb):
+    def sums_of(mb):
       if objective.name == "sft":
         loss_sum, tokens, correct = loss_fn(model, mb, chunk=loss_chunk)
-        sums = {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
-      else:
-        totals = objectives.batch_totals(objective.name, mb)
-        loss, means = objectives.sequence_loss(
-          objective.name, objective.settings, model, reference, mb, totals, chunk=loss_chunk, pad_id=objective.pad_id
-        )
-        sums = objectives.eval_sums(objective.name, loss, means, totals)
-      return jax.tree.map(jnp.add, carry, sums), None
+        return {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+      totals = objectives.batch_totals(objective.name, mb)
+      loss, means = objectives.sequence_loss(
+        objective.name, objective.settings, model, reference, mb, totals, chunk=loss_chunk, pad_id=objective.pad_id
+      )
+      return objectives.eval_sums(objective.name, loss, means, totals)
 
     if batch["input_ids"].ndim == 2:
       batch = jax.tree.map(lambda x: x[None], batch)
     first = jax.tree.map(lambda x: x[0], batch)
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(lambda: one(None, first)[0]))
-    sums, _ = jax.lax.scan(one, zeros, batch)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(sums_of, first))
+    sums, _ = jax.lax.scan(lambda carry, mb: (jax.tree.map(jnp.add, carry, sums_of(mb)), None), zeros, batch)
     return sums
 
   jitted = _jit(evaluate, shardings, donate=False)
