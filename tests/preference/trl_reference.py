@@ -130,7 +130,9 @@ def trl_trajectory(
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", FutureWarning)  # transformers 5.25's gradient -> activation checkpointing renames
-      return _run(objective, str(model_dir), _validated(objective, records), steps, lr, seed, getattr(torch, dtype), options)
+      return _run(
+        objective, str(model_dir), _validated(objective, records), steps, lr, seed, getattr(torch, dtype), options
+      )
   finally:
     torch.use_deterministic_algorithms(deterministic)
 
@@ -200,7 +202,6 @@ def _quiet():
 
 def _run(objective, model_dir, records, steps, lr, seed, dtype, options):
   import datasets
-  import torch
   import transformers
 
   config = transformers.AutoConfig.from_pretrained(model_dir)
@@ -320,9 +321,7 @@ class _Watch:
         # logits with their own label tensor (checked in their concatenated_inputs), the reward model has none.
         got["labels"] = kwargs.get("labels")
       for name, batch in self.expected.items():
-        if all(
-          v is not None and torch.equal(v.cpu(), torch.tensor(batch[k], dtype=v.dtype)) for k, v in got.items()
-        ):
+        if all(v is not None and torch.equal(v.cpu(), torch.tensor(batch[k], dtype=v.dtype)) for k, v in got.items()):
           self.seen[who].append(name)
           break
       else:
@@ -392,8 +391,8 @@ def _paired_ids_trainer(base):
     def concatenated_inputs(self, batch, is_encoder_decoder=False, padding_value=0, device=None):
       out = base.concatenated_inputs(batch, is_encoder_decoder, padding_value, device)
       expected = self._expected_batch
-      for mine, theirs in (("input_ids", "concatenated_input_ids"), ("attention_mask", "concatenated_attention_mask"),
-                           ("labels", "concatenated_labels")):  # fmt: skip
+      for mine in ("input_ids", "attention_mask", "labels"):
+        theirs = f"concatenated_{mine}"
         if out[theirs].tolist() != expected[mine]:
           raise AssertionError(f"{base.__name__} {theirs} {out[theirs].tolist()} != {expected[mine]}")
       self._checked_batches += 1
@@ -445,6 +444,10 @@ def _kto(model_dir, dataset, tok, common, load, options):
 
       return dataset.map(add_kl_completion_ids, batched=True, batch_size=args.per_device_train_batch_size)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+      _check_column("kto label", inputs["label"], [r["label"] for r in dataset])
+      return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
   args = KTOConfig(**common, max_length=None, precompute_ref_log_probs=False, loss_type="kto", **options)
   model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **load)
   return IdsKTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
@@ -474,7 +477,25 @@ def _reward(model_dir, dataset, tok, common, load, options):
   backbone = {f"model.{k}": v for k, v in lm.model.state_dict().items()}
   if not _same_subset(model, backbone):
     raise AssertionError("the reward model's backbone is not the causal LM's")
-  return RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+  margins = [r["margin"] for r in dataset] if "margin" in dataset.column_names else None
+
+  class CheckedRewardTrainer(RewardTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+      _check_column("reward margin", inputs.get("margin"), margins)
+      return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+  return CheckedRewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
+
+
+def _check_column(name, got, want):
+  """A per-record column of the collated batch (KTO's label, the reward margin) against the records."""
+  import torch
+
+  same = (
+    got is None if want is None else got is not None and torch.equal(got.cpu(), torch.tensor(want, dtype=got.dtype))
+  )
+  if not same:
+    raise AssertionError(f"{name}: batch has {None if got is None else got.tolist()}, records say {want}")
 
 
 def _same_subset(model, weights):
