@@ -27,12 +27,14 @@ Records: pairs {"prompt_ids", "chosen_ids", "rejected_ids"} (dpo, orpo, simpo, r
 and prompt+rejected, plus an optional "margin"), unpaired {"prompt_ids", "completion_ids", "label": bool} (kto).
 Completions carry whatever end token the caller wants; nothing is added.
 
-Runs in-process (about 1-2 s per run after TRL's ~4 s import); torch's global determinism flag is set for the run and
-restored afterwards.
+Runs in-process (about 1-2 s per run after TRL's 4-8 s import). For the run, torch's determinism flag is on and
+transformers/datasets are quiet (errors only, no progress bars); both are restored afterwards. Hub access is off
+(HF_HUB_OFFLINE etc. set if unset, telemetry disabled).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -120,16 +122,12 @@ def trl_trajectory(
     raise ValueError(f"dpo loss_type {options['loss_type']!r} not in {DPO_LOSS_TYPES}")
   if dtype not in ("float32", "float64"):
     raise ValueError(f"dtype {dtype!r} is float32 (the reference) or float64 (its noise)")
-  _quiet()
-  import warnings
-
   import torch
 
   deterministic = torch.are_deterministic_algorithms_enabled()
   torch.use_deterministic_algorithms(True)
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", FutureWarning)  # transformers 5.25's gradient -> activation checkpointing renames
+    with _quiet():
       return _run(
         objective, str(model_dir), _validated(objective, records), steps, lr, seed, getattr(torch, dtype), options
       )
@@ -185,19 +183,36 @@ def _validated(objective, records):
   return out
 
 
+@contextlib.contextmanager
 def _quiet():
-  """Offline and silent: no telemetry thread, no hub lookups, no progress bars."""
+  """Offline and silent for the run: no telemetry thread, no hub lookups, no progress bars, no info logs."""
   for key in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(key, "1")
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO and CPO live in trl.experimental
+  import warnings
+
   import datasets
   import huggingface_hub.constants
   import transformers
+  from transformers.utils import logging as hf_logging
 
   huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True  # read at call time; the env var only at import
+  verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+  dataset_bars = datasets.is_progress_bar_enabled()
   datasets.disable_progress_bars()
   transformers.logging.set_verbosity_error()
   transformers.logging.disable_progress_bar()
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", FutureWarning)  # transformers 5.25's gradient -> activation checkpointing renames
+      yield
+  finally:
+    transformers.logging.set_verbosity(verbosity)
+    if bars:
+      transformers.logging.enable_progress_bar()
+    if dataset_bars:
+      datasets.enable_progress_bars()
 
 
 def _run(objective, model_dir, records, steps, lr, seed, dtype, options):
