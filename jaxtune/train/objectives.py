@@ -34,6 +34,8 @@ PAIRED = ("dpo", "orpo", "simpo", "reward")  # data: prompt / chosen / rejected 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")
 REFERENCE = ("auto", "live", "precomputed")
 PER_MICRO_BATCH = ("kl",)  # metrics that are a micro-batch's mean, not a share of the batch's sum
+# Metrics that are extremes over the batch: micro-batches and evaluation batches combine them by min / max.
+EXTREMES = {"min_reward": (jnp.minimum, jnp.inf), "max_reward": (jnp.maximum, -jnp.inf)}  # (combine, start)
 # Objectives that compare the policy with a frozen reference model.
 WITH_REFERENCE = ("dpo", "kto")
 # The log-probability ORPO's log1mexp sees is kept at most this far below 0: at exactly 0 (a
@@ -214,8 +216,8 @@ def reward_loss(
   """Bradley-Terry: -log sigmoid(r_c - r_r - margin), plus TRL's optional centring term."""
   diff = chosen - rejected - (0.0 if margin is None else margin)
   loss = -jax.nn.log_sigmoid(diff)
-  if cfg.center_rewards:
-    loss = loss + cfg.center_rewards * 0.5 * (chosen**2 + rejected**2)
+  if cfg.center_rewards:  # TRL: coefficient * mean over pairs of (r_c + r_r)^2
+    loss = loss + cfg.center_rewards * (chosen + rejected) ** 2
   metrics = {
     "accuracy": (chosen > rejected).astype(jnp.float32),
     "margin": chosen - rejected,
@@ -320,10 +322,16 @@ def sequence_loss(
     chosen, rejected = pair_slots(jnp.zeros((b, t + 2), jnp.float32).at[rows, seg].add(scores))
     valid = pair_slots(segment_sums(_within(seg), seg))[0] > 0
     margin = None
-    if "margins" in mb:  # per token, the pair's margin on each of its tokens
-      margin = pair_slots(jnp.zeros((b, t + 2), jnp.float32).at[rows, seg].max(mb["margins"]))[0]
+    if "margins" in mb:  # the pair's margin on each of its tokens: its mean over the chosen sequence's targets
+      within = _within(seg)
+      margin = pair_slots(segment_sums(mb["margins"][:, 1:] * within, seg))[0]
+      margin = margin / jnp.maximum(pair_slots(segment_sums(within, seg))[0], 1.0)
     loss, metrics = reward_loss(cfg, chosen, rejected, margin)
-    return _reduce(loss, metrics, valid, totals["examples"])
+    total, sums = _reduce(loss, metrics, valid, totals["examples"])
+    rewards = jax.lax.stop_gradient(jnp.stack([chosen, rejected]))
+    sums["min_reward"] = jnp.min(jnp.where(valid, rewards, jnp.inf))
+    sums["max_reward"] = jnp.max(jnp.where(valid, rewards, -jnp.inf))
+    return total, sums
 
   weights = mb["loss_mask"][:, 1:].astype(jnp.float32) * _within(seg)
   logp, top1 = _token_log_probs(model, hidden, ids, chunk)
@@ -411,11 +419,22 @@ def _divisor(name: str, key: str) -> str:
   return (_KTO_DIVISOR.get(key) if name == "kto" else None) or _DIVISOR.get(key, "examples")
 
 
+def combine(sums: dict, more: dict) -> dict:
+  """Two micro-batches' (or evaluation batches') metric sums as one: added, or min / max for EXTREMES."""
+  return {k: EXTREMES[k][0](v, more[k]) if k in EXTREMES else v + more[k] for k, v in sums.items()}
+
+
+def no_sums(shapes: dict) -> dict:
+  """What `combine` starts from: zeros, and +-inf for the EXTREMES (shapes: ShapeDtypeStructs by key)."""
+  return {k: jnp.full(x.shape, EXTREMES[k][1] if k in EXTREMES else 0, x.dtype) for k, x in shapes.items()}
+
+
 def eval_sums(name: str, loss: jax.Array, means: dict, totals: dict) -> dict:
   """One batch's means turned back into sums (each times its divisor), plus the divisors."""
   sums = {"loss": loss * totals["examples"]}
   for key, value in means.items():
-    sums[key] = value if key in PER_MICRO_BATCH else value * totals[_divisor(name, key)]
+    extreme = key in PER_MICRO_BATCH or key in EXTREMES
+    sums[key] = value if extreme else value * totals[_divisor(name, key)]
   sums["batches"] = jnp.ones((), jnp.float32)
   return sums | {f"total/{k}": v for k, v in totals.items()}
 
@@ -427,7 +446,9 @@ def eval_means(name: str, sums: dict) -> dict[str, float]:
   for key, value in sums.items():
     if key.startswith("total/") or key == "batches":
       continue
-    if key in PER_MICRO_BATCH:
+    if key in EXTREMES:
+      out[key] = float(value)
+    elif key in PER_MICRO_BATCH:
       out[key] = float(value) / max(float(sums["batches"]), 1.0)
     else:
       out[key] = float(value) / max(totals[_divisor(name, key) if key != "loss" else "examples"], 1.0)

@@ -250,12 +250,12 @@ def make_train_step(
     def micro(carry, xs):
       (loss, sums), grads = grad_of(*xs)
       acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[0], grads)
-      return (acc, carry[1] + loss, jax.tree.map(jnp.add, carry[2], sums)), None
+      return (acc, carry[1] + loss, objectives.combine(carry[2], sums)), None
 
     first = jax.tree.map(lambda x: x[0], batch)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     zero = jnp.zeros((), jnp.float32)
-    no_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(grad_of, 0, first)[0][1])
+    no_sums = objectives.no_sums(jax.eval_shape(grad_of, 0, first)[0][1])
     init, micro_batches = (zeros, zero, no_sums), batch["input_ids"].shape[0]
     if micro_batches == 1:  # no loop: a smaller program that compiles faster
       (grads, loss, sums), _ = micro(init, (0, first))
@@ -349,8 +349,8 @@ def make_eval_step(
     if batch["input_ids"].ndim == 2:
       batch = jax.tree.map(lambda x: x[None], batch)
     first = jax.tree.map(lambda x: x[0], batch)
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(sums_of, first))
-    sums, _ = jax.lax.scan(lambda carry, mb: (jax.tree.map(jnp.add, carry, sums_of(mb)), None), zeros, batch)
+    zeros = objectives.no_sums(jax.eval_shape(sums_of, first))
+    sums, _ = jax.lax.scan(lambda carry, mb: (objectives.combine(carry, sums_of(mb)), None), zeros, batch)
     return sums
 
   jitted = _jit(evaluate, shardings, donate=False)
