@@ -7,11 +7,11 @@ constant learning rate, the whole record set as one batch (sequential order), no
 reference model (DPO, KTO) a fresh copy of the initial policy that TRL loads itself from `model_dir`.
 
 The records are token ids, and every trainer is made to consume exactly those ids (TRL's own tokenisation, BOS/EOS
-insertion and truncation are bypassed: see `_dpo`, `_paired_ids_trainer`, `_kto`, `_reward`). The harness proves it
-on every run: a forward pre-hook on the policy (and the reference model) compares each batch the model receives, and
-for ORPO/SimPO the label tensor TRL builds, with tensors built here from the records alone; the run fails if any differs or if the
-expected number of forwards was not seen. It also checks that the reference model starts equal to the policy and never
-changes, that the policy does change, and that the config has no dropout.
+insertion and truncation are bypassed: see `_dpo`, `_paired_ids_trainer`, `_kto`, `_reward`). The harness proves it on
+every run: a forward pre-hook on the policy (and the reference model) compares each batch the model receives, and for
+ORPO/SimPO the label tensor TRL builds, with tensors built here from the records alone; the run fails if any differs
+or if the expected number of forwards was not seen. It also checks that the reference model starts equal to the policy
+and never changes, that the policy does change, and that the config has no dropout.
 
 Objectives and options (defaults are TRL 1.16's config defaults, applied by TRL itself when an option is not given):
   "dpo"     trl.DPOTrainer: loss_type ("sigmoid" | "hinge" | "ipo" | "robust"; default "sigmoid"), beta (0.1),
