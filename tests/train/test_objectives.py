@@ -1,5 +1,5 @@
-"""Preference objectives in the train step: first-step invariants, per-sequence sums, packing, accumulation,
-the adapters-off reference, and ORPO's low-precision stability. TRL parity is tests/preference/."""
+"""Preference objectives in the train step: first-step invariants, packing and accumulation, the adapters-off
+reference, and ORPO's low-precision stability. Equality with TRL, step by step, is tests/preference/test_parity.py."""
 
 import math
 
@@ -103,26 +103,6 @@ def test_dpo_step_under_lora_starts_at_ln2():
   assert losses[2] < losses[0] and float(m["rewards/margins"]) > 0
 
 
-def test_sequence_log_probs_equal_the_logits():
-  """logps/chosen and logps/rejected are the means over pairs of the summed completion log-probs."""
-  model = init_model(from_hf_dict(TINY), seed=1)
-  sequences = [(prompt, completion) for prompt, *completions in PAIRS for completion in completions]
-  longest = max(len(p) + len(c) for p, c in sequences)
-  ids = np.zeros((len(sequences), longest), np.int32)  # right-padded, one sequence per row
-  for row, (prompt, completion) in enumerate(sequences):
-    ids[row, : len(prompt) + len(completion)] = prompt + completion
-  logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray(ids))[:, :-1].astype(jnp.float32), axis=-1))
-  sums = [
-    sum(logp[row, t - 1, ids[row, t]] for t in range(len(prompt), len(prompt) + len(completion)))
-    for row, (prompt, completion) in enumerate(sequences)
-  ]
-  batch = with_ref(model, pair_rows(PAIRS, 2))
-  train_step, state = make_step(model, "dpo", method="full")
-  _, m = train_step(state, one(batch))
-  assert float(m["logps/chosen"]) == pytest.approx(np.mean(sums[0::2]), rel=1e-5)
-  assert float(m["logps/rejected"]) == pytest.approx(np.mean(sums[1::2]), rel=1e-5)
-
-
 def test_packed_with_accumulation_equals_unpacked():
   """Two pairs per row in two micro-batches, against one pair per row in one: the same metrics and update."""
   results = []
@@ -172,27 +152,3 @@ def test_orpo_is_finite_in_bfloat16_near_log_prob_zero():
     out, grads = jax.value_and_grad(loss, argnums=(0, 1))(c, r)
     assert np.isfinite(float(out)), value
     assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads), value
-
-
-def test_kto_and_reward_run_and_learn():
-  """KTO on (completion, KL) examples with labels, and a reward model's Bradley-Terry loss: finite, decreasing."""
-  batch = pair_rows(PAIRS, 1)
-  labels = np.where(batch["segment_ids"] > 0, np.where(np.arange(len(PAIRS))[:, None] % 2 == 0, 1, 2), 0)
-  model = init_model(from_hf_dict(TINY), seed=4)
-  kto_batch = with_ref(model, batch) | {"labels": labels.astype(np.int32)}
-  train_step, state = make_step(model, "kto", method="full", optimizer=optax.sgd(0.5))
-  losses = []
-  for _ in range(3):
-    state, m = train_step(state, one(kto_batch))
-    losses.append(float(m["loss"]))
-  assert losses[0] == pytest.approx(0.5, rel=1e-6)  # 1 - sigmoid(0) for every example at step 1
-  assert losses[-1] < losses[0] and float(m["kl"]) >= 0
-
-  model = init_model(from_hf_dict(TINY), seed=4)
-  model.add_score_head()
-  train_step, state = make_step(model, "reward", method="full", optimizer=optax.sgd(0.05))
-  losses = []
-  for _ in range(3):
-    state, m = train_step(state, one(batch))
-    losses.append(float(m["loss"]))
-  assert losses[-1] < losses[0] and 0 <= float(m["accuracy"]) <= 1
