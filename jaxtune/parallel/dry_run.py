@@ -34,8 +34,8 @@ from jaxtune.models.transformer import CausalLM
 from jaxtune.parallel import mesh as mesh_lib
 from jaxtune.parallel import sharding as sharding_lib
 from jaxtune.peft import apply_lora
-from jaxtune.peft.lora import split_trainable
-from jaxtune.train import builtin_models, optim
+from jaxtune.peft.lora import base_graphdef, split_trainable
+from jaxtune.train import builtin_models, objectives, optim
 from jaxtune.train import step as step_lib
 
 # The config.json fields that set memory, for the models of docs/scaling.md (rope and norms do not matter here).
@@ -182,8 +182,15 @@ def compile_report(
   seq: int,
   accum: int = 1,
   constrain: bool = True,
+  objective: str = "sft",
+  objective_settings: Any = None,
 ) -> Report:
-  """Compiles one train step of an abstract model on `mesh`; returns XLA's per-device memory."""
+  """Compiles one train step of an abstract model on `mesh`; returns XLA's per-device memory.
+
+  objective: a preference objective's step holds both sequences of each pair in its rows, and for
+  DPO / KTO under LoRA also the reference forward (adapters off; the larger of the two reference
+  modes); under full fine-tuning the precomputed reference log-probs ride in the batch.
+  """
   if constrain:  # each layer's input split by batch rows, as the training loop does
     options = options.replace(constrain=sharding_lib.ActivationSharding(mesh, rules))
 
@@ -191,9 +198,14 @@ def compile_report(
     model = CausalLM(cfg, options, rngs=nnx.Rngs(0))
     if method == "lora":
       apply_lora(model, rank=lora_rank, alpha=2.0 * lora_rank, rngs=nnx.Rngs(1))
+    if objective == "reward":
+      model.add_score_head()
     return model
 
   abstract = nnx.eval_shape(build)
+  with_reference = objective in objectives.WITH_REFERENCE
+  live = with_reference and method == "lora"
+  step_objective = step_lib.Objective(objective, objective_settings, base_graphdef(abstract) if live else None)
   graphdef, params, keys, rest = split_trainable(abstract, method)
   sds = lambda tree: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))
   params_sds, frozen = sds(params), step_lib.Frozen(sds(rest), sds(keys))
@@ -206,11 +218,16 @@ def compile_report(
     scalar,
     scalar,
   )
-  batch = {k: jax.ShapeDtypeStruct((accum, rows // accum, seq), np.int32) for k in step_lib.BATCH_KEYS}
+  shape = (accum, rows // accum, seq)
+  batch = {k: jax.ShapeDtypeStruct(shape, np.int32) for k in step_lib.BATCH_KEYS}
+  if objective == "kto":
+    batch["labels"] = jax.ShapeDtypeStruct(shape, np.int32)
+  if with_reference and not live:
+    batch["ref_logps"] = jax.ShapeDtypeStruct(shape, np.float32)
   sh = sharding_lib.train_shardings(abstract, optimizer, mesh, rules, method=method)
 
   def step(state, frozen, batch):
-    return step_lib.make_train_step(graphdef, frozen, optimizer)(state, batch)
+    return step_lib.make_train_step(graphdef, frozen, optimizer, objective=step_objective)(state, batch)
 
   jitted = jax.jit(step, in_shardings=sh.step_args, out_shardings=(sh.state, None), donate_argnums=0)
   stats = jitted.lower(state, frozen, batch).compile().memory_analysis()
@@ -290,7 +307,7 @@ def run(argv: list[str]) -> list[Report]:
   jax.config.update("jax_num_cpu_devices", max(counts))
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
   print(
-    f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, "
+    f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, objective {config.objective}, "
     f"seq {config.data.max_seq_len}, "
     f"remat {options.remat}, {options.dtype} compute / {options.param_dtype} params, attention "
     f"{options.attention_impl}{note}, {options.kernels} kernels, optimizer {config.optim.name}; "
@@ -315,6 +332,8 @@ def run(argv: list[str]) -> list[Report]:
       seq=config.data.max_seq_len,
       accum=accum,
       constrain=not args.no_constraint,
+      objective=config.objective,
+      objective_settings=objectives.settings(config),
     )
     print(report.line(), flush=True)
     if args.json:

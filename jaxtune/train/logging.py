@@ -155,12 +155,22 @@ class Progress:
     self._tokens += tokens
     return self._tokens / max(now - self._since, 1e-9)
 
-  def update(self, step: int, loss: float | None, lr: float | None, tokens_per_s: float | None) -> None:
+  def update(
+    self,
+    step: int,
+    loss: float | None,
+    lr: float | None,
+    tokens_per_s: float | None,
+    extra: dict[str, float] | None = None,
+  ) -> None:
+    """extra: an objective's headline metrics (e.g. DPO's reward accuracy and margin), shown after the loss."""
     if self._bar is None:
       return
     shown = {}
     if loss is not None:
       shown["loss"] = f"{loss:.4f}"
+    for key, value in (extra or {}).items():
+      shown[key] = f"{value:.3f}"
     if lr is not None and math.isfinite(lr):
       shown["lr"] = f"{lr:.2e}"
     if tokens_per_s is not None:

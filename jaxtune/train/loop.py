@@ -556,6 +556,10 @@ def _evaluate(
   }
 
 
+# A preference objective's metrics on the progress bar, under short names.
+_SHOWN = {"rewards/accuracies": "acc", "rewards/margins": "margin", "margin": "margin", "kl": "kl"}
+
+
 class _Recorder:
   """Reads a dispatched step's metrics, updates the progress bar, logs every log_every steps and the last."""
 
@@ -572,7 +576,8 @@ class _Recorder:
     self._announce_eta(step)
     self._window.append(metrics)
     tokens_per_s = self._progress.tokens_per_second(tokens)
-    self._progress.update(step, metrics["loss"], metrics["lr"], tokens_per_s)
+    shown = {name: metrics[key] for key, name in _SHOWN.items() if key in metrics}
+    self._progress.update(step, metrics["loss"], metrics["lr"], tokens_per_s, shown)
     if step % self._log_every == 0 or step == self._last:
       self._logger.log(step, _train_metrics(self._window, tokens_per_s))
       self._window = []
