@@ -29,7 +29,7 @@ def _get(config, key):
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
-def test_config_file_builds(name):
+def test_config_file_builds(name, tmp_path, monkeypatch):
   config = tiny_runs.load_config(name)
   source = (tiny_runs.CONFIGS / f"{name}.py").read_text()
   if "train" not in config:  # not a training config (e.g. the data stage's example)
@@ -37,6 +37,9 @@ def test_config_file_builds(name):
   assert f"python -m jaxtune.train --config configs/{name}.py" in source, "the docstring must hold the command"
   for key in REQUIRED:
     _get(config, key)
+  if config.peft.init_adapter:  # a stage after another run: that run's exported adapter, relative to the cwd
+    (tmp_path / config.peft.init_adapter).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
   config_lib.validate(config)
   resolved = config_lib.resolve(config, "tpu")
   assert resolved.model.dtype == "bfloat16"
@@ -75,6 +78,7 @@ def test_auto_kernels_are_the_cpu_ones_on_cpu_only():
 
 def test_training_configs_are_all_there():
   assert {"quickstart", "llama3_8b_lora", "qwen2_5_7b_lora", "gemma2_2b_full", "tiny"} <= set(CONFIG_FILES)
+  assert {"dpo_tiny", "dpo_quickstart", "llama3_8b_dpo"} <= set(CONFIG_FILES)
 
 
 def test_config_is_locked_against_typos():
