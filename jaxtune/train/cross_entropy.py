@@ -154,7 +154,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def token_log_probs(
-  logits_fn, h_BTD: jax.Array, targets_BT: jax.Array, *, chunk: int = 128
+  logits_fn, h_BTD: jax.Array, targets_BT: jax.Array, needed_BT: jax.Array | None = None, *, chunk: int = 128
 ) -> tuple[jax.Array, jax.Array]:
   """(log p(target), [target is the top logit]) per position, float32 [B, T], for sequence-level losses.
 
@@ -162,17 +162,33 @@ def token_log_probs(
   soft-cap included). Logits exist one chunk of positions at a time and are recomputed in the
   backward pass: preference losses weight each sequence's tokens by a factor that depends on
   the sums themselves, so the gradient cannot be formed on the way forward as `fused_cross_entropy` does.
+  needed_BT: where the values are wanted (others come out 0). As in `_scan`, each row's needed
+  positions are moved to its front and chunks past the longest row's count skip the head, so its
+  cost follows the completion tokens, not the sequence length.
   """
   b, t = targets_BT.shape
   size = max(min(int(chunk), t), 1)
+  if needed_BT is None:
+    needed_BT = jnp.ones((b, t), bool)
+  needed_BT = needed_BT != 0
+  order_BT = jnp.argsort(~needed_BT, axis=1, stable=True)
+  h_s = jnp.take_along_axis(h_BTD, order_BT[..., None], axis=1)
+  targets = jnp.take_along_axis(targets_BT.astype(jnp.int32), order_BT, axis=1)
+  live_chunks = -(-jnp.max(jnp.sum(needed_BT, axis=1)) // size)
+
+  def values(h_c, t_c):
+    z = logits_fn(h_c).astype(jnp.float32)
+    target = jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0]
+    return target - jax.nn.logsumexp(z, axis=-1), (target >= jnp.max(z, axis=-1)).astype(jnp.float32)
 
   @jax.checkpoint
   def body(_, xs):
-    h_c, t_c = xs
-    z = logits_fn(h_c).astype(jnp.float32)
-    target = jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0]
-    return None, (target - jax.nn.logsumexp(z, axis=-1), (target >= jnp.max(z, axis=-1)).astype(jnp.float32))
+    i, h_c, t_c = xs
+    zeros = lambda h_c, t_c: (jnp.zeros(t_c.shape, jnp.float32), jnp.zeros(t_c.shape, jnp.float32))
+    return None, jax.lax.cond(i < live_chunks, values, zeros, h_c, t_c)
 
-  _, (logp, top1) = jax.lax.scan(body, None, (_chunked(h_BTD, size), _chunked(targets_BT.astype(jnp.int32), size)))
-  back = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1)[:, :t]
+  h_c, t_c = _chunked(h_s, size), _chunked(targets, size)
+  _, (logp, top1) = jax.lax.scan(body, None, (jnp.arange(h_c.shape[0]), h_c, t_c))
+  inverse = jnp.argsort(order_BT, axis=1)
+  back = lambda x: jnp.take_along_axis(jnp.moveaxis(x, 0, 1).reshape(b, -1)[:, :t], inverse, axis=1) * needed_BT
   return back(logp), back(top1)

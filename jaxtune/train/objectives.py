@@ -334,7 +334,8 @@ def sequence_loss(
     return total, sums
 
   weights = mb["loss_mask"][:, 1:].astype(jnp.float32) * _within(seg)
-  logp, top1 = _token_log_probs(model, hidden, ids, chunk)
+  needed = _first_sequence(seg) + weights if name == "orpo" else weights  # ORPO's NLL reads the chosen prompts too
+  logp, top1 = _token_log_probs(model, hidden, ids, needed, chunk)
   policy = sequences(logp, weights, seg)
   valid = policy.valid
   first = _first_sequence(seg) * weights
@@ -345,7 +346,7 @@ def sequence_loss(
       ref_logp = mb["ref_logps"][:, 1:].astype(jnp.float32)
     else:
       ref_hidden, _ = reference.hidden_states(ids, segment_ids=seg, positions=mb.get("positions"))
-      ref_logp = jax.lax.stop_gradient(_token_log_probs(reference, ref_hidden, ids, chunk)[0])
+      ref_logp = jax.lax.stop_gradient(_token_log_probs(reference, ref_hidden, ids, weights, chunk)[0])
     ref = sequences(ref_logp, weights, seg)
 
   if name == "dpo":
@@ -365,8 +366,10 @@ def sequence_loss(
   return total, sums | {"accuracy": accuracy}
 
 
-def _token_log_probs(model: Any, hidden: jax.Array, ids: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-  return token_log_probs(model.logits, hidden[:, :-1], ids[:, 1:], chunk=chunk)
+def _token_log_probs(
+  model: Any, hidden: jax.Array, ids: jax.Array, needed: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+  return token_log_probs(model.logits, hidden[:, :-1], ids[:, 1:], needed, chunk=chunk)
 
 
 def _reduce(loss: jax.Array, metrics: dict, valid: jax.Array, count: jax.Array) -> tuple[jax.Array, dict]:
@@ -397,12 +400,13 @@ def _kto(cfg, policy, ref, mb, seg, totals, accuracy):
 
 
 def reference_log_probs(model: Any, batch: dict[str, jax.Array], *, chunk: int = 128) -> jax.Array:
-  """float32 [b, T]: log p(token t | tokens < t of its segment) under `model`, 0 where t starts a segment
-  or is padding: the `ref_logps` a batch carries when the reference is precomputed."""
+  """float32 [b, T]: log p(token t | tokens < t of its segment) under `model` at every trained (completion)
+  token, 0 elsewhere: the `ref_logps` a batch carries when the reference is precomputed."""
   ids, seg = batch["input_ids"], batch["segment_ids"]
   hidden, _ = model.hidden_states(ids, segment_ids=seg, positions=batch.get("positions"))
-  logp, _ = _token_log_probs(model, hidden, ids, chunk)
-  return jnp.pad(logp * _within(seg), [(0, 0), (1, 0)])
+  needed = batch["loss_mask"][:, 1:].astype(jnp.float32) * _within(seg)
+  logp, _ = _token_log_probs(model, hidden, ids, needed, chunk)
+  return jnp.pad(logp, [(0, 0), (1, 0)])
 
 
 # ------------------------------------------------------------------------------------------------
