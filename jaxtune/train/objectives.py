@@ -117,12 +117,10 @@ def pair_slots(sums: jax.Array) -> tuple[jax.Array, jax.Array]:
   return sums[:, 1 : 2 * k : 2].reshape(-1), sums[:, 2 : 2 * k + 1 : 2].reshape(-1)
 
 
-def pair_count(batch: dict[str, jax.Array]) -> jax.Array:
-  """Two-sequence examples in a batch ([..., b, T]): every odd segment starts one."""
-  seg = batch["segment_ids"]
-  starts = (seg % 2 == 1) & (seg != jnp.roll(seg, 1, axis=-1))
-  first_col = (seg[..., :1] % 2 == 1) & (seg[..., :1] != 0)
-  return jnp.sum(starts[..., 1:]) + jnp.sum(first_col)
+def example_starts(segment_ids: jax.Array) -> jax.Array:
+  """bool [..., T]: the first token of each two-sequence example (of every odd segment)."""
+  before = jnp.pad(segment_ids, [(0, 0)] * (segment_ids.ndim - 1) + [(1, 0)])[..., :-1]
+  return (segment_ids % 2 == 1) & (segment_ids != before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,11 +272,11 @@ def batch_totals(name: str, batch: dict[str, jax.Array]) -> dict[str, jax.Array]
   (raw counts: `sequence_loss` divides by at least 1)."""
   seg, mask = batch["segment_ids"], batch["loss_mask"][..., 1:].astype(jnp.float32)
   first = _first_sequence(seg)
-  totals = {"examples": pair_count(batch).astype(jnp.float32), "chosen_tokens": jnp.sum(mask * first)}
+  starts = example_starts(seg)
+  totals = {"examples": jnp.sum(starts).astype(jnp.float32), "chosen_tokens": jnp.sum(mask * first)}
   if name == "orpo":  # TRL's ORPO NLL: the token mean over the chosen sequences, prompt included
     totals["nll_tokens"] = jnp.sum(first)
   if name == "kto":
-    starts = (seg % 2 == 1) & (seg != jnp.pad(seg, [(0, 0)] * (seg.ndim - 1) + [(1, 0)])[..., :-1])
     labels = batch["labels"]
     totals["desirable"] = jnp.sum(starts & (labels == 1)).astype(jnp.float32)
     totals["undesirable"] = jnp.sum(starts & (labels == 2)).astype(jnp.float32)
