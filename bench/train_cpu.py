@@ -155,19 +155,31 @@ def jax_side(
   dtype bfloat16: bf16 compute; float32 trained weights; under LoRA the frozen base is bf16 too
   (the training CLI's param_dtype="auto", and bench/train_gpu.py's setting). attention and kernels:
   as the training CLI's model.attention_impl and model.kernels (their CPU defaults here)."""
-  import jax
-
-  from jaxtune.models import options as options_lib
   from jaxtune.models.config import from_hf_dict
 
-  param_dtype = "bfloat16" if dtype == "bfloat16" and setting == "lora" else "float32"
-  options = options_lib.for_platform(
-    jax.default_backend(), kernels=kernels, dtype=dtype, param_dtype=param_dtype, attention_impl=attention, remat=remat
-  )
+  options = jax_options(setting, dtype, remat, attention, kernels)
   run, n_trainable, _ = jaxtune_step(
     from_hf_dict(hf_cfg), options, setting, batch, seq, loss_chunk, trained_fraction=trained_fraction
   )
   return run, n_trainable
+
+
+def jax_options(
+  setting: str = "lora",
+  dtype: str = "float32",
+  remat: str = "dots_no_batch",
+  attention: str = "chunked",
+  kernels: str = "auto",
+):
+  """The model options of the jaxtune side (see jax_side), for any benchmark that builds a jaxtune model."""
+  import jax
+
+  from jaxtune.models import options as options_lib
+
+  param_dtype = "bfloat16" if dtype == "bfloat16" and setting == "lora" else "float32"
+  return options_lib.for_platform(
+    jax.default_backend(), kernels=kernels, dtype=dtype, param_dtype=param_dtype, attention_impl=attention, remat=remat
+  )
 
 
 # --------------------------------------------------------------------------------------------- HF + PEFT side
@@ -341,11 +353,19 @@ def _start(side: str, args) -> subprocess.Popen:
   ]
   cmd += ["--smoke"] if args.smoke else []
   cmd += ["--no-ce-remat"] if args.no_ce_remat else []
+  return spawn(cmd, jaxtune=side == "jaxtune", hugepages=args.hugepages, xla_flags=args.xla_flags)
+
+
+def spawn(cmd: list[str], *, jaxtune: bool, hugepages: str = "cli", xla_flags: str = "") -> subprocess.Popen:
+  """A worker process speaking `serve`'s protocol on its stdin / stdout, run from the repository root.
+
+  hugepages: cli gives a jaxtune worker the environment the training CLI runs in, both gives it every worker,
+  none none. xla_flags: extra XLA_FLAGS for a jaxtune worker."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
-  if side == "jaxtune" and args.xla_flags:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
-  if args.hugepages == "both" or (args.hugepages == "cli" and side == "jaxtune"):
+  if jaxtune and xla_flags:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+  if hugepages == "both" or (hugepages == "cli" and jaxtune):
     # What `python -m jaxtune.train` re-executes itself with (jaxtune/train/host.py).
     env = host.huge_page_environ(env, glibc=host.glibc_version(), thp=host.thp_mode()) or env
   return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
@@ -395,7 +415,8 @@ def _ask(proc: subprocess.Popen, line: str | None = None) -> dict:
   return json.loads(out)
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
+  """The command line, also how bench/dpo_cpu.py sets up the SFT workers it runs beside its own."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--setting", choices=("lora", "full"), default="lora")
   p.add_argument("--sides", default="jaxtune,hf", help="comma list: jaxtune, hf")
@@ -448,57 +469,88 @@ def main(argv=None) -> dict:
   p.add_argument("--smoke", action="store_true", help="tiny model, 1 round of 1 step (seconds)")
   p.add_argument("--json", help="also write the results here")
   p.add_argument("--worker", choices=("jaxtune", "hf"), help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+  return p
+
+
+def started(side: str, proc: subprocess.Popen) -> dict:
+  """A worker's first line (build and first-step times), once it has warmed up; printed."""
+  info = _ask(proc)
+  print(
+    f"{side}: built in {info['build_s']:.1f} s, first step {info['first_step_s']:.1f} s, "
+    f"{info['trainable']:,} trainable",
+    flush=True,
+  )
+  return info
+
+
+def alternate(procs: dict[str, subprocess.Popen], rounds: int, steps: int, settle: int) -> dict[str, dict]:
+  """Asks the workers in turn for `settle` unmeasured then `steps` measured steps, `rounds` times, the order
+  reversed every other round, the machine's product rate measured before each turn; prints every turn.
+
+  Returns per worker its measured step times, unmeasured (settle) times, page faults and kernel seconds per
+  step of each turn, and the machine rates."""
+  sides = list(procs)
+  got_all = {s: {"times": [], "settle_times": [], "page_faults": [], "sys_s": [], "machine_gflops": []} for s in sides}
+  for r in range(rounds):
+    for s in sides if r % 2 == 0 else sides[::-1]:
+      rec = got_all[s]
+      rec["machine_gflops"].append(machine_rate())
+      got = _ask(procs[s], f"run {steps} {settle}")
+      rec["times"] += got["times"]
+      rec["settle_times"] += got["settle_times"]
+      rec["page_faults"].append(got["page_faults"])
+      rec["sys_s"].append(got["sys_s"])
+      unmeasured = "".join(f" ({t:.2f})" for t in got["settle_times"])
+      print(
+        f"round {r + 1} {s} [machine {rec['machine_gflops'][-1]:.0f} GFLOP/s]:{unmeasured} "
+        + " ".join(f"{t:.2f}" for t in got["times"])
+        + f" s/step, loss {got['loss']:.3f}",
+        flush=True,
+      )
+  return got_all
+
+
+def finish(procs: dict[str, subprocess.Popen], info: dict[str, dict]) -> None:
+  """Ends every worker, adding its last line (peak RSS) to its info."""
+  for s, proc in procs.items():
+    info[s].update(_ask(proc, "quit"))
+    proc.wait()
+
+
+def summary(info: dict, turns: dict, tokens: int) -> dict:
+  """One side's row: its info and `alternate`'s record, with the median step and tokens / median step."""
+  med = statistics.median(turns["times"])
+  return dict(
+    info,
+    step_s=med,
+    step_min_s=min(turns["times"]),
+    tokens_per_s=tokens / med,
+    times=turns["times"],
+    settle_times=turns["settle_times"],
+    page_faults_per_step=statistics.median(turns["page_faults"]),
+    sys_s_per_step=statistics.median(turns["sys_s"]),
+    machine_gflops=turns["machine_gflops"],
+  )
+
+
+def main(argv=None) -> dict:
+  args = parser().parse_args(argv)
   if args.worker:
     return worker(args)
   if args.smoke:
     args.rounds, args.steps, args.warmup, args.batch, args.seq = 1, 1, 1, 2, 32
   sides = args.sides.split(",")
   procs, info = {}, {}
-  times, settle, faults, sys_s, rates = ({s: [] for s in sides} for _ in range(5))
   for s in sides:  # built and warmed one at a time: never two heavy jobs at once
     procs[s] = _start(s, args)
-    info[s] = _ask(procs[s])
-    print(
-      f"{s}: built in {info[s]['build_s']:.1f} s, first step {info[s]['first_step_s']:.1f} s, "
-      f"{info[s]['trainable']:,} trainable",
-      flush=True,
-    )
-  for r in range(args.rounds):
-    for s in sides if r % 2 == 0 else sides[::-1]:
-      rates[s].append(machine_rate())
-      got = _ask(procs[s], f"run {args.steps} {args.settle}")
-      times[s] += got["times"]
-      settle[s] += got["settle_times"]
-      faults[s].append(got["page_faults"])
-      sys_s[s].append(got["sys_s"])
-      unmeasured = "".join(f" ({t:.2f})" for t in got["settle_times"])
-      print(
-        f"round {r + 1} {s} [machine {rates[s][-1]:.0f} GFLOP/s]:{unmeasured} "
-        + " ".join(f"{t:.2f}" for t in got["times"])
-        + f" s/step, loss {got['loss']:.3f}",
-        flush=True,
-      )
-  for s in sides:
-    info[s].update(_ask(procs[s], "quit"))
-    procs[s].wait()
+    info[s] = started(s, procs[s])
+  turns = alternate(procs, args.rounds, args.steps, args.settle)
+  finish(procs, info)
   tokens = args.batch * args.seq
-  rows = {}
-  for s in sides:
-    med = statistics.median(times[s])
-    rows[s] = dict(
-      info[s],
-      step_s=med,
-      step_min_s=min(times[s]),
-      tokens_per_s=tokens / med,
-      times=times[s],
-      settle_times=settle[s],
-      page_faults_per_step=statistics.median(faults[s]),
-      sys_s_per_step=statistics.median(sys_s[s]),
-      machine_gflops=rates[s],
-    )
+  rows = {s: summary(info[s], turns[s], tokens) for s in sides}
   print(
-    f"\nsetting={args.setting} batch={args.batch}x{args.seq} {args.dtype}, median of {len(times[sides[0]])} steps/side"
+    f"\nsetting={args.setting} batch={args.batch}x{args.seq} {args.dtype}, median of {len(turns[sides[0]]['times'])} "
+    "steps/side"
   )
   print(f"cpu: {cpu_model()}")
   print(
@@ -521,7 +573,7 @@ def main(argv=None) -> dict:
       f"ratio jaxtune/HF: tokens/s {j['tokens_per_s'] / h['tokens_per_s']:.2f}x, "
       f"peak RSS {j['peak_rss_gb'] / h['peak_rss_gb']:.2f}x"
     )
-  every = [x for s in sides for x in rates[s]]
+  every = [x for s in sides for x in turns[s]["machine_gflops"]]
   print(
     f"machine float32 product rate before each turn: {min(every):.0f}-{max(every):.0f} GFLOP/s "
     f"({max(every) / min(every) - 1:.0%} apart)"
