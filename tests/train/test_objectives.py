@@ -152,3 +152,15 @@ def test_orpo_is_finite_in_bfloat16_near_log_prob_zero():
     out, grads = jax.value_and_grad(loss, argnums=(0, 1))(c, r)
     assert np.isfinite(float(out)), value
     assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads), value
+
+
+def test_reference_cache_key_follows_the_model_files(tmp_path):
+  """A changed weight file (size or time) or another setting gives another key: the cache is recomputed."""
+  from jaxtune.train import reference
+
+  (tmp_path / "model.safetensors").write_bytes(b"1234")
+  key = reference.model_fingerprint(str(tmp_path), "float32")
+  assert reference.model_fingerprint(str(tmp_path), "float32") == key
+  assert reference.model_fingerprint(str(tmp_path), "bfloat16") != key
+  (tmp_path / "model.safetensors").write_bytes(b"12345")
+  assert reference.model_fingerprint(str(tmp_path), "float32") != key

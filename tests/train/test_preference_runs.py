@@ -63,6 +63,8 @@ def test_precomputed_reference_matches_live_and_is_cached(straight, tmp_path, ca
   assert "reference log-probs (train): 256 examples" in capsys.readouterr().out
   loop.train(dpo_tiny(tmp_path / "b", cache, **overrides))
   assert "reference log-probs (train): read from" in capsys.readouterr().out
+  loop.train(dpo_tiny(tmp_path / "c", cache, **overrides, **{"data.max_prompt_length": 90}))  # other examples
+  assert "reference log-probs (train): 256 examples" in capsys.readouterr().out
   keys = ("train/loss", "train/rewards/margins")
   live = tiny_runs.train_curve(run_dir, keys)
   precomputed = tiny_runs.train_curve(tmp_path / "b", keys)
