@@ -30,7 +30,7 @@ from jaxtune.models import config as model_config_lib
 from jaxtune.models import options as options_lib
 from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
-from jaxtune.train import builtin_models, optim
+from jaxtune.train import builtin_models, optim, run_lock
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
 from jaxtune.train import logging as log_lib
@@ -61,6 +61,7 @@ class Run:
   ckpts: ckpt_lib.Checkpoints
   shardings: parallel.TrainShardings  # where params, optimizer state and batches live on the mesh
   start: int = 0  # the step restored from (0: a fresh run)
+  lock: run_lock.RunLock | None = None  # process 0's lock on run_dir
 
   def model(self):
     return step_lib.model_from_state(self.graphdef, self.frozen, self.state.params)
@@ -69,9 +70,13 @@ class Run:
     log_lib.info(message, self.main)
 
   def close(self) -> None:
-    """Waits for pending checkpoint writes; stops the data threads."""
-    self.ckpts.close()
-    self.train_iter.close()
+    """Waits for pending checkpoint writes; stops the data threads; then unlocks the run directory."""
+    try:
+      self.ckpts.close()
+      self.train_iter.close()
+    finally:
+      if self.lock is not None:
+        self.lock.release()
 
   def save(self, step: int, metrics: dict | None = None) -> None:
     self.ckpts.save(
@@ -168,9 +173,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
+  """Locks the run directory (one run per output_dir), then builds the run in it; `Run.close` unlocks."""
+  run_dir = pathlib.Path(config.output_dir).expanduser().absolute()
+  lock = run_lock.acquire_for_run(run_dir, jax.process_index(), jax.process_count())
+  try:
+    run = _open(config, run_dir)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+  run.lock = lock
+  return run
+
+
+def _open(config: ml_collections.ConfigDict, run_dir: pathlib.Path) -> Run:
   """Checkpoints, run directory, tokenizer, data, model (+ LoRA), TrainState, restored when resuming."""
   main = jax.process_index() == 0
-  run_dir = pathlib.Path(config.output_dir).expanduser().absolute()
   ckpts = ckpt_lib.Checkpoints(
     run_dir / "checkpoints",
     keep=config.checkpoint.keep,
