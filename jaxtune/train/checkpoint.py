@@ -96,7 +96,10 @@ class Checkpoints:
       cleanup_tmp_directories=True,  # leftovers of a save that was killed half-way
       create=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", "config"))
+    # Handlers named up front: a fresh manager can then read an item's metadata before any save or restore.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    handlers["config"] = ocp.JsonCheckpointHandler()
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def steps(self) -> list[int]:
     """Complete checkpoints, oldest first."""
@@ -158,10 +161,9 @@ class Checkpoints:
       if config is not None:
         _check_same_run(saved_config, config, path)
       try:
-        got = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
-        expected, actual = got["meta"]["checksums"], checksums(got["state"])
+        got, read = self._restore_state(step, like, abstract)
+        ours = lambda sums: {k: v for k, v in sums.items() if k.split("/")[0] in read}
+        expected, actual = ours(got["meta"]["checksums"]), ours(checksums(got["state"]))
         if expected != actual:
           bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
           raise ValueError(f"checksum mismatch in {', '.join(bad[:3])}")
@@ -170,6 +172,33 @@ class Checkpoints:
         continue
       return Restored(step, got["state"], got["meta"].get("data"), saved_config, path)
     return None
+
+  def _restore_state(self, step: int, like: Any, abstract: Any) -> tuple[dict, set[str]]:
+    """({"state": like with the checkpoint's values, "meta": ...}, the state fields read from the checkpoint).
+
+    A field that `like` has and the checkpoint not (the loss scale, when a run switches to float16)
+    keeps its initial value; one the checkpoint has and `like` not (switching away) is not read.
+    """
+    saved = set(self._manager.item_metadata(step)["state"].tree)
+    wanted = {k: v for k, v in _fields(abstract).items() if jax.tree.leaves(v)}
+    if set(wanted) == saved:
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+      return self._manager.restore(step, args=args), saved
+    common = {k: v for k, v in wanted.items() if k in saved}
+    for name in sorted(set(wanted) - saved):
+      warnings.warn(
+        f"checkpoint {self.path(step)} has no {name!r} (saved by a run without it); it starts from its initial value.",
+        RuntimeWarning,
+        stacklevel=4,
+      )
+    state = ocp.PyTreeCheckpointer().restore(
+      self.path(step) / "state",
+      args=ocp.args.PyTreeRestore(
+        item=common, restore_args=ocp.checkpoint_utils.construct_restore_args(common), partial_restore=True
+      ),
+    )
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return {"state": _with_fields(like, state), "meta": meta}, set(common)
 
   def _quarantine(self, step: int, why: str) -> None:
     """Moves a corrupt checkpoint out of the way (kept for inspection) and warns."""
@@ -184,6 +213,17 @@ class Checkpoints:
       stacklevel=3,
     )
     self._manager.reload()
+
+
+def _fields(tree: Any) -> dict[str, Any]:
+  """The top-level children of a TrainState (a dataclass) or of a dict, by name."""
+  if dataclasses.is_dataclass(tree):
+    return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+  return dict(tree)
+
+
+def _with_fields(tree: Any, values: dict[str, Any]) -> Any:
+  return tree.replace(**values) if dataclasses.is_dataclass(tree) else {**tree, **values}
 
 
 def _check_same_run(saved: dict, current: dict, path: pathlib.Path) -> None:

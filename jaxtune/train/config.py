@@ -23,6 +23,7 @@ from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import mesh_config
 from jaxtune.peft.lora import METHODS
 from jaxtune.train import builtin_models
+from jaxtune.train import loss_scale as loss_scale_lib
 from jaxtune.train.builtin_models import BUILTIN_MODELS
 from jaxtune.train.optim import make_optimizer, optim_config
 
@@ -87,6 +88,10 @@ def default_config() -> ml_collections.ConfigDict:
       log_every=10,  # steps between logged training metrics
       max_nan_streak=10,  # stop after this many skipped (NaN/inf) steps in a row
       overlap=True,  # read step s's metrics after dispatching step s+1 (saves, evals, stops stay exact)
+      # auto | dynamic | none. auto: dynamic when model.dtype is float16, whose small gradients underflow
+      # without it (train/loss_scale.py); bfloat16 and float32 never need it.
+      loss_scale="auto",
+      loss_scale_growth_interval=2000,  # dynamic: double the scale after this many finite steps in a row
     )
   )
 
@@ -193,6 +198,9 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     )
   if train.max_nan_streak < 1:
     _fail("train.max_nan_streak", f"{train.max_nan_streak} must be >= 1")
+  _choice(config, "train.loss_scale", loss_scale_lib.MODES)
+  if train.loss_scale_growth_interval < 1:
+    _fail("train.loss_scale_growth_interval", f"{train.loss_scale_growth_interval} must be >= 1")
   if train.eval_every < 0 or train.log_every < 1:
     _fail("train.eval_every / train.log_every", "eval_every must be >= 0 and log_every >= 1")
 
@@ -299,6 +307,8 @@ def resolve(
   model = config.model
   if model.dtype == "auto":
     model.dtype = "float32" if platform == "cpu" else "bfloat16"
+  if config.train.loss_scale == "auto":
+    config.train.loss_scale = "dynamic" if loss_scale_lib.active("auto", model.dtype) else "none"
   if model.param_dtype == "auto":
     model.param_dtype = model.dtype if config.peft.method == "lora" else "float32"
   if model.attention_impl == "auto":

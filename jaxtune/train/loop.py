@@ -36,6 +36,7 @@ from jaxtune.train import config as config_lib
 from jaxtune.train import logging as log_lib
 from jaxtune.train import memory as memory_lib
 from jaxtune.train import step as step_lib
+from jaxtune.train.loss_scale import LossScale
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -265,9 +266,10 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
       rngs=nnx.Rngs(config.train.seed),
     )
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  shardings = parallel.train_shardings(model, optimizer, mesh, rules, method=config.peft.method)
+  scale = LossScale.create(config.train.loss_scale_growth_interval) if config.train.loss_scale == "dynamic" else None
+  shardings = parallel.train_shardings(model, optimizer, mesh, rules, method=config.peft.method, loss_scale=scale)
   graphdef, frozen, state = step_lib.init_train_state(
-    model, optimizer, method=config.peft.method, seed=config.train.seed
+    model, optimizer, method=config.peft.method, seed=config.train.seed, loss_scale=scale
   )
   frozen, state = parallel.place(frozen, shardings.frozen), parallel.place(state, shardings.state)
   return Run(
@@ -561,6 +563,8 @@ def _train_metrics(window: list[dict[str, float]], tokens_per_s: float | None) -
     "train/trained_tokens": sum(m["trained_tokens"] for m in window),
     "train/skipped_total": int(window[-1]["skipped_total"]),
   }
+  if "loss_scale" in window[-1]:  # float16 runs
+    out["train/loss_scale"] = window[-1]["loss_scale"]
   if tokens_per_s is not None:
     out["train/tokens_per_s"] = tokens_per_s
   return out

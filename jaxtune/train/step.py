@@ -22,7 +22,9 @@ from flax import nnx
 
 from jaxtune.data.packing import BATCH_KEYS
 from jaxtune.peft.lora import refresh_dropout_keys, split_trainable
+from jaxtune.train import loss_scale as loss_scale_lib
 from jaxtune.train.cross_entropy import fused_cross_entropy
+from jaxtune.train.loss_scale import LossScale
 
 
 @flax.struct.dataclass
@@ -35,6 +37,7 @@ class TrainState:
   rng: jax.Array  # uint32 raw key data; the dropout key of step s, micro-batch i is f(rng, s, i)
   nonfinite_streak: jax.Array  # int32: consecutive skipped steps (0 after a good one)
   skipped: jax.Array  # int32: skipped steps in total
+  loss_scale: LossScale | None = None  # float16 runs: the dynamic loss scale (train/loss_scale.py)
 
 
 class Frozen(NamedTuple):
@@ -45,11 +48,17 @@ class Frozen(NamedTuple):
 
 
 def init_train_state(
-  model: nnx.Module, optimizer: optax.GradientTransformation, *, method: str = "lora", seed: int = 0
+  model: nnx.Module,
+  optimizer: optax.GradientTransformation,
+  *,
+  method: str = "lora",
+  seed: int = 0,
+  loss_scale: LossScale | None = None,
 ) -> tuple[nnx.GraphDef, Frozen, TrainState]:
   """Splits the model into (graphdef, frozen, state); the state's arrays are the model's (not copied).
 
   The step donates the state, so after the first step rebuild the model with `model_from_state`.
+  loss_scale: a `LossScale` to train with dynamic loss scaling (float16), else None.
   """
   graphdef, params, keys, rest = split_trainable(model, method)
   params = nnx.to_pure_dict(params)
@@ -68,6 +77,7 @@ def init_train_state(
       rng=jax.random.key_data(jax.random.key(seed)),
       nonfinite_streak=zero(),
       skipped=zero(),
+      loss_scale=loss_scale,
     )
   )
   return graphdef, Frozen(nnx.to_pure_dict(rest), nnx.to_pure_dict(keys)), state
@@ -194,6 +204,8 @@ def make_train_step(
 
     tokens = jnp.sum(loss_weights(batch))
     scale = 1.0 / jnp.maximum(tokens, 1.0)
+    if state.loss_scale is not None:  # float16: the scaled loss keeps small gradients representable
+      scale = scale * state.loss_scale.scale
 
     def micro(carry, xs):
       i, mb = xs
@@ -216,6 +228,8 @@ def make_train_step(
       (grads, loss, accuracy), _ = micro(init, (0, jax.tree.map(lambda x: x[0], batch)))
     else:
       (grads, loss, accuracy), _ = jax.lax.scan(micro, init, (jnp.arange(micro_batches), batch))
+    if state.loss_scale is not None:
+      grads, loss, accuracy = state.loss_scale.unscale((grads, loss, accuracy))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -223,13 +237,18 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     bad = (~ok).astype(jnp.int32)
+    streak = (state.nonfinite_streak + 1) * bad
+    if state.loss_scale is not None:  # gradients that overflow a scale still able to shrink: not a streak
+      overflow = jnp.isfinite(loss) & (state.loss_scale.scale > loss_scale_lib.MIN_SCALE) & ~ok
+      streak = jnp.where(overflow, state.nonfinite_streak, streak)
     new_state = TrainState(
       params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
       step=state.step + 1,
       rng=state.rng,
-      nonfinite_streak=(state.nonfinite_streak + 1) * bad,
+      nonfinite_streak=streak,
       skipped=state.skipped + bad,
+      loss_scale=None if state.loss_scale is None else state.loss_scale.adjust(ok),
     )
     # The optimizer has applied step - skipped updates; that count indexes its schedule.
     lr = lr_schedule(state.step - state.skipped) if lr_schedule is not None else jnp.nan
@@ -243,6 +262,8 @@ def make_train_step(
       "skipped_total": new_state.skipped,
       "nonfinite_streak": new_state.nonfinite_streak,
     }
+    if state.loss_scale is not None:
+      metrics["loss_scale"] = state.loss_scale.scale  # the scale this step ran with
     return new_state, metrics
 
   return TrainStep(_jit(step, shardings, donate=True), frozen)
