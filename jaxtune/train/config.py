@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -339,5 +340,10 @@ def write(config: ml_collections.ConfigDict, run_dir: str | pathlib.Path) -> pat
   """Writes the resolved config as `run_dir/config.json`; returns the path."""
   path = pathlib.Path(run_dir) / "config.json"
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  partial = path.with_name(path.name + ".partial")
+  try:  # written whole or not at all: a full disk leaves the previous config.json as it was
+    partial.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
+  finally:
+    partial.unlink(missing_ok=True)
   return path

@@ -7,6 +7,7 @@ only feeds it, measures it and stops it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -30,7 +31,7 @@ from jaxtune.models import config as model_config_lib
 from jaxtune.models import options as options_lib
 from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
-from jaxtune.train import builtin_models, optim, run_lock
+from jaxtune.train import builtin_models, faults, optim, run_lock
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
 from jaxtune.train import logging as log_lib
@@ -71,13 +72,12 @@ class Run:
     log_lib.info(message, self.main)
 
   def close(self) -> None:
-    """Waits for pending checkpoint writes; stops the data threads; then unlocks the run directory."""
-    try:
-      self.ckpts.close()
-      self.train_iter.close()
-    finally:
+    """Waits for pending checkpoint writes, stops the data threads, unlocks run_dir (each even if one fails)."""
+    with contextlib.ExitStack() as later:
       if self.lock is not None:
-        self.lock.release()
+        later.callback(self.lock.release)
+      later.callback(self.train_iter.close)
+      self.ckpts.close()
 
   def save(self, step: int, metrics: dict | None = None) -> None:
     self.ckpts.save(
@@ -132,16 +132,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   run = setup(config)
   for note in prepared.notes:
     run.say(note)
-  logger = log_lib.MetricsLogger(
-    run.run_dir,
-    enabled=run.main,
-    tensorboard=config.logging.tensorboard,
-    wandb_project=config.logging.wandb_project,
-    wandb_entity=config.logging.wandb_entity,
-    wandb_run_name=config.logging.wandb_run_name,
-    config=run.config.to_dict(),
-    start_step=run.start,
-  )
+  try:
+    logger = log_lib.MetricsLogger(
+      run.run_dir,
+      enabled=run.main,
+      tensorboard=config.logging.tensorboard,
+      wandb_project=config.logging.wandb_project,
+      wandb_entity=config.logging.wandb_entity,
+      wandb_run_name=config.logging.wandb_run_name,
+      config=run.config.to_dict(),
+      start_step=run.start,
+    )
+  except BaseException:  # e.g. a full disk: the run directory is unlocked and its saves finished
+    run.close()
+    raise
   results: dict[str, Any] = {}
   try:
     before = None
@@ -203,7 +207,8 @@ def _open(config: ml_collections.ConfigDict, run_dir: pathlib.Path) -> Run:
       f"(steps {ckpts.steps()}); set resume=auto or use a new output_dir."
     )
   if main:
-    config_lib.write(config, run_dir)
+    with faults.writing(str(run_dir / "config.json"), None, ckpts.directory):
+      config_lib.write(config, run_dir)
 
   try:
     run = _build(config, run_dir, main, ckpts)
