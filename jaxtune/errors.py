@@ -57,6 +57,6 @@ def write_failure(error: BaseException | None) -> str | None:
 
 def write_fix(why: str) -> str:
   """What the user can do about a failed write whose cause `write_failure` named."""
-  if why in (WRITE_ERRNOS[errno.ENOSPC], WRITE_ERRNOS[errno.EDQUOT]):
+  if why.startswith((WRITE_ERRNOS[errno.ENOSPC], WRITE_ERRNOS[errno.EDQUOT])):
     return "free space there (or choose a disk with room)"
   return "make it writable (or choose a directory you can write)"

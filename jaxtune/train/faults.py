@@ -100,22 +100,25 @@ def quiet_write_failures() -> None:
     logger = logging.getLogger(name)
     if _FILTER not in logger.filters:
       logger.addFilter(_FILTER)
-  if not isinstance(sys.excepthook, _QuietExceptHook):
-    sys.excepthook = _QuietExceptHook(sys.excepthook)
+  if not isinstance(sys.excepthook, _SkipClosedLoop):
+    sys.excepthook = _SkipClosedLoop(sys.excepthook, lambda kind, value, tb: value)
+  if not isinstance(sys.unraisablehook, _SkipClosedLoop):
+    sys.unraisablehook = _SkipClosedLoop(sys.unraisablehook, lambda args: args.exc_value)
 
 
-class _QuietExceptHook:
-  """sys.excepthook without the "Event loop is closed" errors of TensorStore callbacks after a failed save.
+class _SkipClosedLoop:
+  """An exception hook without the "Event loop is closed" errors of TensorStore callbacks after a failed save.
 
   When one array of a checkpoint fails to write, Orbax closes the save's event loop while
   TensorStore still completes the others; their callbacks then find the loop closed, and
-  TensorStore prints each through sys.excepthook.
+  TensorStore reports each through sys.excepthook or sys.unraisablehook.
   """
 
-  def __init__(self, previous):
-    self._previous = previous
+  def __init__(self, previous, error_of):
+    self._previous, self._error_of = previous, error_of
 
-  def __call__(self, kind, value, traceback) -> None:
-    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+  def __call__(self, *args) -> None:
+    error = self._error_of(*args)
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
       return
-    self._previous(kind, value, traceback)
+    self._previous(*args)
