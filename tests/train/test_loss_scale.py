@@ -87,6 +87,9 @@ def test_float16_underflows_without_loss_scaling_and_trains_with_it(tmp_path, ca
   scaled = [m for m in tiny_runs.metrics(run_dir) if "train/loss" in m]
   assert scaled[0]["train/loss"] == pytest.approx(plain[0]["train/loss"])  # the same first batch and weights
   assert scaled[4]["train/loss"] < 0.7 * scaled[0]["train/loss"], scaled
+  loop.train(_fp16(tmp_path / "f32", cache, small_grads_model, **{"model.dtype": "float32"}))
+  reference = [m["train/loss"] for m in tiny_runs.metrics(tmp_path / "f32") if "train/loss" in m]
+  assert [m["train/loss"] for m in scaled[:5]] == pytest.approx(reference[:5], abs=2e-3)  # trains as float32 does
   assert scaled[0]["train/grad_norm"] > 1.0
   # Doubled after each finite step; step 6's gradients overflow 2**20: skipped, counted, and the scale halves.
   assert [m["train/loss_scale"] for m in scaled] == [2.0**e for e in range(15, 21)]
