@@ -186,9 +186,11 @@ class Checkpoints:
     """Waits for the last save, then closes; a failed save is raised after everything is closed."""
     try:
       self.wait()
-    finally:
-      with contextlib.suppress(Exception):  # the failure, if any, is the one wait() raised
+    except BaseException:
+      with contextlib.suppress(Exception):  # the failure to report is the save's
         self._manager.close()
+      raise
+    self._manager.close()
 
   def restore(self, like: Any, config: dict | None = None) -> Restored | None:
     """The newest checkpoint that reads back intact (None when there is none); `like` gives shapes/shardings.

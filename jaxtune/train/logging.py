@@ -134,11 +134,10 @@ class MetricsLogger:
 
   def close(self) -> None:
     """Closes the files; after a failed write, without writing anything more."""
-    with contextlib.suppress(OSError):  # every line and event was flushed when it was logged
-      if self._file is not None:
-        self._file.close()
-      if self._tb is not None:
-        self._tb.close()
+    for handle in (self._file, self._tb):
+      if handle is not None:
+        with contextlib.suppress(OSError):  # every line and event was flushed when it was logged
+          handle.close()
     self._file = self._tb = None
     if self._wandb is not None:
       self._wandb.finish()
