@@ -16,6 +16,7 @@ import logging
 import pathlib
 import shutil
 import sys
+import warnings
 from typing import Iterator
 
 from jaxtune.errors import WriteError, write_failure, write_fix
@@ -95,11 +96,13 @@ _FILTER = _DropWriteFailures()
 
 
 def quiet_write_failures() -> None:
-  """Stops Orbax (absl logging) and asyncio from printing tracebacks of write failures the run reports itself."""
+  """Keeps Orbax (absl logging), asyncio and TensorStore from printing tracebacks of write failures the run reports."""
   for name in ("absl", "asyncio"):
     logger = logging.getLogger(name)
     if _FILTER not in logger.filters:
       logger.addFilter(_FILTER)
+  # The array writes a failed save abandoned, reported when they are garbage-collected.
+  warnings.filterwarnings("ignore", message=r"coroutine 'async_serialize_from_host\.", category=RuntimeWarning)
   if not isinstance(sys.excepthook, _SkipClosedLoop):
     sys.excepthook = _SkipClosedLoop(sys.excepthook, lambda kind, value, tb: value)
   if not isinstance(sys.unraisablehook, _SkipClosedLoop):
