@@ -206,11 +206,10 @@ def _open(config: ml_collections.ConfigDict, run_dir: pathlib.Path) -> Run:
       f"resume: 'never', but {ckpts.directory} already holds checkpoints "
       f"(steps {ckpts.steps()}); set resume=auto or use a new output_dir."
     )
-  if main:
-    with faults.writing(str(run_dir / "config.json"), None, ckpts.directory):
-      config_lib.write(config, run_dir)
-
   try:
+    if main:
+      with faults.writing(str(run_dir / "config.json"), None, ckpts.directory):
+        config_lib.write(config, run_dir)
     run = _build(config, run_dir, main, ckpts)
   except BaseException:
     ckpts.close()

@@ -22,9 +22,8 @@ from flax import nnx
 
 from jaxtune.data.packing import BATCH_KEYS
 from jaxtune.peft.lora import refresh_dropout_keys, split_trainable
-from jaxtune.train import loss_scale as loss_scale_lib
 from jaxtune.train.cross_entropy import fused_cross_entropy
-from jaxtune.train.loss_scale import LossScale
+from jaxtune.train.loss_scale import MIN_SCALE, LossScale
 
 
 @flax.struct.dataclass
@@ -195,7 +194,8 @@ def make_train_step(
   Each token's loss is weighted by 1 / (trained tokens of all A micro-batches), counted from the
   batch before any forward pass, so the summed gradients are already the mean's and A
   micro-batches update exactly like one batch A times the size. A
-  non-finite loss or gradient norm leaves params and optimizer state unchanged.
+  non-finite loss or gradient norm leaves params and optimizer state unchanged. A state with a
+  LossScale (float16) scales those weights up and the summed gradients back down (train/loss_scale.py).
   shardings: optional (state, frozen, batch) shardings for jit.
   """
 
@@ -239,7 +239,7 @@ def make_train_step(
     bad = (~ok).astype(jnp.int32)
     streak = (state.nonfinite_streak + 1) * bad
     if state.loss_scale is not None:  # gradients that overflow a scale still able to shrink: not a streak
-      overflow = jnp.isfinite(loss) & (state.loss_scale.scale > loss_scale_lib.MIN_SCALE) & ~ok
+      overflow = jnp.isfinite(loss) & (state.loss_scale.scale > MIN_SCALE) & ~ok
       streak = jnp.where(overflow, state.nonfinite_streak, streak)
     new_state = TrainState(
       params=keep(params, state.params),
