@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from jaxtune.errors import UserError
+from jaxtune.errors import UserError, write_failure, write_fix
 
 DEBUG_ENV = "JAXTUNE_DEBUG"  # "1": every error shows its traceback, as --debug does
 EXIT_USER_ERROR = 2
@@ -49,6 +49,12 @@ def user_message(error: BaseException) -> str | None:
   """The one-line message for an error the user can fix, or None for a bug (keep its traceback)."""
   if isinstance(error, UserError):
     return str(error)
+  # A full disk or a read-only file system where no call site reported it (a cache, say); a
+  # PermissionError can come from a read too, and is reported as it is, below.
+  why = write_failure(error)
+  if isinstance(error, OSError) and not isinstance(error, PermissionError) and why is not None:
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}could not write ({why}); {write_fix(why)}."
   if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
     where = error.filename or ""
     return f"{where}: {error.strerror or error}" if where else str(error)

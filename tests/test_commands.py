@@ -228,6 +228,14 @@ def test_errors_users_cause_are_user_errors():
     "x.jsonl: No such file or directory"
   )
   assert cli.user_message(KeyError("bug")) is None
+  assert cli.user_message(OSError(28, "No space left on device", "cache/x.arrow")) == (
+    "cache/x.arrow: could not write (no space left on the device); free space there (or choose a disk with room)."
+  )
+  from jaxtune.errors import WriteError
+  from jaxtune.train.faults import RunWriteError
+  from jaxtune.train.run_lock import RunLockedError
+
+  assert all(issubclass(k, UserError) for k in (WriteError, RunWriteError, RunLockedError))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
     python -m jaxtune.export --run RUN_DIR [--step N] --out OUT --format merged|adapter|gguf [--dtype ...]
 
 From Python: `export_merged(model, source_dir, out_dir)`, `export_adapter(model, out_dir, base)`,
-`export_gguf(model, source_dir, out_path)`, `export_run(run_dir, out_dir, format)`. Never imports torch.
-Names are imported on first use, so `--help` answers without loading jax.
+`export_gguf(model, source_dir, out_path)`, `export_gguf_dir(model, source_dir, out_dir)`,
+`export_run(run_dir, out_dir, format)`. Never imports torch. Names are imported on first use, so
+`--help` answers without loading jax. Every directory export appears only once complete and
+checked, and replaces an earlier one only then (export/staging.py).
 """
 
 import importlib
@@ -14,6 +16,7 @@ _API = {
   "export_merged": "jaxtune.export.merged",
   "export_adapter": "jaxtune.export.adapter",
   "export_gguf": "jaxtune.export.gguf",
+  "export_gguf_dir": "jaxtune.export.gguf",
   "export_run": "jaxtune.export.run",
   "load_run": "jaxtune.export.run",
 }

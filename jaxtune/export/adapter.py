@@ -14,7 +14,7 @@ from typing import Any
 
 from safetensors.numpy import save_file
 
-from jaxtune.export import files
+from jaxtune.export import files, staging
 from jaxtune.export.files import ExportError
 from jaxtune.models.transformer import CausalLM
 from jaxtune.peft.lora import lora_weights, peft_config, peft_state_dict
@@ -30,7 +30,7 @@ def export_adapter(
   dtype: Any = "float32",
   overwrite: bool = False,
 ) -> pathlib.Path:
-  """Writes the model's LoRA adapters as a PEFT adapter directory; returns it.
+  """Writes the model's LoRA adapters as a PEFT adapter directory, whole or not at all (export/staging.py); returns it.
 
   base_model_name_or_path: what PEFT and vLLM load the adapter onto (a hub id or a path).
   """
@@ -42,9 +42,7 @@ def export_adapter(
   dtype = files.dtype_of(dtype)
   config = peft_config(model, str(base_model_name_or_path))
   tensors = {k: v.astype(dtype) for k, v in peft_state_dict(model).items()}
-  out = files.prepare_output_dir(out_dir, overwrite=overwrite, patterns=ADAPTER_PATTERNS)
-  partial = out / "adapter_model.safetensors.partial"
-  save_file(tensors, str(partial), metadata={"format": "pt"})
-  os.replace(partial, out / "adapter_model.safetensors")
-  files.write_json(out / "adapter_config.json", config)
-  return out
+  with staging.staged(out_dir, overwrite=overwrite, patterns=ADAPTER_PATTERNS) as stage:
+    save_file(tensors, str(stage.path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    files.write_json(stage.path / "adapter_config.json", config)
+  return pathlib.Path(out_dir).expanduser().absolute()

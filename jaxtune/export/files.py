@@ -1,4 +1,4 @@
-"""What every export format shares: output-directory checks, the source checkpoint's files, safetensors writing.
+"""What every export format shares: dtypes, the source checkpoint's files, safetensors writing.
 
 No torch here: safetensors files are written from numpy, one tensor at a time, so a
 shard never has to exist in memory as a whole.
@@ -6,11 +6,13 @@ shard never has to exist in memory as a whole.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
 import shutil
 import struct
+import tempfile
 from typing import Callable, Iterable, Sequence
 
 import ml_dtypes
@@ -96,47 +98,15 @@ def write_json(path: pathlib.Path, value: dict) -> None:
   path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
-def _existing(out: pathlib.Path, patterns: Sequence[str]) -> list[pathlib.Path]:
-  return sorted({p for pattern in patterns for p in out.glob(pattern) if p.is_file()})
-
-
-def check_output_dir(
-  out_dir: str | os.PathLike, *, overwrite: bool, patterns: Sequence[str] = MODEL_PATTERNS
-) -> pathlib.Path:
-  """Creates `out_dir` if needed and checks it is writable and holds no model (unless `overwrite`); deletes nothing."""
-  out = pathlib.Path(out_dir).expanduser().absolute()
-  if out.exists() and not out.is_dir():
-    raise ExportError(f"{out}: exists and is not a directory; pass a directory path to --out.")
-  if out.is_dir() and not overwrite:
-    found = _existing(out, patterns)
-    if found:
-      shown = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
-      raise ExportError(
-        f"{out}: already holds a model ({shown}); pass --overwrite (overwrite=True) to replace "
-        "it, or choose an empty --out directory."
-      )
+def ensure_writable_dir(directory: str | os.PathLike) -> pathlib.Path:
+  """Creates `directory` if needed and checks that files can be created in it."""
+  out = pathlib.Path(directory).expanduser().absolute()
   try:
     out.mkdir(parents=True, exist_ok=True)
-    probe = out / ".jaxtune-write-test"
-    probe.write_bytes(b"")
-    probe.unlink()
+    with tempfile.TemporaryFile(dir=out):
+      pass
   except OSError as e:
     raise ExportError(f"{out}: cannot write there ({e.strerror or e}); choose a writable --out directory.") from None
-  return out
-
-
-def prepare_output_dir(
-  out_dir: str | os.PathLike, *, overwrite: bool, patterns: Sequence[str] = MODEL_PATTERNS
-) -> pathlib.Path:
-  """`check_output_dir`, then (with `overwrite`) removes the files of an earlier export (`patterns`).
-
-  Removing them matters: stale shards or an old index of a differently sized model would
-  otherwise be picked up by a loader next to the new files.
-  """
-  out = check_output_dir(out_dir, overwrite=overwrite, patterns=patterns)
-  if overwrite:
-    for p in _existing(out, patterns):
-      p.unlink()
   return out
 
 
@@ -190,11 +160,12 @@ class TensorSpec:
     return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def write_safetensors(path: pathlib.Path, tensors: Sequence[TensorSpec], metadata: dict[str, str]) -> None:
-  """Writes a safetensors file tensor by tensor (header first: every size is known in advance).
+def write_safetensors(path: pathlib.Path, tensors: Sequence[TensorSpec], metadata: dict[str, str]) -> str:
+  """Writes a safetensors file tensor by tensor (header first: every size is known in advance); returns its SHA-256.
 
-  The file is written under a temporary name and renamed when complete, so an interrupted
-  export never leaves a truncated file under the final name.
+  The digest is of the bytes as they were written, for the export's check of the file on disk
+  (export/staging.py). The file is written under a temporary name and renamed when complete, so
+  an interrupted write never leaves a truncated file under the final name.
   """
   header: dict = {"__metadata__": dict(metadata)}
   offset = 0
@@ -208,16 +179,52 @@ def write_safetensors(path: pathlib.Path, tensors: Sequence[TensorSpec], metadat
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer does
   partial = path.with_name(path.name + ".partial")
+  digest = hashlib.sha256()
   with open(partial, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
+    for chunk in (struct.pack("<Q", len(raw)), raw):
+      f.write(chunk)
+      digest.update(chunk)
     for t in tensors:
       value = np.ascontiguousarray(t.produce())
       if value.shape != t.shape or value.dtype != t.dtype:
         raise AssertionError(f"{t.name}: produced {value.shape} {value.dtype}, planned {t.shape} {t.dtype}")
-      f.write(value.reshape(-1).view(np.uint8).data)  # raw bytes, no copy (works for ml_dtypes too)
-      del value
+      data = value.reshape(-1).view(np.uint8).data  # raw bytes, no copy (works for ml_dtypes too)
+      f.write(data)
+      digest.update(data)
+      del value, data
   os.replace(partial, path)
+  return digest.hexdigest()
+
+
+def safetensors_header(path: pathlib.Path) -> dict:
+  """The tensor table of a safetensors file ({name: {dtype, shape, data_offsets}}), without its metadata."""
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+  header.pop("__metadata__", None)
+  header["__header_bytes__"] = 8 + n
+  return header
+
+
+def check_complete(path: pathlib.Path) -> None:
+  """Raises ExportError unless a written safetensors or GGUF file is as long as its own header says it must be."""
+  size, name = path.stat().st_size, path.name.removesuffix(".partial")
+  try:
+    if name.endswith(".safetensors"):
+      header = safetensors_header(path)
+      start = header.pop("__header_bytes__")
+      want = start + max((t["data_offsets"][1] for t in header.values()), default=0)
+    elif name.endswith(".gguf"):
+      import gguf
+
+      tensors = gguf.GGUFReader(path).tensors
+      want = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
+    else:
+      return
+  except (ValueError, KeyError, struct.error) as e:
+    raise ExportError(f"{path}: written unreadable ({e}); the export was not put in place.") from None
+  if size < want:
+    raise ExportError(f"{path}: {size:,} bytes written, {want:,} expected; the export was not put in place.")
 
 
 def plan_shards(tensors: Iterable[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:

@@ -18,7 +18,7 @@ import warnings
 import gguf
 import numpy as np
 
-from jaxtune.export import files
+from jaxtune.export import files, staging
 from jaxtune.export.files import ExportError, TensorSpec
 from jaxtune.export.merged import check_matches_source, hf_tensors
 from jaxtune.hf.gguf import permute_qk
@@ -34,6 +34,7 @@ GGUF_DTYPES = {
   "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 _ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8": "q8_0"}
+GGUF_PATTERNS = ("*.gguf",)
 # llama.cpp pre-tokenizer names, recognised from tokenizer.json's pre_tokenizer.
 _LLAMA3_REGEX = (
   r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -203,7 +204,7 @@ def _check_out_path(out_path: str | os.PathLike, overwrite: bool) -> pathlib.Pat
     raise ExportError(
       f"{out}: already exists; pass --overwrite (overwrite=True) to replace it, or choose another path."
     )
-  files.prepare_output_dir(out.parent, overwrite=False, patterns=())
+  files.ensure_writable_dir(out.parent)
   return out
 
 
@@ -259,10 +260,33 @@ def export_gguf(
       elif gguf_name.endswith("attn_k.weight"):
         value = permute_qk(value, cfg.num_kv_heads)
       writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(value), tensor_type))
+    writer.close()
+    files.check_complete(partial)
   except BaseException:
     writer.close()
     partial.unlink(missing_ok=True)  # no half-written file left behind
     raise
-  writer.close()
-  os.replace(partial, out)
+  os.replace(partial, out)  # an earlier file of that name is replaced only by a complete one
   return out
+
+
+def export_gguf_dir(
+  model: CausalLM,
+  source_dir: str | os.PathLike,
+  out_dir: str | os.PathLike,
+  *,
+  dtype: str = "f16",
+  overwrite: bool = False,
+  name: str | None = None,
+  chat_template: str | None = None,
+) -> pathlib.Path:
+  """`export_gguf` into OUT_DIR/model-<dtype>.gguf, the directory written whole or not at all (export/staging.py).
+
+  Returns the .gguf file's path.
+  """
+  dtype = gguf_dtype(dtype)
+  with staging.staged(out_dir, overwrite=overwrite, patterns=GGUF_PATTERNS) as stage:
+    export_gguf(
+      model, source_dir, stage.path / f"model-{dtype}.gguf", dtype=dtype, name=name, chat_template=chat_template
+    )
+  return pathlib.Path(out_dir).expanduser().absolute() / f"model-{dtype}.gguf"

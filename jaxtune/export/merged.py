@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxtune.export import files
+from jaxtune.export import files, staging
 from jaxtune.export.files import ExportError, TensorSpec
 from jaxtune.hf import mapping
 from jaxtune.hf.tokens import END_OF_TURN_TOKENS
@@ -151,12 +151,15 @@ def export_merged(
   dtype: Any = None,
   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
   overwrite: bool = False,
+  chat_template: str | None = None,
   pad_id: int | None = None,
 ) -> pathlib.Path:
   """Writes `model` (LoRA merged) as an HF checkpoint in `out_dir`; returns the directory.
 
   source_dir: the HF checkpoint the model was loaded from (config.json, generation and
   tokenizer files are taken from it). dtype: of the written tensors; default the source's.
+  chat_template: made the tokenizer's chat template instead of the source's (a run's
+  `data.chat_template`). The directory appears only once complete and checked (export/staging.py).
   pad_id: for a reward model (a score head), the pad token its config names, which decides
   where transformers pools; required then.
   """
@@ -165,8 +168,23 @@ def export_merged(
   check_matches_source(model.config, hf_config, source / "config.json")
   dtype = files.dtype_of(dtype) if dtype is not None else files.source_dtype(source)
   files.check_not_source(out_dir, source)
-  out = files.prepare_output_dir(out_dir, overwrite=overwrite)
+  with staging.staged(out_dir, overwrite=overwrite, patterns=files.MODEL_PATTERNS) as stage:
+    _write(model, source, hf_config, stage, dtype, max_shard_bytes, pad_id)
+    if chat_template:
+      files.write_chat_template(stage.path, chat_template)
+  return pathlib.Path(out_dir).expanduser().absolute()
 
+
+def _write(
+  model: CausalLM,
+  source: pathlib.Path,
+  hf_config: dict,
+  stage: staging.Stage,
+  dtype,
+  max_shard_bytes: int,
+  pad_id: int | None = None,
+):
+  out = stage.path
   shards = files.plan_shards(hf_tensors(model, dtype), max_shard_bytes)
   names = (
     ["model.safetensors"]
@@ -175,7 +193,7 @@ def export_merged(
   )
   weight_map, total = {}, 0
   for fname, shard in zip(names, shards):
-    files.write_safetensors(out / fname, shard, metadata={"format": "pt"})
+    stage.record(fname, files.write_safetensors(out / fname, shard, metadata={"format": "pt"}))
     for t in shard:
       weight_map[t.name] = fname
       total += t.nbytes
@@ -194,6 +212,5 @@ def export_merged(
   files.write_json(out / "generation_config.json", generation_config(source, hf_config))
   if not files.copy_tokenizer_files(source, out):
     warnings.warn(
-      f"{source} holds no tokenizer files, so {out} has none: copy them there before serving.", stacklevel=2
+      f"{source} holds no tokenizer files, so the export has none: copy them there before serving.", stacklevel=3
     )
-  return out

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxtune.data import templates
-from jaxtune.export import files
+from jaxtune.export import files, staging
 from jaxtune.export import gguf as gguf_export
 from jaxtune.export.adapter import ADAPTER_PATTERNS, export_adapter
 from jaxtune.export.files import ExportError
@@ -214,7 +214,9 @@ def export_run(
   """Exports a run's model at `step` (default: latest) as merged HF safetensors, a PEFT adapter or GGUF.
 
   Returns the output directory (merged, adapter) or the .gguf file. dtype: of the written
-  weights; default the base checkpoint's (merged), float32 (adapter), f16 (gguf).
+  weights; default the base checkpoint's (merged), float32 (adapter), f16 (gguf). Every format
+  appears at `out_dir` only once complete and checked; an earlier export there is replaced then
+  (export/staging.py).
   """
   if format not in FORMATS:
     raise ExportError(f"format {format!r} is unknown; choose one of {', '.join(FORMATS)}.")
@@ -224,8 +226,8 @@ def export_run(
     dtype = files.dtype_of(dtype).name
   run_dir = pathlib.Path(run_dir).expanduser().absolute()
   step_dir = _step_dir(run_dir, step)  # bad run directories, steps and outputs fail before anything is loaded
-  patterns = {"adapter": ADAPTER_PATTERNS, "gguf": ("*.gguf",)}.get(format, files.MODEL_PATTERNS)
-  files.check_output_dir(out_dir, overwrite=overwrite, patterns=patterns)
+  patterns = {"adapter": ADAPTER_PATTERNS, "gguf": gguf_export.GGUF_PATTERNS}.get(format, files.MODEL_PATTERNS)
+  staging.check_destination(out_dir, overwrite=overwrite, patterns=patterns)
   config, source, _ = _run_source(step_dir)
   files.check_not_source(out_dir, source)
   if format == "gguf":
@@ -249,23 +251,20 @@ def export_run(
   template = templates.resolve(config.get("data", {}).get("chat_template", ""))
   if format == "merged":
     pad_id = tokens_lib.pad_id(hf_load.load_tokenizer(run.source_dir)) if run.model.score is not None else None
-    out = export_merged(
+    return export_merged(
       run.model,
       run.source_dir,
       out_dir,
       dtype=dtype,
       max_shard_bytes=max_shard_bytes,
       overwrite=overwrite,
+      chat_template=template or None,
       pad_id=pad_id,
     )
-    if template:
-      files.write_chat_template(out, template)
-    return out
-  out = files.prepare_output_dir(out_dir, overwrite=overwrite, patterns=patterns)
-  return gguf_export.export_gguf(
+  return gguf_export.export_gguf_dir(
     run.model,
     run.source_dir,
-    out / f"model-{dtype}.gguf",
+    out_dir,
     dtype=dtype,
     overwrite=overwrite,
     name=f"{run_dir.name}-step{run.step}",

@@ -109,9 +109,10 @@ def train_shardings(
   rules: Any,
   *,
   method: str = "lora",
+  loss_scale: Any = None,
 ) -> TrainShardings:
   """Shardings of (TrainState, Frozen, batch) for `model` (concrete or nnx.eval_shape'd), split as the step splits
-  it."""
+  it. loss_scale: the state's LossScale (float16 runs), replicated like the other scalars."""
   _, params, keys, rest = split_trainable(model, method)
   param_sh = variable_shardings(params, mesh, rules)
   abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(params))
@@ -123,6 +124,7 @@ def train_shardings(
     rng=rep,
     nonfinite_streak=rep,
     skipped=rep,
+    loss_scale=jax.tree.map(lambda _: rep, loss_scale),
   )
   frozen = Frozen(variable_shardings(rest, mesh, rules), variable_shardings(keys, mesh, rules))
   return TrainShardings(state, frozen, batch_sharding(mesh, rules))

@@ -7,10 +7,13 @@ every state leaf; `config` is the resolved run config. Orbax writes each step in
 temporary directory and renames it when complete, so a run killed while saving leaves no
 half checkpoint under a step name. A checkpoint that fails to read or whose checksums do not
 match is moved to RUN_DIR/checkpoints_corrupt/ with a warning, and the previous one is used.
+A save that the disk cannot take (checked before it starts, or failing while it is written)
+raises `faults.RunWriteError` and leaves the complete checkpoints as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import shutil
@@ -20,12 +23,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from jaxtune.errors import UserError
+from jaxtune.train import faults
 
 BEST_METRIC = "eval/loss"
+# A save must find this much room free first: its arrays' bytes times SPACE_MARGIN, plus SPACE_SLACK
+# for Orbax's metadata files and the JSON items.
+SPACE_MARGIN = 1.1
+SPACE_SLACK = 1 << 20
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -96,7 +106,12 @@ class Checkpoints:
       cleanup_tmp_directories=True,  # leftovers of a save that was killed half-way
       create=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta", "config"))
+    # Handlers named up front: a fresh manager can then read an item's metadata before any save or restore.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    handlers["config"] = ocp.JsonCheckpointHandler()
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._writing: int | None = None  # the step whose save may still be in flight
+    faults.quiet_write_failures()
 
   def steps(self) -> list[int]:
     """Complete checkpoints, oldest first."""
@@ -112,7 +127,13 @@ class Checkpoints:
   def save(
     self, step: int, state: Any, *, data_state: dict | None, config: dict, metrics: dict[str, float] | None = None
   ) -> None:
-    """Starts saving (returns once the arrays are copied off the device; writing continues in the background)."""
+    """Starts saving (returns once the arrays are copied off the device; writing continues in the background).
+
+    Raises RunWriteError when the disk cannot take it (checked first), or when this save or the
+    previous one's background writing fails.
+    """
+    self.wait()  # a failure of the previous save is reported as that step's
+    self._check_space(step, state)
     meta = {
       "step": step,
       "data": data_state,
@@ -121,25 +142,54 @@ class Checkpoints:
       "time": time.time(),
     }
     best = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else None
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(config)
-      ),
-      metrics=best,
-      force=True,
-    )
+    self._writing = step
+    with faults.writing(f"checkpoint {self.path(step)}", step, self.directory):
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(config)
+        ),
+        metrics=best,
+        force=True,
+      )
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """RunWriteError when this process's disk lacks room for its shards of `state` (on every process if any)."""
+    needed = int(sum(_local_bytes(x) for x in jax.tree.leaves(state)) * SPACE_MARGIN) + SPACE_SLACK
+    try:
+      faults.check_space(self.directory, needed, f"checkpoint {self.path(step)}", step, self.directory)
+      error = None
+    except faults.RunWriteError as e:
+      error = e
+    if jax.process_count() > 1:  # every process stops together, or none does
+      lacking = multihost_utils.process_allgather(np.int32(error is not None))
+      if error is None and np.any(lacking):
+        error = faults.RunWriteError(
+          f"checkpoint {self.path(step)}", step, "another process's disk has no room for its shards", self.directory
+        )
+    if error is not None:
+      raise error
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once any has been told of a preemption (multi-host; jax.distributed)."""
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    """Blocks until every save has been written."""
-    self._manager.wait_until_finished()
+    """Blocks until every save has been written; RunWriteError when one could not be."""
+    if self._writing is None:
+      return
+    step, self._writing = self._writing, None
+    with faults.writing(f"checkpoint {self.path(step)}", step, self.directory):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the last save, then closes; a failed save is raised after everything is closed."""
+    try:
+      self.wait()
+    except BaseException:
+      with contextlib.suppress(Exception):  # the failure to report is the save's
+        self._manager.close()
+      raise
     self._manager.close()
 
   def restore(self, like: Any, config: dict | None = None) -> Restored | None:
@@ -158,10 +208,9 @@ class Checkpoints:
       if config is not None:
         _check_same_run(saved_config, config, path)
       try:
-        got = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
-        expected, actual = got["meta"]["checksums"], checksums(got["state"])
+        got, read = self._restore_state(step, like, abstract)
+        ours = lambda sums: {k: v for k, v in sums.items() if k.split("/")[0] in read}
+        expected, actual = ours(got["meta"]["checksums"]), ours(checksums(got["state"]))
         if expected != actual:
           bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
           raise ValueError(f"checksum mismatch in {', '.join(bad[:3])}")
@@ -170,6 +219,33 @@ class Checkpoints:
         continue
       return Restored(step, got["state"], got["meta"].get("data"), saved_config, path)
     return None
+
+  def _restore_state(self, step: int, like: Any, abstract: Any) -> tuple[dict, set[str]]:
+    """({"state": like with the checkpoint's values, "meta": ...}, the state fields read from the checkpoint).
+
+    A field that `like` has and the checkpoint not (the loss scale, when a run switches to float16)
+    keeps its initial value; one the checkpoint has and `like` not (switching away) is not read.
+    """
+    saved = set(self._manager.item_metadata(step)["state"].tree)
+    wanted = {k: v for k, v in _fields(abstract).items() if jax.tree.leaves(v)}
+    if set(wanted) == saved:
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+      return self._manager.restore(step, args=args), saved
+    common = {k: v for k, v in wanted.items() if k in saved}
+    for name in sorted(set(wanted) - saved):
+      warnings.warn(
+        f"checkpoint {self.path(step)} has no {name!r} (saved by a run without it); it starts from its initial value.",
+        RuntimeWarning,
+        stacklevel=4,
+      )
+    state = ocp.PyTreeCheckpointer().restore(
+      self.path(step) / "state",
+      args=ocp.args.PyTreeRestore(
+        item=common, restore_args=ocp.checkpoint_utils.construct_restore_args(common), partial_restore=True
+      ),
+    )
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return {"state": _with_fields(like, state), "meta": meta}, set(common)
 
   def _quarantine(self, step: int, why: str) -> None:
     """Moves a corrupt checkpoint out of the way (kept for inspection) and warns."""
@@ -184,6 +260,24 @@ class Checkpoints:
       stacklevel=3,
     )
     self._manager.reload()
+
+
+def _local_bytes(x: Any) -> int:
+  """The bytes of `x` this process writes: its shards that are the first replica (a host array: all of it)."""
+  if isinstance(x, jax.Array):
+    return sum(shard.data.nbytes for shard in x.addressable_shards if shard.replica_id == 0)
+  return np.asarray(x).nbytes
+
+
+def _fields(tree: Any) -> dict[str, Any]:
+  """The top-level children of a TrainState (a dataclass) or of a dict, by name."""
+  if dataclasses.is_dataclass(tree):
+    return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+  return dict(tree)
+
+
+def _with_fields(tree: Any, values: dict[str, Any]) -> Any:
+  return tree.replace(**values) if dataclasses.is_dataclass(tree) else {**tree, **values}
 
 
 def _check_same_run(saved: dict, current: dict, path: pathlib.Path) -> None:

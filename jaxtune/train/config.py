@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -23,6 +24,7 @@ from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import mesh_config
 from jaxtune.peft.lora import METHODS
 from jaxtune.train import builtin_models, objectives
+from jaxtune.train import loss_scale as loss_scale_lib
 from jaxtune.train.builtin_models import BUILTIN_MODELS
 from jaxtune.train.optim import make_optimizer, optim_config
 
@@ -95,6 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
       log_every=10,  # steps between logged training metrics
       max_nan_streak=10,  # stop after this many skipped (NaN/inf) steps in a row
       overlap=True,  # read step s's metrics after dispatching step s+1 (saves, evals, stops stay exact)
+      # auto | dynamic | none. auto: dynamic when model.dtype is float16, whose small gradients underflow
+      # without it (train/loss_scale.py); bfloat16 and float32 never need it.
+      loss_scale="auto",
+      loss_scale_growth_interval=2000,  # dynamic: double the scale after this many finite steps in a row
     )
   )
 
@@ -206,6 +212,9 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     )
   if train.max_nan_streak < 1:
     _fail("train.max_nan_streak", f"{train.max_nan_streak} must be >= 1")
+  _choice(config, "train.loss_scale", loss_scale_lib.MODES)
+  if train.loss_scale_growth_interval < 1:
+    _fail("train.loss_scale_growth_interval", f"{train.loss_scale_growth_interval} must be >= 1")
   if train.eval_every < 0 or train.log_every < 1:
     _fail("train.eval_every / train.log_every", "eval_every must be >= 0 and log_every >= 1")
 
@@ -312,6 +321,8 @@ def resolve(
   model = config.model
   if model.dtype == "auto":
     model.dtype = "float32" if platform == "cpu" else "bfloat16"
+  if config.train.loss_scale == "auto":
+    config.train.loss_scale = "dynamic" if loss_scale_lib.active("auto", model.dtype) else "none"
   if model.param_dtype == "auto":
     model.param_dtype = model.dtype if config.peft.method == "lora" else "float32"
   if model.attention_impl == "auto":
@@ -342,5 +353,10 @@ def write(config: ml_collections.ConfigDict, run_dir: str | pathlib.Path) -> pat
   """Writes the resolved config as `run_dir/config.json`; returns the path."""
   path = pathlib.Path(run_dir) / "config.json"
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  partial = path.with_name(path.name + ".partial")
+  try:  # written whole or not at all: a full disk leaves the previous config.json as it was
+    partial.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
+  finally:
+    partial.unlink(missing_ok=True)
   return path

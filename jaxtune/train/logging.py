@@ -2,16 +2,23 @@
 
 Only process 0 writes anything; the others get a logger that drops everything. Every value
 sent to TensorBoard or W&B is also a line of metrics.jsonl: {"step": N, "train/loss": ..., ...}.
+Both files are written in the caller's thread, so a full disk stops the run with one line
+(`faults.RunWriteError`) at the step whose metrics it could not take, and the line cut short is
+taken back out of metrics.jsonl.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import pathlib
 import sys
 import time
 from typing import Any, Mapping
+
+from jaxtune.train import faults
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -33,11 +40,20 @@ def _number(value: Any) -> float | int | None:
 
 
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
-  """Every line of RUN_DIR/metrics.jsonl, in order."""
+  """Every line of RUN_DIR/metrics.jsonl, in order (a last line cut short by a crash is left out)."""
   path = pathlib.Path(run_dir) / METRICS_FILE
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return _parse(path.read_text()) if path.exists() else []
+
+
+def _parse(text: str) -> list[dict[str, Any]]:
+  lines = [line for line in text.splitlines() if line.strip()]
+  out = [json.loads(line) for line in lines[:-1]]
+  if lines:
+    try:
+      out.append(json.loads(lines[-1]))
+    except json.JSONDecodeError:  # the process died while writing it
+      pass
+  return out
 
 
 class MetricsLogger:
@@ -61,18 +77,21 @@ class MetricsLogger:
     if not enabled:
       return
     run_dir = pathlib.Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / METRICS_FILE
-    if path.exists():  # keep what the resumed checkpoint's run had logged, up to its step
-      kept = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= start_step
-      ]
-      path.write_text("".join(line + "\n" for line in kept))
-    self._file = path.open("a")
+    self._path, self._checkpoints = run_dir / METRICS_FILE, run_dir / "checkpoints"
+    with faults.writing(str(self._path), start_step, self._checkpoints):
+      run_dir.mkdir(parents=True, exist_ok=True)
+      if self._path.exists():  # keep what the resumed checkpoint's run had logged, up to its step
+        kept = [m for m in _parse(self._path.read_text()) if m.get("step", 0) <= start_step]
+        partial = self._path.with_name(self._path.name + ".partial")
+        try:
+          partial.write_text("".join(json.dumps(m) + "\n" for m in kept))
+          os.replace(partial, self._path)  # a full disk here leaves the old file whole
+        finally:
+          partial.unlink(missing_ok=True)
+      self._file = self._path.open("ab")
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+      with faults.writing(str(run_dir / "tensorboard"), start_step, self._checkpoints):
+        self._tb = _EventFile(run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
     if wandb_project:
       import wandb
 
@@ -88,29 +107,72 @@ class MetricsLogger:
 
   def log(self, step: int, metrics: Mapping[str, Any]) -> None:
     """One line {"step": step, **metrics} and the same scalars to TensorBoard / W&B."""
-    if not self.enabled:
+    if not self.enabled or self._file is None:  # None: a write failed, and the run is stopping
       return
     values = {k: _number(v) for k, v in metrics.items()}
-    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._file.flush()
+    end = self._file.tell()
+    try:
+      with faults.writing(str(self._path), int(step), self._checkpoints):
+        self._file.write((json.dumps({"step": int(step), **values}) + "\n").encode())
+        self._file.flush()
+    except faults.RunWriteError:
+      self._rewind(end)
+      raise
     if self._tb is not None:
-      for k, v in values.items():
-        if v is not None:
-          self._tb.add_scalar(k, v, int(step))
-      self._tb.flush()
+      with faults.writing(str(self._tb.path), int(step), self._checkpoints):
+        self._tb.add_scalars(int(step), {k: v for k, v in values.items() if v is not None})
     if self._wandb is not None:
       self._wandb.log(dict(values), step=int(step))
 
+  def _rewind(self, end: int) -> None:
+    """Takes a line the disk cut short back out of metrics.jsonl, so that it ends with the last whole line."""
+    handle, self._file = self._file, None
+    with contextlib.suppress(OSError):
+      handle.close()  # flushing the rest of the cut line fails again: nothing is left buffered after this
+    with contextlib.suppress(OSError):
+      os.truncate(self._path, end)
+
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    """Closes the files; after a failed write, without writing anything more."""
+    for handle in (self._file, self._tb):
+      if handle is not None:
+        with contextlib.suppress(OSError):  # every line and event was flushed when it was logged
+          handle.close()
+    self._file = self._tb = None
     if self._wandb is not None:
       self._wandb.finish()
       self._wandb = None
+
+
+class _EventFile:
+  """TensorBoard scalars, written and flushed in the caller's thread.
+
+  tensorboardX's SummaryWriter writes from a thread of its own: a full disk kills that thread with
+  a traceback, and the next log call blocks on its full queue. Its EventsWriter, used here
+  directly, writes the same event file synchronously.
+  """
+
+  def __init__(self, logdir: pathlib.Path, purge_step: int | None):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+
+    logdir.mkdir(parents=True, exist_ok=True)
+    self.path = logdir
+    self._writer, self._event = EventsWriter(str(logdir / "events")), event_pb2
+    if purge_step is not None:  # TensorBoard hides the events of steps >= purge_step written before the resume
+      start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+      self._writer.write_event(event_pb2.Event(step=purge_step, wall_time=time.time(), session_log=start))
+    self._writer.flush()
+
+  def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
+    from tensorboardX.summary import scalar
+
+    for name, value in values.items():
+      self._writer.write_event(self._event.Event(step=step, wall_time=time.time(), summary=scalar(name, value)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 def _wandb_id(run_dir: pathlib.Path) -> str:

@@ -7,6 +7,7 @@ only feeds it, measures it and stops it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -33,13 +34,14 @@ from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
 from jaxtune.peft import lora as lora_lib
 from jaxtune.peft.import_adapter import load_adapter
-from jaxtune.train import builtin_models, objectives, optim
+from jaxtune.train import builtin_models, faults, objectives, optim, run_lock
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
 from jaxtune.train import logging as log_lib
 from jaxtune.train import memory as memory_lib
 from jaxtune.train import reference as ref_lib
 from jaxtune.train import step as step_lib
+from jaxtune.train.loss_scale import LossScale
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -66,6 +68,7 @@ class Run:
   shardings: parallel.TrainShardings  # where params, optimizer state and batches live on the mesh
   objective: step_lib.Objective = step_lib.SFT  # what the step minimises (train/objectives.py)
   start: int = 0  # the step restored from (0: a fresh run)
+  lock: run_lock.RunLock | None = None  # process 0's lock on run_dir
 
   def model(self):
     return step_lib.model_from_state(self.graphdef, self.frozen, self.state.params)
@@ -74,9 +77,12 @@ class Run:
     log_lib.info(message, self.main)
 
   def close(self) -> None:
-    """Waits for pending checkpoint writes; stops the data threads."""
-    self.ckpts.close()
-    self.train_iter.close()
+    """Waits for pending checkpoint writes, stops the data threads, unlocks run_dir (each even if one fails)."""
+    with contextlib.ExitStack() as later:
+      if self.lock is not None:
+        later.callback(self.lock.release)
+      later.callback(self.train_iter.close)
+      self.ckpts.close()
 
   def save(self, step: int, metrics: dict | None = None) -> None:
     self.ckpts.save(
@@ -131,16 +137,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   run = setup(config)
   for note in prepared.notes:
     run.say(note)
-  logger = log_lib.MetricsLogger(
-    run.run_dir,
-    enabled=run.main,
-    tensorboard=config.logging.tensorboard,
-    wandb_project=config.logging.wandb_project,
-    wandb_entity=config.logging.wandb_entity,
-    wandb_run_name=config.logging.wandb_run_name,
-    config=run.config.to_dict(),
-    start_step=run.start,
-  )
+  try:
+    logger = log_lib.MetricsLogger(
+      run.run_dir,
+      enabled=run.main,
+      tensorboard=config.logging.tensorboard,
+      wandb_project=config.logging.wandb_project,
+      wandb_entity=config.logging.wandb_entity,
+      wandb_run_name=config.logging.wandb_run_name,
+      config=run.config.to_dict(),
+      start_step=run.start,
+    )
+  except BaseException:  # e.g. a full disk: the run directory is unlocked and its saves finished
+    run.close()
+    raise
   results: dict[str, Any] = {}
   try:
     before = None
@@ -173,9 +183,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
+  """Locks the run directory (one run per output_dir), then builds the run in it; `Run.close` unlocks."""
+  run_dir = pathlib.Path(config.output_dir).expanduser().absolute()
+  lock = run_lock.acquire_for_run(run_dir, jax.process_index(), jax.process_count())
+  try:
+    run = _open(config, run_dir)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+  run.lock = lock
+  return run
+
+
+def _open(config: ml_collections.ConfigDict, run_dir: pathlib.Path) -> Run:
   """Checkpoints, run directory, tokenizer, data, model (+ LoRA), TrainState, restored when resuming."""
   main = jax.process_index() == 0
-  run_dir = pathlib.Path(config.output_dir).expanduser().absolute()
   ckpts = ckpt_lib.Checkpoints(
     run_dir / "checkpoints",
     keep=config.checkpoint.keep,
@@ -188,10 +211,10 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       f"resume: 'never', but {ckpts.directory} already holds checkpoints "
       f"(steps {ckpts.steps()}); set resume=auto or use a new output_dir."
     )
-  if main:
-    config_lib.write(config, run_dir)
-
   try:
+    if main:
+      with faults.writing(str(run_dir / "config.json"), None, ckpts.directory):
+        config_lib.write(config, run_dir)
     run = _build(config, run_dir, main, ckpts)
   except BaseException:
     ckpts.close()
@@ -273,9 +296,10 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   )
   train_iter = data_lib.loader_for(train_data, config.data, process_index=pid, process_count=pcount)
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
-  shardings = parallel.train_shardings(model, optimizer, mesh, rules, method=config.peft.method)
+  scale = LossScale.create(config.train.loss_scale_growth_interval) if config.train.loss_scale == "dynamic" else None
+  shardings = parallel.train_shardings(model, optimizer, mesh, rules, method=config.peft.method, loss_scale=scale)
   graphdef, frozen, state = step_lib.init_train_state(
-    model, optimizer, method=config.peft.method, seed=config.train.seed
+    model, optimizer, method=config.peft.method, seed=config.train.seed, loss_scale=scale
   )
   frozen, state = parallel.place(frozen, shardings.frozen), parallel.place(state, shardings.state)
   return Run(
@@ -615,6 +639,8 @@ def _train_metrics(window: list[dict[str, float]], tokens_per_s: float | None) -
     "train/trained_tokens": sum(m["trained_tokens"] for m in window),
     "train/skipped_total": int(window[-1]["skipped_total"]),
   }
+  if "loss_scale" in window[-1]:  # float16 runs
+    out["train/loss_scale"] = window[-1]["loss_scale"]
   if tokens_per_s is not None:
     out["train/tokens_per_s"] = tokens_per_s
   # A preference objective's metrics (TRL's names: rewards/chosen, logps/rejected, kl, ...), averaged
@@ -626,7 +652,17 @@ def _train_metrics(window: list[dict[str, float]], tokens_per_s: float | None) -
 
 
 # What every step reports; anything else is an objective's own metric (logged as train/<name>).
-_STEP_KEYS = {"loss", "grad_norm", "lr", "trained_tokens", "accuracy", "skipped", "skipped_total", "nonfinite_streak"}
+_STEP_KEYS = {
+  "loss",
+  "grad_norm",
+  "lr",
+  "trained_tokens",
+  "accuracy",
+  "skipped",
+  "skipped_total",
+  "nonfinite_streak",
+  "loss_scale",
+}
 
 
 def _eval_line(metrics: dict[str, float]) -> str:

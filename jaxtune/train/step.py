@@ -25,6 +25,7 @@ from jaxtune.data.packing import BATCH_KEYS
 from jaxtune.peft.lora import refresh_dropout_keys, split_trainable
 from jaxtune.train import objectives
 from jaxtune.train.cross_entropy import fused_cross_entropy
+from jaxtune.train.loss_scale import MIN_SCALE, LossScale
 
 
 @flax.struct.dataclass
@@ -37,6 +38,7 @@ class TrainState:
   rng: jax.Array  # uint32 raw key data; the dropout key of step s, micro-batch i is f(rng, s, i)
   nonfinite_streak: jax.Array  # int32: consecutive skipped steps (0 after a good one)
   skipped: jax.Array  # int32: skipped steps in total
+  loss_scale: LossScale | None = None  # float16 runs: the dynamic loss scale (train/loss_scale.py)
 
 
 class Frozen(NamedTuple):
@@ -47,11 +49,17 @@ class Frozen(NamedTuple):
 
 
 def init_train_state(
-  model: nnx.Module, optimizer: optax.GradientTransformation, *, method: str = "lora", seed: int = 0
+  model: nnx.Module,
+  optimizer: optax.GradientTransformation,
+  *,
+  method: str = "lora",
+  seed: int = 0,
+  loss_scale: LossScale | None = None,
 ) -> tuple[nnx.GraphDef, Frozen, TrainState]:
   """Splits the model into (graphdef, frozen, state); the state's arrays are the model's (not copied).
 
   The step donates the state, so after the first step rebuild the model with `model_from_state`.
+  loss_scale: a `LossScale` to train with dynamic loss scaling (float16), else None.
   """
   graphdef, params, keys, rest = split_trainable(model, method)
   params = nnx.to_pure_dict(params)
@@ -70,6 +78,7 @@ def init_train_state(
       rng=jax.random.key_data(jax.random.key(seed)),
       nonfinite_streak=zero(),
       skipped=zero(),
+      loss_scale=loss_scale,
     )
   )
   return graphdef, Frozen(nnx.to_pure_dict(rest), nnx.to_pure_dict(keys)), state
@@ -212,7 +221,8 @@ def make_train_step(
   batch before any forward pass, so the summed gradients are already the mean's and A
   micro-batches update exactly like one batch A times the size; the sequence objectives divide
   by the batch's example count the same way (objectives.batch_totals). A
-  non-finite loss or gradient norm leaves params and optimizer state unchanged.
+  non-finite loss or gradient norm leaves params and optimizer state unchanged. A state with a
+  LossScale (float16) scales the loss up and the summed gradients back down (train/loss_scale.py).
   shardings: optional (state, frozen, batch) shardings for jit.
   """
 
@@ -223,6 +233,9 @@ def make_train_step(
     scale = 1.0 / jnp.maximum(tokens, 1.0)
     totals = None if objective.name == "sft" else objectives.batch_totals(objective.name, batch)
     reference = None if objective.reference is None else nnx.merge(objective.reference, frozen.weights)
+    loss_scale = None if state.loss_scale is None else state.loss_scale.scale
+    if loss_scale is not None:  # float16: the scaled loss keeps small gradients representable
+      scale = scale * loss_scale
 
     def grad_of(i, mb):
       """((loss, metric sums), gradients) of micro-batch i."""
@@ -234,7 +247,7 @@ def make_train_step(
         if totals is None:
           loss, _, correct = loss_fn(model, mb, chunk=loss_chunk, scale=scale)
           return loss, {"accuracy": correct}
-        return objectives.sequence_loss(
+        loss, sums = objectives.sequence_loss(
           objective.name,
           objective.settings,
           model,
@@ -244,6 +257,7 @@ def make_train_step(
           chunk=loss_chunk,
           pad_id=objective.pad_id,
         )
+        return (loss if loss_scale is None else loss * loss_scale), sums
 
       return jax.value_and_grad(loss_of, has_aux=True)(state.params)
 
@@ -261,6 +275,10 @@ def make_train_step(
       (grads, loss, sums), _ = micro(init, (0, first))
     else:
       (grads, loss, sums), _ = jax.lax.scan(micro, init, (jnp.arange(micro_batches), batch))
+    if state.loss_scale is not None:
+      grads, loss = state.loss_scale.unscale((grads, loss))
+      if totals is None:  # SFT's accuracy sum carries the scaled token weights; sequence metrics do not
+        sums = state.loss_scale.unscale(sums)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -268,13 +286,18 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     bad = (~ok).astype(jnp.int32)
+    streak = (state.nonfinite_streak + 1) * bad
+    if state.loss_scale is not None:  # gradients that overflow a scale still able to shrink: not a streak
+      overflow = jnp.isfinite(loss) & (state.loss_scale.scale > MIN_SCALE) & ~ok
+      streak = jnp.where(overflow, state.nonfinite_streak, streak)
     new_state = TrainState(
       params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
       step=state.step + 1,
       rng=state.rng,
-      nonfinite_streak=(state.nonfinite_streak + 1) * bad,
+      nonfinite_streak=streak,
       skipped=state.skipped + bad,
+      loss_scale=None if state.loss_scale is None else state.loss_scale.adjust(ok),
     )
     # The optimizer has applied step - skipped updates; that count indexes its schedule.
     lr = lr_schedule(state.step - state.skipped) if lr_schedule is not None else jnp.nan
@@ -293,6 +316,8 @@ def make_train_step(
       metrics["rewards/margins"] = metrics.get("rewards/margins", sums["rewards/chosen"] - sums["rewards/rejected"])
     if totals is not None:
       metrics["examples"] = totals["examples"]
+    if state.loss_scale is not None:
+      metrics["loss_scale"] = state.loss_scale.scale  # the scale this step ran with
     return new_state, metrics
 
   return TrainStep(_jit(step, shardings, donate=True), frozen)

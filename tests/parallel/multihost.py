@@ -1,4 +1,4 @@
-"""One process of the multi-host test: train 2 steps, save with Orbax, restore into fresh shards, train 2 more.
+"""One process of the multi-host test: lock the run directory, train 2 steps, save with Orbax, restore, train 2 more.
 
     python tests/parallel/multihost.py PROCESS_ID NUM_PROCESSES PORT WORKDIR
 
@@ -18,6 +18,7 @@ import numpy as np
 from jaxtune import parallel
 from jaxtune.parallel import distributed
 from jaxtune.train import checkpoint as ckpt_lib
+from jaxtune.train import run_lock
 from jaxtune.train import step as step_lib
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -57,6 +58,13 @@ def multi(pid: int, count: int, port: int, workdir: str) -> dict:
   spec = distributed.DistributedSpec.from_env({}, f"127.0.0.1:{port}", count, pid)
   distributed.initialize(spec)
   assert jax.process_count() == count and jax.device_count() == 2 * count, (jax.process_count(), jax.device_count())
+  lock = run_lock.acquire_for_run(workdir, pid, count)  # one lock for the run, held by process 0
+  assert (lock is not None) == (pid == 0), lock
+  try:  # a second run on the directory: process 0 is refused, and every process stops with it
+    run_lock.acquire_for_run(workdir, pid, count)
+    refused = ""
+  except run_lock.RunLockedError as e:
+    refused = str(e)
   model, opt, graphdef, (frozen_host, state_host) = equivalence.setup("full")
   mcfg = parallel.mesh_config()
   mcfg.update(dict(preset="fsdp", data=2))
@@ -83,6 +91,8 @@ def multi(pid: int, count: int, port: int, workdir: str) -> dict:
     state, metrics = train_step(state, parallel.shard_batch(batch, sh.batch))
     losses.append(float(metrics["loss"]))
   ckpts.close()
+  if lock is not None:
+    lock.release()
   params = jax.experimental.multihost_utils.process_allgather(state.params, tiled=True)
   local_shape = list(jax.tree.leaves(state.params)[0].addressable_shards[0].data.shape)
   return {
@@ -90,6 +100,7 @@ def multi(pid: int, count: int, port: int, workdir: str) -> dict:
     "params": jax.tree.map(lambda x: np.asarray(x).tolist(), params),
     "embed_shard": local_shape,
     "devices": jax.device_count(),
+    "refused": refused,
   }
 
 

@@ -206,6 +206,8 @@ def test_sharded_loader_matches_plain_loader(tmp_path):
 def test_two_processes_train_save_restore_match_one_process(tmp_path):
   procs = _two_processes([str(HERE / "multihost.py"), "{pid}", "2", "{port}", str(tmp_path)], tmp_path)
   ref = _script([str(HERE / "multihost.py"), "0", "0", "0", str(tmp_path)], devices=1)
+  assert procs[0]["refused"].startswith(f"output_dir {tmp_path} is in use by another run (pid ")
+  assert procs[1]["refused"] == f"output_dir {tmp_path}: process 0 could not lock it; its log says why."
   for got in procs:
     assert got["devices"] == 4
     assert got["embed_shard"] == [128, 32]  # [V, D/2]: the fsdp axis spans the two processes
