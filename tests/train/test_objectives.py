@@ -1,5 +1,5 @@
 """Preference objectives in the train step: first-step invariants, packing and accumulation, the adapters-off
-reference, and ORPO's low-precision stability. Equality with TRL, step by step, is tests/preference/test_trl_parity.py."""
+reference, and ORPO's low-precision stability. Equality with TRL, step by step: tests/preference/test_trl_parity.py."""
 
 import math
 
