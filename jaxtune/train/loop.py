@@ -154,7 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   results: dict[str, Any] = {}
   try:
     before = None
-    if run.examples and config.task.before and run.start == 0:  # LoRA B starts at zero: this is the base model
+    if run.examples and config.task.before and run.start == 0:  # the model training starts from
       before = _score_task(run, "before training")
       results["eval/exact_match_before"] = before.score
       logger.log(0, {"eval/exact_match_before": before.score})
