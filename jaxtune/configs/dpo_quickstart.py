@@ -6,7 +6,7 @@
 
 The quickstart's adapter answers '{"person": "Mateo", "day": "Sunday", "time": "09:30"}'. The pairs of
 `jaxtune.tasks.meeting_prefs` prefer the same object without spaces. Training continues that adapter
-(peft.init_adapter), and the model it starts from is the reference: its log-probs are computed once
+(model.adapter), and the model it starts from is the reference: its log-probs are computed once
 before the first step. Before and after, the run scores exact match against the compact answer on 50
 held-out sentences (the share of answers in the preferred form, each also the right object), and
 evaluates reward accuracy on 32 held-out pairs. Figures: docs/preference.md.
@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.output_dir = "runs/dpo_quickstart"
   config.model.path = "smollm2-gguf"
   config.objective = "dpo"
-  config.peft.init_adapter = "runs/quickstart/adapter"
+  config.model.adapter = "runs/quickstart/adapter"
 
   config.data.train = (str(DATA / "train.jsonl"),)
   config.data.validation = (str(DATA / "validation.jsonl"),)

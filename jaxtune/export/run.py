@@ -129,7 +129,8 @@ def _run_source(step_dir: pathlib.Path) -> tuple[dict, pathlib.Path, str]:
   if not path:
     raise ExportError(f"{step_dir / 'config'}: model.path is missing; this is not a jaxtune training checkpoint.")
   source = hf_load.resolve(builtin_models.resolve(path, config["model"].get("cache_dir", "")))
-  return config, source, str(source) if path in builtin_models.BUILTIN_MODELS else path
+  model = config["model"]
+  return config, source, builtin_models.base_name(path, model.get("hub_id", ""), source)
 
 
 def _with_adapters(
@@ -245,7 +246,10 @@ def export_run(
 
   if format == "adapter":
     run = load_run(run_dir, step, base_weights=False)
-    return export_adapter(run.model, out_dir, run.base_model, dtype=dtype or "float32", overwrite=overwrite)
+    note = builtin_models.PROVENANCE.get(config.get("model", {}).get("path", ""), "")
+    return export_adapter(
+      run.model, out_dir, run.base_model, dtype=dtype or "float32", overwrite=overwrite, provenance=note
+    )
   run = load_run(run_dir, step)
   # A template named in the run's config (data.chat_template) goes with the model: inference formats as training did.
   template = templates.resolve(config.get("data", {}).get("chat_template", ""))

@@ -75,6 +75,19 @@ def read_adapter_config(directory: pathlib.Path) -> dict:
   return config
 
 
+def _is_hub_id(name: str) -> bool:
+  """owner/name, not a path that exists here."""
+  return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not pathlib.Path(name).exists()
+
+
+def _check_base(adapter_base: str, base: str, path: pathlib.Path) -> None:
+  if _is_hub_id(adapter_base) and _is_hub_id(base) and adapter_base.lower() != base.lower():
+    raise AdapterError(
+      f"{path}: base_model_name_or_path is {adapter_base!r}, but the model is {base!r}: the adapter was trained on "
+      f"another base. If it is the same model under another name, set model.hub_id={adapter_base}."
+    )
+
+
 def _weights(directory: pathlib.Path) -> SafetensorsFile:
   path = directory / WEIGHTS_FILE
   if not path.is_file():
@@ -137,12 +150,17 @@ def _factors(weights: SafetensorsFile, module: PeftModule, rank: int) -> tuple[n
   return a_all, b_all
 
 
-def load_adapter(model: CausalLM, directory: str | os.PathLike) -> CausalLM:
-  """The base `model` (no adapters) with the PEFT LoRA adapter in `directory`: a new model sharing its arrays."""
+def load_adapter(model: CausalLM, directory: str | os.PathLike, base: str = "") -> CausalLM:
+  """The base `model` (no adapters) with the PEFT LoRA adapter in `directory`: a new model sharing its arrays.
+
+  base: the hub id the model is known by ("" when unknown): an adapter whose base_model_name_or_path is
+  another hub id was trained on another model and is refused (shapes are checked tensor by tensor too).
+  """
   if lora_weights(model):
     raise ValueError("the model already has LoRA adapters; load an adapter onto the base model.")
   directory = pathlib.Path(directory).expanduser()
   config = read_adapter_config(directory)
+  _check_base(config.get("base_model_name_or_path") or "", base, directory / CONFIG_FILE)
   weights = _weights(directory)
   rank = int(config["r"])
   build = lambda: apply_lora(

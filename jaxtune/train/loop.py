@@ -264,8 +264,9 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   options = config_lib.model_options(config, jax.default_backend(), parallel.ActivationSharding(mesh, rules))
   # Every process reads only the slices of each tensor that its own devices hold.
   model = parallel_load.load_model_sharded(model_path, mesh, rules, options)
-  if config.peft.method == "lora" and config.peft.init_adapter:  # continue from a trained adapter
-    model = load_adapter(model, config.peft.init_adapter)
+  if config.peft.method == "lora" and config.model.adapter:  # continue from a trained adapter
+    base = builtin_models.base_name(config.model.path, config.model.hub_id, model_path)
+    model = load_adapter(model, config.model.adapter, base)
     config.peft.lora.update(lora_lib.adapter_settings(model))  # saved with each checkpoint: exports rebuild them
   elif config.peft.method == "lora":
     lora = config.peft.lora
@@ -284,7 +285,7 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   if reference == "precomputed":  # the model as training starts (fresh adapters add nothing) is the reference
     say = lambda message: log_lib.info(message, main)
     fingerprint = ref_lib.model_fingerprint(
-      model_path, options.dtype, options.kernels, config.model.attention_impl, config.peft.init_adapter
+      model_path, options.dtype, options.kernels, config.model.attention_impl, config.model.adapter
     )
     train_data = _with_reference(train_data, model, config, fingerprint, say)
     val_data = val_data and _with_reference(val_data, model, config, fingerprint, say)
@@ -325,7 +326,7 @@ def _reference_mode(config: ml_collections.ConfigDict, train_data: Any) -> str |
   """live | precomputed for DPO and KTO (config key `reference`), None for the objectives without one.
 
   auto: precomputed under full fine-tuning (no reference weights are kept), when the adapters start
-  from peft.init_adapter (the adapters-off model is not the starting model then), and under LoRA
+  from model.adapter (the adapters-off model is not the starting model then), and under LoRA
   when the run sees every training example at least once, so the pass costs at most the reference
   forwards it replaces; live otherwise.
   """
@@ -334,7 +335,7 @@ def _reference_mode(config: ml_collections.ConfigDict, train_data: Any) -> str |
   if config.reference != "auto":
     return config.reference
   seen = config.train.steps * config.data.batch_size
-  if config.peft.method != "lora" or config.peft.init_adapter or seen >= train_data.stats.examples:
+  if config.peft.method != "lora" or config.model.adapter or seen >= train_data.stats.examples:
     return "precomputed"
   return "live"
 

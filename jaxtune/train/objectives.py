@@ -90,9 +90,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"reference: 'live' computes the reference with the adapters off, which needs peft.method=lora; under "
         f"{config.peft.method!r} fine-tuning set reference=precomputed (or auto)."
       )
-    if config.peft.init_adapter:
+    if config.model.adapter:
       raise ConfigError(
-        "reference: 'live' would be the base without peft.init_adapter's adapter, not the model training starts "
+        "reference: 'live' would be the base without model.adapter's adapter, not the model training starts "
         "from; set reference=precomputed (or auto)."
       )
 

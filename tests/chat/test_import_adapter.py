@@ -14,6 +14,7 @@ from jaxtune.peft.import_adapter import AdapterError, load_adapter
 from jaxtune.peft.lora import lora_weights
 
 import tiny_hf
+import tiny_runs
 from export_helpers import assert_close_logits, lora_model
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,6 +82,8 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
     ({"use_dora": True}, None, r"adapter_config.json: use_dora is True: DoRA adapters are not supported"),
     ({"modules_to_save": ["lm_head"]}, None, r"modules_to_save is \['lm_head'\]: modules trained in full"),
     ({"layers_to_transform": [0]}, None, r"layers_to_transform is \[0\]: adapters on some layers only"),
+    ({"rank_pattern": {"q_proj": 8}}, None, r"rank_pattern is \{'q_proj': 8\}: a rank per module"),
+    ({"bias": "all"}, None, r"bias is 'all': trained biases are not supported"),
     ({"r": 8}, None, rf"{Q0}.lora_A.weight has shape \(4, 32\), expected \(8, 32\) for r=8"),
     (
       None,
@@ -103,7 +106,19 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
       r"layers.2.self_attn.q_proj.lora_A.weight' is for no layer of this model \(2 layers\)",
     ),
   ],
-  ids=["ia3", "dora", "modules_to_save", "some_layers", "rank", "shape", "missing", "embedding", "extra_layer"],
+  ids=[
+    "ia3",
+    "dora",
+    "modules_to_save",
+    "some_layers",
+    "rank_pattern",
+    "bias",
+    "rank",
+    "shape",
+    "missing",
+    "embedding",
+    "extra_layer",
+  ],
 )
 def test_refusals_name_the_key_or_tensor(tiny, exported, tmp_path, config, tensors, match):
   adapter = _damaged(exported[1], tmp_path / "adapter", config, tensors)
@@ -119,3 +134,53 @@ def test_missing_files(tiny, exported, tmp_path):
     load_adapter(tiny[0], adapter)
   with pytest.raises(AdapterError, match=r"nowhere: not a directory; pass a PEFT adapter directory"):
     load_adapter(tiny[0], tmp_path / "nowhere")
+
+
+def test_an_adapter_for_another_base_is_refused_naming_both(tiny, exported, tmp_path):
+  adapter = _damaged(exported[1], tmp_path / "adapter", {"base_model_name_or_path": "meta-llama/Llama-3.2-1B"})
+  with pytest.raises(AdapterError, match=r"is 'meta-llama/Llama-3.2-1B', but the model is 'me/tiny'.*model.hub_id"):
+    load_adapter(tiny[0], adapter, base="me/tiny")
+  load_adapter(tiny[0], adapter, base="Meta-Llama/llama-3.2-1b")  # the same id, however it is cased
+  load_adapter(tiny[0], adapter, base=str(tmp_path))  # a local base: nothing to compare the name with
+
+
+def test_peft_adapter_continues_training_and_exports_the_same_tensors(tmp_path, peft):
+  """PEFT -> jaxtune (`model.adapter`, one step at learning rate 0) -> PEFT: the same names, dtypes and values,
+  the base named by model.hub_id, and a model card."""
+  import transformers
+
+  from jaxtune.export.run import export_run
+  from jaxtune.train import builtin_models, loop
+
+  cache = tmp_path / "cache"
+  base_dir = builtin_models.resolve("tiny-random", str(cache / "models"))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+  lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+  peft.get_peft_model(hf, lora).save_pretrained(tmp_path / "theirs")
+  config = tiny_runs.tiny(tmp_path / "run", cache, **{"train.steps": 1, "optim.lr": 0.0, "optim.warmup_steps": 0})
+  config.model.adapter, config.model.hub_id = str(tmp_path / "theirs"), "me/tiny-random"
+  config.train.eval, config.checkpoint.every = False, 0
+  loop.train(config)
+  out = export_run(tmp_path / "run", tmp_path / "ours", "adapter")
+  theirs, ours = (
+    load_file(tmp_path / "theirs" / "adapter_model.safetensors"),
+    load_file(out / "adapter_model.safetensors"),
+  )
+  assert sorted(ours) == sorted(theirs)
+  for name, value in theirs.items():
+    assert ours[name].dtype == value.dtype, name
+    np.testing.assert_allclose(ours[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+  assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/tiny-random"
+  assert "base_model: me/tiny-random" in (out / "README.md").read_text()
+
+
+def test_a_builtin_base_is_named_by_its_hub_id_and_its_provenance(exported, tmp_path):
+  from jaxtune.train import builtin_models
+
+  assert builtin_models.base_name("smollm2-gguf", "", "/cache/smollm2-gguf") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+  assert builtin_models.base_name("smollm2-gguf", "me/mine", "/cache") == "me/mine"
+  assert builtin_models.base_name("/data/my-llama", "", "/data/my-llama") == "/data/my-llama"
+  note = builtin_models.PROVENANCE["smollm2-gguf"]
+  out = export_adapter(exported[0], tmp_path / "adapter", "HuggingFaceTB/SmolLM2-135M-Instruct", provenance=note)
+  card = (out / "README.md").read_text()
+  assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "4-bit (Q4_1) GGUF" in card

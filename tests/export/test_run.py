@@ -146,7 +146,7 @@ def test_bad_output_paths(lora_run, tmp_path):
   out = export_run(run_dir, tmp_path / "out", "adapter")
   with pytest.raises(
     ExportError,
-    match=r"out: already holds a model \(adapter_config.json, "
+    match=r"out: already holds a model \(README.md, adapter_config.json, "
     r"adapter_model.safetensors\); pass --overwrite",
   ):
     export_run(run_dir, out, "adapter", step=2)

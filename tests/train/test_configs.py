@@ -37,8 +37,8 @@ def test_config_file_builds(name, tmp_path, monkeypatch):
   assert f"python -m jaxtune.train --config configs/{name}.py" in source, "the docstring must hold the command"
   for key in REQUIRED:
     _get(config, key)
-  if config.peft.init_adapter:  # a stage after another run: that run's exported adapter, relative to the cwd
-    (tmp_path / config.peft.init_adapter).mkdir(parents=True)
+  if config.model.adapter:  # a stage after another run: that run's exported adapter, relative to the cwd
+    (tmp_path / config.model.adapter).mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
   config_lib.validate(config)
   resolved = config_lib.resolve(config, "tpu")

@@ -39,7 +39,7 @@ def test_dpo_after_the_quickstart_moves_the_answers_to_the_compact_form(tmp_path
   loop.train(sft)
   adapter = export_run(tmp_path / "sft", tmp_path / "adapter", "adapter")
   dpo = tiny_runs.load_config("dpo_quickstart")
-  dpo.update_from_flattened_dict({**settings, "output_dir": str(tmp_path / "dpo"), "peft.init_adapter": str(adapter)})
+  dpo.update_from_flattened_dict({**settings, "output_dir": str(tmp_path / "dpo"), "model.adapter": str(adapter)})
   result = loop.train(dpo)
   assert result["eval/exact_match_before"] == 0.0  # the SFT adapter answers with json.dumps' spaces
   assert result["eval/exact_match_after"] >= 0.9
