@@ -81,7 +81,9 @@ def main(argv: list[str]) -> int:
   if overrides:
     cfg = config_lib.with_overrides(cfg, **overrides)
   start = time.perf_counter()
-  out = run.merge(cfg, args.out, root=root, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, seed=args.seed)
+  out = run.merge(
+    cfg, args.out, root=root, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, seed=args.seed
+  )
   print(f"wrote {out} ({cfg.method.name} of {len(cfg.models)} models) in {time.perf_counter() - start:.1f} s")
   return 0
 

@@ -35,7 +35,7 @@ class MergeConfigError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """A merge method's parameters: per input model (`inputs`) and per merge (`shared`), with defaults (None: required)."""
+  """A method's parameters, per input model (`inputs`) and per merge (`shared`), with defaults (None: required)."""
 
   name: str
   inputs: dict[str, Any]
@@ -109,9 +109,12 @@ def _check_setting(where: str, name: str, value: Any) -> None:
       raise MergeConfigError(f"{where}: {name}: a conditional value is {{filter: NAME_PART, value: V}}; got {cond!r}.")
     _check_setting(where, name, cond["value"])
   if conditions is None and not (
-    isinstance(value, (int, float, bool)) or (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value))
+    isinstance(value, (int, float, bool))
+    or (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value))
   ):
-    raise MergeConfigError(f"{where}: {name} is {value!r}; give a number, a list of numbers or {{filter, value}} items.")
+    raise MergeConfigError(
+      f"{where}: {name} is {value!r}; give a number, a list of numbers or {{filter, value}} items."
+    )
 
 
 def _parameters(where: str, method: Method, raw: Any, allowed: dict[str, Any], scope: str) -> dict[str, Any]:
@@ -122,7 +125,9 @@ def _parameters(where: str, method: Method, raw: Any, allowed: dict[str, Any], s
   for key, value in raw.items():
     if key not in allowed:
       if key in method.shared:
-        raise MergeConfigError(f"{where}: {scope}.{key}: {key} is a setting of the whole merge; put it under parameters.")
+        raise MergeConfigError(
+          f"{where}: {scope}.{key}: {key} is a setting of the whole merge; put it under parameters."
+        )
       raise _unknown(f"{where}: {scope}", key, allowed, f"parameter of {method.name}")
     _check_setting(f"{where}: {scope}", key, value)
   return dict(raw)
@@ -189,7 +194,9 @@ def _tokenizer(tokenizer: Any, models: list[Input], where: str) -> str | None:
   if tokenizer == "base":
     tokenizer = None
   if tokenizer is not None and tokenizer not in [m.model for m in models]:
-    raise MergeConfigError(f"{where}: tokenizer_source {tokenizer!r} is not one of the models; choose base or one of them.")
+    raise MergeConfigError(
+      f"{where}: tokenizer_source {tokenizer!r} is not one of the models; choose base or one of them."
+    )
   return tokenizer
 
 

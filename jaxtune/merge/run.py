@@ -34,11 +34,11 @@ def check_compatible(models: list[Model]) -> None:
     theirs = set(other.names())
     missing, extra = [n for n in names if n not in theirs], sorted(theirs - set(names))
     if missing or extra:
-      name, where = (missing[0], f"{ref.label} has it, {other.label} does not") if missing else (
-        extra[0],
-        f"{other.label} has it, {ref.label} does not",
+      has, lacks = (ref, other) if missing else (other, ref)
+      name = (missing or extra)[0]
+      raise MergeInputError(
+        f"tensor {name}: {has.label} has it, {lacks.label} does not; only models of one architecture can be merged."
       )
-      raise MergeInputError(f"tensor {name}: {where}; only models of one architecture can be merged.")
     for name in names:
       if ref.shape(name) != other.shape(name):
         vocab = _vocab_sizes(ref, other)
@@ -53,9 +53,10 @@ def check_compatible(models: list[Model]) -> None:
     _check_same_vocabulary(ref, other)
 
 
-def _vocab_sizes(a: Model, b: Model) -> tuple:
-  read = lambda m: files.read_json(m.directory / "config.json").get("vocab_size") if (m.directory / "config.json").is_file() else None
-  return read(a), read(b)
+def _vocab_sizes(*models: Model) -> tuple:
+  """config.json's vocab_size of each model (None without one)."""
+  paths = [m.directory / "config.json" for m in models]
+  return tuple(files.read_json(p).get("vocab_size") if p.is_file() else None for p in paths)
 
 
 def _vocabulary(directory: pathlib.Path) -> dict | None:

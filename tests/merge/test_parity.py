@@ -60,7 +60,9 @@ RECIPES = {
     "merge_method": "slerp",
     "base_model": z["base"],
     "models": [{"model": z["base"]}, {"model": z["a"]}],
-    "parameters": {"t": [{"filter": "self_attn", "value": [0.1, 0.9]}, {"filter": "mlp", "value": 0.3}, {"value": 0.6}]},
+    "parameters": {
+      "t": [{"filter": "self_attn", "value": [0.1, 0.9]}, {"filter": "mlp", "value": 0.3}, {"value": 0.6}]
+    },
   },
   "task_arithmetic": lambda z: {
     "merge_method": "task_arithmetic",
@@ -125,7 +127,7 @@ def dare(zoo, method, density, tmp_path, **parameters) -> dict[str, np.ndarray]:
 
 
 def test_dare_keeps_its_density_and_rescales_to_the_l1_norm(zoo, tmp_path):
-  """dare_linear with one model: the kept entries are δ scaled by ‖δ‖₁ / ‖kept δ‖₁ (mergekit's rescale), ≈ density of them."""
+  """dare_linear, one model: about `density` of δ kept, scaled by ‖δ‖₁ / ‖kept δ‖₁ (mergekit's rescale)."""
   base, a = read(zoo["base"]), read(zoo["a"])
   recipe = {
     "merge_method": "dare_linear",
@@ -182,7 +184,9 @@ def test_merged_model_loads_in_transformers_with_the_chosen_tokenizer(zoo, tmp_p
   model = transformers.AutoModelForCausalLM.from_pretrained(out)
   assert model.dtype == torch.bfloat16
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-  ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt")
+  ids = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt"
+  )
   ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
   with torch.no_grad():
     logits = model(ids).logits
@@ -196,7 +200,14 @@ def test_flags_make_the_same_merge_as_the_yaml(zoo, tmp_path):
   want = jaxtune_merge(recipe, tmp_path / "yaml")
   argv = ["--method", "ties", "--base", str(zoo["base"]), "--out", str(tmp_path / "flags")]
   for m in recipe["models"]:
-    argv += ["--model", m["model"], "--weight", str(m["parameters"]["weight"]), "--density", str(m["parameters"]["density"])]
+    argv += [
+      "--model",
+      m["model"],
+      "--weight",
+      str(m["parameters"]["weight"]),
+      "--density",
+      str(m["parameters"]["density"]),
+    ]
   assert merge_main(argv) == 0
   got = read(tmp_path / "flags")
   for tensor in want:
