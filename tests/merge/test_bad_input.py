@@ -72,6 +72,7 @@ def test_same_size_other_tokens_are_refused(zoo, tmp_path, capsys):
     (lambda r: r | {"tokenizer": {"source": "base", "tokens": {}}}, "tokenizer: tokens: only tokenizer.source"),
     (lambda r: {k: v for k, v in r.items() if k != "base_model"}, "base_model is required by ties"),
   ],
+  ids=["key", "method", "parameter", "slices", "union", "tokenizer_tokens", "no_base"],
 )
 def test_recipe_mistakes_name_the_key(zoo, tmp_path, capsys, change, expected):
   assert expected in one_line_error(capsys, change(ties(zoo["base"], zoo["a"], zoo["b"])), tmp_path)
