@@ -153,7 +153,9 @@ def merge(
   tokenizer = models[[m.model for m in cfg.models].index(cfg.tokenizer_source)] if cfg.tokenizer_source else ref
   dtype = files.dtype_of(cfg.dtype) if cfg.dtype else files.source_dtype(ref.directory)
   for m in models:
-    files.check_not_source(out_dir, m.directory)
+    for read in (m.directory, getattr(m, "adapter_dir", None)):
+      if read is not None:
+        files.check_not_source(out_dir, read)
   specs = []
   for name in ref.names():
     out = dtype if np.issubdtype(ref.dtype(name), np.floating) else ref.dtype(name)

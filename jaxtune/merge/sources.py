@@ -50,6 +50,7 @@ class Adapted(Model):
 
   def __init__(self, label: str, base: Model, adapter_dir: pathlib.Path):
     self.label, self.directory, self.checkpoint, self.base = label, base.directory, base.checkpoint, base
+    self.adapter_dir = adapter_dir
     config = read_adapter_config(adapter_dir)
     path = adapter_dir / WEIGHTS_FILE
     if not path.is_file():

@@ -138,3 +138,13 @@ def test_bare_adapter_applies_to_the_base(zoo, tmp_path):
   assert not np.array_equal(outs[0][q], base[q])
   for name in outs[0]:
     np.testing.assert_array_equal(outs[0][name], outs[1][name])
+
+
+def test_output_may_not_be_an_input(zoo, tmp_path, capsys):
+  adapter = write_adapter(zoo["base"], tmp_path / "adapter", seed=9)
+  recipe = tmp_path / "merge.yml"
+  recipe.write_text(yaml.safe_dump(ties(zoo["base"], zoo["a"], adapter)))
+  capsys.readouterr()
+  assert merge_main(["--config", str(recipe), "--out", str(adapter), "--overwrite"]) == 2
+  assert "is the source checkpoint directory itself" in capsys.readouterr().err
+  assert (adapter / "adapter_config.json").is_file()
