@@ -36,6 +36,7 @@ COMMANDS = {
   "data": Command("jaxtune.data.__main__", "look at a dataset as training sees it: statistics, masks, a dump"),
   "chat": Command("jaxtune.chat", "chat in the terminal with a run's checkpoint or an HF model"),
   "export": Command("jaxtune.export.__main__", "export a run: merged HF checkpoint, PEFT adapter or GGUF"),
+  "merge": Command("jaxtune.merge.__main__", "merge models as a mergekit recipe says: linear, slerp, ties, dare, ..."),
   "convert": Command("jaxtune.hf.gguf", "convert a GGUF file into an HF checkpoint directory"),
   "dry-run": Command("jaxtune.parallel.dry_run", "compile a config's train step for N devices: memory per device"),
 }

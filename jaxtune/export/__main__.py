@@ -20,7 +20,8 @@ FORMATS = ("merged", "adapter", "gguf")
 DTYPES = ("bfloat16", "float16", "float32", "q8_0", "bf16", "f16", "f32")
 
 
-def _size(text: str) -> int:
+def byte_size(text: str) -> int:
+  """A size such as 5GB, 500MB or 2GiB in bytes."""
   units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
   upper = text.strip().upper()
   for unit, factor in units.items():
@@ -41,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     default=None,
     help="merged: default the base checkpoint's dtype; adapter: float32; gguf: f16 (or bf16, q8_0)",
   )
-  p.add_argument("--max-shard-size", type=_size, default="5GB", help="merged: shard size limit, e.g. 5GB, 500MB")
+  p.add_argument("--max-shard-size", type=byte_size, default="5GB", help="merged: shard size limit, e.g. 5GB, 500MB")
   p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
   args = p.parse_args(argv)
   if args.dtype == "q8_0" and args.format != "gguf":

@@ -47,6 +47,7 @@ TOKENIZER_PATTERNS = (
   "chat_template.jinja",
   "chat_template.json",
 )
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
 # Files whose presence means a directory already holds an exported model or adapter.
 MODEL_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "adapter_config.json", "config.json", "*.gguf")
 
@@ -225,6 +226,29 @@ def check_complete(path: pathlib.Path) -> None:
     raise ExportError(f"{path}: written unreadable ({e}); the export was not put in place.") from None
   if size < want:
     raise ExportError(f"{path}: {size:,} bytes written, {want:,} expected; the export was not put in place.")
+
+
+def write_sharded(
+  out: pathlib.Path, tensors: Sequence[TensorSpec], max_bytes: int, record: Callable[[str, str], None]
+) -> None:
+  """Writes tensors as transformers' shards (model.safetensors, or model-0000K-of-0000N ones and their index).
+
+  record(file name, SHA-256) is called for each shard written (the staging's check of the files on disk).
+  """
+  shards = plan_shards(tensors, max_bytes)
+  names = (
+    ["model.safetensors"]
+    if len(shards) == 1
+    else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+  )
+  weight_map, total = {}, 0
+  for fname, shard in zip(names, shards):
+    record(fname, write_safetensors(out / fname, shard, metadata={"format": "pt"}))
+    for t in shard:
+      weight_map[t.name] = fname
+      total += t.nbytes
+  if len(shards) > 1:
+    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def plan_shards(tensors: Iterable[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:

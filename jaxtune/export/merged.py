@@ -28,7 +28,7 @@ from jaxtune.models.config import ModelConfig, from_hf_dict
 from jaxtune.models.transformer import CausalLM, Linear
 from jaxtune.peft.lora import LoRA, merge_kernel
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
+DEFAULT_MAX_SHARD_BYTES = files.DEFAULT_MAX_SHARD_BYTES
 
 
 def _module_at(model: CausalLM, path: tuple[str, ...]) -> Any:
@@ -185,22 +185,7 @@ def _write(
   pad_id: int | None = None,
 ):
   out = stage.path
-  shards = files.plan_shards(hf_tensors(model, dtype), max_shard_bytes)
-  names = (
-    ["model.safetensors"]
-    if len(shards) == 1
-    else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-  )
-  weight_map, total = {}, 0
-  for fname, shard in zip(names, shards):
-    stage.record(fname, files.write_safetensors(out / fname, shard, metadata={"format": "pt"}))
-    for t in shard:
-      weight_map[t.name] = fname
-      total += t.nbytes
-  if len(shards) > 1:
-    files.write_json(
-      out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
-    )
+  files.write_sharded(out, hf_tensors(model, dtype), max_shard_bytes, stage.record)
 
   config = {k: v for k, v in hf_config.items() if k != "torch_dtype"}  # transformers 5: `dtype` replaces it
   if model.score is not None:
