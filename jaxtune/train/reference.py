@@ -12,6 +12,7 @@ recomputes it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import pathlib
@@ -68,18 +69,23 @@ def attach(
 def compute(examples: Any, model: nnx.Module, buckets: tuple[int, ...]) -> np.ndarray:
   """float32 [tokens]: log p(token | the tokens before it in its sequence) for every token of `examples`."""
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, batch: objectives.reference_log_probs(nnx.merge(graphdef, state), batch))
   out = np.zeros(examples.input_ids.shape, np.float32)
   lengths = examples.lengths
   order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding, fewer shapes
   for group in np.array_split(order, range(_ROWS, len(order), _ROWS)):
     length = packing.bucket_for(int(lengths[group].max()), buckets)
     batch = _rows(examples, group, length)
-    logps = np.asarray(forward(state, {k: jnp.asarray(v) for k, v in batch.items()}))
+    logps = np.asarray(_forward(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()}))
     for row, i in enumerate(group):
       start, end = examples.offsets[i], examples.offsets[i + 1]
       out[start:end] = logps[row, : end - start]
   return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef: nnx.GraphDef, state: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  """One compile per row length for every split of a run (the train and validation passes share it)."""
+  return objectives.reference_log_probs(nnx.merge(graphdef, state), batch)
 
 
 def _rows(examples: Any, group: np.ndarray, length: int) -> dict[str, np.ndarray]:
