@@ -81,10 +81,14 @@ class Linear(nnx.Module):
       self.bias = nnx.Param(jnp.zeros(stack + bias_shape, options.param_dtype), axes=stack_axes + bias_axes)
     self.adapter = nnx.data(None)  # data, not static: a PEFT transform assigns a module here later
 
+  def weight(self) -> jax.Array:
+    """The kernel in the compute dtype, as the product reads it."""
+    return self.kernel[...].astype(self.dtype)
+
   def __call__(self, x: jax.Array, adapter_delta: jax.Array | None = None) -> jax.Array:
     """y for x; adapter_delta: the adapter's output when computed already (`shared_input`)."""
     kernels = kernels_lib.get(self.kernels)
-    y = kernels.linear(self.einsum, x, self.kernel[...].astype(self.dtype))
+    y = kernels.linear(self.einsum, x, self.weight())
     if adapter_delta is None and self.adapter is not None:
       adapter_delta = self.adapter(x)
     if self.bias is not None:
