@@ -245,8 +245,8 @@ def apply_lora(
       raise ValueError(f"{'.'.join(path)} already has an adapter; apply LoRA once.")
     lin.adapter = LoRA(
       lin.einsum,
-      tuple(lin.kernel.shape),
-      lin.kernel.get_metadata().get("axes"),
+      lin.kernel_shape,
+      lin.kernel_axes,
       rank=rank,
       alpha=alpha,
       dropout=dropout,
