@@ -47,7 +47,12 @@ class ModelOptions:
   double_quant: bool = False
 
   def __post_init__(self):
-    choices = (("attention_impl", ATTENTION_IMPLS), ("remat", REMAT_POLICIES), ("kernels", KERNELS), ("quantize", QUANTIZE))
+    choices = (
+      ("attention_impl", ATTENTION_IMPLS),
+      ("remat", REMAT_POLICIES),
+      ("kernels", KERNELS),
+      ("quantize", QUANTIZE),
+    )
     for field, allowed in choices:
       if getattr(self, field) not in allowed:
         raise ValueError(f"{field} {getattr(self, field)!r} is unknown; choose one of {', '.join(allowed)}.")

@@ -317,3 +317,24 @@ def block_problem(layer_shape: tuple[int, ...], n_ins: int, block: int) -> str |
     fix = f"use a block that divides it ({', '.join(map(str, fits))})" if fits else "use model.quantize=int8"
     return f"{block} does not divide the innermost input dimension ({n}) of a {list(layer_shape)} kernel; {fix}"
   return None
+
+
+def shard_problem(kernel: QuantizedKernel, codes_sharding: jax.sharding.Sharding) -> str | None:
+  """Why `codes_sharding` would split an NF4 block across devices, or None.
+
+  Blocks run along the kernel's innermost input axis, so each shard of that axis must hold whole
+  blocks; every other axis may be split freely (int8 has no blocks along the inputs)."""
+  if kernel.kind != "nf4":
+    return None
+  k = kernel.n_stack + kernel.n_ins - 1
+  n = kernel.shape[k]
+  codes_shape = kernel.shape[:k] + (n // 2,) + kernel.shape[k + 1 :]
+  shards = codes_shape[k] // codes_sharding.shard_shape(codes_shape)[k]
+  if (n // shards) % kernel.block == 0:
+    return None
+  return (
+    f"the mesh splits its innermost input axis ({kernel.axes[k]}, {n}) into {shards} shards of {n // shards}, "
+    f"which do not hold whole NF4 blocks of model.quantize_block={kernel.block}; use a block that divides "
+    f"{n // shards}, fewer devices on the mesh axis that {kernel.axes[k]} maps to, or a mesh.rules entry "
+    f"that leaves {kernel.axes[k]} whole"
+  )
