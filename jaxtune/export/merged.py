@@ -45,11 +45,12 @@ def _layer(stack: jax.Array, i: jax.Array) -> jax.Array:
 
 
 def _merged_kernel(linear: Linear, i: int | None) -> jax.Array:
-  """kernel + scale * A @ B in float32, for layer i of a stacked Linear (or the whole unstacked one)."""
-  w, a, b = linear.kernel[...], linear.adapter.lora_a[...], linear.adapter.lora_b[...]
+  """kernel + scale * A @ B in float32, for layer i of a stacked Linear (or the whole unstacked one);
+  a quantised kernel is merged as it dequantises."""
+  a, b = linear.adapter.lora_a[...], linear.adapter.lora_b[...]
   if i is not None:
-    w, a, b = (_layer(x, i) for x in (w, a, b))
-  return merge_kernel(w, a, b, linear.adapter)
+    a, b = _layer(a, i), _layer(b, i)
+  return merge_kernel(linear.kernel_value(i), a, b, linear.adapter)
 
 
 def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
@@ -75,6 +76,8 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
       def produce(tmap=tmap, owner=owner, var=var, adapted=adapted, layer=layer) -> np.ndarray:
         if adapted:
           value = _merged_kernel(owner, layer)
+        elif isinstance(owner, Linear) and tmap.path[-1] == "kernel":
+          value = owner.kernel_value(layer)
         else:
           value = var[...] if layer is None else _layer(var[...], layer)
         return np.asarray(tmap.to_hf(np.asarray(jax.device_get(value)))).astype(dtype)

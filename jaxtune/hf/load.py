@@ -26,11 +26,12 @@ from jaxtune.errors import ConfigError
 from jaxtune.hf import mapping
 from jaxtune.hf.mapping import Block, TensorMap
 from jaxtune.hf.safetensors_io import Checkpoint, CheckpointError
+from jaxtune.models import einsum as einsum_lib
 from jaxtune.models import options as options_lib
 from jaxtune.models import quantize as quantize_lib
 from jaxtune.models.config import ModelConfig, load_config
 from jaxtune.models.options import ModelOptions
-from jaxtune.models.transformer import CausalLM
+from jaxtune.models.transformer import CausalLM, Linear
 
 # What a model download needs: configs, safetensors, tokenizer and template files; never pickles.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
@@ -309,6 +310,8 @@ def load(
   directory = resolve(path_or_hub_id)
   cfg = load_config(directory)
   ckpt = Checkpoint(directory)
+  if options is not None and options.quantize == "nf4":
+    _check_blocks(cfg, options)
   abstract = nnx.eval_shape(lambda: CausalLM(cfg, options, rngs=nnx.Rngs(0)))
   quantized = {
     tuple(str(p) for p in path): m
@@ -317,6 +320,20 @@ def load(
   }
   graphdef, abstract_state = nnx.split(abstract)
   return nnx.merge(graphdef, load_params(ckpt, cfg, abstract_state, sharding_of, stats, quantized))
+
+
+def _check_blocks(cfg: ModelConfig, options: ModelOptions) -> None:
+  """ConfigError naming the HF tensor when `options.quant_block` does not fit a weight the options quantise."""
+  plain = nnx.eval_shape(lambda: CausalLM(cfg, options.replace(quantize="none"), rngs=nnx.Rngs(0)))
+  hf_names = {m.path: m.hf_names(cfg.num_layers)[0] for m in mapping.tensor_maps(cfg)}
+  kernels = {}
+  for path, linear in nnx.iter_modules(plain):
+    if isinstance(linear, Linear) and linear.quantizable:
+      n_ins = len(einsum_lib.parse(linear.einsum).ins)
+      n_stack = len(linear.kernel_shape) - len(einsum_lib.parse(linear.einsum).w)
+      shape, axes = linear.kernel_shape[n_stack:], linear.kernel_axes[n_stack:]
+      kernels[hf_names[tuple(str(p) for p in path) + ("kernel",)]] = (shape, n_ins, axes[n_ins - 1])
+  quantize_lib.check_blocks(kernels, options.quant_block)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0, options: ModelOptions | None = None) -> CausalLM:

@@ -269,7 +269,7 @@ class QuantizedKernel(nnx.Module):
     outs = self.axes[self.n_stack + self.n_ins :]
     axes = {
       "codes": self.axes,
-      "absmax": outs if self.kind == "int8" else self.axes,
+      "absmax": stack + outs if self.kind == "int8" else self.axes,
       "absmax2": (None,),
       "offset": (),
     }
@@ -313,10 +313,24 @@ def block_problem(layer_shape: tuple[int, ...], n_ins: int, block: int) -> str |
     return f"{block} is not a bitsandbytes block size; choose one of {', '.join(map(str, BLOCKS))}"
   n = layer_shape[n_ins - 1]
   if n % block:
-    fits = [b for b in BLOCKS if n % b == 0]
-    fix = f"use a block that divides it ({', '.join(map(str, fits))})" if fits else "use model.quantize=int8"
-    return f"{block} does not divide the innermost input dimension ({n}) of a {list(layer_shape)} kernel; {fix}"
+    return f"{block} does not divide the innermost input dimension ({n}) of a {list(layer_shape)} kernel"
   return None
+
+
+def check_blocks(kernels: dict[str, tuple[tuple[int, ...], int, Any]], block: int) -> None:
+  """ConfigError naming the first tensor whose NF4 blocks of `block` would not fit, and the blocks that fit all.
+
+  kernels: {HF tensor name: (one layer's kernel shape [ins..., outs...], number of input axes, innermost
+  input axis name)}."""
+  innermost = {name: (shape[n_ins - 1], axis) for name, (shape, n_ins, axis) in kernels.items()}
+  fits = [b for b in BLOCKS if all(n % b == 0 for n, _ in innermost.values())]
+  fix = f"use a block that fits every weight ({', '.join(map(str, fits))})" if fits else "use model.quantize=int8"
+  for name, (n, axis) in innermost.items():
+    if n % block:
+      raise ConfigError(
+        f"model.quantize_block: {block} does not divide {name}'s innermost input axis ({axis}, {n}), "
+        f"along which NF4 blocks run; {fix}."
+      )
 
 
 def shard_problem(kernel: QuantizedKernel, codes_sharding: jax.sharding.Sharding) -> str | None:
@@ -338,3 +352,9 @@ def shard_problem(kernel: QuantizedKernel, codes_sharding: jax.sharding.Sharding
     f"{n // shards}, fewer devices on the mesh axis that {kernel.axes[k]} maps to, or a mesh.rules entry "
     f"that leaves {kernel.axes[k]} whole"
   )
+
+
+def weight_count(model: nnx.Module) -> int:
+  """The model's parameters, each quantised kernel counted as the weights it stores (not its bytes)."""
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return params + sum(math.prod(m.shape) for _, m in nnx.iter_modules(model) if isinstance(m, QuantizedKernel))

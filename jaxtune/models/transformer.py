@@ -84,6 +84,7 @@ class Linear(nnx.Module):
     self.einsum = einsum
     self.dtype = options.dtype
     self.kernels = options.kernels  # the name: static, hashable
+    self.quantizable = quantizable
     kernel = _init(rngs, stack + kernel_shape, options.param_dtype)
     if quantizable and options.quantize != "none":
       self.kernel = quantize_lib.QuantizedKernel(

@@ -304,19 +304,26 @@ def lora_weights(model: nnx.Module) -> list[LoRAWeights]:
 def merge_lora(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
   """kernel + scale * A @ B in float32, keyed by kernel path (("layers", "attn", "q", "kernel"), ...)."""
   return {
-    p + ("kernel",): merge_kernel(m.kernel[...], m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter)
+    p + ("kernel",): merge_kernel(m.kernel_value(), m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter)
     for p, m in _linears(model)
     if isinstance(m.adapter, LoRA)
   }
 
 
 def merge_and_unload(model: CausalLM) -> CausalLM:
-  """A copy of the model with adapters merged into the kernels (kernel dtype) and removed."""
+  """A copy of the model with adapters merged into the kernels (kernel dtype) and removed.
+
+  A quantised kernel that has an adapter becomes a plain one in the compute dtype, merged into its
+  dequantised values."""
   merged = merge_lora(model)
   out = nnx.clone(model)
   for p, m in _linears(out):
     if p + ("kernel",) in merged:
-      m.kernel.set_value(merged[p + ("kernel",)].astype(m.kernel.dtype))
+      value = merged[p + ("kernel",)]
+      if m.quantized:
+        m.kernel = nnx.Param(value.astype(m.dtype), axes=m.kernel_axes)
+      else:
+        m.kernel.set_value(value.astype(m.kernel.dtype))
       m.adapter = nnx.data(None)
   return out
 
