@@ -203,6 +203,11 @@ def quantize_layer(
   return out | {"absmax": absmax_codes, "absmax2": absmax2, "offset": offset}
 
 
+def _lookup(codes: jax.Array, table: np.ndarray) -> jax.Array:
+  """table[codes] as an elementwise select, which XLA fuses with the scaling (a gather it would not)."""
+  return jax.lax.select_n(codes, *(jnp.full(codes.shape, v, jnp.float32) for v in table))
+
+
 def dequantize_layer(arrays: dict, *, kind: str, n_ins: int, block: int = 64) -> jax.Array:
   """One layer's kernel in float32 from its QuantizedKernel arrays."""
   codes, absmax = arrays["codes"], arrays["absmax"]
@@ -214,7 +219,7 @@ def dequantize_layer(arrays: dict, *, kind: str, n_ins: int, block: int = 64) ->
     absmax = jnp.asarray(DYNAMIC)[absmax] * arrays["absmax2"][groups] + arrays["offset"]
   nibbles = jnp.stack([codes >> 4, codes & 15], axis=k + 1)
   shape = codes.shape[:k] + (codes.shape[k] * 2,) + codes.shape[k + 1 :]
-  values = jnp.asarray(NF4)[nibbles.reshape(shape)]
+  values = _lookup(nibbles.reshape(shape), NF4)
   blocks = values.reshape(shape[:k] + (shape[k] // block, block) + shape[k + 1 :])
   return (blocks * jnp.expand_dims(absmax, k + 1)).reshape(shape)
 
