@@ -188,6 +188,20 @@ def test_presets_match_one_device_and_split_parameters():
   assert moved > 1e-3  # the params did train (LoRA B and full weights moved)
 
 
+def test_qlora_presets_match_one_device_with_nf4_blocks_whole_on_each_shard():
+  results = _script([str(HERE / "equivalence.py"), "qlora"], devices=8)["qlora"]
+  single = results["single"]
+  for name in ("fsdp", "fsdp_tp"):
+    got = results[name]
+    np.testing.assert_allclose(got["losses"], single["losses"], rtol=2e-6, err_msg=name)
+    assert _max_diff(got["params"], single["params"]) < 5e-4, name
+    # q's NF4 codes [L, D/2, N, H] (two per byte along D, its input) split like its kernel: D over fsdp, N over tensor
+    codes = got["frozen_shards"][".weights['layers']['attn']['q']['kernel']['codes']"]
+    absmax = got["frozen_shards"][".weights['layers']['attn']['q']['kernel']['absmax']"]
+    assert codes == ([[2, 256, 4, 64], [2, 32, 4, 64]] if name == "fsdp" else [[2, 256, 4, 64], [2, 128, 2, 64]])
+    assert absmax[1][1] * 64 == codes[1][1] * 2  # each device holds the absmax of exactly its own blocks
+
+
 def test_sharded_loader_matches_plain_loader(tmp_path):
   checkpoints.write(tmp_path / "qwen", QWEN, max_file_bytes=100_000)  # several files + index, biases
   results = _script([str(HERE / "loader_check.py"), "equal", str(tmp_path / "qwen")], devices=8)
