@@ -63,7 +63,7 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def word(call: list[str]) -> str:
-  """One gcloud call as one word: list-tpu, list-qr, types, bucket, create-tpu, delete-qr, check, install, launch, ..."""
+  """A gcloud call as one word: list-tpu, list-qr, types, bucket, create-tpu, delete-qr, check, install, launch..."""
   if call[1] == "storage":
     return "bucket" if call[2:4] == ["buckets", "describe"] else call[2]
   group, verb = call[3], call[4]

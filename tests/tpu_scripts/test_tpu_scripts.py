@@ -11,7 +11,7 @@ import time
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gcloud_harness import (  # noqa: E402
+from gcloud_harness import (
   BASE,
   CONFIG,
   GIT,
@@ -310,7 +310,7 @@ def test_launch_and_run_check_commands_work_in_a_shell(fake, tmp_path, exit_code
 
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="setsid (util-linux) not installed")
 def test_launch_frees_the_tpu_from_a_hung_run(fake, tmp_path):
-  """A run that ignores SIGTERM is killed after --stop-grace, so is a stray process holding the TPU, and the lock goes."""
+  """A run that ignores SIGTERM is killed after --stop-grace, so is a stray holder of the TPU; the lock file goes."""
   home = stand_in_worker(
     tmp_path,
     "#!/bin/sh\nif [ -f hung-once ]; then echo 'second run'; exit 0; fi\n"

@@ -1,4 +1,4 @@
-"""A stand-in for the gcloud CLI in tests/tpu_scripts: the TPU and storage commands, as gcloud's reference documents them.
+"""A stand-in for gcloud in tests/tpu_scripts: the TPU and storage commands, as gcloud's reference documents them.
 
 It answers from the gcloud reference and the Cloud TPU API's documented states, so the scripts are
 tested against those and not against themselves:
