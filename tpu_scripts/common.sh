@@ -87,7 +87,7 @@ jt_usage() {
 
 # jt_parse "FLAG FLAG ..." "$@": defaults, then environment, then command line. Arguments after -- go to JT_REST.
 jt_parse() {
-  JT_FLAGS="$1 dry-run"; shift
+  JT_FLAGS="$(tr -s '[:space:]' ' ' <<<"$1")dry-run"; shift  # one line, one space between flags
   local f key
   for f in $JT_FLAGS; do
     _jt_load "$f" || jt_die "internal: unknown flag $f"

@@ -41,11 +41,11 @@ cfg=$(jt_quote "configs/${CONFIG##*/}")
 run_check="cd $(jt_quote "$REMOTE_DIR") 2>/dev/null && [ -f venv/jaxtune-installed ] && [ -f $cfg ] || { echo JT_STATUS=NEW; exit 0; }; if [ -f logs/done ]; then echo JT_STATUS=DONE; elif [ -f logs/train.pid ] && kill -0 -- -\"\$(cat logs/train.pid)\" 2>/dev/null; then echo \"JT_STATUS=RUNNING JT_IDLE=\$((\$(date +%s) - \$(stat -c %Y logs/train.log)))\"; else echo JT_STATUS=GONE; fi"
 status_ssh=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${JT_LOC[@]}" "${JT_SSH_OPTS[@]}" --command="$run_check" --quiet)
 
-launched=0  # a launch was made: later ones resume (--config.resume=auto)
+fresh=1  # no run launched or seen yet: the first launch takes --resume as given, every later one resumes
 launch() {
-  local how=$RESUME
-  if ((launched)); then how=auto; fi
-  launched=1
+  local how=auto
+  if ((fresh)); then how=$RESUME; fi
+  fresh=0
   "$JT_DIR/launch.sh" ${how:+--resume "$how"} -- ${JT_REST[@]+"${JT_REST[@]}"}
 }
 set_up() { "$JT_DIR/install.sh" && "$JT_DIR/copy_config.sh" && launch; }
@@ -122,8 +122,8 @@ look() {  # reads the TPU; sets SEEN (what was seen, for the log) and NEXT (what
 
 restarts=0
 backoff=$BACKOFF_SECONDS
-began=0    # the first bring-up has begun (or a run was found running): any later one is a restart
-attempt=0  # a bring-up is under way and counted; its next steps (e.g. set-up after a create) are not restarts
+began=0    # the first bring-up has begun (or a run was found running): any later action is a restart
+attempt=0  # the last action has not failed and no run has been seen since: a set-up now completes it
 ran=0      # the run has been seen running
 failing=0  # run checks failed in a row
 unknown=0  # seconds in an UNKNOWN or unlisted state
@@ -132,19 +132,17 @@ queued=0   # seconds this request has waited in the queue
 
 decide() {  # decide WHAT ACTION: logs the decision and its restart number, waits out the backoff, acts
   local note="" pause=0
-  if ((!attempt)); then
-    attempt=1
-    if ((began)); then
-      if ((restarts >= MAX_RESTARTS)); then
-        jt_fail "$SEEN -> $1: gave up after $restarts restarts; see logs.sh --worker all"
-      fi
-      restarts=$((restarts + 1))
-      pause=$backoff
-      backoff=$((backoff * 2 > MAX_BACKOFF_SECONDS ? MAX_BACKOFF_SECONDS : backoff * 2))
-      note=" (restart $restarts/$MAX_RESTARTS, in $pause s)"
+  # Every action is a restart but the first bring-up, and the set-up of a TPU this attempt made.
+  if ((began)) && ! [[ $2 == set_up && $attempt == 1 ]]; then
+    if ((restarts >= MAX_RESTARTS)); then
+      jt_fail "$SEEN -> $1: gave up after $restarts restarts; see logs.sh --worker all"
     fi
-    began=1
+    restarts=$((restarts + 1))
+    pause=$backoff
+    backoff=$((backoff * 2 > MAX_BACKOFF_SECONDS ? MAX_BACKOFF_SECONDS : backoff * 2))
+    note=" (restart $restarts/$MAX_RESTARTS, in $pause s)"
   fi
+  began=1 attempt=1
   jt_say "$SEEN -> $1$note"
   if ((pause)); then sleep "$pause"; fi
   "$2" || { attempt=0; jt_say "$1: failed; looking again in $POLL_SECONDS s"; }
@@ -159,6 +157,7 @@ while true; do
     check)
       run_state
       SEEN+=", run $RUN"
+      if [[ $RUN != NEW && $RUN != UNREACHABLE ]]; then fresh=0; fi
       case $RUN in
         DONE) jt_say "$SEEN -> training finished"; exit 0;;
         RUNNING)
