@@ -78,10 +78,10 @@ def tpu_slice_hosts() -> int:
   metadata server (plain TPU VMs, the ones `gcloud compute tpus tpu-vm create` makes, set no variable).
   Off a TPU VM it returns at once, asking no server.
   """
-  from jax._src.clusters import cloud_tpu_cluster
+  from jax._src import clusters
 
-  for cluster in (cloud_tpu_cluster.GkeTpuCluster, cloud_tpu_cluster.GceTpuCluster):
-    if cluster.is_env_present():
+  for cluster in clusters.ClusterEnv._cluster_types:  # in the order jax.distributed.initialize() tries them
+    if cluster.__module__.endswith(".cloud_tpu_cluster") and cluster.is_env_present():
       return cluster.get_process_count()
   return 0
 

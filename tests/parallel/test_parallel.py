@@ -167,7 +167,9 @@ def test_tpu_slice_hosts_is_jax_own_detection(monkeypatch):
     monkeypatch.delenv(name, raising=False)
   assert distributed.tpu_slice_hosts() == 4
   assert distributed.DistributedSpec.from_env({}).why == "a TPU slice of 4 hosts"
-  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b")  # GKE
+  # GKE: no TPU VM metadata, the hosts in TPU_WORKER_HOSTNAMES
+  monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", lambda key: ("", 404))
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b")
   monkeypatch.setenv("TPU_WORKER_ID", "1")
   assert distributed.tpu_slice_hosts() == 2
 
