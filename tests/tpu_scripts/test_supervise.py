@@ -57,9 +57,10 @@ def test_brings_up_a_new_tpu_and_exits_when_training_is_done(fake):
   assert "==> TPU tune MISSING -> create it\n" in log and "TPU tune READY, run DONE -> training finished" in log
 
 
-def test_recreates_a_preempted_spot_vm_and_resumes(fake):
+@pytest.mark.parametrize("lost", ["PREEMPTED", "TERMINATED"])
+def test_recreates_a_preempted_spot_vm_and_resumes(fake, lost):
   log = supervise(
-    fake, "spot", FAKE_UP="node", FAKE_NODES="READY@0,PREEMPTED@90;READY@0", FAKE_RUNS="RUNNING@0;RUNNING@0,DONE@60"
+    fake, "spot", FAKE_UP="node", FAKE_NODES=f"READY@0,{lost}@90;READY@0", FAKE_RUNS="RUNNING@0;RUNNING@0,DONE@60"
   )
   assert words(fake.calls()) == FIRST + ["list-tpu", "check"] * 2 + ["list-tpu", "delete-tpu", "types"] + [
     "create-tpu",
@@ -70,8 +71,28 @@ def test_recreates_a_preempted_spot_vm_and_resumes(fake):
     "check",
   ]
   assert fake.slept() == [60, 60, 60, 60, 60]  # polls, and the first restart's 60 s backoff
-  assert "TPU tune PREEMPTED -> delete it and create it again (restart 1/5, in 60 s)" in log
+  assert f"TPU tune {lost} -> delete it and create it again (restart 1/5, in 60 s)" in log
   assert "--config.resume=auto" in launches(fake)[0]
+
+
+def test_a_restart_or_repair_is_waited_out_and_the_lost_run_relaunched(fake):
+  log = supervise(
+    fake,
+    "on-demand",
+    FAKE_UP="node",
+    FAKE_NODES="READY@0,RESTARTING@30,REPAIRING@90,READY@150",
+    FAKE_RUNS="RUNNING@0,GONE@30;RUNNING@0,DONE@60",
+  )
+  assert words(fake.calls()) == FIRST + ["list-tpu", "check", "list-tpu", "list-tpu"] + [
+    "list-tpu",
+    "check",
+    "bucket",
+    "launch",
+    "list-tpu",
+    "check",
+  ]
+  assert "TPU tune RESTARTING -> wait" in log and "TPU tune REPAIRING -> wait" in log
+  assert "TPU tune READY, run GONE -> relaunch (restart 1/5, in 60 s)" in log
 
 
 def test_a_suspended_queued_spot_request_is_deleted_and_queued_again(fake):

@@ -164,6 +164,25 @@ def test_create_issues_exactly_the_dry_run_commands(fake, mode, expected):
   assert fake.calls() == expected == dry
 
 
+@pytest.mark.parametrize(
+  "script, args",
+  [
+    ("install.sh", MINIMAL_ARGS["install.sh"] + ["--quickstart"]),
+    ("copy_config.sh", MINIMAL_ARGS["copy_config.sh"]),
+    ("launch.sh", MINIMAL_ARGS["launch.sh"] + ["--output-dir", "gs://b/run", "--resume", "auto"]),
+    ("logs.sh", MINIMAL_ARGS["logs.sh"] + ["--worker", "all"]),
+    ("fetch.sh", MINIMAL_ARGS["fetch.sh"]),
+    ("fetch.sh", BASE + ["--output-dir", "runs/x"]),
+    ("delete.sh", MINIMAL_ARGS["delete.sh"]),
+  ],
+)
+def test_dry_run_prints_exactly_the_gcloud_commands_a_run_makes(fake, tmp_path, script, args):
+  args = [*args, "--dest", str(tmp_path / "runs")] if script == "fetch.sh" else args
+  dry = printed(ok(fake.run(script, *args, "--dry-run")))
+  ok(fake.run(script, *args, FAKE_UP="node"))
+  assert fake.calls() == [c for c in dry if c[0] == "gcloud"]
+
+
 def test_create_waits_in_the_queue_and_names_the_fix_when_the_request_fails(fake):
   result = fake.run("create.sh", *BASE, "--mode", "queued", FAKE_QRS="WAITING_FOR_RESOURCES@0,FAILED@90")
   assert result.returncode == 1 and fake.slept() == [30, 30, 30]
