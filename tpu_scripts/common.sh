@@ -35,9 +35,9 @@ jt_spec() {
     dest)             echo "DEST|value|.|local directory to fetch into";;
     internal-ip)      echo "INTERNAL_IP|bool|0|ssh/scp to the workers' internal IPs (from a machine inside their VPC)";;
     stop-grace)       echo "STOP_GRACE_SECONDS|value|120|seconds a running trainer gets to save after SIGTERM before it is killed";;
-    max-restarts)     echo "MAX_RESTARTS|value|5|give up after this many relaunches";;
-    backoff)          echo "BACKOFF_SECONDS|value|60|wait before the first relaunch; doubles each time";;
-    max-backoff)      echo "MAX_BACKOFF_SECONDS|value|900|cap on the wait between relaunches";;
+    max-restarts)     echo "MAX_RESTARTS|value|5|give up after this many restarts (recreations and relaunches)";;
+    backoff)          echo "BACKOFF_SECONDS|value|60|wait before a restart; doubles each time, back to this once the run runs";;
+    max-backoff)      echo "MAX_BACKOFF_SECONDS|value|900|cap on the wait before a restart";;
     poll-seconds)     echo "POLL_SECONDS|value|60|seconds between state checks";;
     check-failures)   echo "CHECK_FAILURES|value|3|relaunch only after this many run checks in a row fail (ssh errors)";;
     unknown-timeout)  echo "UNKNOWN_TIMEOUT_SECONDS|value|1800|how long an UNKNOWN TPU state, or failing gcloud, is waited out before acting";;

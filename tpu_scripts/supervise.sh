@@ -16,7 +16,7 @@ the TPU is READY, each worker's run over ssh; then it logs what it saw and what 
   CREATING, RESTARTING, REPAIRING, ...; request SUSPENDING  wait
   UNKNOWN or an unlisted state         wait; after UNKNOWN_TIMEOUT_SECONDS, delete and create again
   gcloud failing                       retry; after UNKNOWN_TIMEOUT_SECONDS, exit 1
-  no TPU yet (not queued); PREEMPTED, TERMINATED; request SUSPENDED or FAILED   (delete,) create
+  no TPU (queued: no request); PREEMPTED, TERMINATED; request SUSPENDED or FAILED   (delete,) create
   STOPPED                              exit 1: someone stopped it; start or delete it yourself
 A request that FAILS before the run ever ran stops the supervisor (exit 2): see why, fix, rerun.
 Bringing the run back is a restart: it first waits BACKOFF_SECONDS (doubling, at most
