@@ -116,7 +116,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(
     dict(
-      every=500,  # save every N steps (and always at the end, and on SIGTERM); 0: only those
+      every=500,  # save every N steps (and at the end, and on a preemption notice); 0: only those
       keep=3,  # the newest K checkpoints are kept
       keep_best=False,  # also keep the one with the lowest validation loss
       async_save=True,  # write in the background while training continues
