@@ -5,8 +5,9 @@ base kernels are not touched. A LoRA module derives its two factors from the Lin
 einsum string: for "BTD,DNH->BTNH" (q) the contracted letters are D and the output
 letters N, H, so A is [L, D, r] and B is [L, r, N, H], where L is the layer-stack axis.
 Adapters carry the logical axes of the weight they adapt (plus "lora_rank" for r), so
-they shard like it. A quantised base (QLoRA) is a different kernel Variable type inside
-Linear; nothing here reads the kernel's values except `merge_kernel`.
+they shard like it. A quantised base (QLoRA, models/quantize.py) is a `QuantizedKernel` in the
+Linear's kernel slot; the adapters never read the kernel, and merges read it dequantised
+(`Linear.kernel_value`).
 
 Dropout needs a fresh random mask per layer inside the layer scan: each LoRA module with
 dropout holds a `LoRADropoutKey` ([L, key] raw key data, sliced by the scan like any
