@@ -6,8 +6,11 @@ the metrics of `--metrics` (default: every one that applies), each with a bootst
 perplexity and token accuracy of the references. Writes OUT/eval.json and OUT/predictions.jsonl (OUT:
 --out, default RUN_DIR/eval/step_N or ./eval) and prints a table. `--split test` takes the test split
 the run's data config holds out (data.test_fraction); with --model, --config names that data config.
+With --run and neither, the run's own task is scored as training scored it after the last step
+(task.test_file, task.num_examples, task.scorer + task.metrics, task.max_new_tokens, task.batch_size).
 `--lm-eval TASKS` runs lm-evaluation-harness tasks on the model instead (jaxtune/eval/lm_eval.py).
 
+    python -m jaxtune.eval --run runs/quickstart
     python -m jaxtune.eval --run runs/quickstart --data jaxtune/tasks/data/meeting_json/test.jsonl
     python -m jaxtune.eval --model HuggingFaceTB/SmolLM2-135M-Instruct --data qa.jsonl --metrics f1,em
 """
@@ -32,8 +35,8 @@ def parser():
   p.add_argument("--split", choices=("train", "validation", "test"), help="a split of the run's data config")
   p.add_argument("--metrics", default="", help="comma-separated metric names (default: all that apply)")
   p.add_argument("--limit", type=int, default=0, help="only the first N examples (0: all)")
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+  p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's task.max_new_tokens, or 64")
+  p.add_argument("--batch-size", type=int, default=None, help="prompts generated together (default: 16)")
   p.add_argument("--out", help="output directory for eval.json and predictions.jsonl")
   p.add_argument("--lm-eval", dest="lm_eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
   p.add_argument("--include-path", help="--lm-eval: a directory of extra task YAML files")
@@ -48,8 +51,10 @@ def _check(p, args, config) -> None:
     p.error("--adapter goes with --model (a run's adapters are in its checkpoint)")
   if args.lm_eval:
     return
-  if bool(args.data) == bool(args.split):
-    p.error("give exactly one of --data FILE or --split SPLIT")
+  if args.data and args.split:
+    p.error("give one of --data FILE or --split SPLIT")
+  if not (args.data or args.split or args.run):
+    p.error("give --data FILE or --split SPLIT")
   if args.split and args.model and config is None:
     p.error("--split with --model needs --config NAME_OR_FILE (the data config that defines the split)")
 
@@ -76,10 +81,19 @@ def main(argv: list[str]) -> int:
     results = lm_eval_lib.run_tasks(loaded, args.lm_eval, include_path=args.include_path, num_fewshot=args.num_fewshot)
     print(json.dumps(results, indent=2, default=str))
     return 0
-  if args.data:
-    from jaxtune import tasks
+  from jaxtune import tasks
 
+  task = (loaded.config or {}).get("task", {})
+  metrics_spec, max_new, batch = args.metrics, args.max_new_tokens or 64, args.batch_size or 16
+  if args.data:
     examples = tasks.load_examples(args.data, args.limit or None)
+  elif not args.split:  # the run's own task, as training scored it
+    if not task.get("test_file"):
+      raise UserError(f"{args.run}: the run has no task.test_file to score; give --data FILE or --split SPLIT")
+    examples = tasks.load_examples(task["test_file"], args.limit or task["num_examples"])
+    metrics_spec = args.metrics or ",".join([task["scorer"], *[n for n in task.get("metrics", "").split(",") if n]])
+    max_new = args.max_new_tokens or task["max_new_tokens"]
+    batch = args.batch_size or task["batch_size"]
   else:
     data = config.data if config is not None else loaded.config["data"]
     examples = run_lib.split_examples(data, args.split)[: args.limit or None]
@@ -88,15 +102,10 @@ def main(argv: list[str]) -> int:
   out = args.out or (
     pathlib.Path(args.run) / "eval" / f"step_{loaded.source['step']}" if args.run else pathlib.Path("eval")
   )
-  settings = {"data": str(args.data) if args.data else None, "split": args.split, "limit": args.limit}
+  data = str(args.data) if args.data else (None if args.split else task.get("test_file"))
+  settings = {"data": data, "split": args.split, "limit": args.limit}
   run_lib.evaluate(
-    loaded,
-    examples,
-    args.metrics,
-    out_dir=out,
-    max_new_tokens=args.max_new_tokens,
-    batch_size=args.batch_size,
-    settings=settings,
+    loaded, examples, metrics_spec, out_dir=out, max_new_tokens=max_new, batch_size=batch, settings=settings
   )
   return 0
 

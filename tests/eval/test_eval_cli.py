@@ -57,6 +57,15 @@ def test_eval_reproduces_the_runs_figure_and_writes_its_files(tiny_run, capsys):
   assert "squad_f1" in out and "perplexity" in out and "95% interval (6 examples)" in out
 
 
+def test_eval_without_data_scores_the_runs_own_task(tiny_run, tmp_path):
+  run_dir, _, result = tiny_run
+  assert eval_main.main(["--run", str(run_dir), "--out", str(tmp_path)]) == 0
+  report = json.loads((tmp_path / run_lib.EVAL_FILE).read_text())
+  assert list(report["metrics"]) == ["json", "squad_f1"] and report["settings"]["max_new_tokens"] == 8
+  assert report["metrics"]["json"]["value"] == result["eval/exact_match_after"]
+  assert report["metrics"]["squad_f1"]["value"] == pytest.approx(result["eval/squad_f1_after"])
+
+
 def test_eval_on_the_runs_test_split(tiny_run, tmp_path):
   run_dir, _, _ = tiny_run
   args = ["--run", str(run_dir), "--split", "test", "--metrics", "exact", "--max-new-tokens", "2"]
