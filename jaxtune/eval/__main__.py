@@ -41,6 +41,8 @@ def parser():
   p.add_argument("--lm-eval", dest="lm_eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
   p.add_argument("--include-path", help="--lm-eval: a directory of extra task YAML files")
   p.add_argument("--num-fewshot", type=int, default=None, help="--lm-eval: few-shot examples per request")
+  p.add_argument("--apply-chat-template", action="store_true", help="--lm-eval: prompts through the chat template")
+  p.add_argument("--fewshot-as-multiturn", action="store_true", help="--lm-eval: few-shot examples as chat turns")
   return p
 
 
@@ -78,7 +80,16 @@ def main(argv: list[str]) -> int:
   if args.lm_eval:
     from jaxtune.eval import lm_eval as lm_eval_lib
 
-    results = lm_eval_lib.run_tasks(loaded, args.lm_eval, include_path=args.include_path, num_fewshot=args.num_fewshot)
+    results = lm_eval_lib.run_tasks(
+      loaded,
+      args.lm_eval,
+      include_path=args.include_path,
+      num_fewshot=args.num_fewshot,
+      apply_chat_template=args.apply_chat_template,
+      fewshot_as_multiturn=args.fewshot_as_multiturn,
+      limit=args.limit or None,
+      batch_size=args.batch_size or 8,
+    )
     print(json.dumps(results, indent=2, default=str))
     return 0
   from jaxtune import tasks
