@@ -233,11 +233,11 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
       "use param_dtype=float32 (or auto)",
     )
 
-  if train.steps < 0 or (train.steps == 0 and data.num_epochs < 1):
+  if train.steps < 0:
+    _fail("train.steps", f"{train.steps} must be >= 1 (or 0: data.num_epochs epochs)")
+  if train.steps == 0 and data.num_epochs < 1:
     _fail(
-      "train.steps",
-      f"{train.steps} with data.num_epochs={data.num_epochs}",
-      "set train.steps >= 1, or train.steps=0 with data.num_epochs >= 1 to train for that many epochs",
+      "train.steps", "0 trains data.num_epochs epochs, but that is 0", "set train.steps >= 1 or data.num_epochs >= 1"
     )
   if train.grad_accum < 1:
     _fail("train.grad_accum", f"{train.grad_accum} must be >= 1")

@@ -72,7 +72,9 @@ def test_early_stopping_stops_when_the_metric_stalls(tmp_path, cache, capsys):
 
 
 def test_run_length_settings_that_cannot_work(tmp_path, cache):
-  with pytest.raises(ConfigError, match=r"train.steps: 0 with data.num_epochs=0; .*data.num_epochs >= 1"):
+  with pytest.raises(
+    ConfigError, match=r"train.steps: 0 trains data.num_epochs epochs, but that is 0; set .* or data.num_epochs >= 1"
+  ):
     loop.prepare(tiny_runs.tiny(tmp_path, cache, **{"train.steps": 0}))
   with pytest.raises(ConfigError, match=r"train.early_stop_patience: needs evaluations"):
     loop.prepare(tiny_runs.tiny(tmp_path, cache, **{"train.early_stop_patience": 2, "train.eval_every": 0}))
