@@ -38,6 +38,8 @@ COMMANDS = {
   "export": Command("jaxtune.export.__main__", "export a run: merged HF checkpoint, PEFT adapter or GGUF"),
   "merge": Command("jaxtune.merge.__main__", "merge models as a mergekit recipe says: linear, slerp, ties, dare, ..."),
   "convert": Command("jaxtune.hf.gguf", "convert a GGUF file into an HF checkpoint directory"),
+  "eval": Command("jaxtune.eval.__main__", "score a run or a model on data: EM/F1, ROUGE, BLEU, ... with intervals"),
+  "sweep": Command("jaxtune.sweep.__main__", "hyper-parameter search: grid, random or Bayesian trials with pruning"),
   "dry-run": Command("jaxtune.parallel.dry_run", "compile a config's train step for N devices: memory per device"),
 }
 

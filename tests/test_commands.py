@@ -180,7 +180,10 @@ def test_no_such_config_names_the_shipped_ones(capsys):
 
 def test_settings_that_cannot_work_and_missing_files(tmp_path, models, capsys):
   run = tiny_args(tmp_path, tmp_path / "no-models")
-  assert one_line_error(capsys, train_main, run + ["--config.train.steps=0"]) == "train.steps: 0 must be >= 1."
+  assert (
+    one_line_error(capsys, train_main, run + ["--config.train.steps=0"])
+    == "train.steps: 0 trains data.num_epochs epochs, but that is 0; set train.steps >= 1 or data.num_epochs >= 1."
+  )
   assert not (tmp_path / "run").exists() and not (tmp_path / "no-models").exists()  # nothing built or written
   missing = tmp_path / "nope.jsonl"
   assert f"data.train: {missing} does not exist" in one_line_error(
@@ -201,7 +204,7 @@ def test_an_unsupported_model_type_fails_in_one_line(tmp_path, models, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path, models, capsys, monkeypatch):
-  with pytest.raises(ConfigError, match="train.steps: 0 must be >= 1"):
+  with pytest.raises(ConfigError, match="train.steps: 0 trains data.num_epochs epochs, but that is 0"):
     train_main(tiny_args(tmp_path, models, "--config.train.steps=0", "--debug"))
   monkeypatch.setenv(cli.DEBUG_ENV, "1")
   with pytest.raises(ConfigError, match="not a setting"):

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.task.test_file = str(DATA / "test.jsonl")
   config.task.scorer = "json"
+  config.task.metrics = "squad_f1,rougeL"  # reported with their 95% intervals on the same answers
   config.task.num_examples = 50
   config.task.max_new_tokens = 28  # an answer is ~22 tokens
   return config

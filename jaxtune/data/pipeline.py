@@ -143,6 +143,35 @@ def load_split(data_cfg: ml_collections.ConfigDict, tokenizer, split: str = "tra
   return SplitData(split, sources, parts, stats, digest(settings), kind)
 
 
+def split_records(data_cfg: ml_collections.ConfigDict, split: str) -> list[records.Record]:
+  """The records of `split` as `load_split` chooses them (same keys, seed and fractions), untokenised.
+
+  Records that templating would skip (data.on_error=skip) still count here, so with skipped records
+  the split can differ from training's by those records.
+  """
+  _check(data_cfg, split)
+  separate = as_sources(data_cfg.validation)
+  from_train = not (split == "validation" and separate)
+  out = []
+  for source in as_sources(data_cfg.train) if from_train else separate:
+    found = list(
+      records.read_records(
+        source,
+        format=data_cfg.format,
+        field_map=_field_map(data_cfg) or None,
+        prompt_template=data_cfg.prompt_template or None,
+        on_error=data_cfg.on_error,
+        report=SkipReport(),
+      )
+    )
+    if from_train:
+      keys = np.asarray([_record_key(r) for r in found], np.uint64)
+      fraction = 0.0 if separate else data_cfg.validation_fraction
+      found = [found[i] for i in split_indices(keys, data_cfg.seed, fraction, data_cfg.test_fraction)[split]]
+    out += found
+  return out
+
+
 def as_sources(value: str | Sequence[str]) -> tuple[str, ...]:
   """`data.train` / `data.validation` as a tuple of sources."""
   return (value,) if isinstance(value, str) and value else tuple(v for v in value if v)

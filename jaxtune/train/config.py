@@ -18,6 +18,7 @@ from jaxtune import configs
 from jaxtune.data import packing, templates
 from jaxtune.data.config import data_config
 from jaxtune.errors import ConfigError
+from jaxtune.eval import metrics as metrics_lib
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import options as options_lib
 from jaxtune.models import quantize as quantize_lib
@@ -34,7 +35,6 @@ REMAT = options_lib.REMAT_POLICIES
 ATTENTION = ("auto",) + options_lib.ATTENTION_IMPLS
 KERNELS = ("auto",) + options_lib.KERNELS
 RESUME = ("auto", "never")
-SCORERS = ("exact", "json")  # see jaxtune.tasks.SCORERS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -98,7 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(
     dict(
-      steps=1000,  # optimizer updates
+      steps=1000,  # optimizer updates; 0: data.num_epochs epochs of the training data (and the schedule to match)
       grad_accum=1,  # data.batch_size rows per update, split into this many micro-batches
       seed=0,  # model init (random / LoRA), dropout
       eval_every=0,  # evaluate the validation split every N steps (0: only at the end) ...
@@ -111,6 +111,15 @@ def default_config() -> ml_collections.ConfigDict:
       # without it (train/loss_scale.py); bfloat16 and float32 never need it.
       loss_scale="auto",
       loss_scale_growth_interval=2000,  # dynamic: double the scale after this many finite steps in a row
+      # Early stopping: stop once early_stop_metric (logged at eval steps) has not improved by more than
+      # early_stop_min_delta for this many evaluations in a row; 0: never stop early.
+      early_stop_patience=0,
+      early_stop_metric="eval/loss",  # any eval/ metric, e.g. eval/loss, eval/accuracy or eval/squad_f1
+      early_stop_mode="min",  # min | max: whether lower or higher is better
+      early_stop_min_delta=0.0,
+      # Generation metrics (registry names, comma-separated: "squad_f1,rougeL") scored on task.test_file's
+      # examples at every eval step and logged as eval/<name>; empty: none.
+      eval_metrics="",
     )
   )
 
@@ -137,7 +146,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict(
     dict(
       test_file="",  # JSONL chat records; the last assistant turn is the reference. Empty: none.
-      scorer="json",  # exact (string) | json (parsed object equality)
+      scorer="json",  # the primary metric: a name in jaxtune/eval/metrics.py (exact, json, squad_f1, ...) or module:fn
+      metrics="",  # more metrics reported with their 95% interval before/after training, e.g. "squad_f1,rougeL"
       num_examples=50,  # the first N records
       max_new_tokens=48,
       batch_size=50,  # prompts generated together
@@ -223,8 +233,12 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
       "use param_dtype=float32 (or auto)",
     )
 
-  if train.steps < 1:
-    _fail("train.steps", f"{train.steps} must be >= 1")
+  if train.steps < 0:
+    _fail("train.steps", f"{train.steps} must be >= 1 (or 0: data.num_epochs epochs)")
+  if train.steps == 0 and data.num_epochs < 1:
+    _fail(
+      "train.steps", "0 trains data.num_epochs epochs, but that is 0", "set train.steps >= 1 or data.num_epochs >= 1"
+    )
   if train.grad_accum < 1:
     _fail("train.grad_accum", f"{train.grad_accum} must be >= 1")
   if data.batch_size % (train.grad_accum * process_count):
@@ -257,6 +271,18 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
       "set data.validation or data.validation_fraction, or train.eval_every=0",
     )
 
+  if train.eval_metrics:
+    if not config.task.test_file:
+      _fail("train.eval_metrics", "set, but there is no task.test_file to generate answers for", "set task.test_file")
+    try:
+      metrics_lib.parse(train.eval_metrics)
+    except metrics_lib.MetricError as e:
+      _fail("train.eval_metrics", str(e))
+  if train.early_stop_patience:
+    _choice(config, "train.early_stop_mode", ("min", "max"))
+    if train.early_stop_patience < 0 or not (train.eval and has_validation and train.eval_every):
+      _fail("train.early_stop_patience", "needs evaluations to watch", "set train.eval_every and validation data")
+
   ckpt = config.checkpoint
   if ckpt.every < 0 or ckpt.keep < 1:
     _fail("checkpoint.every / checkpoint.keep", f"every={ckpt.every} must be >= 0 and keep={ckpt.keep} >= 1")
@@ -278,7 +304,11 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   if task.test_file:
     if not pathlib.Path(task.test_file).expanduser().is_file():
       _fail("task.test_file", f"{task.test_file} is not a file")
-    _choice(config, "task.scorer", SCORERS)
+    for key in ("task.scorer", "task.metrics"):
+      try:
+        metrics_lib.parse(config.task.scorer if key == "task.scorer" else config.task.metrics or "exact")
+      except metrics_lib.MetricError as e:
+        _fail(key, str(e))
     if task.num_examples < 1 or task.batch_size < 1 or task.max_new_tokens < 1:
       _fail("task", "num_examples, batch_size and max_new_tokens must be >= 1")
 
@@ -295,7 +325,9 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     )
   _check_model_fits(config)
   try:
-    make_optimizer(config.optim, train.steps)  # builds no state: checks names, schedule and warmup
+    make_optimizer(
+      config.optim, train.steps or max(int(config.optim.warmup_steps), 1)
+    )  # builds no state: checks names, schedule and warmup
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

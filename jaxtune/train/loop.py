@@ -155,15 +155,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
     before = None
     if run.examples and config.task.before and run.start == 0:  # the model training starts from
       before = _score_task(run, "before training")
-      results["eval/exact_match_before"] = before.score
-      logger.log(0, {"eval/exact_match_before": before.score})
+      results.update(_task_metrics(before, "before"))
+      logger.log(0, _task_metrics(before, "before"))
     step, stopped, final = _train_loop(run, logger)
     if stopped in ("sigterm", "nonfinite"):
       return _stop(run, step, stopped)
     if run.examples:
       after = _score_task(run, "after training")
-      results["eval/exact_match_after"] = after.score
-      logger.log(step, {"eval/exact_match_after": after.score})
+      results.update(_task_metrics(after, "after"))
+      logger.log(step, _task_metrics(after, "after"))
       run.say(_side_by_side(run.examples, before, after, config.task.show))
   finally:
     logger.close()
@@ -171,8 +171,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   run.say(f"checkpoint: {run.ckpts.path(step)}  (metrics: {run.run_dir / log_lib.METRICS_FILE})")
   if stopped == "data":
     run.say(f"the training data ran out after {step} steps (data.num_epochs={config.data.num_epochs}).")
+  if stopped == "early":
+    run.say(
+      f"stopped early at step {step}: {config.train.early_stop_metric} did not improve for "
+      f"{config.train.early_stop_patience} evaluations (train.early_stop_patience)."
+    )
   return {
     "step": step,
+    "stopped": stopped,
     "model_path": run.model_path,
     "checkpoint": str(run.ckpts.path(step)),
     "train/skipped": int(run.state.skipped),
@@ -295,6 +301,15 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
     pad_id=tokens_lib.pad_id(tokenizer),
   )
   train_iter = data_lib.loader_for(train_data, config.data, process_index=pid, process_count=pcount)
+  if config.train.steps == 0:  # sized by epochs: the schedule decays over exactly the data's batches
+    config.train.steps = config.data.num_epochs * train_iter.stats.batches_per_epoch
+    log_lib.info(
+      f"train.steps=0: {config.data.num_epochs} epoch(s) x {train_iter.stats.batches_per_epoch} batches = "
+      f"{config.train.steps} steps",
+      main,
+    )
+    if main:
+      config_lib.write(config, run_dir)
   optimizer = optim.make_optimizer(config.optim, config.train.steps)
   scale = LossScale.create(config.train.loss_scale_growth_interval) if config.train.loss_scale == "dynamic" else None
   shardings = parallel.train_shardings(model, optimizer, mesh, rules, method=config.peft.method, loss_scale=scale)
@@ -333,7 +348,7 @@ def _reference_mode(config: ml_collections.ConfigDict, train_data: Any) -> str |
     return None
   if config.reference != "auto":
     return config.reference
-  seen = config.train.steps * config.data.batch_size
+  seen = config.train.steps * config.data.batch_size if config.train.steps else math.inf  # 0: whole epochs
   if config.peft.method != "lora" or config.model.adapter or seen >= train_data.stats.examples:
     return "precomputed"
   return "live"
@@ -404,7 +419,11 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
     eval_step = step_lib.make_eval_step(
       run.graphdef, run.frozen, shardings=(sh.state.params, sh.frozen, eval_rows), objective=run.objective
     )
-    evaluate = lambda: _evaluate(eval_step, run.state.params, run.val_data, config, eval_rows, run.objective.name)
+    evaluate = lambda: {
+      **_evaluate(eval_step, run.state.params, run.val_data, config, eval_rows, run.objective.name),
+      **_generation_metrics(run),
+    }
+  watch = _EarlyStop(config.train) if config.train.early_stop_patience else None
   _check_memory(run, train_step)
   run.say(preflight(run))
   progress = log_lib.Progress(steps, run.start, bar=config.logging.progress, enabled=run.main)
@@ -455,20 +474,63 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
         eval_metrics = evaluate()
         logger.log(step, eval_metrics)
         progress.write(f"step {step}: {_eval_line(eval_metrics)}")
-      if save:
+        if watch is not None and watch(eval_metrics):
+          stopped = "early"
+      if save or stopped == "early":
         run.save(step, eval_metrics)
+      if stopped == "early":
+        break
   if pending is not None:  # the data ran out right after a step left unread
     record(*pending)
   progress.close()
-  if stopped is not None and stopped != "data":
+  if stopped not in (None, "data", "early"):
     return step, stopped, {}
-  final = evaluate() if evaluate is not None else {}
+  final = evaluate() if evaluate is not None and stopped != "early" else {}
   if final:
     logger.log(step, final)
     run.say(f"eval at step {step}: {_eval_line(final)}")
   if run.ckpts.latest_step() != step:
     run.save(step, final or None)
   return step, stopped, final
+
+
+class _EarlyStop:
+  """Called with each evaluation's metrics: True once the watched metric has not improved for `patience` evals."""
+
+  def __init__(self, cfg_train: ml_collections.ConfigDict):
+    self.key, self.patience = cfg_train.early_stop_metric, cfg_train.early_stop_patience
+    self.sign = 1.0 if cfg_train.early_stop_mode == "min" else -1.0
+    self.delta, self.best, self.waited = cfg_train.early_stop_min_delta, math.inf, 0
+
+  def __call__(self, metrics: dict[str, float]) -> bool:
+    if self.key not in metrics:
+      raise config_lib.ConfigError(
+        f"train.early_stop_metric: {self.key!r} is not among the evaluation's metrics ({', '.join(sorted(metrics))})."
+      )
+    value = self.sign * metrics[self.key]
+    if value < self.best - self.delta:
+      self.best, self.waited = value, 0
+    else:
+      self.waited += 1
+    return self.waited >= self.patience
+
+
+def _generation_metrics(run: Run) -> dict[str, float]:
+  """train.eval_metrics on the task's examples, as eval/<name> (empty when none are asked for)."""
+  names = [n for n in run.config.train.eval_metrics.split(",") if n.strip()]
+  if not names or not run.examples:
+    return {}
+  task = run.config.task
+  result = tasks.evaluate(
+    run.model(),
+    run.tokenizer,
+    run.examples,
+    names[0],
+    metrics=names[1:],
+    max_new_tokens=task.max_new_tokens,
+    batch_size=task.batch_size,
+  )
+  return {f"eval/{name}": value for name, value in result.scored.values.items()}
 
 
 def _check_memory(run: Run, train_step: step_lib.TrainStep) -> None:
@@ -651,7 +713,7 @@ def _eval_line(metrics: dict[str, float]) -> str:
 
 
 def _score_task(run: Run, label: str) -> tasks.Result:
-  """Exact match of greedy generations on the task's held-out examples."""
+  """task.scorer (and task.metrics, with 95% intervals) of greedy generations on the task's held-out examples."""
   task = run.config.task
   start = time.perf_counter()
   result = tasks.evaluate(
@@ -659,14 +721,31 @@ def _score_task(run: Run, label: str) -> tasks.Result:
     run.tokenizer,
     run.examples,
     task.scorer,
+    metrics=[n for n in task.metrics.split(",") if n.strip()],
     max_new_tokens=task.max_new_tokens,
     batch_size=task.batch_size,
   )
+  scored = result.scored
+  others = [
+    f"{name} {value:.1%} [{scored.intervals[name][0]:.1%}, {scored.intervals[name][1]:.1%}]"
+    for name, value in scored.values.items()
+    if name != result.scorer
+  ]
   run.say(
-    f"exact match {label}: {sum(result.correct)}/{len(run.examples)} = {result.score:.0%} "
-    f"({time.perf_counter() - start:.0f} s to generate)"
+    f"{task.scorer} {label}: {sum(c == 1.0 for c in result.correct)}/{len(run.examples)} = {result.score:.0%} "
+    + (f"({'; '.join(others)}) " if others else "")
+    + f"({time.perf_counter() - start:.0f} s to generate)"
   )
   return result
+
+
+def _task_metrics(result: tasks.Result, when: str) -> dict[str, float]:
+  """eval/exact_match_<when> (the primary scorer) and eval/<metric>_<when> with its interval bounds."""
+  out = {f"eval/exact_match_{when}": result.score}
+  for name, value in result.scored.values.items():
+    lo, hi = result.scored.intervals[name]
+    out.update({f"eval/{name}_{when}": value, f"eval/{name}_{when}_ci_low": lo, f"eval/{name}_{when}_ci_high": hi})
+  return out
 
 
 def _side_by_side(examples: list[tasks.Example], before: tasks.Result | None, after: tasks.Result, show: int) -> str:
@@ -674,6 +753,6 @@ def _side_by_side(examples: list[tasks.Example], before: tasks.Result | None, af
   for i, ex in enumerate(examples[:show]):
     lines += [f"--- {ex.prompt[-1]['content']}", f"  reference: {ex.reference}"]
     if before is not None:
-      lines.append(f"  before:    {before.predictions[i]!r}  {'OK' if before.correct[i] else 'wrong'}")
-    lines.append(f"  after:     {after.predictions[i]!r}  {'OK' if after.correct[i] else 'wrong'}")
+      lines.append(f"  before:    {before.predictions[i]!r}  {'OK' if before.correct[i] == 1.0 else 'wrong'}")
+    lines.append(f"  after:     {after.predictions[i]!r}  {'OK' if after.correct[i] == 1.0 else 'wrong'}")
   return "\n".join(lines)

@@ -46,6 +46,11 @@ def test_reduced_quickstart_learns_the_task(tmp_path, smollm2_dir, capsys):
   logged = {k: v for m in tiny_runs.metrics(tmp_path / "run") for k, v in m.items()}
   assert logged["eval/exact_match_before"] == result["eval/exact_match_before"]
   assert logged["eval/exact_match_after"] == result["eval/exact_match_after"]
+  # F1 and ROUGE-L on the same answers, each inside its bootstrap interval, in the log line too.
+  for name in ("squad_f1", "rougeL"):
+    low, high = result[f"eval/{name}_after_ci_low"], result[f"eval/{name}_after_ci_high"]
+    assert low <= result[f"eval/{name}_after"] <= high and logged[f"eval/{name}_after"] == result[f"eval/{name}_after"]
+  assert "json after training:" in out and "squad_f1 " in out and "rougeL " in out
   assert "attention: chunked (auto: cpu" in out and "kernels: cpu (auto: CPU" in out  # resolved "auto"s reported
   assert "before:" in out and "after:" in out and f"checkpoint: {tmp_path / 'run' / 'checkpoints' / '10'}" in out
   state = tiny_runs.saved_state(tmp_path / "run", 10)
