@@ -26,8 +26,7 @@ from jaxtune.export.files import ExportError, TensorSpec
 from jaxtune.export.merged import check_matches_source, hf_tensors
 from jaxtune.hf import gguf as layout
 from jaxtune.hf import mapping
-from jaxtune.models import rope as rope_lib
-from jaxtune.models.config import ModelConfig, RopeSpec
+from jaxtune.models.config import ModelConfig
 from jaxtune.models.transformer import CausalLM
 
 Q = gguf.GGMLQuantizationType
@@ -154,13 +153,6 @@ def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, arch: str, name: str
   writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def rope_freq_factors(spec: RopeSpec, head_dim: int) -> np.ndarray:
-  """llama.cpp's `rope_freqs.weight` for Llama 3 rope scaling: each frequency's divisor ([head_dim // 2])."""
-  plain, _ = rope_lib.inverse_frequencies(RopeSpec(theta=spec.theta), head_dim)
-  scaled, _ = rope_lib.inverse_frequencies(spec, head_dim)
-  return (plain / scaled).astype(np.float32)
-
-
 def _plan(spec: TensorSpec, gguf_name: str, qtype: Q) -> tuple[Q, tuple[int, ...], np.dtype, int]:
   """(type, shape as GGUFWriter wants it, numpy dtype, bytes) of one tensor in the file."""
   if len(spec.shape) < 2 or gguf_name == "rope_freqs.weight":
@@ -198,7 +190,7 @@ def _tensors(model: CausalLM, arch: str) -> list[tuple[TensorSpec, str, mapping.
     raise ExportError(str(e)) from None
   out = [(s, *table[s.name]) for s in hf_tensors(model, np.float32)]
   if cfg.rope_full.rope_type == "llama3":
-    factors = rope_freq_factors(cfg.rope_full, cfg.head_dim)
+    factors = layout.rope_freq_factors(cfg.rope_full, cfg.head_dim)
     out.append((TensorSpec("rope_freqs", factors.shape, np.float32, lambda: factors), "rope_freqs.weight", None))
   return out
 

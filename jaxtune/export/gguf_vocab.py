@@ -19,16 +19,9 @@ import gguf
 
 from jaxtune.export import files
 from jaxtune.export.files import ExportError
-from jaxtune.hf.gguf_tokenizer import SPIECE_SPACE
+from jaxtune.hf.gguf_tokenizer import SPIECE_SPACE, SPLIT_REGEXES
 
 T = gguf.TokenType
-# Pre-tokenizer regexes of tokenizer.json files and llama.cpp's name for each.
-_SPLIT_REGEXES = {
-  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-  r"\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-  r"\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-}
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _ADDED_SCORE = -1000.0  # llama.cpp's converter scores added and padding pieces so
 
@@ -54,8 +47,9 @@ def _pre_tokenizer(tokenizer: dict, where: pathlib.Path) -> str:
     return "smollm"
   if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
     return "gpt-2"
-  if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") in _SPLIT_REGEXES:
-    return _SPLIT_REGEXES[steps[0]["pattern"]["Regex"]]
+  names = {regex: name for name, regex in SPLIT_REGEXES.items()}
+  if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") in names:
+    return names[steps[0]["pattern"]["Regex"]]
   raise ExportError(
     f"{where}: pre-tokenizer {kinds} has no known llama.cpp equivalent; supported: SmolLM/StarCoder "
     "(Digits + ByteLevel), GPT-2 (ByteLevel), Llama 3 and Qwen2/3 (Split + ByteLevel)."
@@ -107,7 +101,7 @@ def _byte_level(tok: dict, n_vocab: int, where: pathlib.Path) -> Vocab:
   return Vocab("gpt2", _pre_tokenizer(tok, where), tokens, [int(t) for t in types])
 
 
-def _sentencepiece(tok: dict, n_vocab: int, where: pathlib.Path) -> Vocab:
+def _sentencepiece(tok: dict, n_vocab: int, where: pathlib.Path, unk: str | None) -> Vocab:
   model = tok["model"]
   tokens, types, added = _table(tok, n_vocab, where)
   scores = [0.0] * n_vocab
@@ -121,12 +115,14 @@ def _sentencepiece(tok: dict, n_vocab: int, where: pathlib.Path) -> Vocab:
       continue
     if _BYTE_PIECE.fullmatch(text):
       types[i] = T.BYTE
-    elif text == model.get("unk_token"):
+    elif text == unk:
       types[i] = T.UNKNOWN
     scores[i] = -float(made.get(text, 0))
   for i, t in added.items():
     scores[i] = _ADDED_SCORE
-    if t.get("special") or _looks_special(t["content"]):
+    if t["content"] == unk:
+      types[i] = T.UNKNOWN
+    elif t.get("special") or _looks_special(t["content"]):
       types[i] = T.CONTROL
     else:  # llama.cpp matches user-defined tokens against the raw text, before "▁" replaces spaces
       types[i], tokens[i] = T.USER_DEFINED, t["content"].replace(SPIECE_SPACE, " ")
@@ -150,7 +146,10 @@ def read_vocab(source: pathlib.Path, n_vocab: int) -> Vocab:
   if model.get("type") == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel":
     return _byte_level(tok, n_vocab, where)
   if model.get("type") == "BPE" and model.get("byte_fallback"):
-    return _sentencepiece(tok, n_vocab, where)
+    config = source / "tokenizer_config.json"
+    unk = (files.read_json(config) if config.is_file() else {}).get("unk_token")
+    unk = model.get("unk_token") or (unk.get("content") if isinstance(unk, dict) else unk)
+    return _sentencepiece(tok, n_vocab, where, unk)
   raise ExportError(
     f"{where}: a {model.get('type')} tokenizer (byte_fallback={model.get('byte_fallback')}, decoder {decoder}) "
     "that GGUF export cannot write; it writes byte-level BPE (Llama 3, Qwen, SmolLM) and SentencePiece-style "

@@ -29,7 +29,8 @@ from safetensors.numpy import save_file
 from jaxtune import cli
 from jaxtune.hf import mapping
 from jaxtune.hf.gguf_tokenizer import GGUFImportError, build_tokenizer, field, stop_token_ids
-from jaxtune.models.config import ModelConfig, from_hf_dict
+from jaxtune.models import rope as rope_lib
+from jaxtune.models.config import ModelConfig, RopeSpec, from_hf_dict
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -83,6 +84,44 @@ def swa_layers(arch: str, num_layers: int, pattern: int | list[bool] | None = No
     return [bool(x) for x in pattern[:num_layers]]
   n = SWA_PATTERN.get(arch, 0) if pattern is None else int(pattern)
   return [n == 0 or i % n < n - 1 for i in range(num_layers)]
+
+
+def rope_freq_factors(spec: RopeSpec, head_dim: int) -> np.ndarray:
+  """llama.cpp's `rope_freqs.weight` for Llama 3 rope scaling: each frequency's divisor ([head_dim // 2])."""
+  plain, _ = rope_lib.inverse_frequencies(RopeSpec(theta=spec.theta), head_dim)
+  scaled, _ = rope_lib.inverse_frequencies(spec, head_dim)
+  return (plain / scaled).astype(np.float32)
+
+
+def llama3_rope(factors: np.ndarray, theta: float, head_dim: int) -> dict:
+  """Llama 3 rope parameters that give `factors` (rope_freqs.weight), with low_freq_factor 1 as Llama 3.x has.
+
+  Between the unscaled and the fully scaled frequencies, 1 / factor is linear in 1 / wavelength; the
+  line's slope and intercept fix original_max_position_embeddings and high_freq_factor. GGUFImportError
+  where fewer than two frequencies lie between (the line is then not determined).
+  """
+  plain, _ = rope_lib.inverse_frequencies(RopeSpec(theta=theta), head_dim)
+  factor = float(factors.max())
+  inv_wavelen = plain.astype(np.float64) / (2 * np.pi)
+  smooth = (1 / factors.astype(np.float64) - 1 / factor) / (1 - 1 / factor)
+  between = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+  if between.sum() < 2:
+    raise GGUFImportError(
+      "rope_freqs.weight has fewer than two frequencies between scaled and unscaled, too few to recover "
+      "the Llama 3 rope parameters; convert the original Hugging Face checkpoint instead."
+    )
+  slope, intercept = np.polyfit(inv_wavelen[between], smooth[between], 1)
+  high = 1 - 1 / intercept
+  params = dict(
+    factor=_f32(factor),
+    low_freq_factor=1.0,
+    high_freq_factor=round(float(high), 4),
+    original_max_position_embeddings=int(round(-slope / intercept)),
+  )
+  spec = RopeSpec(theta=theta, rope_type="llama3", params=tuple(sorted(params.items())))
+  if not np.allclose(rope_freq_factors(spec, head_dim), factors, rtol=1e-4):
+    raise GGUFImportError("rope_freqs.weight is not a Llama 3 rope scaling; convert the original checkpoint instead.")
+  return {"rope_type": "llama3", "rope_theta": theta, **params}
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -182,16 +221,17 @@ def _write_weights(reader: gguf.GGUFReader, out: pathlib.Path, cfg: ModelConfig,
   except GGUFImportError as e:
     raise GGUFImportError(f"{reader.data.filename}: {e}") from None
   path = reader.data.filename
-  unknown = [t.name for t in reader.tensors if t.name not in table]
+  tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]  # in config.json's rope_parameters
+  unknown = [t.name for t in tensors if t.name not in table]
   if unknown:
     raise GGUFImportError(
       f"{path}: tensors {', '.join(unknown[:5])} have no Hugging Face {cfg.model_type} equivalent; "
       "this GGUF uses features jaxtune's importer does not support."
     )
-  missing = sorted(set(table) - {t.name for t in reader.tensors})
+  missing = sorted(set(table) - {t.name for t in tensors})
   if missing:
     raise GGUFImportError(f"{path}: tensors {', '.join(missing[:5])} are missing; the file is incomplete.")
-  shards = _shard_plan(list(reader.tensors), np.dtype(np_dtype).itemsize, max_bytes)
+  shards = _shard_plan(tensors, np.dtype(np_dtype).itemsize, max_bytes)
   names = (
     ["model.safetensors"]
     if len(shards) == 1
@@ -237,14 +277,14 @@ def hf_config(reader: gguf.GGUFReader, dtype: str = "float32") -> dict:
   hidden, heads = int(field(reader, f"{a}.embedding_length")), int(field(reader, f"{a}.attention.head_count"))
   layers = int(field(reader, f"{a}.block_count"))
   head_dim = int(field(reader, f"{a}.attention.key_length", hidden // heads))
-  tensor_names = {t.name for t in reader.tensors}
-  if "rope_freqs.weight" in tensor_names:
-    raise GGUFImportError(
-      f"{reader.data.filename}: rope_freqs.weight (Llama 3.1 rope scaling) is not supported by the import; "
-      "convert the original Hugging Face checkpoint instead."
-    )
+  tensor_names = {t.name: t for t in reader.tensors}
   theta = _f32(field(reader, f"{a}.rope.freq_base", 10000.0))
   rope = _rope(reader, a, theta)
+  if "rope_freqs.weight" in tensor_names:
+    try:
+      rope = llama3_rope(dequantize_tensor(tensor_names["rope_freqs.weight"]), theta, head_dim)
+    except GGUFImportError as e:
+      raise GGUFImportError(f"{reader.data.filename}: {e}") from None
   n_vocab = len(field(reader, "tokenizer.ggml.tokens"))
   cfg = {
     "architectures": [{"gemma3_text": "Gemma3ForCausalLM"}.get(model_type, model_type.capitalize() + "ForCausalLM")],
@@ -271,7 +311,7 @@ def hf_config(reader: gguf.GGUFReader, dtype: str = "float32") -> dict:
   if model_type == "llama":
     cfg.update(attention_bias=False, mlp_bias=False)
   if model_type in ("gemma2", "gemma3_text"):
-    cfg["query_pre_attn_scalar"] = query_pre_attn_scalar(a, layers, hidden, heads, head_dim)
+    cfg["query_pre_attn_scalar"] = int(query_pre_attn_scalar(a, layers, hidden, heads, head_dim))
     window = field(reader, f"{a}.attention.sliding_window", 4096 if a == "gemma2" else None)
     sliding = swa_layers(a, layers, field(reader, f"{a}.attention.sliding_window_pattern", None))
     cfg["sliding_window"] = window

@@ -17,6 +17,14 @@ from jaxtune.hf.tokens import END_OF_TURN_TOKENS
 # llama.cpp token types (llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPIECE_SPACE = "\u2581"  # SentencePiece's visible space
+# llama.cpp pre-tokenizers (tokenizer.ggml.pre) that split by one regex before the byte-level step, with that
+# regex as the models' tokenizer.json files write it (llama.cpp's src/llama-vocab.cpp spells it another way).
+SPLIT_REGEXES = {
+  "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+  r"\s*[\r\n]+|\s+(?!\S)|\s+",
+  "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+  r"\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 
 
 class GGUFImportError(UserError, ValueError):
@@ -47,19 +55,12 @@ def _pre_tokenizer(pre: str, path: str) -> Any:
   from tokenizers import Regex
   from tokenizers import pre_tokenizers as pt
 
-  # The regexes of llama.cpp's src/llama-vocab.cpp, as the models' own tokenizer.json files write them.
-  split = {
-    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-    r"\s*[\r\n]+|\s+(?!\S)|\s+",
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-    r"\s*[\r\n]+|\s+(?!\S)|\s+",
-  }
   if pre in ("llama3", "llama-v3"):
     pre = "llama-bpe"
-  if pre in split:
+  if pre in SPLIT_REGEXES:
     return pt.Sequence(
       [
-        pt.Split(Regex(split[pre]), behavior="isolated", invert=False),
+        pt.Split(Regex(SPLIT_REGEXES[pre]), behavior="isolated", invert=False),
         pt.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
       ]
     )
