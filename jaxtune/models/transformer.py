@@ -55,8 +55,9 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
 class Linear(nnx.Module):
   """y = einsum(x, kernel) [+ bias]: the one place a weight meets an activation.
 
-  Adapters hook in here (`self.adapter`, a module returning a delta of y's shape), so
-  the model code does not change when a PEFT method is applied.
+  Adapters hook in here (`self.adapter`, a module called with x, the weight and x's product
+  with it, returning a delta of y's shape), so the model code does not change when a PEFT
+  method is applied.
   """
 
   def __init__(
@@ -88,9 +89,10 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array, adapter_delta: jax.Array | None = None) -> jax.Array:
     """y for x; adapter_delta: the adapter's output when computed already (`shared_input`)."""
     kernels = kernels_lib.get(self.kernels)
-    y = kernels.linear(self.einsum, x, self.weight())
+    weight = self.weight()
+    y = kernels.linear(self.einsum, x, weight)
     if adapter_delta is None and self.adapter is not None:
-      adapter_delta = self.adapter(x)
+      adapter_delta = self.adapter(x, weight, y)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if adapter_delta is not None:  # named: remat policies save this sum, not its two products
