@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxtune.export import export_adapter, export_merged
 from jaxtune.hf.load import load_model
+from jaxtune.merge import sources
 from jaxtune.peft.import_adapter import load_adapter
 from jaxtune.peft.lora import LoRA, LoRAParam, adapter_settings, apply_lora, lora_weights, peft_state_dict
 
@@ -85,12 +86,15 @@ def test_exported_adapter_gives_peft_logits(case):
 
 
 def test_merged_export_equals_peft_merge_and_unload(case, tmp_path):
+  """`--format merged`, and `jaxtune merge` reading BASE+ADAPTER, both give PEFT's merged weights."""
   ours = read_checkpoint(export_merged(case.model, case.source, tmp_path / "merged"))
+  adapted = sources.Adapted("base+dora", sources.Model("base", case.source), case.adapter)
   theirs = copy.deepcopy(case.peft_model).merge_and_unload().state_dict()
   assert set(ours) <= set(theirs)  # tied models write no lm_head
   for name, value in ours.items():
     want = theirs[name].numpy()
     np.testing.assert_allclose(value, want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=name)
+    np.testing.assert_allclose(adapted.get(name), want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=name)
 
 
 @pytest.mark.parametrize(
