@@ -113,8 +113,6 @@ def test_load_run_restores_the_step(lora_run):
 def test_dora_run_exports_its_magnitudes(tmp_path, cache):
   run_dir = tmp_path / "run"
   models = write_run(run_dir, cache, "lora", steps=(2,), **{"peft.lora.use_dora": True})
-  merged = export_run(run_dir, tmp_path / "merged", "merged")
-  assert_close_logits(np.asarray(load_model(merged)(IDS)), np.asarray(models[2](IDS)), rel=1e-5, what="DoRA")
   out = export_run(run_dir, tmp_path / "adapter", "adapter")
   got, want = load_file(out / "adapter_model.safetensors"), peft_state_dict(models[2])
   assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
