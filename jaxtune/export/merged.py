@@ -46,14 +46,12 @@ def _layer(stack: jax.Array, i: jax.Array) -> jax.Array:
 
 def _merged_kernel(linear: Linear, i: int | None) -> jax.Array:
   """The kernel with its adapter merged (`merge_kernel`, float32), for layer i of a stacked Linear (or the whole
-  unstacked one)."""
+  unstacked one); a quantised kernel is merged as it dequantises."""
   adapter = linear.adapter
-  arrays = [linear.kernel[...], adapter.lora_a[...], adapter.lora_b[...]]
-  if adapter.use_dora:
-    arrays.append(adapter.lora_magnitude[...])
+  arrays = [adapter.lora_a[...], adapter.lora_b[...]] + ([adapter.lora_magnitude[...]] if adapter.use_dora else [])
   if i is not None:
     arrays = [_layer(x, i) for x in arrays]
-  return merge_kernel(*arrays[:3], adapter, *arrays[3:])
+  return merge_kernel(linear.kernel_value(i), *arrays[:2], adapter, *arrays[2:])
 
 
 def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
@@ -79,6 +77,8 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
       def produce(tmap=tmap, owner=owner, var=var, adapted=adapted, layer=layer) -> np.ndarray:
         if adapted:
           value = _merged_kernel(owner, layer)
+        elif isinstance(owner, Linear) and tmap.path[-1] == "kernel":
+          value = owner.kernel_value(layer)
         else:
           value = var[...] if layer is None else _layer(var[...], layer)
         return np.asarray(tmap.to_hf(np.asarray(jax.device_get(value)))).astype(dtype)

@@ -192,7 +192,16 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, base_weight
   elif method == "lora":
     base = None
     if base_weights:  # the base in the dtype it is stored in: exact, and no bigger than it has to be
-      base = hf_load.load_model(source, dtype=compute, param_dtype=files.source_dtype(source).name)
+      # A quantised base is rebuilt exactly as the run trained on it (quantisation is deterministic).
+      quantize = {k: model_cfg[k] for k in ("quantize", "quantize_block", "double_quant") if k in model_cfg}
+      base = hf_load.load_model(
+        source,
+        dtype=compute,
+        param_dtype=files.source_dtype(source).name,
+        quantize=quantize.get("quantize", "none"),
+        quant_block=quantize.get("quantize_block", 64),
+        double_quant=quantize.get("double_quant", False),
+      )
     cfg = base.config if base is not None else load_config(source)
     options = base.options if base is not None else options_lib.for_platform(platform, dtype=compute)
     model = _with_adapters(cfg, options, peft["lora"], base, scorer)

@@ -22,13 +22,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxtune.errors import ConfigError
 from jaxtune.hf import mapping
 from jaxtune.hf.mapping import Block, TensorMap
 from jaxtune.hf.safetensors_io import Checkpoint, CheckpointError
+from jaxtune.models import einsum as einsum_lib
 from jaxtune.models import options as options_lib
+from jaxtune.models import quantize as quantize_lib
 from jaxtune.models.config import ModelConfig, load_config
 from jaxtune.models.options import ModelOptions
-from jaxtune.models.transformer import CausalLM
+from jaxtune.models.transformer import CausalLM, Linear
 
 # What a model download needs: configs, safetensors, tokenizer and template files; never pickles.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
@@ -161,28 +164,74 @@ def _check_no_unexpected(ckpt: Checkpoint, cfg: ModelConfig, used: set[str]) -> 
     )
 
 
+def _place(host: np.ndarray, sharding: Sharding) -> jax.Array:
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _load_quantized(
+  reader: TensorReader,
+  names: list[str],
+  kernel: quantize_lib.QuantizedKernel,
+  fields: dict[str, nnx.Variable],
+  sharding_of: ShardingOf,
+) -> dict[str, jax.Array]:
+  """A quantised kernel's arrays, one layer's HF tensor read, quantised on the host CPU and placed at a time."""
+  shardings = {f: sharding_of(var) for f, var in fields.items()}
+  problem = quantize_lib.shard_problem(kernel, shardings["codes"])
+  if problem:
+    raise ConfigError(f"{names[0]}: {problem}.")
+  cpu = jax.local_devices(backend="cpu")[0]
+  settings = dict(kind=kernel.kind, n_ins=kernel.n_ins, block=kernel.block, double=kernel.double)
+
+  def layer(name: str) -> dict[str, np.ndarray]:
+    w = reader.block(name, tuple(slice(0, n) for n in reader.tmap.shape))
+    reader.stats["peak_staged_bytes"] = max(reader.stats.get("peak_staged_bytes", 0), w.nbytes)
+    arrays = quantize_lib.quantize(jax.device_put(w, cpu), n_stack=0, **settings)
+    return {f: np.asarray(a) for f, a in arrays.items()}
+
+  if kernel.n_stack == 0:
+    return {f: _place(a, shardings[f]) for f, a in layer(names[0]).items()}
+  layer_shardings = {f: _layer_sharding(sh, tuple(fields[f].shape)) for f, sh in shardings.items()}
+  if any(sh is None for sh in layer_shardings.values()):  # the layer axis is split: stack on the host first
+    layers = [layer(name) for name in names]
+    return {f: _place(np.stack([a[f] for a in layers]), sh) for f, sh in shardings.items()}
+  values = {f: _zeros(tuple(var.shape), var.dtype, shardings[f]) for f, var in fields.items()}
+  for i, name in enumerate(names):
+    for f, a in layer(name).items():
+      values[f] = _setter(shardings[f])(values[f], _place(a, layer_shardings[f]), i)
+  return values
+
+
 def load_params(
   ckpt: Checkpoint,
   cfg: ModelConfig,
   abstract_state: nnx.State,
   sharding_of: ShardingOf | None = None,
   stats: dict | None = None,
+  quantized: dict[tuple[str, ...], quantize_lib.QuantizedKernel] | None = None,
 ) -> nnx.State:
   """Fills an abstract (eval_shape) state from the checkpoint, each parameter placed by `sharding_of`.
 
   Without `sharding_of` every parameter goes whole to the default device. Any tensor missing or
   left over (besides `mapping.IGNORED_SUFFIXES`) is a CheckpointError naming it. `stats`, when
   given, receives read_bytes and peak_staged_bytes (host bytes of one transfer, the most at once).
+  quantized: {kernel path: the abstract model's QuantizedKernel} for kernels stored quantised; their
+  HF tensors are quantised as they are read, one layer at a time.
   """
   stats = {} if stats is None else stats
+  quantized = quantized or {}
   if sharding_of is None:
     device = SingleDeviceSharding(jax.devices()[0])
     sharding_of = lambda var: device
   by_path = {m.path: m for m in mapping.tensor_maps(cfg)}
   used: set[str] = set()
   flat = []
+  quantized_fields: dict[tuple[str, ...], dict[str, nnx.Variable]] = {}
   for path, var in nnx.to_flat_state(abstract_state):
     path = tuple(str(p) for p in path)
+    if path[:-1] in quantized:
+      quantized_fields.setdefault(path[:-1], {})[path[-1]] = var
+      continue
     tmap = by_path.get(path)
     if tmap is None:
       raise CheckpointError(f"no Hugging Face tensor is known for parameter {'.'.join(path)}.")
@@ -201,6 +250,15 @@ def load_params(
     sharding = sharding_of(var)
     value = reader.stacked(names, shape, sharding) if tmap.stacked else reader.array(names[0], sharding)
     flat.append((path, var.replace(value)))
+  for path, fields in quantized_fields.items():
+    tmap = by_path[path]
+    reader = TensorReader(ckpt, tmap, np.dtype(np.float32), stats)
+    names = tmap.hf_names(cfg.num_layers)
+    for name in names:
+      reader.check(name)
+    used.update(names)
+    values = _load_quantized(reader, names, quantized[path], fields, sharding_of)
+    flat.extend((path + (f,), var.replace(values[f])) for f, var in fields.items())
   _check_no_unexpected(ckpt, cfg, used)
   return nnx.from_flat_state(flat)
 
@@ -213,10 +271,14 @@ def load_model(
   remat: str = "none",
   param_dtype: Any = None,
   kernels: str = "auto",
+  quantize: str = "none",
+  quant_block: int = 64,
+  double_quant: bool = False,
 ) -> CausalLM:
   """Loads an HF checkpoint as a jaxtune CausalLM (parameters and compute in `dtype`, default float32).
 
   kernels: "plain", "cpu", or "auto" (cpu on the CPU backend, plain elsewhere; models/kernels.py).
+  quantize: none | nf4 | int8, the decoder layers' kernels stored quantised (models/quantize.py).
   """
   dtype = np.dtype(dtype or "float32").name
   options = options_lib.for_platform(
@@ -226,6 +288,9 @@ def load_model(
     param_dtype=np.dtype(param_dtype or dtype).name,
     attention_impl=attention_impl,
     remat=remat,
+    quantize=quantize,
+    quant_block=quant_block,
+    double_quant=double_quant,
   )
   return load(path_or_hub_id, options)
 
@@ -245,9 +310,30 @@ def load(
   directory = resolve(path_or_hub_id)
   cfg = load_config(directory)
   ckpt = Checkpoint(directory)
+  if options is not None and options.quantize == "nf4":
+    _check_blocks(cfg, options)
   abstract = nnx.eval_shape(lambda: CausalLM(cfg, options, rngs=nnx.Rngs(0)))
+  quantized = {
+    tuple(str(p) for p in path): m
+    for path, m in nnx.iter_modules(abstract)
+    if isinstance(m, quantize_lib.QuantizedKernel)
+  }
   graphdef, abstract_state = nnx.split(abstract)
-  return nnx.merge(graphdef, load_params(ckpt, cfg, abstract_state, sharding_of, stats))
+  return nnx.merge(graphdef, load_params(ckpt, cfg, abstract_state, sharding_of, stats, quantized))
+
+
+def _check_blocks(cfg: ModelConfig, options: ModelOptions) -> None:
+  """ConfigError naming the HF tensor when `options.quant_block` does not fit a weight the options quantise."""
+  plain = nnx.eval_shape(lambda: CausalLM(cfg, options.replace(quantize="none"), rngs=nnx.Rngs(0)))
+  hf_names = {m.path: m.hf_names(cfg.num_layers)[0] for m in mapping.tensor_maps(cfg)}
+  kernels = {}
+  for path, linear in nnx.iter_modules(plain):
+    if isinstance(linear, Linear) and linear.quantizable:
+      n_ins = len(einsum_lib.parse(linear.einsum).ins)
+      n_stack = len(linear.kernel_shape) - len(einsum_lib.parse(linear.einsum).w)
+      shape, axes = linear.kernel_shape[n_stack:], linear.kernel_axes[n_stack:]
+      kernels[hf_names[tuple(str(p) for p in path) + ("kernel",)]] = (shape, n_ins, axes[n_ins - 1])
+  quantize_lib.check_blocks(kernels, options.quant_block)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0, options: ModelOptions | None = None) -> CausalLM:

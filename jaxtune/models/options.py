@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 ATTENTION_IMPLS = ("xla", "chunked", "cudnn", "dot_product", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 KERNELS = ("plain", "cpu")
+QUANTIZE = ("none", "nf4", "int8")
 
 # Logical axes of the [B, T, D] activations entering each layer; parallel/ maps them to mesh axes.
 ACTIVATION_AXES = ("batch", "length", "act_embed")
@@ -39,9 +40,20 @@ class ModelOptions:
   # parallel/ builds it from the mesh and the rules table (`parallel.ActivationSharding`). None: no
   # constraint. It must compare by value: the options are part of the jitted program's static key.
   constrain: Callable[[Any, Sequence[str]], Any] | None = None
+  # none | nf4 | int8: the decoder layers' Linear kernels stored quantised, frozen (models/quantize.py);
+  # quant_block: NF4 weights per absmax; double_quant: the absmax values themselves stored 8-bit.
+  quantize: str = "none"
+  quant_block: int = 64
+  double_quant: bool = False
 
   def __post_init__(self):
-    for field, allowed in (("attention_impl", ATTENTION_IMPLS), ("remat", REMAT_POLICIES), ("kernels", KERNELS)):
+    choices = (
+      ("attention_impl", ATTENTION_IMPLS),
+      ("remat", REMAT_POLICIES),
+      ("kernels", KERNELS),
+      ("quantize", QUANTIZE),
+    )
+    for field, allowed in choices:
       if getattr(self, field) not in allowed:
         raise ValueError(f"{field} {getattr(self, field)!r} is unknown; choose one of {', '.join(allowed)}.")
 

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.models import attention as attn_lib
+from jaxtune.models import einsum as einsum_lib
 from jaxtune.models import kernels as kernels_lib
+from jaxtune.models import quantize as quantize_lib
 from jaxtune.models import rope as rope_lib
 from jaxtune.models.config import ModelConfig
 from jaxtune.models.options import ACTIVATION_AXES, REMAT_POLICIES, ModelOptions
@@ -48,6 +50,12 @@ _REMAT_POLICIES = {
 assert set(_REMAT_POLICIES) | {"none"} == set(REMAT_POLICIES)
 
 
+@jax.jit
+def _layer(stack: jax.Array, i: jax.Array) -> jax.Array:
+  """stack[i], with i traced: one compile per shape, not one per layer."""
+  return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
+
+
 def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
   return 0.02 * jax.random.normal(rngs.params(), shape, dtype)
 
@@ -55,9 +63,9 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
 class Linear(nnx.Module):
   """y = einsum(x, kernel) [+ bias]: the one place a weight meets an activation.
 
-  Adapters hook in here (`self.adapter`, a module called with x, the weight and x's product
-  with it, returning a delta of y's shape), so the model code does not change when a PEFT
-  method is applied.
+  Adapters hook in here (`self.adapter`, a module called with x, `self.weight` (read only by an
+  adapter that needs the weight's values: DoRA) and x's product with the weight, returning a delta
+  of y's shape), so the model code does not change when a PEFT method is applied.
   """
 
   def __init__(
@@ -69,30 +77,66 @@ class Linear(nnx.Module):
     bias_shape: tuple[int, ...] | None = None,
     stack: tuple[int, ...] = (),
     options: ModelOptions,
+    quantizable: bool = True,
     rngs: nnx.Rngs,
   ):
+    """quantizable: store the kernel as `options.quantize` says (False: the LM head, always 16-bit)."""
     stack_axes = ("layers",) * len(stack)
     self.einsum = einsum
     self.dtype = options.dtype
     self.kernels = options.kernels  # the name: static, hashable
-    self.kernel = nnx.Param(_init(rngs, stack + kernel_shape, options.param_dtype), axes=stack_axes + kernel_axes)
+    self.quantizable = quantizable
+    kernel = _init(rngs, stack + kernel_shape, options.param_dtype)
+    if quantizable and options.quantize != "none":
+      self.kernel = quantize_lib.QuantizedKernel(
+        kernel,
+        stack_axes + kernel_axes,
+        kind=options.quantize,
+        n_ins=len(einsum_lib.parse(einsum).ins),
+        n_stack=len(stack),
+        block=options.quant_block,
+        double=options.double_quant,
+      )
+    else:
+      self.kernel = nnx.Param(kernel, axes=stack_axes + kernel_axes)
     self.bias = nnx.data(None)
     if bias_shape is not None:
       bias_axes = kernel_axes[-len(bias_shape) :]
       self.bias = nnx.Param(jnp.zeros(stack + bias_shape, options.param_dtype), axes=stack_axes + bias_axes)
     self.adapter = nnx.data(None)  # data, not static: a PEFT transform assigns a module here later
 
+  @property
+  def quantized(self) -> bool:
+    return isinstance(self.kernel, quantize_lib.QuantizedKernel)
+
+  @property
+  def kernel_shape(self) -> tuple[int, ...]:
+    """[stack..., ins..., outs...], whether the kernel is stored quantised or not."""
+    return self.kernel.shape if self.quantized else tuple(self.kernel.shape)
+
+  @property
+  def kernel_axes(self) -> tuple[Any, ...] | None:
+    return self.kernel.axes if self.quantized else self.kernel.get_metadata().get("axes")
+
   def weight(self) -> jax.Array:
-    """The kernel in the compute dtype, as the product reads it."""
-    return self.kernel[...].astype(self.dtype)
+    """The kernel in the compute dtype, as the product reads it (dequantised when stored quantised)."""
+    return self.kernel.value(self.dtype) if self.quantized else self.kernel[...].astype(self.dtype)
+
+  def kernel_value(self, layer: int | None = None) -> jax.Array:
+    """The kernel as stored (dequantised in float32 when quantised), of one layer of a stack or whole."""
+    if self.quantized:
+      return self.kernel.value() if layer is None else self.kernel.layer(layer)
+    return self.kernel[...] if layer is None else _layer(self.kernel[...], layer)
 
   def __call__(self, x: jax.Array, adapter_delta: jax.Array | None = None) -> jax.Array:
     """y for x; adapter_delta: the adapter's output when computed already (`shared_input`)."""
     kernels = kernels_lib.get(self.kernels)
-    weight = self.weight()
-    y = kernels.linear(self.einsum, x, weight)
+    if self.quantized:
+      y = self.kernel.product(lambda x, w: kernels.linear(self.einsum, x, w), x, self.dtype)
+    else:
+      y = kernels.linear(self.einsum, x, self.weight())
     if adapter_delta is None and self.adapter is not None:
-      adapter_delta = self.adapter(x, weight, y)
+      adapter_delta = self.adapter(x, self.weight, y)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if adapter_delta is not None:  # named: remat policies save this sum, not its two products
@@ -323,7 +367,7 @@ class CausalLM(nnx.Module):
     )
     self.lm_head = nnx.data(None)
     if not cfg.tie_embeddings:
-      self.lm_head = Linear("BTD,DV->BTV", (D, V), ("embed", "vocab"), options=options, rngs=rngs)
+      self.lm_head = Linear("BTD,DV->BTV", (D, V), ("embed", "vocab"), options=options, quantizable=False, rngs=rngs)
     self.score = nnx.data(None)  # HeadParam [D, labels] once `add_score_head` makes this a reward model
 
   def add_score_head(

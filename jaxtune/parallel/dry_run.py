@@ -266,6 +266,8 @@ def run(argv: list[str]) -> list[Report]:
   p.add_argument("--seq", type=int, help="override data.max_seq_len")
   p.add_argument("--batch_per_device", type=int, help="rows per data-parallel device (else data.batch_size)")
   p.add_argument("--remat", help="override model.remat")
+  p.add_argument("--quantize", choices=("none", "nf4", "int8"), help="override model.quantize (QLoRA: nf4)")
+  p.add_argument("--double_quant", action="store_true", help="set model.double_quant (NF4 absmax values in 8 bits)")
   p.add_argument(
     "--platform",
     choices=("tpu", "gpu", "cpu"),
@@ -286,6 +288,8 @@ def run(argv: list[str]) -> list[Report]:
     ("data.max_seq_len", args.seq),
     ("model.remat", args.remat),
     ("model.attention_impl", args.attention_impl),
+    ("model.quantize", args.quantize),
+    ("model.double_quant", args.double_quant or None),
   ):
     if value is not None:
       node, leaf = config, key.split(".")
@@ -311,7 +315,8 @@ def run(argv: list[str]) -> list[Report]:
     f"{cfg.model_type} d={cfg.hidden_size} L={cfg.num_layers}, {config.peft.method}, objective {config.objective}, "
     f"seq {config.data.max_seq_len}, "
     f"remat {options.remat}, {options.dtype} compute / {options.param_dtype} params, attention "
-    f"{options.attention_impl}{note}, {options.kernels} kernels, optimizer {config.optim.name}; "
+    f"{options.attention_impl}{note}, {options.kernels} kernels, optimizer {config.optim.name}, "
+    f"quantize {options.quantize}{' (double)' if options.double_quant else ''}; "
     f"the {args.platform} program, compiled for CPU devices"
   )
   print(HEADER)

@@ -6,8 +6,8 @@ einsum string: for "BTD,DNH->BTNH" (q) the contracted letters are D and the outp
 letters N, H, so A is [L, D, r] and B is [L, r, N, H], where L is the layer-stack axis.
 Adapters carry the logical axes of the weight they adapt (plus "lora_rank" for r), so
 they shard like it. A quantised base (QLoRA) is a different kernel Variable type inside
-Linear; the adapters read the weight only as `Linear.weight()` gives it (the product's
-operand), except `merge_kernel`.
+Linear; the adapters read the weight's values only as `Linear.weight()` gives them (dequantised,
+in the compute dtype: DoRA's norms), the merges as `Linear.kernel_value` does.
 
 DoRA (`use_dora`, PEFT's name) adds a magnitude per output row of the weight, m [L, N, H]
 for q, initialised to the rows' norms ||W||; the layer computes PEFT's
@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -141,19 +141,20 @@ class LoRA(nnx.Module):
       data = jax.random.key_data(keys)
       self.dropout_key = LoRADropoutKey(data.reshape(stack + data.shape[1:]), axes=stack_axes + (None,))
 
-  def __call__(self, x: jax.Array, weight: jax.Array, y: jax.Array) -> jax.Array:
-    """The delta for input x, the layer's weight (`Linear.weight()`) and its product y = x W (no bias)."""
+  def __call__(self, x: jax.Array, weight: Callable[[], jax.Array], y: jax.Array) -> jax.Array:
+    """The delta for input x, given the layer's `Linear.weight` (read for DoRA only) and its product y = x W
+    (no bias)."""
     if self._dropout_active():
       key = jax.random.wrap_key_data(self.dropout_key[...])
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
       dropped = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
       # PEFT's DoRA reruns the base product on the dropped-out input for its (m / norm - 1) term.
-      y = kernels_lib.get(self.kernels).linear(self.einsum, dropped, weight) if self.use_dora else y
+      y = kernels_lib.get(self.kernels).linear(self.einsum, dropped, weight()) if self.use_dora else y
       x = dropped
     delta = _deltas([self], x)[0]
     if not self.use_dora:
       return delta
-    ratio = self.lora_magnitude[...].astype(jnp.float32) / jax.lax.stop_gradient(self._weight_norms(weight))
+    ratio = self.lora_magnitude[...].astype(jnp.float32) / jax.lax.stop_gradient(self._weight_norms(weight()))
     return (ratio - 1).astype(y.dtype) * y + ratio.astype(delta.dtype) * delta
 
   def _weight_norms(self, weight: jax.Array) -> jax.Array:
@@ -323,8 +324,8 @@ def apply_lora(
       raise ValueError(f"{'.'.join(path)} already has an adapter; apply LoRA once.")
     lin.adapter = LoRA(
       lin.einsum,
-      tuple(lin.kernel.shape),
-      lin.kernel.get_metadata().get("axes"),
+      lin.kernel_shape,
+      lin.kernel_axes,
       rank=rank,
       alpha=alpha,
       dropout=dropout,
@@ -396,19 +397,26 @@ def _magnitude(adapter: LoRA) -> jax.Array | None:
 def merge_lora(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
   """The merged kernels in float32 (`merge_kernel`), keyed by kernel path (("layers", "attn", "q", "kernel"), ...)."""
   return {
-    p + ("kernel",): merge_kernel(m.kernel[...], ad.lora_a[...], ad.lora_b[...], ad, _magnitude(ad))
+    p + ("kernel",): merge_kernel(m.kernel_value(), ad.lora_a[...], ad.lora_b[...], ad, _magnitude(ad))
     for p, m in _linears(model)
     if isinstance(ad := m.adapter, LoRA)
   }
 
 
 def merge_and_unload(model: CausalLM) -> CausalLM:
-  """A copy of the model with adapters merged into the kernels (kernel dtype) and removed."""
+  """A copy of the model with adapters merged into the kernels (kernel dtype) and removed.
+
+  A quantised kernel that has an adapter becomes a plain one in the compute dtype, merged into its
+  dequantised values."""
   merged = merge_lora(model)
   out = nnx.clone(model)
   for p, m in _linears(out):
     if p + ("kernel",) in merged:
-      m.kernel.set_value(merged[p + ("kernel",)].astype(m.kernel.dtype))
+      value = merged[p + ("kernel",)]
+      if m.quantized:
+        m.kernel = nnx.Param(value.astype(m.dtype), axes=m.kernel_axes)
+      else:
+        m.kernel.set_value(value.astype(m.kernel.dtype))
       m.adapter = nnx.data(None)
   return out
 

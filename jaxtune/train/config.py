@@ -20,6 +20,7 @@ from jaxtune.data.config import data_config
 from jaxtune.errors import ConfigError
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import options as options_lib
+from jaxtune.models import quantize as quantize_lib
 from jaxtune.models.config import ModelConfig
 from jaxtune.parallel.mesh import mesh_config
 from jaxtune.peft.lora import METHODS
@@ -69,6 +70,12 @@ def default_config() -> ml_collections.ConfigDict:
       # The hub id this model is known by, named as the base in exported adapters (adapter_config.json).
       # Empty: model.path when that is a hub id; a built-in's own (smollm2-gguf: HuggingFaceTB/...).
       hub_id="",
+      # none | nf4 | int8: store the frozen decoder-layer weights quantised as bitsandbytes does (LoRA on an
+      # nf4 base is QLoRA); embeddings, norms and the LM head stay 16-bit (models/quantize.py). int8 is
+      # per-output-row absmax, not LLM.int8()'s outlier scheme.
+      quantize="none",
+      quantize_block=64,  # NF4 weights per absmax: 32 ... 4096, dividing each weight's innermost input axis
+      double_quant=False,  # NF4: the absmax values stored 8-bit too (bitsandbytes' bnb_4bit_use_double_quant)
     )
   )
   c.data = data_config()
@@ -183,6 +190,20 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   _choice(config, "model.attention_impl", ATTENTION)
   _choice(config, "model.kernels", KERNELS)
   _choice(config, "peft.method", METHODS)
+  _choice(config, "model.quantize", options_lib.QUANTIZE)
+  if config.model.quantize != "none":
+    if config.peft.method == "full":
+      _fail(
+        "model.quantize",
+        f"{config.model.quantize} with peft.method=full: a quantised base is frozen",
+        "train adapters on it (peft.method=lora), or set model.quantize=none",
+      )
+    if config.model.quantize_block not in quantize_lib.BLOCKS:
+      _fail(
+        "model.quantize_block",
+        f"{config.model.quantize_block} is not a bitsandbytes block size",
+        "choose one of " + ", ".join(map(str, quantize_lib.BLOCKS)),
+      )
   if config.model.adapter and config.peft.method != "lora":
     _fail("model.adapter", "an adapter to start from needs peft.method=lora")
   if config.model.adapter and not pathlib.Path(config.model.adapter).expanduser().is_dir():
@@ -354,6 +375,9 @@ def model_options(config: ml_collections.ConfigDict, platform: str, constrain: A
     attention_impl=model.attention_impl,
     remat=model.remat,
     constrain=constrain,
+    quantize=model.quantize,
+    quant_block=model.quantize_block,
+    double_quant=model.double_quant and model.quantize == "nf4",
   )
 
 

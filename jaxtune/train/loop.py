@@ -30,6 +30,7 @@ from jaxtune.hf import load as hf_load
 from jaxtune.hf import tokens as tokens_lib
 from jaxtune.models import config as model_config_lib
 from jaxtune.models import options as options_lib
+from jaxtune.models import quantize as quantize_lib
 from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
 from jaxtune.peft import lora as lora_lib
@@ -357,7 +358,7 @@ def preflight(run: Run) -> str:
   config, stats = run.config, run.train_iter.stats
   steps, todo = config.train.steps, config.train.steps - run.start
   trained = sum(x.size for x in jax.tree.leaves(run.state.params))
-  total = trained + sum(x.size for x in jax.tree.leaves(run.frozen.weights))
+  total = quantize_lib.weight_count(run.model())
   per_epoch = stats.batches_per_epoch
   lines = [
     f"pre-flight: {stats.examples:,} training examples, {stats.tokens:,} tokens, {stats.trainable_tokens:,} of them "

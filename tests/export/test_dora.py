@@ -182,7 +182,7 @@ def test_dropout_reruns_the_base_product_on_the_dropped_input(peft):
 
   graphdef, params, rest = nnx.split(adapter, LoRAParam, ...)
   w = jnp.asarray(kernel)
-  delta = lambda params: nnx.merge(graphdef, params, rest)(x, w, x @ w)  # y: the product of the undropped x
+  delta = lambda params: nnx.merge(graphdef, params, rest)(x, lambda: w, x @ w)  # y: the undropped x's product
   np.testing.assert_allclose(np.asarray(delta(params)), out.detach().numpy(), rtol=1e-5, atol=1e-6)
   grads = nnx.to_pure_dict(jax.grad(lambda params: jnp.sum(delta(params) * r))(params))
   for ours, theirs in (
