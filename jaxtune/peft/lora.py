@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,14 +87,14 @@ class LoRA(nnx.Module):
     alpha: float,
     dropout: float = 0.0,
     use_rslora: bool = False,
-    weight: jax.Array | None = None,
+    magnitude: jax.Array | None = None,
     dtype: Any,
     param_dtype: Any = jnp.float32,
     kernels: str = "plain",
     rngs: nnx.Rngs,
   ):
-    """weight: the adapted kernel as `Linear.weight()` gives it; given, the adapter is DoRA's, its
-    magnitude initialised to the weight's row norms."""
+    """magnitude: DoRA's initial magnitude per output row, [stack..., out...] (`weight_row_norms`); given,
+    the adapter is DoRA's."""
     spec = einsum_lib.parse(einsum)
     ins, outs, batch = spec.ins, spec.outs, spec.batch
     n_stack = len(kernel_shape) - len(spec.w)
@@ -106,14 +106,14 @@ class LoRA(nnx.Module):
         f"LoRA cannot adapt einsum {einsum!r}: it needs x's non-kernel letters plus the kernel's "
         "output letters to make up the output."
       )
-    if weight is not None and not spec.y.endswith(outs):
+    if magnitude is not None and not spec.y.endswith(outs):
       raise ValueError(f"DoRA cannot adapt einsum {einsum!r}: its output must end with the kernel's output letters.")
     r = spec.free_letters(1)
     self.a_einsum = f"{spec.x},{ins}{r}->{batch}{r}"
     self.b_einsum = f"{batch}{r},{r}{outs}->{spec.y}"
-    self.einsum, self.spec = einsum, spec  # the adapted Linear's einsum, parsed: its kernel letters, inputs, outputs
+    self.spec = spec  # the adapted Linear's parsed einsum: its kernel letters, inputs and outputs
     self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), use_rslora
-    self.use_dora = weight is not None
+    self.use_dora = magnitude is not None
     self.scale = float(alpha) / (math.sqrt(rank) if use_rslora else rank)
     self.dtype, self.kernels = dtype, kernels
     self.deterministic = True
@@ -132,8 +132,7 @@ class LoRA(nnx.Module):
     self.lora_magnitude = nnx.data(None)
     if self.use_dora:  # PEFT's lora_magnitude_vector: ||W + s B A|| per output row, B = 0 at init
       self.lora_magnitude = LoRAParam(
-        row_norms(weight.astype(jnp.float32), in_axes(spec, weight.ndim)).astype(param_dtype),
-        axes=stack_axes + tuple(letter_axes[c] for c in outs),
+        jnp.asarray(magnitude, param_dtype), axes=stack_axes + tuple(letter_axes[c] for c in outs)
       )
     self.dropout_key = nnx.data(None)
     if dropout > 0:
@@ -141,20 +140,20 @@ class LoRA(nnx.Module):
       data = jax.random.key_data(keys)
       self.dropout_key = LoRADropoutKey(data.reshape(stack + data.shape[1:]), axes=stack_axes + (None,))
 
-  def __call__(self, x: jax.Array, weight: Callable[[], jax.Array], y: jax.Array) -> jax.Array:
-    """The delta for input x, given the layer's `Linear.weight` (read for DoRA only) and its product y = x W
-    (no bias)."""
+  def __call__(self, x: jax.Array, linear: Linear, y: jax.Array) -> jax.Array:
+    """The delta for input x of the adapted `linear`, whose product with x (no bias) is y; only DoRA reads
+    the Linear: its `weight()` and, under dropout, its product with the dropped-out x."""
     if self._dropout_active():
       key = jax.random.wrap_key_data(self.dropout_key[...])
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
       dropped = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
       # PEFT's DoRA reruns the base product on the dropped-out input for its (m / norm - 1) term.
-      y = kernels_lib.get(self.kernels).linear(self.einsum, dropped, weight()) if self.use_dora else y
+      y = linear.product(dropped) if self.use_dora else y
       x = dropped
     delta = _deltas([self], x)[0]
     if not self.use_dora:
       return delta
-    ratio = self.lora_magnitude[...].astype(jnp.float32) / jax.lax.stop_gradient(self._weight_norms(weight()))
+    ratio = self.lora_magnitude[...].astype(jnp.float32) / jax.lax.stop_gradient(self._weight_norms(linear.weight()))
     return (ratio - 1).astype(y.dtype) * y + ratio.astype(delta.dtype) * delta
 
   def _weight_norms(self, weight: jax.Array) -> jax.Array:
@@ -224,6 +223,14 @@ def in_axes(spec: einsum_lib.LinearEinsum, ndim: int) -> tuple[int, ...]:
 def row_norms(kernel: Any, axes: tuple[int, ...]) -> Any:
   """The norm of each output row of a weight (over its input axes `axes`): HF's ||W||_row of [out, in]."""
   return jnp.sqrt(jnp.sum(jnp.square(kernel), axis=axes))
+
+
+@nnx.jit
+def weight_row_norms(linear: Linear) -> jax.Array:
+  """||W|| per output row of `linear.weight()`, float32 [stack..., out...]: DoRA's initial magnitudes.
+  Jitted, so neither a float32 copy nor a whole dequantised kernel is materialised."""
+  w = linear.weight()
+  return row_norms(w.astype(jnp.float32), in_axes(einsum_lib.parse(linear.einsum), w.ndim))
 
 
 def dora_rows(merged: Any, magnitude: Any, axes: tuple[int, ...]) -> jax.Array:
@@ -330,7 +337,7 @@ def apply_lora(
       alpha=alpha,
       dropout=dropout,
       use_rslora=use_rslora,
-      weight=lin.weight() if use_dora else None,
+      magnitude=weight_row_norms(lin) if use_dora else None,
       dtype=lin.dtype,
       param_dtype=param_dtype,
       kernels=lin.kernels,

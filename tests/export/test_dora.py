@@ -17,8 +17,10 @@ from flax import nnx
 from jaxtune.export import export_adapter, export_merged
 from jaxtune.hf.load import load_model
 from jaxtune.merge import sources
+from jaxtune.models.options import ModelOptions
+from jaxtune.models.transformer import Linear
 from jaxtune.peft.import_adapter import load_adapter
-from jaxtune.peft.lora import LoRA, LoRAParam, adapter_settings, lora_weights, peft_state_dict
+from jaxtune.peft.lora import LoRA, LoRAParam, adapter_settings, lora_weights, peft_state_dict, weight_row_norms
 
 import tiny_hf
 from export_helpers import assert_close_logits, lora_model, read_checkpoint
@@ -138,21 +140,25 @@ def test_dropout_reruns_the_base_product_on_the_dropped_input(peft):
   """One adapted layer in training, dropout 0.5 with the same mask on both sides: PEFT's output and gradients."""
   d_in, d_out, p = 16, 12, 0.5
   rng = np.random.default_rng(0)
-  kernel = (0.2 * rng.standard_normal((d_in, d_out))).astype(np.float32)
+  linear = Linear(
+    "BTD,DF->BTF", (d_in, d_out), ("embed", "mlp"), bias_shape=(d_out,), options=ModelOptions(), rngs=nnx.Rngs(0)
+  )
+  linear.bias.set_value(jnp.asarray(0.1 * rng.standard_normal(d_out), jnp.float32))
   adapter = LoRA(
-    "BTD,DF->BTF",
-    kernel.shape,
-    None,
+    linear.einsum,
+    linear.kernel_shape,
+    linear.kernel_axes,
     rank=4,
     alpha=8.0,
     dropout=p,
-    weight=jnp.asarray(kernel),
+    magnitude=weight_row_norms(linear),
     dtype=jnp.float32,
     rngs=nnx.Rngs(0),
   )
-  adapter.deterministic = False
   adapter.lora_b.set_value(jnp.asarray(0.05 * rng.standard_normal(adapter.lora_b.shape), jnp.float32))
   adapter.lora_magnitude.set_value(adapter.lora_magnitude[...] * (1 + 0.2 * rng.standard_normal(d_out)))
+  adapter.deterministic = False
+  linear.adapter = adapter
   x = rng.standard_normal((2, 3, d_in)).astype(np.float32)
   keep = np.asarray(jax.random.bernoulli(jax.random.wrap_key_data(adapter.dropout_key[...]), 1 - p, x.shape))
 
@@ -167,24 +173,28 @@ def test_dropout_reruns_the_base_product_on_the_dropped_input(peft):
 
   config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["proj"], use_dora=True)
   layer = peft.get_peft_model(Layer(), config).base_model.model.proj
-  a, b, m = (np.asarray(v[...]) for v in (adapter.lora_a, adapter.lora_b, adapter.lora_magnitude))
+  kernel, bias, a, b, m = (
+    np.asarray(v[...]) for v in (linear.kernel, linear.bias, adapter.lora_a, adapter.lora_b, adapter.lora_magnitude)
+  )
   with torch.no_grad():
-    layer.base_layer.weight.copy_(torch.tensor(kernel.T))
-    layer.lora_A["default"].weight.copy_(torch.tensor(a.T))
-    layer.lora_B["default"].weight.copy_(torch.tensor(b.T))
-    layer.lora_magnitude_vector["default"].weight.copy_(torch.tensor(m))
+    for param, value in (
+      (layer.base_layer.weight, kernel.T),
+      (layer.base_layer.bias, bias),
+      (layer.lora_A["default"].weight, a.T),
+      (layer.lora_B["default"].weight, b.T),
+      (layer.lora_magnitude_vector["default"].weight, m),
+    ):
+      param.copy_(torch.tensor(value))
   layer.lora_dropout["default"] = Mask()
   layer.train()
   r = rng.standard_normal((2, 3, d_out)).astype(np.float32)
-  xt = torch.tensor(x)
-  out = layer(xt) - torch.nn.functional.linear(xt, layer.base_layer.weight, layer.base_layer.bias)  # the delta
+  out = layer(torch.tensor(x))
   (out * torch.tensor(r)).sum().backward()
 
-  graphdef, params, rest = nnx.split(adapter, LoRAParam, ...)
-  w = jnp.asarray(kernel)
-  delta = lambda params: nnx.merge(graphdef, params, rest)(x, lambda: w, x @ w)  # y: the undropped x's product
-  np.testing.assert_allclose(np.asarray(delta(params)), out.detach().numpy(), rtol=1e-5, atol=1e-6)
-  grads = nnx.to_pure_dict(jax.grad(lambda params: jnp.sum(delta(params) * r))(params))
+  graphdef, params, rest = nnx.split(linear, LoRAParam, ...)
+  forward = lambda params: nnx.merge(graphdef, params, rest)(x)
+  np.testing.assert_allclose(np.asarray(forward(params)), out.detach().numpy(), rtol=1e-5, atol=1e-6)
+  grads = nnx.to_pure_dict(jax.grad(lambda params: jnp.sum(forward(params) * r))(params))["adapter"]
   for ours, theirs in (
     (grads["lora_a"], layer.lora_A["default"].weight.grad.numpy().T),
     (grads["lora_b"], layer.lora_B["default"].weight.grad.numpy().T),

@@ -179,6 +179,31 @@ def test_dora_starts_as_the_base_and_merges_into_its_kernels(base):
   np.testing.assert_allclose(np.asarray(_logits(unloaded, IDS)), out, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # quantising the tiny model at init takes seconds
+def test_dora_on_a_quantised_base_is_dora_on_its_dequantised_weights():
+  """NF4 base (double quantisation): the magnitudes start at the dequantised rows' norms, and the model with
+  moved adapters gives the logits of the same adapters on a 16-bit base holding the dequantised kernels."""
+  hf = {**TINY, "head_dim": 32}  # every innermost input axis (64, 32, 96) a multiple of the block
+  quantised = lora.apply_lora(
+    _model(hf, quantize="nf4", quant_block=32, double_quant=True), rank=4, alpha=8.0, use_dora=True, rngs=nnx.Rngs(1)
+  )
+  _randomize_b(quantised)
+  plain = _model(hf)
+  for (_, q), (_, p) in zip(lora._linears(quantised), lora._linears(plain), strict=True):
+    if q.quantized:
+      p.kernel.set_value(q.kernel_value())
+    else:  # the LM head stays 16-bit
+      p.kernel.set_value(q.kernel[...])
+  q = quantised.layers.attn.q
+  assert q.quantized
+  np.testing.assert_allclose(
+    np.asarray(q.adapter.lora_magnitude[...]), np.linalg.norm(np.asarray(q.kernel_value()), axis=1), rtol=1e-6
+  )
+  twin = lora.apply_lora(plain, rank=4, alpha=8.0, use_dora=True, rngs=nnx.Rngs(1))
+  nnx.update(twin, nnx.state(quantised, lora.LoRAParam))
+  np.testing.assert_allclose(np.asarray(_logits(quantised, IDS)), np.asarray(_logits(twin, IDS)), atol=1e-5)
+
+
 def test_dora_keeps_nothing_weight_sized_for_the_backward(capsys):
   """The weight norm is computed without forming B A, so remat's dots policy finds no weight-sized product to
   keep per layer (keeping B A would cost a copy of every adapted weight)."""
