@@ -37,7 +37,7 @@ from jaxtune.errors import ConfigError
 from jaxtune.hf import mapping
 from jaxtune.models import einsum as einsum_lib
 from jaxtune.models import kernels as kernels_lib
-from jaxtune.models.transformer import CausalLM, HeadParam, Linear
+from jaxtune.models.transformer import ADAPTED_NAME, CausalLM, HeadParam, Linear
 
 METHODS = ("lora", "full")  # peft.method: train the adapters only, or every weight
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -154,7 +154,10 @@ class LoRA(nnx.Module):
     if not self.use_dora:
       return delta
     ratio = self.lora_magnitude[...].astype(jnp.float32) / jax.lax.stop_gradient(self._weight_norms(linear.weight()))
-    return (ratio - 1).astype(y.dtype) * y + ratio.astype(delta.dtype) * delta
+    # The layer's output is ratio * (y + delta); the magnitudes' gradient reads that sum alone. Named, remat's
+    # policies keep it instead of both products (one activation-sized array per layer rather than two).
+    adapted = kernels_lib.get(self.kernels).name(y + delta.astype(y.dtype), ADAPTED_NAME)
+    return ratio.astype(y.dtype) * adapted - y
 
   def _weight_norms(self, weight: jax.Array) -> jax.Array:
     """||W + s B A|| per output row, float32, without forming B A (nor keeping it for the backward).
