@@ -117,3 +117,8 @@ LLAMA_TIED_CHAT = dict(
   tie_word_embeddings=True,
   rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
 )
+
+# Quantised bases (NF4 blocks of 64 run along each weight's innermost input axis: embed, head_dim, mlp): sizes
+# that 64 divides, also after 8-way FSDP (512 / 8) and 2-way tensor parallelism (256 / 2) split them.
+QUANT_SIZES = dict(hidden_size=512, intermediate_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+QUANT_FAMILIES = ("llama", "qwen2", "gemma2")

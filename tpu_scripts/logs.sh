@@ -8,7 +8,7 @@ JT_USAGE="usage: $JT_SCRIPT --name NAME --zone ZONE [--worker N|all] [--lines N]
 
 Prints the end of REMOTE_DIR/logs/train.log (written by launch.sh) on one worker or all.
   $JT_SCRIPT --name tune --zone us-west4-a --worker all --follow"
-jt_parse "name zone project worker lines follow remote-dir" "$@"
+jt_parse "name zone project worker lines follow remote-dir internal-ip" "$@"
 jt_require name zone
 jt_require_number lines
 [[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || jt_die "--worker (or WORKER) must be a worker index or all, not '$WORKER'"

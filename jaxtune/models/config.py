@@ -219,4 +219,13 @@ def load_config(path: str | pathlib.Path) -> ModelConfig:
     hf = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise ModelConfigError(f"{file}:{e.lineno}: invalid JSON: {e.msg}.") from None
+  quantized = hf.get("quantization_config")
+  if isinstance(quantized, dict):  # e.g. the hub's *-bnb-4bit checkpoints: packed codes where weights should be
+    method = quantized.get("quant_method", "an unknown method")
+    kind = quantized.get("bnb_4bit_quant_type") if quantized.get("load_in_4bit") else None
+    raise ModelConfigError(
+      f"{file}: the checkpoint is stored pre-quantised ({method}{', ' + kind if kind else ''}); jaxtune reads "
+      "16-bit checkpoints and quantises them as they load: point model.path at the original model and set "
+      "model.quantize=nf4 (bitsandbytes' codes, the same as this checkpoint's when it was made from it) or int8."
+    )
   return from_hf_dict(hf, where=str(file))

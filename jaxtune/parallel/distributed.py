@@ -1,6 +1,7 @@
 """Multi-host start-up: one `jax.distributed.initialize` per process, before any other JAX call.
 
-  TPU VM / pod slice   automatic: the TPU runtime tells every worker its peers.
+  TPU VM / pod slice   automatic: JAX reads the peers from the TPU VM's metadata server (GKE: from
+                       TPU_WORKER_HOSTNAMES); joined whenever that names more than one host.
   SLURM / Open MPI     automatic too: JAX reads SLURM_* / OMPI_* variables itself.
   anything else        coordinator address, process count and id from flags, or from
                        JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
@@ -12,7 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 
@@ -31,9 +32,17 @@ class DistributedSpec:
 
   @classmethod
   def from_env(
-    cls, env: Mapping[str, str], coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+    cls,
+    env: Mapping[str, str],
+    coordinator_address: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+    tpu_hosts: Callable[[], int] | None = None,
   ) -> "DistributedSpec":
-    """Explicit arguments first, then JAX_* variables, then a cluster JAX detects (TPU pod, SLURM, MPI)."""
+    """Explicit arguments first, then JAX_* variables, then a cluster JAX detects (TPU slice, SLURM, MPI).
+
+    `tpu_hosts` counts the hosts of this TPU slice (`tpu_slice_hosts`, JAX's own detection, by default).
+    """
     address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
     count = num_processes or int(env.get("JAX_NUM_PROCESSES", "0") or 0)
     pid = process_id if process_id >= 0 else int(env.get("JAX_PROCESS_ID", "-1") or -1)
@@ -52,14 +61,29 @@ class DistributedSpec:
       if pid >= count:
         raise ConfigError(f"process id {pid} is out of range for {count} processes (ids are 0..{count - 1}).")
       return cls("explicit", address, count, pid, f"process {pid} of {count}, coordinator {address}")
-    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-      return cls("auto", why=f"a TPU pod slice ({len(hosts)} workers)")
+    hosts = (tpu_hosts or tpu_slice_hosts)()
+    if hosts > 1:
+      return cls("auto", why=f"a TPU slice of {hosts} hosts")
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
       return cls("auto", why=f"a SLURM job of {env['SLURM_NTASKS']} tasks")
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
       return cls("auto", why=f"an Open MPI job of {env['OMPI_COMM_WORLD_SIZE']} ranks")
     return cls()
+
+
+def tpu_slice_hosts() -> int:
+  """Processes of this Cloud TPU run (hosts times slices) as `jax.distributed.initialize()` counts them; 0 off TPUs.
+
+  JAX's own detection, which has no public API: GKE's TPU_WORKER_HOSTNAMES, else the TPU VM's
+  metadata server (plain TPU VMs, the ones `gcloud compute tpus tpu-vm create` makes, set no variable).
+  Off a TPU VM it returns at once, asking no server.
+  """
+  from jax._src import clusters
+
+  for cluster in clusters.ClusterEnv._cluster_types:  # in the order jax.distributed.initialize() tries them
+    if cluster.__module__.endswith(".cloud_tpu_cluster") and cluster.is_env_present():
+      return cluster.get_process_count()
+  return 0
 
 
 def initialize(spec: DistributedSpec) -> str:

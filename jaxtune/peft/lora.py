@@ -5,9 +5,9 @@ base kernels are not touched. A LoRA module derives its two factors from the Lin
 einsum string: for "BTD,DNH->BTNH" (q) the contracted letters are D and the output
 letters N, H, so A is [L, D, r] and B is [L, r, N, H], where L is the layer-stack axis.
 Adapters carry the logical axes of the weight they adapt (plus "lora_rank" for r), so
-they shard like it. A quantised base (QLoRA) is a different kernel Variable type inside
-Linear; the adapters read the weight's values only as `Linear.weight()` gives them (dequantised,
-in the compute dtype: DoRA's norms), the merges as `Linear.kernel_value` does.
+they shard like it. A quantised base (QLoRA, models/quantize.py) is a `QuantizedKernel` in the
+Linear's kernel slot; the adapters read the weight's values only as `Linear.weight()` gives them
+(dequantised, in the compute dtype: DoRA's norms), merges as `Linear.kernel_value` does.
 
 DoRA (`use_dora`, PEFT's name) adds a magnitude per output row of the weight, m [L, N, H]
 for q, initialised to the rows' norms ||W||; the layer computes PEFT's

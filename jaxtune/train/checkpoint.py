@@ -170,10 +170,6 @@ class Checkpoints:
     if error is not None:
       raise error
 
-  def reached_preemption(self, step: int) -> bool:
-    """True on every process once any has been told of a preemption (multi-host; jax.distributed)."""
-    return self._manager.reached_preemption(step)
-
   def wait(self) -> None:
     """Blocks until every save has been written; RunWriteError when one could not be."""
     if self._writing is None:

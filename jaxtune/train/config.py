@@ -89,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       use_rslora=False,
       # DoRA (PEFT's use_dora): a trained magnitude per output row of each adapted weight besides A and B;
-      # each step recomputes the weight's row norms, so it costs more than LoRA.
+      # each step recomputes the weights' row norms, and keeps one more activation per adapted layer.
       use_dora=False,
       targets="all-linear",  # all-linear | a regex matching whole dotted module paths, e.g. "layers.attn.(q|v)"
     )
@@ -119,7 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(
     dict(
-      every=500,  # save every N steps (and always at the end, and on SIGTERM); 0: only those
+      every=500,  # save every N steps (and at the end, and on a preemption notice); 0: only those
       keep=3,  # the newest K checkpoints are kept
       keep_best=False,  # also keep the one with the lowest validation loss
       async_save=True,  # write in the background while training continues

@@ -11,8 +11,6 @@ import contextlib
 import dataclasses
 import math
 import pathlib
-import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -35,7 +33,7 @@ from jaxtune.parallel import load as parallel_load
 from jaxtune.peft import apply_lora
 from jaxtune.peft import lora as lora_lib
 from jaxtune.peft.import_adapter import load_adapter
-from jaxtune.train import builtin_models, faults, objectives, optim, run_lock
+from jaxtune.train import builtin_models, faults, objectives, optim, preemption, run_lock
 from jaxtune.train import checkpoint as ckpt_lib
 from jaxtune.train import config as config_lib
 from jaxtune.train import logging as log_lib
@@ -420,7 +418,7 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
   step, stopped = run.start, None
   streak = int(run.state.nonfinite_streak)  # of the newest step whose metrics the host has read
   pending = None  # (step, metrics on the device, tokens): dispatched, not read yet
-  with _Preemption() as preemption:
+  with preemption.Notice() as notice:
     for step in range(run.start + 1, steps + 1):
       batch = next(run.train_iter, None)
       if batch is None:
@@ -435,7 +433,7 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
         pending = None
       save = bool(config.checkpoint.every) and step % config.checkpoint.every == 0
       eval_now = evaluate is not None and bool(cfg_train.eval_every) and step % cfg_train.eval_every == 0
-      signalled = preemption.requested or _preempted_elsewhere(run.ckpts, step)
+      signalled = notice.reached(step)  # every step, on every process (preemption.py)
       if (
         cfg_train.overlap
         and step < steps
@@ -498,7 +496,7 @@ def _check_memory(run: Run, train_step: step_lib.TrainStep) -> None:
 
 
 def _stop(run: Run, step: int, why: str) -> dict[str, Any]:
-  """After SIGTERM or a NaN streak: checkpoint the current (last good) parameters, then return or raise."""
+  """After a preemption notice or a NaN streak: checkpoint the current (last good) parameters, then return or raise."""
   if run.ckpts.latest_step() != step:
     run.save(step)
   run.ckpts.wait()
@@ -511,32 +509,6 @@ def _stop(run: Run, step: int, why: str) -> dict[str, Any]:
     )
   run.say(f"SIGTERM: saved {where}; resume with --config.resume=auto")
   return {"step": step, "stopped": "sigterm", "checkpoint": str(where)}
-
-
-class _Preemption:
-  """Turns SIGTERM (how TPU VMs announce preemption) into a flag the loop checks after every step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self) -> "_Preemption":
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame) -> None:
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-def _preempted_elsewhere(ckpts: ckpt_lib.Checkpoints, step: int) -> bool:
-  """Multi-host preemption notices (jax.distributed's preemption service); False on one process."""
-  return jax.process_count() > 1 and ckpts.reached_preemption(step)
 
 
 def _micro_batches(batch: dict[str, np.ndarray], grad_accum: int) -> dict[str, np.ndarray]:

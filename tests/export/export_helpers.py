@@ -18,17 +18,27 @@ import tiny_configs
 
 
 def lora_model(
-  source: pathlib.Path, *, rank: int = 4, alpha: float = 8.0, seed: int = 0, std: float = 0.05, **lora
+  source: pathlib.Path,
+  *,
+  rank: int = 4,
+  alpha: float = 8.0,
+  seed: int = 0,
+  std: float = 0.05,
+  load: dict | None = None,
+  **lora,
 ) -> CausalLM:
   """The HF checkpoint at `source` in jaxtune with `apply_lora` adapters, A and B random (B is zero at init);
   DoRA's magnitudes (use_dora=True) are the kernels' row norms, each moved by ~20%.
 
-  The adapters' structure comes from apply_lora on an abstract model and their values from
-  numpy: apply_lora's random init compiles once per shape, seconds per model on 2 cores.
+  load: `load_model` settings of the base (e.g. quantize="nf4"). The adapters' structure comes from apply_lora
+  on an abstract model and their values from numpy: apply_lora's random init compiles once per shape, seconds
+  per model on 2 cores.
   """
-  base = load_model(source)
+  base = load_model(source, **(load or {}))
   abstract = nnx.eval_shape(
-    lambda: apply_lora(CausalLM(base.config, rngs=nnx.Rngs(0)), rank=rank, alpha=alpha, rngs=nnx.Rngs(0), **lora)
+    lambda: apply_lora(
+      CausalLM(base.config, base.options, rngs=nnx.Rngs(0)), rank=rank, alpha=alpha, rngs=nnx.Rngs(0), **lora
+    )
   )
   graphdef, adapters, rest = nnx.split(abstract, LoRAParam, ...)
   del rest

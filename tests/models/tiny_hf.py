@@ -7,21 +7,22 @@ import pathlib
 from tiny_configs import COMMON, FAMILIES
 
 
-def hf_config(family: str):
+def hf_config(family: str, **overrides):
   import transformers
 
-  kwargs = {**COMMON, **FAMILIES[family]}
+  kwargs = {**COMMON, **FAMILIES[family], **overrides}
   model_type = kwargs.pop("model_type")
   return transformers.AutoConfig.for_model(model_type, **kwargs)
 
 
-def build(family: str, directory: pathlib.Path, seed: int = 0, dtype=None):
-  """Saves a random tiny model of `family` to `directory`; returns the torch model (eval mode, float32)."""
+def build(family: str, directory: pathlib.Path, seed: int = 0, dtype=None, **overrides):
+  """Saves a random tiny model of `family` (config fields `overrides` changed) to `directory`; returns the
+  torch model (eval mode, float32)."""
   import torch
   import transformers
 
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(hf_config(family), attn_implementation="eager")
+  model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides), attn_implementation="eager")
   with torch.no_grad():  # norms start at exactly 1 (or 0 for Gemma); perturb them so the test sees them
     for name, p in model.named_parameters():
       if "norm" in name:

