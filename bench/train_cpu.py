@@ -1,6 +1,7 @@
 """jaxtune vs transformers + PEFT on CPU: one train step, same shape, batch, LoRA and optimizer.
 
     python -m bench.train_cpu --setting lora     # LoRA r=16, alpha=32, all linear layers
+    python -m bench.train_cpu --setting dora     # the same adapters with DoRA (use_dora) on both sides
     python -m bench.train_cpu --setting full     # full fine-tuning
     python -m bench.train_cpu --setting lora --smoke   # tiny shape, 1 round of 1 step: seconds
 
@@ -109,12 +110,12 @@ def jaxtune_step(
   from jaxtune.train import optim, step
 
   model = init_model(cfg, seed=0, options=options)
-  if setting == "lora":
-    apply_lora(model, rank=LORA["rank"], alpha=LORA["alpha"], dropout=0.0, rngs=nnx.Rngs(1))
+  if setting != "full":  # lora | dora
+    apply_lora(model, rank=LORA["rank"], alpha=LORA["alpha"], dropout=0.0, use_dora=setting == "dora", rngs=nnx.Rngs(1))
   ocfg = optim.optim_config()
   ocfg.lr, ocfg.schedule, ocfg.weight_decay, ocfg.clip_norm = lr, "constant", 0.0, 1.0
   tx = optim.make_optimizer(ocfg, total_steps=10**6)
-  graphdef, frozen, state = step.init_train_state(model, tx, method=setting)
+  graphdef, frozen, state = step.init_train_state(model, tx, method="full" if setting == "full" else "lora")
   del model
   n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
   n_frozen = sum(x.size for x in jax.tree.leaves(frozen.weights))
@@ -176,7 +177,7 @@ def jax_options(
 
   from jaxtune.models import options as options_lib
 
-  param_dtype = "bfloat16" if dtype == "bfloat16" and setting == "lora" else "float32"
+  param_dtype = "bfloat16" if dtype == "bfloat16" and setting != "full" else "float32"
   return options_lib.for_platform(
     jax.default_backend(), kernels=kernels, dtype=dtype, param_dtype=param_dtype, attention_impl=attention, remat=remat
   )
@@ -205,14 +206,19 @@ def hf_side(
   config = transformers.LlamaConfig(**hf_cfg)
   config._attn_implementation = attn
   bf16 = dtype == "bfloat16"
-  model = transformers.LlamaForCausalLM(config).to(torch.bfloat16 if bf16 and setting == "lora" else torch.float32)
-  if setting == "lora":
+  model = transformers.LlamaForCausalLM(config).to(torch.bfloat16 if bf16 and setting != "full" else torch.float32)
+  if setting != "full":
     import peft
 
     model = peft.get_peft_model(
       model,
       peft.LoraConfig(
-        r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=HF_TARGETS, task_type="CAUSAL_LM"
+        r=LORA["rank"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=0.0,
+        target_modules=HF_TARGETS,
+        task_type="CAUSAL_LM",
+        use_dora=setting == "dora",
       ),
     )
   model.train()
@@ -418,7 +424,7 @@ def _ask(proc: subprocess.Popen, line: str | None = None) -> dict:
 def parser() -> argparse.ArgumentParser:
   """The command line, also how bench/dpo_cpu.py sets up the SFT workers it runs beside its own."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--setting", choices=("lora", "full"), default="lora")
+  p.add_argument("--setting", choices=("lora", "dora", "full"), default="lora")
   p.add_argument("--sides", default="jaxtune,hf", help="comma list: jaxtune, hf")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=3, help="measured steps per side per round")

@@ -1,7 +1,8 @@
 """Adapter export: LoRA factors in PEFT's layout, for `peft.PeftModel.from_pretrained` and vLLM's LoRA loading.
 
     OUT/adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in], .lora_B.weight [out, r]
-    OUT/adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, use_rslora, base model
+                                    (DoRA: also <module>.lora_magnitude_vector [out])
+    OUT/adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, use_rslora, use_dora, base model
     OUT/README.md                   a model card: the base (front matter `base_model`), how to load it
 
 The names and layouts come from `jaxtune.peft.lora.peft_state_dict` / `peft_config`.
@@ -62,7 +63,7 @@ def model_card(base: str, config: dict, provenance: str = "") -> str:
     "tags: [lora, jaxtune]",
     "---",
     "",
-    f"# LoRA adapter for {base}",
+    f"# {'DoRA' if config.get('use_dora') else 'LoRA'} adapter for {base}",
     "",
     f"Trained with jaxtune: rank {config.get('r')}, alpha {config.get('lora_alpha')}, modules {modules}.",
     "",

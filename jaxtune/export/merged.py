@@ -1,4 +1,4 @@
-"""Merged export: the model with its LoRA adapters folded in, as a Hugging Face checkpoint directory.
+"""Merged export: the model with its LoRA (or DoRA) adapters folded in, as a Hugging Face checkpoint directory.
 
 Loadable by `transformers.AutoModelForCausalLM.from_pretrained` and by vLLM: safetensors
 shards (+ `model.safetensors.index.json` past `max_shard_bytes`), the source checkpoint's
@@ -6,7 +6,7 @@ config.json with the new dtype, a generation_config.json whose EOS ids include e
 end-of-turn token, and the source's tokenizer and chat-template files.
 
 Each tensor is computed only when the writer reaches it (one layer's slice of a stacked
-parameter, LoRA folded in float32, then cast), so the host holds the model plus one tensor.
+parameter, the adapter folded in float32, then cast), so the host holds the model plus one tensor.
 """
 
 from __future__ import annotations
@@ -45,18 +45,19 @@ def _layer(stack: jax.Array, i: jax.Array) -> jax.Array:
 
 
 def _merged_kernel(linear: Linear, i: int | None) -> jax.Array:
-  """kernel + scale * A @ B in float32, for layer i of a stacked Linear (or the whole unstacked one);
-  a quantised kernel is merged as it dequantises."""
-  a, b = linear.adapter.lora_a[...], linear.adapter.lora_b[...]
+  """The kernel with its adapter merged (`merge_kernel`, float32), for layer i of a stacked Linear (or the whole
+  unstacked one); a quantised kernel is merged as it dequantises."""
+  adapter = linear.adapter
+  arrays = [adapter.lora_a[...], adapter.lora_b[...]] + ([adapter.lora_magnitude[...]] if adapter.use_dora else [])
   if i is not None:
-    a, b = _layer(a, i), _layer(b, i)
-  return merge_kernel(linear.kernel_value(i), a, b, linear.adapter)
+    arrays = [_layer(x, i) for x in arrays]
+  return merge_kernel(linear.kernel_value(i), *arrays[:2], adapter, *arrays[2:])
 
 
 def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
   """Every Hugging Face tensor of the model, in checkpoint order, each computed when asked for.
 
-  LoRA adapters are folded in (in float32) before the cast to `dtype`; tied embeddings
+  Adapters (LoRA or DoRA) are folded in (in float32) before the cast to `dtype`; tied embeddings
   give no lm_head tensor. A model with a score head (a reward model) is written as transformers'
   *ForSequenceClassification: the backbone, `score.weight` [labels, D], no lm_head.
   """
@@ -157,7 +158,7 @@ def export_merged(
   chat_template: str | None = None,
   pad_id: int | None = None,
 ) -> pathlib.Path:
-  """Writes `model` (LoRA merged) as an HF checkpoint in `out_dir`; returns the directory.
+  """Writes `model` (adapters merged) as an HF checkpoint in `out_dir`; returns the directory.
 
   source_dir: the HF checkpoint the model was loaded from (config.json, generation and
   tokenizer files are taken from it). dtype: of the written tensors; default the source's.

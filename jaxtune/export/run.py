@@ -149,6 +149,7 @@ def _with_adapters(
       alpha=lora["alpha"],
       dropout=lora.get("dropout", 0.0),
       use_rslora=lora.get("use_rslora", False),
+      use_dora=lora.get("use_dora", False),
       targets=lora.get("targets", "all-linear"),
       rngs=nnx.Rngs(0),
     )

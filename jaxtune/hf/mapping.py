@@ -135,6 +135,19 @@ class TensorMap:
     b_hf = b.transpose([1 + outs.index(c) for c in hf_outs] + [0]).reshape(-1, b.shape[0])
     return a_hf, b_hf
 
+  def rows_to_hf(self, rows: np.ndarray, kernel_letters: str) -> np.ndarray:
+    """One layer's vector over the weight's output letters [out...] (DoRA's magnitude) -> HF's [out]."""
+    _, outs, _, hf_outs = self._lora_axes(kernel_letters, len(kernel_letters) - rows.ndim)
+    return rows.transpose([outs.index(c) for c in hf_outs]).reshape(-1)
+
+  def rows_from_hf(self, rows_hf: np.ndarray, kernel_letters: str, shape: tuple[int, ...]) -> np.ndarray:
+    """HF's [out] vector -> one layer's [out...] of `shape`; ValueError naming the expected shape."""
+    _, outs, _, hf_outs = self._lora_axes(kernel_letters, len(kernel_letters) - len(shape))
+    size = dict(zip(outs, shape))
+    if tuple(rows_hf.shape) != (math.prod(shape),):
+      raise ValueError(f"lora_magnitude_vector has shape {tuple(rows_hf.shape)}, expected {(math.prod(shape),)}")
+    return rows_hf.reshape([size[c] for c in hf_outs]).transpose([hf_outs.index(c) for c in outs])
+
   def lora_from_hf(
     self, a_hf: np.ndarray, b_hf: np.ndarray, kernel_letters: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]
   ) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
 """The models a merge reads, tensor by tensor: HF checkpoint directories, and PEFT LoRA adapters over one.
 
 An adapter is merged as the model it makes: each adapted weight read as W + scale · B @ A
-(scale = alpha / r, or alpha / sqrt(r) with rsLoRA), everything else as the base's. It is named
+(scale = alpha / r, or alpha / sqrt(r) with rsLoRA; DoRA then rescales each row to its magnitude,
+`jaxtune.peft.lora.dora_rows`), everything else as the base's. It is named
 as mergekit names it, `BASE+ADAPTER`, or as a bare adapter directory, which then applies to the
 recipe's base_model.
 """
@@ -16,7 +17,7 @@ import numpy as np
 from jaxtune.errors import UserError
 from jaxtune.hf.safetensors_io import Checkpoint, SafetensorsFile
 from jaxtune.peft.import_adapter import CONFIG_FILE, FACTORS, WEIGHTS_FILE, AdapterError, read_adapter_config
-from jaxtune.peft.lora import PEFT_PREFIX
+from jaxtune.peft.lora import MAGNITUDE, PEFT_PREFIX, dora_rows
 
 
 class MergeInputError(UserError, ValueError):
@@ -46,7 +47,7 @@ class Model:
 
 
 class Adapted(Model):
-  """A base checkpoint with a PEFT LoRA adapter folded in, tensor by tensor."""
+  """A base checkpoint with a PEFT LoRA (or DoRA) adapter folded in, tensor by tensor."""
 
   def __init__(self, label: str, base: Model, adapter_dir: pathlib.Path):
     self.label, self.directory, self.checkpoint, self.base = label, base.directory, base.checkpoint, base
@@ -58,21 +59,23 @@ class Adapted(Model):
     weights = SafetensorsFile(path)
     rank, alpha = float(config["r"]), float(config["lora_alpha"])
     self.scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    self.dora = bool(config.get("use_dora"))
+    suffixes = FACTORS + (MAGNITUDE,) if self.dora else FACTORS
     self.weights, self.adapted = weights, {}
     for tensor in weights.keys():
-      factor = next((f for f in FACTORS if tensor.endswith(f)), None)
-      if not tensor.startswith(PEFT_PREFIX) or factor is None:
+      suffix = next((f for f in suffixes if tensor.endswith(f)), None)
+      if not tensor.startswith(PEFT_PREFIX) or suffix is None:
         raise AdapterError(
           f"{path}: tensor {tensor!r} is not a LoRA factor of a linear layer "
-          f"({PEFT_PREFIX}<module>{FACTORS[0]} or {FACTORS[1]}); only plain LoRA adapters can be merged."
+          f"({PEFT_PREFIX}<module>{' or '.join(suffixes)}); only LoRA and DoRA adapters can be merged."
         )
-      self.adapted.setdefault(tensor.removeprefix(PEFT_PREFIX).removesuffix(factor) + ".weight", []).append(tensor)
+      self.adapted.setdefault(tensor.removeprefix(PEFT_PREFIX).removesuffix(suffix) + ".weight", []).append(tensor)
     for name, tensors in self.adapted.items():
       prefix = PEFT_PREFIX + name.removesuffix(".weight")
       a_name, b_name = prefix + FACTORS[0], prefix + FACTORS[1]
-      if len(tensors) != 2:
-        missing = b_name if a_name in tensors else a_name
-        raise AdapterError(f"{path}: tensor {missing!r} is missing; a LoRA module needs both factors.")
+      missing = [prefix + s for s in suffixes if prefix + s not in tensors]
+      if missing:
+        raise AdapterError(f"{path}: tensor {missing[0]!r} is missing; a module needs all of {', '.join(suffixes)}.")
       if name not in base.checkpoint:
         raise AdapterError(
           f"{path}: tensor {a_name!r} adapts {name}, which {base.label} does not have; "
@@ -85,6 +88,11 @@ class Adapted(Model):
           f"{name} {tuple(w)} of {base.label} with r={int(rank)} ({CONFIG_FILE}); the adapter was made for another "
           "base model."
         )
+      if self.dora and weights.shape(prefix + MAGNITUDE) != (n_out,):
+        raise AdapterError(
+          f"{path}: tensor {prefix + MAGNITUDE!r} {weights.shape(prefix + MAGNITUDE)} does not fit {name} {tuple(w)} "
+          f"of {base.label}; the adapter was made for another base model."
+        )
 
   def get(self, name: str) -> np.ndarray:
     w = self.base.get(name)
@@ -93,7 +101,10 @@ class Adapted(Model):
     prefix = PEFT_PREFIX + name.removesuffix(".weight")
     a = self.weights.get(prefix + FACTORS[0]).astype(np.float32)
     b = self.weights.get(prefix + FACTORS[1]).astype(np.float32)
-    return (w.astype(np.float32) + np.float32(self.scale) * (b @ a)).astype(w.dtype)
+    merged = w.astype(np.float32) + np.float32(self.scale) * (b @ a)
+    if self.dora:  # HF's [out, in]: a row's inputs are axis 1
+      merged = np.asarray(dora_rows(merged, self.weights.get(prefix + MAGNITUDE), (1,)))
+    return merged.astype(w.dtype)
 
 
 def is_adapter(directory: pathlib.Path) -> bool:

@@ -63,8 +63,8 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
 class Linear(nnx.Module):
   """y = einsum(x, kernel) [+ bias]: the one place a weight meets an activation.
 
-  Adapters hook in here (`self.adapter`, a module returning a delta of y's shape), so
-  the model code does not change when a PEFT method is applied.
+  Adapters hook in here (`self.adapter`, a module called with x, this Linear and `product(x)`,
+  returning a delta of y's shape), so the model code does not change when a PEFT method is applied.
   """
 
   def __init__(
@@ -127,15 +127,19 @@ class Linear(nnx.Module):
       return self.kernel.value() if layer is None else self.kernel.layer(layer)
     return self.kernel[...] if layer is None else _layer(self.kernel[...], layer)
 
+  def product(self, x: jax.Array) -> jax.Array:
+    """x's product with the kernel, without the bias (a quantised kernel dequantised inside it)."""
+    kernels = kernels_lib.get(self.kernels)
+    if self.quantized:
+      return self.kernel.product(lambda x, w: kernels.linear(self.einsum, x, w), x, self.dtype)
+    return kernels.linear(self.einsum, x, self.weight())
+
   def __call__(self, x: jax.Array, adapter_delta: jax.Array | None = None) -> jax.Array:
     """y for x; adapter_delta: the adapter's output when computed already (`shared_input`)."""
     kernels = kernels_lib.get(self.kernels)
-    if self.quantized:
-      y = self.kernel.product(lambda x, w: kernels.linear(self.einsum, x, w), x, self.dtype)
-    else:
-      y = kernels.linear(self.einsum, x, self.weight())
+    y = self.product(x)
     if adapter_delta is None and self.adapter is not None:
-      adapter_delta = self.adapter(x)
+      adapter_delta = self.adapter(x, self, y)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if adapter_delta is not None:  # named: remat policies save this sum, not its two products

@@ -177,6 +177,7 @@ def compile_report(
   *,
   method: str,
   lora_rank: int,
+  use_dora: bool = False,
   optimizer: Any,
   rows: int,
   seq: int,
@@ -197,7 +198,7 @@ def compile_report(
   def build():
     model = CausalLM(cfg, options, rngs=nnx.Rngs(0))
     if method == "lora":
-      apply_lora(model, rank=lora_rank, alpha=2.0 * lora_rank, rngs=nnx.Rngs(1))
+      apply_lora(model, rank=lora_rank, alpha=2.0 * lora_rank, use_dora=use_dora, rngs=nnx.Rngs(1))
     if objective == "reward":
       model.add_score_head()
     return model
@@ -332,6 +333,7 @@ def run(argv: list[str]) -> list[Report]:
       mesh_cfg.rules,
       method=config.peft.method,
       lora_rank=config.peft.lora.rank,
+      use_dora=config.peft.lora.use_dora,
       optimizer=optimizer,
       rows=rows,
       seq=config.data.max_seq_len,

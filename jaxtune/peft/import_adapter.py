@@ -1,14 +1,15 @@
-"""A PEFT LoRA adapter directory onto a loaded base model: the inverse of `jaxtune.export.adapter`.
+"""A PEFT LoRA or DoRA adapter directory onto a loaded base model: the inverse of `jaxtune.export.adapter`.
 
-    DIR/adapter_config.json         peft_type LORA, r, lora_alpha, use_rslora
+    DIR/adapter_config.json         peft_type LORA, r, lora_alpha, use_rslora, use_dora
     DIR/adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in], .lora_B.weight [out, r]
+                                    (DoRA: also <module>.lora_magnitude_vector [out])
 
-The adapters become jaxtune's own (`apply_lora` with the file's r, alpha and modules), their
+The adapters become jaxtune's own (`apply_lora` with the file's r, alpha, kind and modules), their
 values read through the weight table's LoRA layout (`mapping.TensorMap.lora_from_hf`), so a
 loaded adapter generates, merges and exports like a trained one. Which modules are adapted comes
 from the tensors in the file (PEFT's `target_modules` may be a regex). What jaxtune's LoRA has no
-form for (DoRA, per-module ranks, some layers only, trained biases, extra trained modules) is
-refused with the key or tensor that asks for it.
+form for (per-module ranks, some layers only, trained biases, extra trained modules) is refused
+with the key or tensor that asks for it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jaxtune.errors import UserError
 from jaxtune.hf import mapping
 from jaxtune.hf.safetensors_io import SafetensorsFile
 from jaxtune.models.transformer import CausalLM
-from jaxtune.peft.lora import PEFT_PREFIX, LoRAParam, PeftModule, apply_lora, lora_weights, peft_modules
+from jaxtune.peft.lora import MAGNITUDE, PEFT_PREFIX, LoRAParam, PeftModule, apply_lora, lora_weights, peft_modules
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -35,7 +36,6 @@ FACTORS = (".lora_A.weight", ".lora_B.weight")
 
 # adapter_config.json keys whose values other than PEFT's defaults jaxtune's LoRA cannot express.
 _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-  "use_dora": (bool, "DoRA adapters are not supported"),
   "modules_to_save": (bool, "modules trained in full besides the adapters are not supported"),
   "bias": (lambda v: v not in (None, "none"), "trained biases are not supported"),
   "lora_bias": (bool, "trained biases are not supported"),
@@ -71,7 +71,7 @@ def read_adapter_config(directory: pathlib.Path) -> dict:
       raise AdapterError(f"{path}: {key} is {config.get(key)!r}; a LoRA adapter needs a positive {key}.")
   for key, (unsupported, why) in _UNSUPPORTED.items():
     if unsupported(config.get(key)):
-      raise AdapterError(f"{path}: {key} is {config[key]!r}: {why}; only plain LoRA adapters can be loaded.")
+      raise AdapterError(f"{path}: {key} is {config[key]!r}: {why}; only LoRA and DoRA adapters can be loaded.")
   return config
 
 
@@ -101,18 +101,28 @@ def _weights(directory: pathlib.Path) -> SafetensorsFile:
   return SafetensorsFile(path)
 
 
-def _adapted(names: list[str], cfg, path: pathlib.Path) -> list[str]:
+def _tensors(dora: bool) -> tuple[str, ...]:
+  """The suffixes of one adapted module's tensors."""
+  return FACTORS + (MAGNITUDE,) if dora else FACTORS
+
+
+def _adapted(names: list[str], cfg, path: pathlib.Path, dora: bool) -> list[str]:
   """The HF module names (q_proj, ...) with LoRA factors in the file; AdapterError for a tensor of another kind."""
   known = set(mapping.module_names(cfg).values())
   found = set()
   for name in names:
     module = name.removeprefix(PEFT_PREFIX)
-    factor = next((f for f in FACTORS if module.endswith(f)), None)
-    short = module.removesuffix(factor or "").rsplit(".", 1)[-1]
-    if not name.startswith(PEFT_PREFIX) or factor is None or short not in known:
+    if not dora and module.endswith(MAGNITUDE):
+      raise AdapterError(
+        f"{path.parent / CONFIG_FILE}: use_dora is not true, but tensor {name!r} is a DoRA magnitude; "
+        "set use_dora: true if the adapter is DoRA."
+      )
+    suffix = next((f for f in _tensors(dora) if module.endswith(f)), None)
+    short = module.removesuffix(suffix or "").rsplit(".", 1)[-1]
+    if not name.startswith(PEFT_PREFIX) or suffix is None or short not in known:
       raise AdapterError(
         f"{path}: tensor {name!r} is not a LoRA factor of a linear layer of this {cfg.model_type} model "
-        f"(expected {PEFT_PREFIX}<module>{FACTORS[0]} or {FACTORS[1]}, modules {', '.join(sorted(known))})."
+        f"(expected {PEFT_PREFIX}<module>{' or '.join(_tensors(dora))}, modules {', '.join(sorted(known))})."
       )
     found.add(short)
   if not found:
@@ -120,38 +130,43 @@ def _adapted(names: list[str], cfg, path: pathlib.Path) -> list[str]:
   return sorted(found)
 
 
-def _factors(weights: SafetensorsFile, module: PeftModule, rank: int) -> tuple[np.ndarray, np.ndarray]:
-  """The module's A and B in our layout (stacked over layers when its weight is), from PEFT's tensors."""
-  a_shape, b_shape = module.adapter.lora_a.shape, module.adapter.lora_b.shape
+def _factors(weights: SafetensorsFile, module: PeftModule, rank: int) -> list[np.ndarray]:
+  """The module's A, B (and DoRA's magnitude) in our layout (stacked over layers when its weight is), from
+  PEFT's tensors."""
+  adapter = module.adapter
+  shapes = [adapter.lora_a.shape, adapter.lora_b.shape] + ([adapter.lora_magnitude.shape] if adapter.use_dora else [])
   stack = 1 if module.tmap.stacked else 0
-  a_all, b_all = np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
+  out = [np.zeros(shape, np.float32) for shape in shapes]
   present = set(weights.keys())
   for i, name in enumerate(module.names):
-    for factor in FACTORS:
-      if name + factor not in present:
+    for suffix in _tensors(adapter.use_dora):
+      if name + suffix not in present:
         raise AdapterError(
-          f"{weights.path}: tensor {name + factor!r} is missing; jaxtune's LoRA adapts a module in every layer, "
-          f"so the adapter must hold {name.rsplit('.', 1)[-1]} factors for all {len(module.names)} layers."
+          f"{weights.path}: tensor {name + suffix!r} is missing; jaxtune's LoRA adapts a module in every layer, "
+          f"so the adapter must hold {name.rsplit('.', 1)[-1]} tensors for all {len(module.names)} layers."
         )
     try:
-      a, b = module.tmap.lora_from_hf(
+      layer = module.tmap.lora_from_hf(
         weights.get(name + FACTORS[0]),
         weights.get(name + FACTORS[1]),
-        module.adapter.spec.w,
-        a_shape[stack:],
-        b_shape[stack:],
+        adapter.spec.w,
+        shapes[0][stack:],
+        shapes[1][stack:],
       )
+      if adapter.use_dora:
+        layer += (module.tmap.rows_from_hf(weights.get(name + MAGNITUDE), adapter.spec.w, shapes[2][stack:]),)
     except ValueError as e:
       raise AdapterError(
         f"{weights.path}: {name}.{e} for r={rank} on this base; the adapter was made for another model, or "
         f"{CONFIG_FILE}'s r is not the tensors' rank."
       ) from None
-    a_all[(i,) * stack], b_all[(i,) * stack] = a, b
-  return a_all, b_all
+    for whole, value in zip(out, layer):
+      whole[(i,) * stack] = value
+  return out
 
 
 def load_adapter(model: CausalLM, directory: str | os.PathLike, base: str = "") -> CausalLM:
-  """The base `model` (no adapters) with the PEFT LoRA adapter in `directory`: a new model sharing its arrays.
+  """The base `model` (no adapters) with the PEFT LoRA or DoRA adapter in `directory`: a new model sharing its arrays.
 
   base: the hub id the model is known by ("" when unknown): an adapter whose base_model_name_or_path is
   another hub id was trained on another model and is refused (shapes are checked tensor by tensor too).
@@ -162,13 +177,14 @@ def load_adapter(model: CausalLM, directory: str | os.PathLike, base: str = "") 
   config = read_adapter_config(directory)
   _check_base(config.get("base_model_name_or_path") or "", base, directory / CONFIG_FILE)
   weights = _weights(directory)
-  rank = int(config["r"])
+  rank, dora = int(config["r"]), bool(config.get("use_dora", False))
   build = lambda: apply_lora(
     CausalLM(model.config, model.options, rngs=nnx.Rngs(0)),
     rank=rank,
     alpha=float(config["lora_alpha"]),
     use_rslora=bool(config.get("use_rslora", False)),
-    targets=_adapted(weights.keys(), model.config, weights.path),
+    use_dora=dora,
+    targets=_adapted(weights.keys(), model.config, weights.path, dora),
     rngs=nnx.Rngs(0),
   )
   # Built abstractly (apply_lora's random init compiles once per shape), then filled from the file.
@@ -177,10 +193,11 @@ def load_adapter(model: CausalLM, directory: str | os.PathLike, base: str = "") 
   out = nnx.merge(graphdef, adapters, nnx.state(model))
   read = set()
   for module in peft_modules(out):
-    a, b = _factors(weights, module, rank)
-    module.adapter.lora_a.set_value(jnp.asarray(a, module.adapter.lora_a.dtype))
-    module.adapter.lora_b.set_value(jnp.asarray(b, module.adapter.lora_b.dtype))
-    read.update(name + factor for name in module.names for factor in FACTORS)
+    adapter = module.adapter
+    params = [adapter.lora_a, adapter.lora_b] + ([adapter.lora_magnitude] if dora else [])
+    for param, value in zip(params, _factors(weights, module, rank)):
+      param.set_value(jnp.asarray(value, param.dtype))
+    read.update(name + suffix for name in module.names for suffix in _tensors(dora))
   extra = sorted(set(weights.keys()) - read)
   if extra:
     more = f"; so are {len(extra) - 1} more" if len(extra) > 1 else ""

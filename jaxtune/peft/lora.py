@@ -1,4 +1,4 @@
-"""LoRA as a transform of the parameter tree.
+"""LoRA (and DoRA) as a transform of the parameter tree.
 
 `apply_lora` sets a `LoRA` module into the `adapter` slot of each targeted `Linear`; the
 base kernels are not touched. A LoRA module derives its two factors from the Linear's
@@ -6,8 +6,13 @@ einsum string: for "BTD,DNH->BTNH" (q) the contracted letters are D and the outp
 letters N, H, so A is [L, D, r] and B is [L, r, N, H], where L is the layer-stack axis.
 Adapters carry the logical axes of the weight they adapt (plus "lora_rank" for r), so
 they shard like it. A quantised base (QLoRA, models/quantize.py) is a `QuantizedKernel` in the
-Linear's kernel slot; the adapters never read the kernel, and merges read it dequantised
-(`Linear.kernel_value`).
+Linear's kernel slot; the adapters read the weight's values only as `Linear.weight()` gives them
+(dequantised, in the compute dtype: DoRA's norms), merges as `Linear.kernel_value` does.
+
+DoRA (`use_dora`, PEFT's name) adds a magnitude per output row of the weight, m [L, N, H]
+for q, initialised to the rows' norms ||W||; the layer computes PEFT's
+    y = x W + (m / ||W + s B A|| - 1) x W + (m / ||W + s B A||) s B(A x)
+with the norm over each output row's inputs held constant in the backward (DoRA paper, 4.3).
 
 Dropout needs a fresh random mask per layer inside the layer scan: each LoRA module with
 dropout holds a `LoRADropoutKey` ([L, key] raw key data, sliced by the scan like any
@@ -32,14 +37,14 @@ from jaxtune.errors import ConfigError
 from jaxtune.hf import mapping
 from jaxtune.models import einsum as einsum_lib
 from jaxtune.models import kernels as kernels_lib
-from jaxtune.models.transformer import CausalLM, HeadParam, Linear
+from jaxtune.models.transformer import ADAPTED_NAME, CausalLM, HeadParam, Linear
 
 METHODS = ("lora", "full")  # peft.method: train the adapters only, or every weight
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class LoRAParam(nnx.Param):
-  """A LoRA factor (A or B): under LoRA, the only trainable leaves."""
+  """A LoRA factor (A or B) or DoRA magnitude: under LoRA, the only trainable leaves."""
 
 
 class LoRADropoutKey(nnx.Variable):
@@ -70,7 +75,7 @@ def base_graphdef(model: nnx.Module) -> nnx.GraphDef:
 
 
 class LoRA(nnx.Module):
-  """delta_y = scale * B(A(dropout(x))), shaped like the adapted Linear's output."""
+  """delta_y = scale * B(A(dropout(x))), shaped like the adapted Linear's output; DoRA's when use_dora."""
 
   def __init__(
     self,
@@ -82,11 +87,14 @@ class LoRA(nnx.Module):
     alpha: float,
     dropout: float = 0.0,
     use_rslora: bool = False,
+    magnitude: jax.Array | None = None,
     dtype: Any,
     param_dtype: Any = jnp.float32,
     kernels: str = "plain",
     rngs: nnx.Rngs,
   ):
+    """magnitude: DoRA's initial magnitude per output row, [stack..., out...] (`weight_row_norms`); given,
+    the adapter is DoRA's."""
     spec = einsum_lib.parse(einsum)
     ins, outs, batch = spec.ins, spec.outs, spec.batch
     n_stack = len(kernel_shape) - len(spec.w)
@@ -98,11 +106,14 @@ class LoRA(nnx.Module):
         f"LoRA cannot adapt einsum {einsum!r}: it needs x's non-kernel letters plus the kernel's "
         "output letters to make up the output."
       )
+    if magnitude is not None and not spec.y.endswith(outs):
+      raise ValueError(f"DoRA cannot adapt einsum {einsum!r}: its output must end with the kernel's output letters.")
     r = spec.free_letters(1)
     self.a_einsum = f"{spec.x},{ins}{r}->{batch}{r}"
     self.b_einsum = f"{batch}{r},{r}{outs}->{spec.y}"
     self.spec = spec  # the adapted Linear's parsed einsum: its kernel letters, inputs and outputs
     self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), use_rslora
+    self.use_dora = magnitude is not None
     self.scale = float(alpha) / (math.sqrt(rank) if use_rslora else rank)
     self.dtype, self.kernels = dtype, kernels
     self.deterministic = True
@@ -118,18 +129,52 @@ class LoRA(nnx.Module):
       jnp.asarray(np.zeros(b_shape, param_dtype)),  # numpy: no compile per shape
       axes=stack_axes + ("lora_rank",) + tuple(letter_axes[c] for c in outs),
     )
+    self.lora_magnitude = nnx.data(None)
+    if self.use_dora:  # PEFT's lora_magnitude_vector: ||W + s B A|| per output row, B = 0 at init
+      self.lora_magnitude = LoRAParam(
+        jnp.asarray(magnitude, param_dtype), axes=stack_axes + tuple(letter_axes[c] for c in outs)
+      )
     self.dropout_key = nnx.data(None)
     if dropout > 0:
       keys = jax.random.split(rngs.params(), max(math.prod(stack), 1))
       data = jax.random.key_data(keys)
       self.dropout_key = LoRADropoutKey(data.reshape(stack + data.shape[1:]), axes=stack_axes + (None,))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, linear: Linear, y: jax.Array) -> jax.Array:
+    """The delta for input x of the adapted `linear`, whose product with x (no bias) is y; only DoRA reads
+    the Linear: its `weight()` and, under dropout, its product with the dropped-out x."""
     if self._dropout_active():
       key = jax.random.wrap_key_data(self.dropout_key[...])
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
-      x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
-    return _deltas([self], x)[0]
+      dropped = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+      # PEFT's DoRA reruns the base product on the dropped-out input for its (m / norm - 1) term.
+      y = linear.product(dropped) if self.use_dora else y
+      x = dropped
+    delta = _deltas([self], x)[0]
+    if not self.use_dora:
+      return delta
+    ratio = self.lora_magnitude[...].astype(jnp.float32) / jax.lax.stop_gradient(self._weight_norms(linear.weight()))
+    # The layer's output is ratio * (y + delta); the magnitudes' gradient reads that sum alone. Named, remat's
+    # policies keep it instead of both products (one activation-sized array per layer rather than two).
+    adapted = kernels_lib.get(self.kernels).name(y + delta.astype(y.dtype), ADAPTED_NAME)
+    return ratio.astype(y.dtype) * adapted - y
+
+  def _weight_norms(self, weight: jax.Array) -> jax.Array:
+    """||W + s B A|| per output row, float32, without forming B A (nor keeping it for the backward).
+
+    ||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s <B_o, (A^T W)_o> + s^2 B_o^T (A^T A) B_o: the products are
+    [r, out] and [r, r], so no weight-sized temporary, and none that remat would save per layer.
+    """
+    spec, s = self.spec, self.scale
+    r, q = spec.free_letters(2)
+    w = weight.astype(jnp.float32)
+    a, b = self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32)
+    product = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+    aw = product(f"{spec.ins}{r},{spec.w}->{r}{spec.outs}", a, w)
+    gram = product(f"{spec.ins}{r},{spec.ins}{q}->{r}{q}", a, a)
+    bgb = product(f"{r}{spec.outs},{r}{q},{q}{spec.outs}->{spec.outs}", b, gram, b)
+    squares = jnp.sum(jnp.square(w), axis=in_axes(spec, w.ndim)) + 2 * s * jnp.sum(b * aw, axis=0) + s * s * bgb
+    return jnp.sqrt(squares)
 
   def _dropout_active(self) -> bool:
     return self.dropout > 0 and not self.deterministic
@@ -138,12 +183,15 @@ class LoRA(nnx.Module):
   def shared_deltas(adapters: Sequence[Any], x: jax.Array) -> list[jax.Array | None] | None:
     """Deltas for the adapters that all read x (q/k/v, gate/up), their A factors in one product.
 
-    Entries are None for the adapters left to run on their own: not LoRA, dropout active, another
-    dtype or kernels. None overall when fewer than two can share (PEFT's default targets, q and v
-    only, still share).
+    Entries are None for the adapters left to run on their own: not LoRA, DoRA (its delta needs the
+    layer's own weight and product; the weight norm, not the A product, is its cost), dropout active,
+    another dtype or kernels. None overall when fewer than two can share (PEFT's default targets, q
+    and v only, still share).
     """
     kinds = [
-      (ad.a_einsum, jnp.dtype(ad.dtype), ad.kernels) if isinstance(ad, LoRA) and not ad._dropout_active() else None
+      (ad.a_einsum, jnp.dtype(ad.dtype), ad.kernels)
+      if isinstance(ad, LoRA) and not ad.use_dora and not ad._dropout_active()
+      else None
       for ad in adapters
     ]
     first = next((k for k in kinds if k is not None), None)
@@ -169,13 +217,45 @@ def _deltas(adapters: Sequence["LoRA"], x: jax.Array) -> tuple[jax.Array, ...]:
   )
 
 
-def merge_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, adapter: LoRA) -> jax.Array:
-  """kernel + scale * A @ B in float32; the three share their leading stack axes (all layers, one, or none)."""
+def in_axes(spec: einsum_lib.LinearEinsum, ndim: int) -> tuple[int, ...]:
+  """The axes of a kernel array (leading stack axes, then the einsum's kernel letters) that x contracts."""
+  n_stack = ndim - len(spec.w)
+  return tuple(n_stack + spec.w.index(c) for c in spec.ins)
+
+
+def row_norms(kernel: Any, axes: tuple[int, ...]) -> Any:
+  """The norm of each output row of a weight (over its input axes `axes`): HF's ||W||_row of [out, in]."""
+  return jnp.sqrt(jnp.sum(jnp.square(kernel), axis=axes))
+
+
+@nnx.jit
+def weight_row_norms(linear: Linear) -> jax.Array:
+  """||W|| per output row of `linear.weight()`, float32 [stack..., out...]: DoRA's initial magnitudes.
+  Jitted, so neither a float32 copy nor a whole dequantised kernel is materialised."""
+  w = linear.weight()
+  return row_norms(w.astype(jnp.float32), in_axes(einsum_lib.parse(linear.einsum), w.ndim))
+
+
+def dora_rows(merged: Any, magnitude: Any, axes: tuple[int, ...]) -> jax.Array:
+  """DoRA merged: each output row of W + s B A (`merged`, input axes `axes`) rescaled to its magnitude,
+  m / ||row|| * row, as PEFT merges; float32."""
+  merged = jnp.asarray(merged, jnp.float32)
+  ratio = jnp.asarray(magnitude, jnp.float32) / row_norms(merged, axes)
+  return merged * jnp.expand_dims(ratio, axes)
+
+
+def merge_kernel(
+  kernel: jax.Array, a: jax.Array, b: jax.Array, adapter: LoRA, magnitude: jax.Array | None = None
+) -> jax.Array:
+  """kernel + scale * A @ B in float32, then DoRA's `dora_rows` with `magnitude` for a DoRA adapter; all
+  share their leading stack axes (all layers, one, or none)."""
   linear = adapter.spec
   n_stack = a.ndim - len(linear.ins) - 1
   letters = linear.free_letters(n_stack + 1)  # the stack letters, then r
   stack, r = letters[:-1], letters[-1]
   spec = f"{stack}{linear.ins}{r},{stack}{r}{linear.outs}->{stack}{linear.w}"
+  if adapter.use_dora:
+    return _fold_dora(kernel, a, b, np.float32(adapter.scale), magnitude, spec=spec, axes=in_axes(linear, kernel.ndim))
   return _fold(kernel, a, b, np.float32(adapter.scale), spec=spec)
 
 
@@ -183,6 +263,11 @@ def merge_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, adapter: LoRA) -
 def _fold(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array, spec: str) -> jax.Array:
   delta = jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
   return kernel.astype(jnp.float32) + scale * delta
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "axes"))
+def _fold_dora(kernel, a, b, scale, magnitude, spec: str, axes: tuple[int, ...]) -> jax.Array:
+  return dora_rows(_fold(kernel, a, b, scale, spec=spec), magnitude, axes)
 
 
 def _linears(model: nnx.Module) -> list[tuple[tuple[str, ...], Linear]]:
@@ -228,11 +313,14 @@ def apply_lora(
   alpha: float,
   dropout: float = 0.0,
   use_rslora: bool = False,
+  use_dora: bool = False,
   targets: str | Sequence[str] = "all-linear",
   rngs: nnx.Rngs,
   param_dtype: Any = jnp.float32,
 ) -> CausalLM:
   """Adds LoRA adapters (A random, B zero, float32) to the targeted Linears, in place; returns the model.
+
+  use_dora: DoRA adapters, each with a magnitude per output row (the weight's row norms at init).
 
   targets: "all-linear" (q, k, v, o, gate, up, down; not lm_head), module names (a list, or one
   name; ours: "q", or HF's: "q_proj"), or a regex matched against whole dotted paths ("layers.attn.(q|v)").
@@ -252,6 +340,7 @@ def apply_lora(
       alpha=alpha,
       dropout=dropout,
       use_rslora=use_rslora,
+      magnitude=weight_row_norms(lin) if use_dora else None,
       dtype=lin.dtype,
       param_dtype=param_dtype,
       kernels=lin.kernels,
@@ -261,16 +350,23 @@ def apply_lora(
 
 
 def adapter_settings(model: nnx.Module) -> dict[str, Any]:
-  """The peft.lora settings that rebuild `model`'s adapters (rank, alpha, use_rslora, targets as a regex
-  over whole dotted paths), e.g. after `load_adapter`, so the run's saved config describes them."""
+  """The peft.lora settings that rebuild `model`'s adapters (rank, alpha, use_rslora, use_dora, targets as a
+  regex over whole dotted paths), e.g. after `load_adapter`, so the run's saved config describes them."""
   adapted = [(path, linear.adapter) for path, linear in _linears(model) if isinstance(linear.adapter, LoRA)]
   if not adapted:
     raise ValueError("the model has no LoRA adapters.")
+  setting = lambda a: (a.rank, a.alpha, a.use_rslora, a.use_dora)
   first = adapted[0][1]
-  if any((a.rank, a.alpha, a.use_rslora) != (first.rank, first.alpha, first.use_rslora) for _, a in adapted):
-    raise ValueError("the adapters differ in rank or alpha; peft.lora describes one setting for all.")
+  if any(setting(a) != setting(first) for _, a in adapted):
+    raise ValueError("the adapters differ in rank, alpha or kind; peft.lora describes one setting for all.")
   paths = sorted(re.escape(".".join(path)) for path, _ in adapted)
-  return {"rank": first.rank, "alpha": first.alpha, "use_rslora": first.use_rslora, "targets": "|".join(paths)}
+  return {
+    "rank": first.rank,
+    "alpha": first.alpha,
+    "use_rslora": first.use_rslora,
+    "use_dora": first.use_dora,
+    "targets": "|".join(paths),
+  }
 
 
 def refresh_dropout_keys(keys: Any, key: jax.Array) -> Any:
@@ -285,29 +381,35 @@ def refresh_dropout_keys(keys: Any, key: jax.Array) -> Any:
 
 
 class LoRAWeights(NamedTuple):
-  """One adapted Linear: its module path, A [stack..., in..., r], B [stack..., r, out...], and the scale."""
+  """One adapted Linear: its module path, A [stack..., in..., r], B [stack..., r, out...], the scale, and
+  DoRA's magnitude [stack..., out...] (None for LoRA)."""
 
   path: tuple[str, ...]
   a: jax.Array
   b: jax.Array
   scale: float
+  magnitude: jax.Array | None = None
 
 
 def lora_weights(model: nnx.Module) -> list[LoRAWeights]:
   """The adapters of every adapted Linear, in module order."""
   return [
-    LoRAWeights(p, m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter.scale)
+    LoRAWeights(p, m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter.scale, _magnitude(m.adapter))
     for p, m in _linears(model)
     if isinstance(m.adapter, LoRA)
   ]
 
 
+def _magnitude(adapter: LoRA) -> jax.Array | None:
+  return adapter.lora_magnitude[...] if adapter.use_dora else None
+
+
 def merge_lora(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
-  """kernel + scale * A @ B in float32, keyed by kernel path (("layers", "attn", "q", "kernel"), ...)."""
+  """The merged kernels in float32 (`merge_kernel`), keyed by kernel path (("layers", "attn", "q", "kernel"), ...)."""
   return {
-    p + ("kernel",): merge_kernel(m.kernel_value(), m.adapter.lora_a[...], m.adapter.lora_b[...], m.adapter)
+    p + ("kernel",): merge_kernel(m.kernel_value(), ad.lora_a[...], ad.lora_b[...], ad, _magnitude(ad))
     for p, m in _linears(model)
-    if isinstance(m.adapter, LoRA)
+    if isinstance(ad := m.adapter, LoRA)
   }
 
 
@@ -356,16 +458,24 @@ def peft_modules(model: CausalLM) -> list[PeftModule]:
   return out
 
 
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's tensor: PEFT saves it without a ".weight" suffix
+
+
 def peft_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
-  """Adapters as PEFT saves them: `base_model.model.<hf module>.lora_{A,B}.weight`, [r, in] and [out, r]."""
+  """Adapters as PEFT saves them: `base_model.model.<hf module>.lora_{A,B}.weight`, [r, in] and [out, r], and
+  for DoRA `<hf module>.lora_magnitude_vector` [out]."""
   out = {}
   for module in peft_modules(model):
-    a, b = np.asarray(module.adapter.lora_a[...], np.float32), np.asarray(module.adapter.lora_b[...], np.float32)
+    adapter, tmap = module.adapter, module.tmap
+    a, b = np.asarray(adapter.lora_a[...], np.float32), np.asarray(adapter.lora_b[...], np.float32)
+    m = np.asarray(adapter.lora_magnitude[...], np.float32) if adapter.use_dora else None
     for i, name in enumerate(module.names):
-      stacked = module.tmap.stacked
-      a_hf, b_hf = module.tmap.lora_to_hf(a[i] if stacked else a, b[i] if stacked else b, module.adapter.spec.w)
+      layer = (lambda x: x[i]) if tmap.stacked else (lambda x: x)
+      a_hf, b_hf = tmap.lora_to_hf(layer(a), layer(b), adapter.spec.w)
       out[name + ".lora_A.weight"] = np.ascontiguousarray(a_hf)
       out[name + ".lora_B.weight"] = np.ascontiguousarray(b_hf)
+      if m is not None:
+        out[name + MAGNITUDE] = np.ascontiguousarray(tmap.rows_to_hf(layer(m), adapter.spec.w))
   return out
 
 
@@ -386,7 +496,7 @@ def peft_config(model: CausalLM, base_model_name_or_path: str = "") -> dict[str,
     "use_rslora": first.use_rslora,
     "target_modules": sorted({to_hf[p[-1]] for p, _ in adapters}),
     "bias": "none",
-    "use_dora": False,
+    "use_dora": first.use_dora,
     "modules_to_save": None,
     "fan_in_fan_out": False,
     "init_lora_weights": True,

@@ -88,6 +88,9 @@ def default_config() -> ml_collections.ConfigDict:
       alpha=32.0,
       dropout=0.0,
       use_rslora=False,
+      # DoRA (PEFT's use_dora): a trained magnitude per output row of each adapted weight besides A and B;
+      # each step recomputes the weights' row norms, and keeps one more activation per adapted layer.
+      use_dora=False,
       targets="all-linear",  # all-linear | a regex matching whole dotted module paths, e.g. "layers.attn.(q|v)"
     )
   )
@@ -225,6 +228,8 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
       _fail("peft.lora.alpha", f"{lora.alpha} must be > 0")
     if not 0.0 <= lora.dropout < 1.0:
       _fail("peft.lora.dropout", f"{lora.dropout} must be in [0, 1)")
+  elif lora.use_dora:
+    _fail("peft.lora.use_dora", f"DoRA adapters need peft.method=lora, not {config.peft.method}", "set use_dora=False")
   if config.peft.method == "full" and config.model.param_dtype in ("bfloat16", "float16"):
     _fail(
       "model.param_dtype",

@@ -281,6 +281,7 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
       alpha=lora.alpha,
       dropout=lora.dropout,
       use_rslora=lora.use_rslora,
+      use_dora=lora.use_dora,
       targets=lora.targets,
       rngs=nnx.Rngs(config.train.seed),
     )

@@ -79,7 +79,12 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
   "config, tensors, match",
   [
     ({"peft_type": "IA3"}, None, r"adapter_config.json: peft_type is 'IA3'; only LORA adapters"),
-    ({"use_dora": True}, None, r"adapter_config.json: use_dora is True: DoRA adapters are not supported"),
+    ({"use_dora": True}, None, rf"tensor '{Q0}.lora_magnitude_vector' is missing"),
+    (
+      None,
+      lambda t: {**t, Q0 + ".lora_magnitude_vector": np.ones(32, np.float32)},
+      rf"adapter_config.json: use_dora is not true, but tensor '{Q0}.lora_magnitude_vector' is a DoRA magnitude",
+    ),
     ({"modules_to_save": ["lm_head"]}, None, r"modules_to_save is \['lm_head'\]: modules trained in full"),
     ({"layers_to_transform": [0]}, None, r"layers_to_transform is \[0\]: adapters on some layers only"),
     ({"rank_pattern": {"q_proj": 8}}, None, r"rank_pattern is \{'q_proj': 8\}: a rank per module"),
@@ -108,7 +113,8 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
   ],
   ids=[
     "ia3",
-    "dora",
+    "dora_without_magnitudes",
+    "magnitude_without_dora",
     "modules_to_save",
     "some_layers",
     "rank_pattern",

@@ -11,8 +11,8 @@ from flax import nnx
 
 from jaxtune.hf.load import load_model
 from jaxtune.hf.safetensors_io import Checkpoint
-from jaxtune.models.transformer import CausalLM
-from jaxtune.peft.lora import LoRA, LoRAParam, apply_lora
+from jaxtune.models.transformer import CausalLM, Linear
+from jaxtune.peft.lora import LoRA, LoRAParam, apply_lora, in_axes
 
 import tiny_configs
 
@@ -27,7 +27,8 @@ def lora_model(
   load: dict | None = None,
   **lora,
 ) -> CausalLM:
-  """The HF checkpoint at `source` in jaxtune with `apply_lora` adapters, A and B random (B is zero at init).
+  """The HF checkpoint at `source` in jaxtune with `apply_lora` adapters, A and B random (B is zero at init);
+  DoRA's magnitudes (use_dora=True) are the kernels' row norms, each moved by ~20%.
 
   load: `load_model` settings of the base (e.g. quantize="nf4"). The adapters' structure comes from apply_lora
   on an abstract model and their values from numpy: apply_lora's random init compiles once per shape, seconds
@@ -43,7 +44,13 @@ def lora_model(
   del rest
   rng = np.random.default_rng(seed)
   adapters = jax.tree.map(lambda s: jnp.asarray((std * rng.standard_normal(s.shape)).astype(s.dtype)), adapters)
-  return nnx.merge(graphdef, adapters, nnx.state(base))
+  model = nnx.merge(graphdef, adapters, nnx.state(base))
+  for _, linear in nnx.iter_modules(model):
+    if isinstance(linear, Linear) and isinstance(linear.adapter, LoRA) and linear.adapter.use_dora:
+      kernel = np.asarray(linear.kernel[...], np.float32)
+      norms = np.sqrt(np.sum(np.square(kernel), axis=in_axes(linear.adapter.spec, kernel.ndim)))
+      linear.adapter.lora_magnitude.set_value(jnp.asarray(norms * (1 + 0.2 * rng.standard_normal(norms.shape))))
+  return model
 
 
 def randomize_adapters(model: CausalLM, seed: int = 0, std: float = 0.05) -> CausalLM:

@@ -48,13 +48,16 @@ def tiny_config(run_dir: pathlib.Path, cache: pathlib.Path, **overrides):
   return config_lib.resolve(config, "cpu")
 
 
-def write_run(run_dir, cache, method, steps):
+def write_run(run_dir, cache, method, steps, **overrides):
   """A run directory with one checkpoint per step (random trained params); returns {step: model at that step}."""
-  config = tiny_config(run_dir, cache, **{"peft.method": method})
+  config = tiny_config(run_dir, cache, **{"peft.method": method}, **overrides)
   config_lib.write(config, run_dir)
   source = builtin_models.resolve(config.model.path, config.model.cache_dir)
   lora = config.peft.lora
-  model = lora_model(source, rank=lora.rank, alpha=lora.alpha) if method == "lora" else load_model(source)
+  if method == "lora":
+    model = lora_model(source, rank=lora.rank, alpha=lora.alpha, use_dora=lora.use_dora)
+  else:
+    model = load_model(source)
   graphdef, frozen, state = step_lib.init_train_state(model, optim.make_optimizer(config.optim, 10), method=method)
   ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", async_save=False)
   models = {}
@@ -105,6 +108,16 @@ def test_load_run_restores_the_step(lora_run):
   np.testing.assert_array_equal(
     run.model.layers.attn.q.adapter.lora_b[...], models[2].layers.attn.q.adapter.lora_b[...]
   )
+
+
+def test_dora_run_exports_its_magnitudes(tmp_path, cache):
+  run_dir = tmp_path / "run"
+  models = write_run(run_dir, cache, "lora", steps=(2,), **{"peft.lora.use_dora": True})
+  out = export_run(run_dir, tmp_path / "adapter", "adapter")
+  got, want = load_file(out / "adapter_model.safetensors"), peft_state_dict(models[2])
+  assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+  assert any(k.endswith(".lora_magnitude_vector") for k in got)
+  assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
 
 
 def test_full_finetuning_run(tmp_path, cache):

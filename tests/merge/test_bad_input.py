@@ -114,9 +114,9 @@ def test_adapter_for_another_base(zoo, tmp_path, capsys):
 
 
 def test_unsupported_adapter_option(zoo, tmp_path, capsys):
-  adapter = write_adapter(zoo["base"], tmp_path / "dora", seed=8, use_dora=True)
+  adapter = write_adapter(zoo["base"], tmp_path / "ranks", seed=8, rank_pattern={"q_proj": 8})
   msg = one_line_error(capsys, ties(zoo["base"], adapter), tmp_path)
-  assert f"{adapter / 'adapter_config.json'}: use_dora is True: DoRA adapters are not supported" in msg
+  assert f"{adapter / 'adapter_config.json'}: rank_pattern is {{'q_proj': 8}}: a rank per module" in msg
 
 
 def test_bare_adapter_applies_to_the_base(zoo, tmp_path):

@@ -1,6 +1,6 @@
 """Run as a script with 8 fake CPU devices: 3 train steps per preset mesh vs one device; prints JSON results.
 
-XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel/equivalence.py
+XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel/equivalence.py [lora|dora|qlora|full ...]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ TINY = tiny_configs.LLAMA  # divisible by 8 (fsdp) and 2 (tensor) where the rule
 TINY_QUANT = {**tiny_configs.LLAMA, **tiny_configs.QUANT_SIZES}  # NF4 blocks whole on every shard
 MESHES = {"dp": dict(preset="dp"), "fsdp": dict(preset="fsdp"), "fsdp_tp": dict(preset="fsdp_tp", data=2)}
 STEPS, ACCUM, ROWS, T = 3, 1, 8, 16
+PEFT_METHOD = {"lora": "lora", "dora": "lora", "qlora": "lora", "full": "full"}  # what each run trains -> peft.method
 
 
 def batches() -> list[dict[str, np.ndarray]]:
@@ -50,14 +51,14 @@ def batches() -> list[dict[str, np.ndarray]]:
 
 
 def setup(method: str, options: ModelOptions | None = None):
-  """method: lora | full | qlora (LoRA on an NF4 base with double quantisation)."""
+  """method: lora | dora | full | qlora (LoRA on an NF4 base with double quantisation)."""
   tiny = TINY
   if method == "qlora":
-    tiny, method = TINY_QUANT, "lora"
+    tiny = TINY_QUANT
     options = (options or ModelOptions()).replace(quantize="nf4", double_quant=True)
   model = init_model(from_hf_dict(tiny), seed=0, options=options)
-  if method == "lora":
-    lora.apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+  if PEFT_METHOD[method] == "lora":
+    lora.apply_lora(model, rank=4, alpha=8.0, use_dora=method == "dora", rngs=nnx.Rngs(1))
     # B starts at zero; give it values so the adapters' gradients are not trivially zero at step 1.
     for _, m in nnx.iter_modules(model):
       if isinstance(m, lora.LoRA):
@@ -65,7 +66,7 @@ def setup(method: str, options: ModelOptions | None = None):
   cfg = optim.optim_config()
   cfg.lr, cfg.schedule, cfg.weight_decay = 1e-2, "constant", 0.01
   opt = optim.make_optimizer(cfg, STEPS)
-  graphdef, frozen, state = step_lib.init_train_state(model, opt, method=method)
+  graphdef, frozen, state = step_lib.init_train_state(model, opt, method=PEFT_METHOD[method])
   host = jax.tree.map(np.asarray, (frozen, state))  # every run starts from copies of the same values
   return model, opt, graphdef, host
 
@@ -78,9 +79,8 @@ def run(method: str, mesh_name: str | None) -> dict:
     mesh = parallel.make_mesh(mcfg)
     options = ModelOptions(constrain=parallel.ActivationSharding(mesh, mcfg.rules))
   model, opt, graphdef, (frozen, state) = setup(method, options)
-  method = "lora" if method == "qlora" else method
   if mesh_name is not None:
-    sh = parallel.train_shardings(model, opt, mesh, mcfg.rules, method=method)
+    sh = parallel.train_shardings(model, opt, mesh, mcfg.rules, method=PEFT_METHOD[method])
     frozen, state = parallel.place(frozen, sh.frozen), parallel.place(state, sh.state)
     shardings = sh.step_args
   else:

@@ -216,6 +216,21 @@ def test_presets_match_one_device_and_split_parameters():
   assert moved > 1e-3  # the params did train (LoRA B and full weights moved)
 
 
+@pytest.mark.slow
+def test_dora_presets_match_one_device_and_split_magnitudes_like_outputs():
+  results = _script([str(HERE / "equivalence.py"), "dora"], devices=8)["dora"]
+  single = results["single"]
+  for name, fsdp, tensor in (("fsdp", 8, 1), ("fsdp_tp", 2, 2)):
+    got = results[name]
+    np.testing.assert_allclose(got["losses"], single["losses"], rtol=2e-6, err_msg=name)
+    assert _max_diff(got["params"], single["params"]) < 5e-4, name
+    # a magnitude splits like its weight's outputs: o's [embed] over fsdp, q's [heads, head_dim] over tensor
+    magnitude = lambda linear: got["shards"][f"['layers']['attn']['{linear}']['adapter']['lora_magnitude']"]
+    assert magnitude("o") == [[2, 64], [2, 64 // fsdp]], name
+    assert magnitude("q") == [[2, 4, 24], [2, 4 // tensor, 24]], name
+    assert got["mu_shards"] == {k: s for k, (_, s) in got["shards"].items()}
+
+
 def test_qlora_presets_match_one_device_with_nf4_blocks_whole_on_each_shard():
   results = _script([str(HERE / "equivalence.py"), "qlora"], devices=8)["qlora"]
   single = results["single"]

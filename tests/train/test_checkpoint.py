@@ -31,13 +31,22 @@ def _fake_state(scale: float) -> dict:
   }
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, cache):
+@pytest.mark.parametrize(
+  "adapter",
+  [
+    pytest.param({}, id="lora"),
+    # DoRA with dropout: magnitudes in the checkpoint, and the dropped-out base product in every step
+    pytest.param({"peft.lora.use_dora": True, "peft.lora.dropout": 0.1}, marks=pytest.mark.slow, id="dora"),
+  ],
+)
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, cache, adapter):
+  settings = {**SETTINGS, **adapter}
   ref_dir, cut_dir = tmp_path / "reference", tmp_path / "interrupted"
   # The reference runs beside the victim (their start-ups overlap); the resumed run comes after
   # both and finds the step in the persistent XLA cache. The model and data caches are written
   # atomically, so the two may build them at once.
-  reference = tiny_runs.start(tiny_runs.cli_args(ref_dir, cache, **SETTINGS), tmp_path / "reference.log")
-  victim = tiny_runs.start(tiny_runs.cli_args(cut_dir, cache, **SETTINGS), tmp_path / "victim.log")
+  reference = tiny_runs.start(tiny_runs.cli_args(ref_dir, cache, **settings), tmp_path / "reference.log")
+  victim = tiny_runs.start(tiny_runs.cli_args(cut_dir, cache, **settings), tmp_path / "victim.log")
   try:
     # Kill once step 15's checkpoint is complete and training has gone past it (steps 16.. are lost).
     reached = tiny_runs.wait_for(
@@ -59,12 +68,13 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, cache):
   killed_at = tiny_runs.logged_step(cut_dir)
   assert killed_at < STEPS
 
-  resumed = tiny_runs.run(tiny_runs.cli_args(cut_dir, cache, **SETTINGS, resume="auto"), tmp_path / "resumed.log")
+  resumed = tiny_runs.run(tiny_runs.cli_args(cut_dir, cache, **settings, resume="auto"), tmp_path / "resumed.log")
   assert resumed.returncode == 0, resumed.stdout[-3000:]
   assert "resumed from" in resumed.stdout
 
   ref_state, cut_state = tiny_runs.saved_state(ref_dir, STEPS), tiny_runs.saved_state(cut_dir, STEPS)
   assert ref_state.keys() == cut_state.keys()
+  assert any("lora_magnitude" in key for key in ref_state) == bool(adapter)
   for key in ref_state:
     np.testing.assert_array_equal(cut_state[key], ref_state[key], err_msg=key)
   # The same loss curve, step for step, bit for bit (lines after the restored step were replaced).

@@ -95,6 +95,7 @@ BAD = [
   ({"peft.method": "qlora"}, "peft.method: 'qlora' is not one of lora, full"),
   ({"peft.lora.rank": 0}, "peft.lora.rank: 0 must be >= 1"),
   ({"peft.lora.dropout": 1.0}, "peft.lora.dropout"),
+  ({"peft.method": "full", "peft.lora.use_dora": True}, "peft.lora.use_dora: DoRA adapters need peft.method=lora"),
   ({"peft.method": "full", "model.param_dtype": "bfloat16"}, "model.param_dtype: bfloat16 with peft.method=full"),
   ({"train.steps": 0}, "train.steps: 0 trains data.num_epochs epochs, but that is 0"),
   ({"train.steps": -1}, "train.steps: -1 must be >= 1"),

@@ -15,6 +15,7 @@ from jaxtune.hf.load import init_model, load_model
 from jaxtune.models import kernels
 from jaxtune.models.config import from_hf_dict
 from jaxtune.models.options import ModelOptions
+from jaxtune.models.transformer import Linear
 from jaxtune.peft import lora
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "models"))
@@ -155,6 +156,61 @@ def test_dropout_is_off_by_default_and_keyed(base):
   keys = nnx.to_pure_dict(nnx.state(model, lora.LoRADropoutKey))
   nnx.update(model, lora.refresh_dropout_keys(keys, jax.random.key(7)))
   assert np.abs(np.asarray(_logits(model, IDS)) - first).max() > 1e-3
+
+
+def test_dora_starts_as_the_base_and_merges_into_its_kernels(base):
+  model = _with_lora(base, use_dora=True)
+  q, o = model.layers.attn.q.adapter, model.layers.attn.o.adapter
+  assert isinstance(q.lora_magnitude, lora.LoRAParam) and q.lora_magnitude.shape == (2, 4, 24)
+  assert q.lora_magnitude.get_metadata()["axes"] == ("layers", "heads", "head_dim")  # the kernel's output axes
+  assert o.lora_magnitude.get_metadata()["axes"] == ("layers", "embed")
+  kernel = np.asarray(base.layers.attn.q.kernel[...])  # [L, D, N, H]: a row of HF's [N*H, D] is one (n, h)
+  np.testing.assert_allclose(np.asarray(q.lora_magnitude[...]), np.linalg.norm(kernel, axis=1), rtol=1e-6)
+  base_logits = np.asarray(_logits(base, IDS))
+  np.testing.assert_allclose(np.asarray(_logits(model, IDS)), base_logits, atol=1e-6)  # B = 0: m / ||W|| = 1
+  _randomize_b(model)
+  rng = np.random.default_rng(3)
+  for _, m in nnx.iter_modules(model):
+    if isinstance(m, lora.LoRA):
+      m.lora_magnitude.set_value(m.lora_magnitude[...] * (1 + 0.2 * rng.standard_normal(m.lora_magnitude.shape)))
+  out = np.asarray(_logits(model, IDS))
+  assert np.abs(out - base_logits).max() > 1e-2
+  unloaded = lora.merge_and_unload(model)
+  np.testing.assert_allclose(np.asarray(_logits(unloaded, IDS)), out, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.slow  # quantising the tiny model at init takes seconds
+def test_dora_on_a_quantised_base_is_dora_on_its_dequantised_weights():
+  """NF4 base (double quantisation): the magnitudes start at the dequantised rows' norms, and the model with
+  moved adapters gives the logits of the same adapters on a 16-bit base holding the dequantised kernels."""
+  hf = {**TINY, "head_dim": 32}  # every innermost input axis (64, 32, 96) a multiple of the block
+  quantised = lora.apply_lora(
+    _model(hf, quantize="nf4", quant_block=32, double_quant=True), rank=4, alpha=8.0, use_dora=True, rngs=nnx.Rngs(1)
+  )
+  _randomize_b(quantised)
+  plain = _model(hf)
+  for (_, q), (_, p) in zip(lora._linears(quantised), lora._linears(plain), strict=True):
+    if q.quantized:
+      p.kernel.set_value(q.kernel_value())
+    else:  # the LM head stays 16-bit
+      p.kernel.set_value(q.kernel[...])
+  q = quantised.layers.attn.q
+  assert q.quantized
+  np.testing.assert_allclose(
+    np.asarray(q.adapter.lora_magnitude[...]), np.linalg.norm(np.asarray(q.kernel_value()), axis=1), rtol=1e-6
+  )
+  twin = lora.apply_lora(plain, rank=4, alpha=8.0, use_dora=True, rngs=nnx.Rngs(1))
+  nnx.update(twin, nnx.state(quantised, lora.LoRAParam))
+  np.testing.assert_allclose(np.asarray(_logits(quantised, IDS)), np.asarray(_logits(twin, IDS)), atol=1e-5)
+
+
+def test_dora_keeps_nothing_weight_sized_for_the_backward(capsys):
+  """The weight norm is computed without forming B A, so remat's dots policy finds no weight-sized product to
+  keep per layer (keeping B A would cost a copy of every adapted weight)."""
+  model = _with_lora(_model(TINY, remat="dots_no_batch", attention_impl="chunked"), use_dora=True)
+  kernels = {tuple(m.kernel.shape) for _, m in nnx.iter_modules(model) if isinstance(m, Linear)}
+  shapes = _saved_layer_residuals(model, capsys)
+  assert shapes and not kernels & set(shapes), shapes
 
 
 def test_forward_and_export_match_peft(tmp_path, peft):
