@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxtune.hf.tokens import END_OF_TURN_TOKENS
 from jaxtune.models.transformer import CausalLM, KVCache
+from jaxtune.peft import virtual as virtual_lib
 
 _PROMPT_BUCKET = 32  # prompt lengths are padded up to a multiple of this, so a few shapes compile
 
@@ -141,6 +142,12 @@ def _left_pad(input_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarra
   return ids, mask
 
 
+def _with_virtual(model: CausalLM, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+  """Each prompt after its virtual tokens, under prompt or prefix tuning (jaxtune/peft/virtual.py)."""
+  count = virtual_lib.num_virtual_tokens(model)
+  return [virtual_lib.with_virtual(p, count) for p in prompts]
+
+
 def generate_ids(
   model: CausalLM,
   input_ids: Sequence[Sequence[int]],
@@ -153,7 +160,7 @@ def generate_ids(
   seed: int = 0,
 ) -> list[list[int]]:
   """New token ids for each prompt (a list of token ids), up to and including the first stop token."""
-  ids, mask = _left_pad(input_ids)
+  ids, mask = _left_pad(_with_virtual(model, input_ids))
   graphdef, state = nnx.split(model)
   out = _generate(
     graphdef,
@@ -193,7 +200,7 @@ def stream_ids(
   """
   if max_new_tokens < 1:
     return
-  ids, mask = _left_pad([prompt_ids])
+  ids, mask = _left_pad(_with_virtual(model, [prompt_ids]))
   graphdef, state = nnx.split(model)
   sampling = (float(temperature), top_k, top_p)
   stops = set(stop_ids)

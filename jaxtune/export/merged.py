@@ -1,4 +1,4 @@
-"""Merged export: the model with its LoRA (or DoRA) adapters folded in, as a Hugging Face checkpoint directory.
+"""Merged export: the model with its LoRA (or DoRA) adapters or IA3 vectors folded in, as a Hugging Face checkpoint directory.
 
 Loadable by `transformers.AutoModelForCausalLM.from_pretrained` and by vLLM: safetensors
 shards (+ `model.safetensors.index.json` past `max_shard_bytes`), the source checkpoint's
@@ -26,6 +26,7 @@ from jaxtune.hf import mapping
 from jaxtune.hf.tokens import END_OF_TURN_TOKENS
 from jaxtune.models.config import ModelConfig, from_hf_dict
 from jaxtune.models.transformer import CausalLM, Linear
+from jaxtune.peft.ia3 import IA3
 from jaxtune.peft.lora import LoRA, merge_kernel
 
 DEFAULT_MAX_SHARD_BYTES = files.DEFAULT_MAX_SHARD_BYTES
@@ -48,6 +49,9 @@ def _merged_kernel(linear: Linear, i: int | None) -> jax.Array:
   """The kernel with its adapter merged (`merge_kernel`, float32), for layer i of a stacked Linear (or the whole
   unstacked one); a quantised kernel is merged as it dequantises."""
   adapter = linear.adapter
+  if isinstance(adapter, IA3):
+    scale = adapter.ia3_l[...]
+    return adapter.merge(linear.kernel_value(i), scale if i is None else _layer(scale, i))
   arrays = [adapter.lora_a[...], adapter.lora_b[...]] + ([adapter.lora_magnitude[...]] if adapter.use_dora else [])
   if i is not None:
     arrays = [_layer(x, i) for x in arrays]
@@ -70,13 +74,19 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
       continue
     owner = _module_at(model, tmap.path[:-1])
     var = getattr(owner, tmap.path[-1])
-    adapted = tmap.path[-1] == "kernel" and isinstance(owner, Linear) and isinstance(owner.adapter, LoRA)
+    adapted = tmap.path[-1] == "kernel" and isinstance(owner, Linear) and isinstance(owner.adapter, (LoRA, IA3))
+    # IA3 scales the bias of a module whose output it scales, as PEFT's merge does.
+    scaled_bias = tmap.path[-1] == "bias" and isinstance(owner, Linear) and isinstance(owner.adapter, IA3)
     for i, name in enumerate(tmap.hf_names(cfg.num_layers)):
       layer = i if tmap.stacked else None
 
-      def produce(tmap=tmap, owner=owner, var=var, adapted=adapted, layer=layer) -> np.ndarray:
+      def produce(tmap=tmap, owner=owner, var=var, adapted=adapted, scaled_bias=scaled_bias, layer=layer):
         if adapted:
           value = _merged_kernel(owner, layer)
+        elif scaled_bias:
+          scale, bias = owner.adapter.ia3_l[...], var[...]
+          pick = (lambda x: x) if layer is None else (lambda x: _layer(x, layer))
+          value = owner.adapter.merge_bias(pick(bias), pick(scale))
         elif isinstance(owner, Linear) and tmap.path[-1] == "kernel":
           value = owner.kernel_value(layer)
         else:

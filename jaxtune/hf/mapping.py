@@ -148,6 +148,19 @@ class TensorMap:
       raise ValueError(f"lora_magnitude_vector has shape {tuple(rows_hf.shape)}, expected {(math.prod(shape),)}")
     return rows_hf.reshape([size[c] for c in hf_outs]).transpose([hf_outs.index(c) for c in outs])
 
+  def ins_to_hf(self, vec: np.ndarray, kernel_letters: str) -> np.ndarray:
+    """One layer's vector over the weight's input letters [in...] (IA3's feed-forward scale) -> HF's [in]."""
+    ins, _, hf_ins, _ = self._lora_axes(kernel_letters, vec.ndim)
+    return vec.transpose([ins.index(c) for c in hf_ins]).reshape(-1)
+
+  def ins_from_hf(self, vec_hf: np.ndarray, kernel_letters: str, shape: tuple[int, ...]) -> np.ndarray:
+    """HF's [in] vector -> one layer's [in...] of `shape`; ValueError naming the expected size."""
+    ins, _, hf_ins, _ = self._lora_axes(kernel_letters, len(shape))
+    size = dict(zip(ins, shape))
+    if vec_hf.size != math.prod(shape):
+      raise ValueError(f"ia3_l has shape {tuple(vec_hf.shape)}, expected (1, {math.prod(shape)})")
+    return vec_hf.reshape([size[c] for c in hf_ins]).transpose([hf_ins.index(c) for c in ins])
+
   def lora_from_hf(
     self, a_hf: np.ndarray, b_hf: np.ndarray, kernel_letters: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]
   ) -> tuple[np.ndarray, np.ndarray]:

@@ -64,7 +64,8 @@ class Linear(nnx.Module):
   """y = einsum(x, kernel) [+ bias]: the one place a weight meets an activation.
 
   Adapters hook in here (`self.adapter`, a module called with x, this Linear and `product(x)`,
-  returning a delta of y's shape), so the model code does not change when a PEFT method is applied.
+  returning a delta of y's shape, or one that rescales the layer's input or output: IA3), so the
+  model code does not change when a PEFT method is applied.
   """
 
   def __init__(
@@ -134,8 +135,18 @@ class Linear(nnx.Module):
       return self.kernel.product(lambda x, w: kernels.linear(self.einsum, x, w), x, self.dtype)
     return kernels.linear(self.einsum, x, self.weight())
 
+  def base(self, x: jax.Array) -> jax.Array:
+    """The Linear without its adapter: x's product with the kernel, plus the bias."""
+    y = self.product(x)
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
   def __call__(self, x: jax.Array, adapter_delta: jax.Array | None = None) -> jax.Array:
-    """y for x; adapter_delta: the adapter's output when computed already (`shared_input`)."""
+    """y for x; adapter_delta: the adapter's output when computed already (`shared_input`).
+
+    An adapter with `rescales` set (IA3) wraps the whole layer instead: `adapter.rescale(x, self)`
+    scales the input or the output of `base`."""
+    if getattr(self.adapter, "rescales", False):
+      return self.adapter.rescale(x, self)
     kernels = kernels_lib.get(self.kernels)
     y = self.product(x)
     if adapter_delta is None and self.adapter is not None:
@@ -191,6 +202,7 @@ class LayerInputs:
   mask_sliding_BTS: jax.Array
   cache_index: jax.Array | None  # slot of the first new token when decoding with a KV cache
   segment_ids_BT: jax.Array  # for kernels that take segment ids rather than a dense mask
+  virtual_BT: jax.Array | None = None  # prefix tuning: the virtual token at each slot, -1 for a real token
 
 
 class Attention(nnx.Module):
@@ -227,11 +239,28 @@ class Attention(nnx.Module):
     self.kernels, self.interpret = options.kernels, options.interpret
     self.window = cfg.sliding_window
 
-  def __call__(self, x_BTD, cos_sin, mask_BTS, kv_cache=None, cache_index=None, is_sliding=None, segment_ids_BT=None):
+  def __call__(
+    self,
+    x_BTD,
+    cos_sin,
+    mask_BTS,
+    kv_cache=None,
+    cache_index=None,
+    is_sliding=None,
+    segment_ids_BT=None,
+    prefix=None,
+  ):
+    """prefix: (virtual token of each slot [B, T], -1 for a real one; this layer's keys and values [2, P, K, H]):
+    prefix tuning's keys and values replace those of the virtual slots, as they stand in the cache (after rope)."""
     q, k, v = shared_input((self.q, self.k, self.v), x_BTD)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope_lib.apply_rope(q, *cos_sin), rope_lib.apply_rope(k, *cos_sin)
+    if prefix is not None:
+      slots, kv_PKH = prefix
+      virtual = (slots >= 0)[:, :, None, None]
+      pick = lambda x: x[jnp.maximum(slots, 0)].astype(k.dtype)  # [B, T, K, H]
+      k, v = jnp.where(virtual, pick(kv_PKH[0]), k), jnp.where(virtual, pick(kv_PKH[1]), v)
     if kv_cache is not None:  # write the new keys/values at their slots, attend over the whole cache
       # kv_cache: every layer's keys and values [L, B, S, K, H] and this layer's index. The new entries are
       # written into the stacked arrays in place (they are the layer loop's carry), so a decoding step moves
@@ -314,14 +343,15 @@ class Block(nnx.Module):
     if cfg.sandwich_norms:
       self.post_attn_norm, self.post_mlp_norm = RMSNorm(D, **norm), RMSNorm(D, **norm)
 
-  def __call__(self, x_BTD, is_sliding, inputs: LayerInputs, kv_cache=None):
+  def __call__(self, x_BTD, is_sliding, inputs: LayerInputs, kv_cache=None, prefix_kv=None):
     # Pick this layer's rope tables and mask; a model without sliding layers shares one of each
     # (no per-layer select, so the mask stays loop-invariant and is not saved once per layer).
     pick = lambda sliding, full: full if sliding is full else jnp.where(is_sliding, sliding, full)
     cos_sin = jax.tree.map(pick, inputs.cos_sin_sliding, inputs.cos_sin_full)
     mask = pick(inputs.mask_sliding_BTS, inputs.mask_full_BTS)
+    prefix = None if prefix_kv is None else (inputs.virtual_BT, prefix_kv)
     h, kv_cache = self.attn(
-      self.pre_attn_norm(x_BTD), cos_sin, mask, kv_cache, inputs.cache_index, is_sliding, inputs.segment_ids_BT
+      self.pre_attn_norm(x_BTD), cos_sin, mask, kv_cache, inputs.cache_index, is_sliding, inputs.segment_ids_BT, prefix
     )
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
@@ -372,6 +402,9 @@ class CausalLM(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head = Linear("BTD,DV->BTV", (D, V), ("embed", "vocab"), options=options, quantizable=False, rngs=rngs)
     self.score = nnx.data(None)  # HeadParam [D, labels] once `add_score_head` makes this a reward model
+    # Prompt or prefix tuning's module (jaxtune/peft/virtual.py), set by its PEFT transform: it fills the virtual
+    # slots of input_ids (negative ids, -1 - k for virtual token k) with embeddings or, per layer, keys and values.
+    self.virtual = nnx.data(None)
 
   def add_score_head(
     self, kernel: jax.Array | None = None, *, labels: int = 1, seed: int = 0, std: float = 0.02
@@ -439,11 +472,18 @@ class CausalLM(nnx.Module):
     """Final-norm hidden states [B, T, D] (and the updated cache or None)."""
     cfg, dtype = self.config, self.options.dtype
     B, T = input_ids.shape
-    x = self._constrain(self.embed[...][input_ids].astype(dtype))
+    virtual, prefix_kv = self.virtual, None
+    slots = -1 - input_ids  # the virtual token at each slot (>= 0 only at virtual slots)
+    x = self.embed[...][jnp.maximum(input_ids, 0)].astype(dtype)
+    if virtual is not None:
+      x, prefix_kv = virtual(x, slots)
+    x = self._constrain(x)
     if cfg.scale_embeddings:
       x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=dtype)
     inputs, cache = self._layer_inputs(B, T, attention_mask, segment_ids, positions, cache)
-    x, kv = self._run_layers(x, inputs, cache)
+    if prefix_kv is not None:
+      inputs = dataclasses.replace(inputs, virtual_BT=jnp.maximum(slots, -1).astype(jnp.int32))
+    x, kv = self._run_layers(x, inputs, cache, prefix_kv)
     if cache is not None:
       cache = dataclasses.replace(cache, k=kv[0], v=kv[1], index=cache.index + T)
     return self.final_norm(x), cache
@@ -478,30 +518,31 @@ class CausalLM(nnx.Module):
       mask_sliding = attn_lib.attention_mask(q_slot, kv_slot, segment_ids, kv_seg, cfg.sliding_window)
     return LayerInputs(full, sliding, mask_full, mask_sliding, index, segment_ids), cache
 
-  def _run_layers(self, x, inputs: LayerInputs, cache: KVCache | None):
+  def _run_layers(self, x, inputs: LayerInputs, cache: KVCache | None, prefix_kv: jax.Array | None = None):
+    """prefix_kv: prefix tuning's keys and values of every layer [L, 2, P, K, H], scanned with the layers."""
     cfg, remat = self.config, self.options.remat
     kernels = kernels_lib.get(self.options.kernels)
     graphdef, state = nnx.split(self.layers)
     sliding = jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
 
     def body(x, xs):
-      layer_state, is_sliding, kv = xs
+      layer_state, is_sliding, kv, prefix = xs
       x = kernels.name(self._constrain(x), LAYER_INPUT_NAME)
-      x, kv = nnx.merge(graphdef, layer_state)(x, is_sliding, inputs, kv)
+      x, kv = nnx.merge(graphdef, layer_state)(x, is_sliding, inputs, kv, prefix)
       return x, kv
 
     if remat != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
     if cache is None:
-      return jax.lax.scan(body, x, (state, sliding, None))
+      return jax.lax.scan(body, x, (state, sliding, None, prefix_kv))
 
     # Decoding: the whole cache rides in the carry and each layer updates its slice in place (Attention).
     def cached(carry, xs):
       x, k_all, v_all = carry
-      layer_state, is_sliding, layer = xs
-      x, (k_all, v_all) = body(x, (layer_state, is_sliding, (k_all, v_all, layer)))
+      layer_state, is_sliding, layer, prefix = xs
+      x, (k_all, v_all) = body(x, (layer_state, is_sliding, (k_all, v_all, layer), prefix))
       return (x, k_all, v_all), None
 
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(cached, (x, cache.k, cache.v), (state, sliding, layers))
+    (x, k, v), _ = jax.lax.scan(cached, (x, cache.k, cache.v), (state, sliding, layers, prefix_kv))
     return x, (k, v)

@@ -39,12 +39,19 @@ from jaxtune.models import einsum as einsum_lib
 from jaxtune.models import kernels as kernels_lib
 from jaxtune.models.transformer import ADAPTED_NAME, CausalLM, HeadParam, Linear
 
-METHODS = ("lora", "full")  # peft.method: train the adapters only, or every weight
+# peft.method: train adapters only (LoRA/DoRA, IA3's vectors, prompt tuning's embeddings, prefix tuning's
+# key/value prefixes), or every weight.
+METHODS = ("lora", "ia3", "prompt", "prefix", "full")
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-class LoRAParam(nnx.Param):
-  """A LoRA factor (A or B) or DoRA magnitude: under LoRA, the only trainable leaves."""
+class AdapterParam(nnx.Param):
+  """A parameter a PEFT method adds: under every method but full fine-tuning, the only trainable leaves
+  (with a task head's)."""
+
+
+class LoRAParam(AdapterParam):
+  """A LoRA factor (A or B) or DoRA magnitude."""
 
 
 class LoRADropoutKey(nnx.Variable):
@@ -55,7 +62,7 @@ def split_trainable(model: nnx.Module, method: str) -> tuple[nnx.GraphDef, nnx.S
   """(graphdef, trained leaves, adapter dropout keys, the rest) of `model` under peft.method `method`."""
   if method not in METHODS:
     raise ConfigError(f"peft.method: unknown {method!r}; choose one of {', '.join(METHODS)}.")
-  trained = nnx.Any(LoRAParam, HeadParam) if method == "lora" else nnx.Param
+  trained = nnx.Param if method == "full" else nnx.Any(AdapterParam, HeadParam)
   return nnx.split(model, trained, LoRADropoutKey, ...)
 
 
@@ -274,7 +281,9 @@ def _linears(model: nnx.Module) -> list[tuple[tuple[str, ...], Linear]]:
   return [(tuple(str(p) for p in path), m) for path, m in nnx.iter_modules(model) if isinstance(m, Linear)]
 
 
-def _select(model: nnx.Module, targets: str | Sequence[str]) -> list[tuple[tuple[str, ...], Linear]]:
+def _select(
+  model: nnx.Module, targets: str | Sequence[str], key: str = "peft.lora.targets"
+) -> list[tuple[tuple[str, ...], Linear]]:
   linears = _linears(model)
   available = sorted({".".join(p) for p, _ in linears})
   hf_names = {hf: ours for ours, hf in mapping.module_names(model.config).items()}  # q_proj -> q, ...
@@ -286,7 +295,7 @@ def _select(model: nnx.Module, targets: str | Sequence[str]) -> list[tuple[tuple
     try:
       pattern = re.compile(targets)
     except re.error as e:
-      raise ConfigError(f"peft.lora.targets: {targets!r} is not a valid regex ({e}).") from None
+      raise ConfigError(f"{key}: {targets!r} is not a valid regex ({e}).") from None
     chosen = [(p, m) for p, m in linears if pattern.fullmatch(".".join(p))]
   else:
     names = {hf_names.get(t, t) for t in targets}
@@ -294,13 +303,13 @@ def _select(model: nnx.Module, targets: str | Sequence[str]) -> list[tuple[tuple
     unknown = sorted(n for n in names if n not in present)
     if unknown:
       raise ConfigError(
-        f"peft.lora.targets: {unknown} name no linear layer of this model; use names from "
+        f"{key}: {unknown} name no linear layer of this model; use names from "
         f"{sorted(present)} or their HF forms ({', '.join(hf_names)})."
       )
     chosen = [(p, m) for p, m in linears if p[-1] in names]
   if not chosen:
     raise ConfigError(
-      f"peft.lora.targets: {targets!r} matched no linear layer; the model's layers are {available} "
+      f"{key}: {targets!r} matched no linear layer; the model's layers are {available} "
       "(a regex must match a whole dotted path)."
     )
   return chosen
