@@ -1,0 +1,125 @@
+"""IA3, prompt tuning and prefix tuning against PEFT 0.21: each exported adapter loads with
+`PeftModel.from_pretrained` and gives PEFT's logits and greedy generation, on tiny random Llama, Qwen2 and
+Gemma 2 (float32), the adapters moved away from their init; IA3's merged export equals PEFT's merge."""
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from jaxtune.export import export_adapter, export_merged
+from jaxtune.generation import generate_ids
+from jaxtune.hf.load import load_model
+from jaxtune.peft import ia3 as ia3_lib
+from jaxtune.peft import virtual as virtual_lib
+from jaxtune.peft.lora import AdapterParam
+
+import tiny_hf
+from export_helpers import assert_close_logits, read_checkpoint
+
+FAMILIES = ("llama", "qwen2", "gemma2")
+P = 4  # virtual tokens
+pytestmark = pytest.mark.filterwarnings("ignore:.*holds no tokenizer files", "ignore:.*inference_mode")
+
+
+@nnx.jit
+def _logits(model, ids):
+  return model(ids)
+
+
+def _perturb(model, seed: int, std: float) -> None:
+  """Moves every adapter parameter away from its init: IA3's ones by ~std, others by their own scale."""
+  rng = np.random.default_rng(seed)
+  for path, var in nnx.state(model, AdapterParam).flat_state():
+    value = np.asarray(var.get_value())
+    noise = std * rng.standard_normal(value.shape).astype(np.float32)
+    var.set_value(jnp.asarray(value + noise * (1.0 if "ia3_l" in path else np.abs(value).mean() / std)))
+  nnx.update(model, nnx.state(model, AdapterParam))
+
+
+def _adapt(method: str, model, seed: int = 1):
+  if method == "ia3":
+    ia3_lib.apply_ia3(model)
+  elif method == "prompt":
+    virtual_lib.apply_prompt_tuning(model, num_virtual_tokens=P, init_ids=[5, 6, 7, 8], rngs=nnx.Rngs(seed))
+  elif method == "prefix":
+    virtual_lib.apply_prefix_tuning(model, num_virtual_tokens=P, rngs=nnx.Rngs(seed))
+    model.virtual.prefix.set_value(0.5 * model.virtual.prefix[...])
+  elif method == "prefix_mlp":
+    virtual_lib.apply_prefix_tuning(model, num_virtual_tokens=P, projection=True, hidden=32, rngs=nnx.Rngs(seed))
+  if method == "ia3":
+    rng = np.random.default_rng(seed)
+    for _, m in ia3_lib.ia3_modules(model):
+      l = m.adapter.ia3_l
+      l.set_value(jnp.asarray(1.0 + 0.3 * rng.standard_normal(l.shape), jnp.float32))
+  elif method == "prompt":
+    rng = np.random.default_rng(seed)
+    e = model.virtual.embeddings
+    e.set_value(e[...] + jnp.asarray(0.05 * rng.standard_normal(e.shape), jnp.float32))
+  return model
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+  source = tmp_path_factory.mktemp(request.param)
+  return request.param, source, tiny_hf.build(request.param, source)
+
+
+IDS = np.random.default_rng(0).integers(3, 128, size=(2, 12))
+
+
+def _ours(model, method):
+  """Our logits over the text's positions (the virtual slots come first and are dropped)."""
+  count = virtual_lib.num_virtual_tokens(model)
+  ids = np.asarray([virtual_lib.with_virtual(row, count) for row in IDS.tolist()], np.int32)
+  return np.asarray(_logits(model, ids))[:, count:]
+
+
+@pytest.mark.parametrize("method", ["ia3", "prompt", "prefix", "prefix_mlp"])
+def test_exported_adapter_gives_peft_logits_and_generation(family, method, tmp_path, peft):
+  name, source, hf_base = family
+  model = _adapt(method, load_model(source))
+  adapter = export_adapter(model, tmp_path / "adapter", str(source))
+  config = json.loads((adapter / "adapter_config.json").read_text())
+  peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf_base), adapter).eval()
+  assert type(peft_model.peft_config["default"]).__name__.upper().startswith(config["peft_type"].replace("_", ""))
+  with torch.no_grad():
+    theirs = peft_model(input_ids=torch.tensor(IDS)).logits.numpy()
+    base = hf_base(input_ids=torch.tensor(IDS)).logits.numpy()
+  theirs = theirs[:, -IDS.shape[1] :]  # prompt tuning's logits cover its virtual tokens too
+  ours = _ours(model, method)
+  assert_close_logits(ours, theirs, what=f"{name} {method}")
+  assert np.abs(base - ours).max() > 0.05 * np.abs(ours).max(), "the adapter must change the logits"
+  new = 6
+  assert generate_ids(model, IDS.tolist(), max_new_tokens=new) == _peft_greedy(peft_model, method, new), f"{name} {method}"
+
+
+def _peft_greedy(peft_model, method: str, new: int) -> list[list[int]]:
+  """PEFT's greedy continuation of IDS. Prompt tuning's is a greedy loop over PEFT's forward: PEFT 0.21's
+  `generate` (transformers 5) builds the decoding steps' attention mask from cache positions that leave out
+  the virtual tokens, so from the second new token on it disagrees with PEFT's own forward pass."""
+  ids = torch.tensor(IDS)
+  with torch.no_grad():
+    if method != "prompt":
+      out = peft_model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False
+      )
+      return out[:, -new:].tolist()
+    for _ in range(new):
+      ids = torch.cat([ids, peft_model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+  return ids[:, -new:].tolist()
+
+def test_ia3_merged_export_equals_peft_merge(family, tmp_path, peft):
+  name, source, hf_base = family
+  model = _adapt("ia3", load_model(source))
+  adapter = export_adapter(model, tmp_path / "adapter", str(source))
+  theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf_base), adapter).merge_and_unload().state_dict()
+  ours = read_checkpoint(export_merged(model, source, tmp_path / "merged"))
+  for key, value in ours.items():
+    want = theirs[key].numpy()
+    np.testing.assert_allclose(value, want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=f"{name} {key}")
