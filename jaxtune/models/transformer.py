@@ -474,12 +474,11 @@ class CausalLM(nnx.Module):
     B, T = input_ids.shape
     virtual, prefix_kv = self.virtual, None
     slots = -1 - input_ids  # the virtual token at each slot (>= 0 only at virtual slots)
-    x = self.embed[...][jnp.maximum(input_ids, 0)].astype(dtype)
-    if virtual is not None:
-      x, prefix_kv = virtual(x, slots)
-    x = self._constrain(x)
+    x = self._constrain(self.embed[...][jnp.maximum(input_ids, 0)].astype(dtype))
     if cfg.scale_embeddings:
       x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=dtype)
+    if virtual is not None:  # after Gemma's scaling, which transformers applies in the embedding, not to inputs_embeds
+      x, prefix_kv = virtual(x, slots)
     inputs, cache = self._layer_inputs(B, T, attention_mask, segment_ids, positions, cache)
     if prefix_kv is not None:
       inputs = dataclasses.replace(inputs, virtual_BT=jnp.maximum(slots, -1).astype(jnp.int32))

@@ -6,8 +6,9 @@ ids, positions, loss masks (0 at the virtual slots), attention masks and the KV 
 the example: each packed example gets its own, and the positions are PEFT's (virtual tokens at 0..P-1, the
 text from P on). The transform sets `CausalLM.virtual`:
 
-* `PromptTuning` (PEFT's PROMPT_TUNING): the virtual slots' embeddings are learned [P, D] (Gemma's sqrt(D)
-  scaling applies to them as to every input embedding, as HF applies it to `inputs_embeds`).
+* `PromptTuning` (PEFT's PROMPT_TUNING): the virtual slots' embeddings are learned [P, D], taken as the
+  layers' input: Gemma's sqrt(D) scaling does not apply to them (transformers scales in its embedding
+  module, not `inputs_embeds`), and a text init takes the scaled embeddings of its tokens, as PEFT does.
 * `PrefixTuning` (PEFT's PREFIX_TUNING): every layer's keys and values at the virtual slots are learned
   [L, 2, P, K, H], taken as they stand in a KV cache (after rope and k-norm, as PEFT's `past_key_values`);
   what the virtual slots' queries compute is never read. With `projection` (PEFT's prefix_projection), they
@@ -160,6 +161,8 @@ def apply_prompt_tuning(
   D = model.config.hidden_size
   if init_ids is not None:
     embeddings = jnp.asarray(model.embed[...], jnp.float32)[jnp.asarray(list(init_ids), jnp.int32)]
+    if model.config.scale_embeddings:
+      embeddings = embeddings * np.float32(D**0.5)
   else:
     embeddings = jax.random.normal(rngs.params(), (num_virtual_tokens, D), jnp.float32)
   model.virtual = PromptTuning(embeddings)

@@ -100,12 +100,12 @@ def test_exported_adapter_gives_peft_logits_and_generation(family, method, tmp_p
 
 
 def _peft_greedy(peft_model, method: str, new: int) -> list[list[int]]:
-  """PEFT's greedy continuation of IDS. Prompt tuning's is a greedy loop over PEFT's forward: PEFT 0.21's
-  `generate` (transformers 5) builds the decoding steps' attention mask from cache positions that leave out
-  the virtual tokens, so from the second new token on it disagrees with PEFT's own forward pass."""
+  """PEFT's greedy continuation of IDS: IA3's from `generate`; prompt and prefix tuning's from a greedy loop over
+  PEFT's forward pass: with transformers 5, PEFT 0.21's `generate` for these two disagrees with its own forward
+  pass on these models (prompt tuning from the second new token, prefix tuning from the first)."""
   ids = torch.tensor(IDS)
   with torch.no_grad():
-    if method != "prompt":
+    if method == "ia3":
       out = peft_model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False
       )
@@ -113,13 +113,3 @@ def _peft_greedy(peft_model, method: str, new: int) -> list[list[int]]:
     for _ in range(new):
       ids = torch.cat([ids, peft_model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
   return ids[:, -new:].tolist()
-
-def test_ia3_merged_export_equals_peft_merge(family, tmp_path, peft):
-  name, source, hf_base = family
-  model = _adapt("ia3", load_model(source))
-  adapter = export_adapter(model, tmp_path / "adapter", str(source))
-  theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf_base), adapter).merge_and_unload().state_dict()
-  ours = read_checkpoint(export_merged(model, source, tmp_path / "merged"))
-  for key, value in ours.items():
-    want = theirs[key].numpy()
-    np.testing.assert_allclose(value, want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=f"{name} {key}")
