@@ -48,6 +48,9 @@ def data_config() -> ml_collections.ConfigDict:
   # its first max_completion_length (0: no limit). Both sequences of an example (prompt + chosen and
   # prompt + rejected, or a KTO completion and its KL sequence) must then fit max_seq_len together; an
   # example that does not is never cut but refused or skipped, by on_error.
+  # Prompt and prefix tuning's virtual tokens before every example (set by the trainer from peft.prompt /
+  # peft.prefix num_virtual_tokens): examples are cut to max_seq_len minus them, then each gets its own.
+  c.virtual_tokens = 0
   c.max_prompt_length = 0
   c.max_completion_length = 0
   c.packing = True  # Rows of exactly max_seq_len holding several examples each.

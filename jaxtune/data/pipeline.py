@@ -112,9 +112,11 @@ def load_split(data_cfg: ml_collections.ConfigDict, tokenizer, split: str = "tra
     num_records += len(examples)
     if examples.kind == "kto":
       examples = preference.with_kl(examples, data_cfg.batch_size)
+    virtual = data_cfg.get("virtual_tokens", 0)
     examples, cut = fit_to_length(
-      examples, data_cfg.max_seq_len, data_cfg.truncation, report, on_error=data_cfg.on_error
+      examples, data_cfg.max_seq_len - virtual, data_cfg.truncation, report, on_error=data_cfg.on_error
     )
+    examples = with_virtual_tokens(examples, virtual)
     parts.append(examples)
     keys.append(key)
     cached += hit
@@ -137,7 +139,7 @@ def load_split(data_cfg: ml_collections.ConfigDict, tokenizer, split: str = "tra
     undesirable=sum(int(np.sum(p.labels == 0)) for p in parts),
   )
   settings = [split, keys, validation_fraction, data_cfg.test_fraction, data_cfg.seed]
-  settings += [data_cfg.max_seq_len, data_cfg.truncation]
+  settings += [data_cfg.max_seq_len, data_cfg.truncation] + ([virtual] if virtual else [])
   if kind == "kto":  # the KL sequences pair records within groups of batch_size
     settings.append(data_cfg.batch_size)
   return SplitData(split, sources, parts, stats, digest(settings), kind)
@@ -242,6 +244,24 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def with_virtual_tokens(examples: Examples, count: int) -> Examples:
+  """Every example after `count` virtual slots (input ids -1 - k, not targets: jaxtune/peft/virtual.py), so
+  packing, positions and segments give each example its own. One-sequence examples only (config refuses the
+  others with prompt and prefix tuning)."""
+  if not count or not len(examples):
+    return examples
+  lengths = examples.lengths
+  offsets = np.concatenate([[0], np.cumsum(lengths + count)]).astype(np.int64)
+  ids = np.empty(offsets[-1], examples.input_ids.dtype)
+  mask = np.zeros(offsets[-1], examples.loss_mask.dtype)
+  example = np.repeat(np.arange(len(examples)), lengths)
+  dest = np.arange(len(examples.input_ids)) - examples.offsets[:-1][example] + offsets[:-1][example] + count
+  ids[dest], mask[dest] = examples.input_ids, examples.loss_mask
+  virtual = (offsets[:-1, None] + np.arange(count)).reshape(-1)
+  ids[virtual] = np.tile(-1 - np.arange(count), len(examples))
+  return dataclasses.replace(examples, input_ids=ids, loss_mask=mask, offsets=offsets, ref_logps=None)
 
 
 def fit_to_length(

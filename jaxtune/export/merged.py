@@ -65,6 +65,11 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
   give no lm_head tensor. A model with a score head (a reward model) is written as transformers'
   *ForSequenceClassification: the backbone, `score.weight` [labels, D], no lm_head.
   """
+  if getattr(model, "virtual", None) is not None:
+    raise ExportError(
+      f"the model has {model.virtual.method} tuning's virtual tokens, which no weight of the base can hold; "
+      "export the adapter (--format adapter) instead."
+    )
   dtype = np.dtype(dtype)
   cfg = model.config
   specs = []

@@ -32,11 +32,13 @@ from jaxtune.models import options as options_lib
 from jaxtune.models.config import ModelConfig, load_config
 from jaxtune.models.options import ModelOptions
 from jaxtune.models.transformer import CausalLM, HeadParam
-from jaxtune.peft.lora import LoRADropoutKey, LoRAParam, apply_lora
+from jaxtune.peft import methods as peft_methods
+from jaxtune.peft.lora import AdapterParam, LoRADropoutKey
 from jaxtune.train import builtin_models
 from jaxtune.train import checkpoint as ckpt_lib
 
 FORMATS = ("merged", "adapter", "gguf")
+ADAPTER_METHODS = ("lora", "ia3", "prompt", "prefix")
 
 
 @dataclasses.dataclass
@@ -45,7 +47,7 @@ class RunModel:
 
   model: CausalLM
   step: int
-  method: str  # "lora" | "full"
+  method: str  # "lora" | "ia3" | "prompt" | "prefix" | "full"
   source_dir: pathlib.Path  # the HF checkpoint the run started from (config, tokenizer, chat template)
   base_model: str  # the base as PEFT / vLLM should name it in an adapter config
   config: dict  # the run's resolved config, as saved with the checkpoint
@@ -134,32 +136,23 @@ def _run_source(step_dir: pathlib.Path) -> tuple[dict, pathlib.Path, str]:
 
 
 def _with_adapters(
-  cfg: ModelConfig, options: ModelOptions, lora: dict, base: CausalLM | None, scorer: bool = False
+  cfg: ModelConfig, options: ModelOptions, peft: dict, base: CausalLM | None, scorer: bool = False
 ) -> CausalLM:
-  """The model with LoRA adapters of the run's shapes, their values still to be restored.
+  """The model with the adapters of the run's PEFT method and shapes, their values still to be restored.
 
   Built abstractly (no random init, which costs a compile per shape) and then given the
   base's weights, or left abstract where `base` is None.
   """
 
   def build():
-    return apply_lora(
-      _causal_lm(cfg, options, scorer),
-      rank=lora["rank"],
-      alpha=lora["alpha"],
-      dropout=lora.get("dropout", 0.0),
-      use_rslora=lora.get("use_rslora", False),
-      use_dora=lora.get("use_dora", False),
-      targets=lora.get("targets", "all-linear"),
-      rngs=nnx.Rngs(0),
-    )
+    return peft_methods.apply(_causal_lm(cfg, options, scorer), peft, rngs=nnx.Rngs(0))
 
   graphdef, adapters, keys, rest = nnx.split(nnx.eval_shape(build), _TRAINED, LoRADropoutKey, ...)
   keys = jax.tree.map(lambda s: jnp.asarray(np.zeros(s.shape, s.dtype)), keys)  # dropout is off outside training
   return nnx.merge(graphdef, adapters, keys, rest if base is None else nnx.state(base))
 
 
-_TRAINED = nnx.Any(LoRAParam, HeadParam)  # what a LoRA run's checkpoint holds: adapters and a new head
+_TRAINED = nnx.Any(AdapterParam, HeadParam)  # what an adapter run's checkpoint holds: adapters and a new head
 
 
 def _causal_lm(cfg: ModelConfig, options: ModelOptions, scorer: bool) -> CausalLM:
@@ -189,7 +182,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, base_weight
     options = options_lib.for_platform(platform, dtype=compute, param_dtype=model_cfg.get("param_dtype", "float32"))
     graphdef, state = nnx.split(nnx.eval_shape(lambda: _causal_lm(cfg, options, scorer)))
     model = nnx.merge(graphdef, _fill(state, _restore_params(step_dir, nnx.to_pure_dict(state))))
-  elif method == "lora":
+  elif method in ADAPTER_METHODS:
     base = None
     if base_weights:  # the base in the dtype it is stored in: exact, and no bigger than it has to be
       # A quantised base is rebuilt exactly as the run trained on it (quantisation is deterministic).
@@ -204,11 +197,11 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, base_weight
       )
     cfg = base.config if base is not None else load_config(source)
     options = base.options if base is not None else options_lib.for_platform(platform, dtype=compute)
-    model = _with_adapters(cfg, options, peft["lora"], base, scorer)
+    model = _with_adapters(cfg, options, {**peft, "method": method}, base, scorer)
     adapters = nnx.state(model, _TRAINED)
     nnx.update(model, _fill(adapters, _restore_params(step_dir, nnx.to_pure_dict(adapters))))
   else:
-    raise ExportError(f"{step_dir / 'config'}: peft.method {method!r} is not one jaxtune can export (lora, full).")
+    raise ExportError(f"{step_dir / 'config'}: peft.method {method!r} is not one jaxtune can export ({', '.join(ADAPTER_METHODS)}, full).")
   return RunModel(model, int(step_dir.name), method, source, base_model, config)
 
 
@@ -248,7 +241,12 @@ def export_run(
     raise ExportError(
       f"{run_dir}: a reward model exports as a transformers *ForSequenceClassification checkpoint; use --format merged."
     )
-  if format == "adapter" and method != "lora":
+  if format in ("merged", "gguf") and method in ("prompt", "prefix"):
+    raise ExportError(
+      f"{run_dir}: peft.method={method} trains virtual tokens, which no weight of the base can hold; export "
+      "--format adapter (PEFT's PeftModel loads it)."
+    )
+  if format == "adapter" and method == "full":
     raise ExportError(
       f"{run_dir}: the run fine-tuned every weight (peft.method={method}), so there is no adapter; "
       "export --format merged or gguf instead."

@@ -81,7 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = data_config()
 
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = "lora"  # lora | full
+  c.peft.method = "lora"  # lora | ia3 | prompt | prefix | full
   c.peft.lora = ml_collections.ConfigDict(
     dict(
       rank=16,
@@ -94,6 +94,17 @@ def default_config() -> ml_collections.ConfigDict:
       targets="all-linear",  # all-linear | a regex matching whole dotted module paths, e.g. "layers.attn.(q|v)"
     )
   )
+
+  # IA3: a learned scale per adapted module (PEFT's target_modules / feedforward_modules). "default": PEFT's
+  # modules for the family (Llama k, v, down; Qwen2 and Gemma q, v, down; feed-forward: down); else module names
+  # (ours or HF's, comma-separated) or a regex over whole dotted paths. Feed-forward modules scale their input.
+  c.peft.ia3 = ml_collections.ConfigDict(dict(targets="default", feedforward="default"))
+  # Prompt tuning: learned embeddings of num_virtual_tokens tokens before every example; init "random" or
+  # "text" (PEFT's TEXT init: the embeddings of init_text's tokens, repeated to num_virtual_tokens).
+  c.peft.prompt = ml_collections.ConfigDict(dict(num_virtual_tokens=20, init="random", init_text=""))
+  # Prefix tuning: learned keys and values of num_virtual_tokens tokens in every layer; projection: through
+  # PEFT's reparameterisation MLP (hidden units `projection_hidden`, 0: the key/value width).
+  c.peft.prefix = ml_collections.ConfigDict(dict(num_virtual_tokens=20, projection=False, projection_hidden=0))
 
   c.optim = optim_config()
 
@@ -230,6 +241,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
       _fail("peft.lora.dropout", f"{lora.dropout} must be in [0, 1)")
   elif lora.use_dora:
     _fail("peft.lora.use_dora", f"DoRA adapters need peft.method=lora, not {config.peft.method}", "set use_dora=False")
+  _validate_virtual(config)
   if config.peft.method == "full" and config.model.param_dtype in ("bfloat16", "float16"):
     _fail(
       "model.param_dtype",
@@ -385,7 +397,7 @@ def resolve(
   if config.train.loss_scale == "auto":
     config.train.loss_scale = "dynamic" if loss_scale_lib.active("auto", model.dtype) else "none"
   if model.param_dtype == "auto":
-    model.param_dtype = model.dtype if config.peft.method == "lora" else "float32"
+    model.param_dtype = model.dtype if config.peft.method != "full" else "float32"
   if model.attention_impl == "auto":
     model.attention_impl = "chunked"
     if model_config is not None:
@@ -424,3 +436,39 @@ def write(config: ml_collections.ConfigDict, run_dir: str | pathlib.Path) -> pat
   finally:
     partial.unlink(missing_ok=True)
   return path
+
+
+def virtual_tokens(config: ml_collections.ConfigDict) -> int:
+  """The virtual tokens before every example under prompt or prefix tuning, else 0."""
+  method = config.peft.method
+  return config.peft[method].num_virtual_tokens if method in ("prompt", "prefix") else 0
+
+
+def _validate_virtual(config: ml_collections.ConfigDict) -> None:
+  """Prompt and prefix tuning's refusals (docs/peft.md)."""
+  method = config.peft.method
+  if method not in ("prompt", "prefix"):
+    return
+  key = f"peft.{method}.num_virtual_tokens"
+  count = config.peft[method].num_virtual_tokens
+  if count < 1:
+    _fail(key, f"{count} must be >= 1")
+  if config.data.max_seq_len <= count:
+    _fail(
+      "data.max_seq_len",
+      f"{config.data.max_seq_len} leaves no room for {key}={count}",
+      f"raise data.max_seq_len above {count} or lower {key}",
+    )
+  if config.objective != "sft":
+    _fail(
+      "objective",
+      f"{config.objective} with peft.method={method}: virtual tokens are supported for sft only",
+      "use objective=sft, or peft.method=lora or ia3",
+    )
+  if method == "prompt":
+    init = config.peft.prompt.init
+    if init not in ("random", "text"):
+      _fail("peft.prompt.init", f"{init!r} is unknown", "choose random or text")
+    if init == "text" and not config.peft.prompt.init_text:
+      _fail("peft.prompt.init_text", "empty with peft.prompt.init=text", "give the text, or set init=random")
+  config.data.virtual_tokens = count

@@ -30,7 +30,7 @@ from jaxtune.models import config as model_config_lib
 from jaxtune.models import options as options_lib
 from jaxtune.models import quantize as quantize_lib
 from jaxtune.parallel import load as parallel_load
-from jaxtune.peft import apply_lora
+from jaxtune.peft import methods as peft_methods
 from jaxtune.peft import lora as lora_lib
 from jaxtune.peft.import_adapter import load_adapter
 from jaxtune.train import builtin_models, faults, objectives, optim, preemption, run_lock
@@ -273,18 +273,8 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
     base = builtin_models.base_name(config.model.path, config.model.hub_id, model_path)
     model = load_adapter(model, config.model.adapter, base)
     config.peft.lora.update(lora_lib.adapter_settings(model))  # saved with each checkpoint: exports rebuild them
-  elif config.peft.method == "lora":
-    lora = config.peft.lora
-    apply_lora(
-      model,
-      rank=lora.rank,
-      alpha=lora.alpha,
-      dropout=lora.dropout,
-      use_rslora=lora.use_rslora,
-      use_dora=lora.use_dora,
-      targets=lora.targets,
-      rngs=nnx.Rngs(config.train.seed),
-    )
+  else:
+    peft_methods.apply(model, config.peft, rngs=nnx.Rngs(config.train.seed), tokenizer=tokenizer)
   if config.objective == "reward":
     model.add_score_head(seed=config.train.seed)
   reference = _reference_mode(config, train_data)

@@ -85,9 +85,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config[section][name] > 0:
       raise ConfigError(f"{key}: {config[section][name]} must be positive.")
   if config.objective in WITH_REFERENCE and config.reference == "live":
-    if config.peft.method != "lora":
+    if config.peft.method not in ("lora", "ia3"):
       raise ConfigError(
-        f"reference: 'live' computes the reference with the adapters off, which needs peft.method=lora; under "
+        f"reference: 'live' computes the reference with the adapters off, which needs peft.method=lora or ia3; under "
         f"{config.peft.method!r} fine-tuning set reference=precomputed (or auto)."
       )
     if config.model.adapter:

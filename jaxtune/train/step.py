@@ -130,7 +130,7 @@ def loss_fn(
   hidden, _ = model.hidden_states(ids, segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
   weights = loss_weights(batch)
   scaled = weights if scale is None else weights * scale
-  h, targets = hidden[:, :-1], ids[:, 1:]
+  h, targets = hidden[:, :-1], jnp.maximum(ids[:, 1:], 0)  # virtual slots (ids < 0) are never targets
   head = model.head_weight()
   if head is not None:  # the usual case: logits and their gradient in one pass (train/cross_entropy.py)
     w, layout = head

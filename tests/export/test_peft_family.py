@@ -80,7 +80,9 @@ def _ours(model, method):
   return np.asarray(_logits(model, ids))[:, count:]
 
 
-@pytest.mark.parametrize("method", ["ia3", "prompt", "prefix", "prefix_mlp"])
+@pytest.mark.parametrize(
+  "method", ["ia3", "prompt", "prefix", pytest.param("prefix_mlp", marks=pytest.mark.slow)]
+)
 def test_exported_adapter_gives_peft_logits_and_generation(family, method, tmp_path, peft):
   name, source, hf_base = family
   model = _adapt(method, load_model(source))
