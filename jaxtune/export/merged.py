@@ -1,4 +1,5 @@
-"""Merged export: the model with its LoRA (or DoRA) adapters or IA3 vectors folded in, as a Hugging Face checkpoint directory.
+"""Merged export: the model with its LoRA (or DoRA) adapters or IA3 vectors folded in, as a Hugging Face
+checkpoint directory.
 
 Loadable by `transformers.AutoModelForCausalLM.from_pretrained` and by vLLM: safetensors
 shards (+ `model.safetensors.index.json` past `max_shard_bytes`), the source checkpoint's

@@ -201,7 +201,10 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, base_weight
     adapters = nnx.state(model, _TRAINED)
     nnx.update(model, _fill(adapters, _restore_params(step_dir, nnx.to_pure_dict(adapters))))
   else:
-    raise ExportError(f"{step_dir / 'config'}: peft.method {method!r} is not one jaxtune can export ({', '.join(ADAPTER_METHODS)}, full).")
+    raise ExportError(
+      f"{step_dir / 'config'}: peft.method {method!r} is not one jaxtune can export "
+      f"({', '.join(ADAPTER_METHODS)}, full)."
+    )
   return RunModel(model, int(step_dir.name), method, source, base_model, config)
 
 

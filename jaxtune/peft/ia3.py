@@ -61,8 +61,10 @@ class IA3(nnx.Module):
     stack_axes, letter_axes = axes[:n_stack], dict(zip(spec.w, axes[n_stack:]))
     letters = spec.ins if feedforward else spec.outs
     if not (spec.x if feedforward else spec.y).endswith(letters):
-      raise ValueError(f"IA3 cannot adapt einsum {einsum!r}: its {'input' if feedforward else 'output'} must end with "
-                       f"the kernel's {'input' if feedforward else 'output'} letters.")
+      raise ValueError(
+        f"IA3 cannot adapt einsum {einsum!r}: its {'input' if feedforward else 'output'} must end with "
+        f"the kernel's {'input' if feedforward else 'output'} letters."
+      )
     self.spec, self.feedforward, self.letters = spec, feedforward, letters
     shape = stack + tuple(dims[c] for c in letters)
     self.ia3_l = AdapterParam(

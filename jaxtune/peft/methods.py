@@ -32,7 +32,9 @@ def apply(model: CausalLM, peft: Any, *, rngs: nnx.Rngs, tokenizer: Any = None) 
     )
   if method == "ia3":
     ia3 = peft["ia3"]
-    return ia3_lib.apply_ia3(model, targets=ia3.get("targets", "default"), feedforward=ia3.get("feedforward", "default"))
+    return ia3_lib.apply_ia3(
+      model, targets=ia3.get("targets", "default"), feedforward=ia3.get("feedforward", "default")
+    )
   if method == "prompt":
     prompt = peft["prompt"]
     count = prompt["num_virtual_tokens"]

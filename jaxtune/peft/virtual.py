@@ -118,7 +118,7 @@ class PrefixTuning(nnx.Module):
 
 
 def method(model: CausalLM) -> str | None:
-  """"prompt" or "prefix" when the model has that method's virtual tokens, else None."""
+  """ "prompt" or "prefix" when the model has that method's virtual tokens, else None."""
   virtual = getattr(model, "virtual", None)
   return None if virtual is None else virtual.method
 

@@ -30,8 +30,8 @@ from jaxtune.models import config as model_config_lib
 from jaxtune.models import options as options_lib
 from jaxtune.models import quantize as quantize_lib
 from jaxtune.parallel import load as parallel_load
-from jaxtune.peft import methods as peft_methods
 from jaxtune.peft import lora as lora_lib
+from jaxtune.peft import methods as peft_methods
 from jaxtune.peft.import_adapter import load_adapter
 from jaxtune.train import builtin_models, faults, objectives, optim, preemption, run_lock
 from jaxtune.train import checkpoint as ckpt_lib

@@ -5,22 +5,20 @@ Gemma 2 (float32), the adapters moved away from their init; IA3's merged export 
 import copy
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
-from jaxtune.export import export_adapter, export_merged
+from jaxtune.export import export_adapter
 from jaxtune.generation import generate_ids
 from jaxtune.hf.load import load_model
 from jaxtune.peft import ia3 as ia3_lib
 from jaxtune.peft import virtual as virtual_lib
-from jaxtune.peft.lora import AdapterParam
 
 import tiny_hf
-from export_helpers import assert_close_logits, read_checkpoint
+from export_helpers import assert_close_logits
 
 FAMILIES = ("llama", "qwen2", "gemma2")
 P = 4  # virtual tokens
@@ -30,16 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*holds no tokenizer files", "ig
 @nnx.jit
 def _logits(model, ids):
   return model(ids)
-
-
-def _perturb(model, seed: int, std: float) -> None:
-  """Moves every adapter parameter away from its init: IA3's ones by ~std, others by their own scale."""
-  rng = np.random.default_rng(seed)
-  for path, var in nnx.state(model, AdapterParam).flat_state():
-    value = np.asarray(var.get_value())
-    noise = std * rng.standard_normal(value.shape).astype(np.float32)
-    var.set_value(jnp.asarray(value + noise * (1.0 if "ia3_l" in path else np.abs(value).mean() / std)))
-  nnx.update(model, nnx.state(model, AdapterParam))
 
 
 def _adapt(method: str, model, seed: int = 1):
@@ -55,8 +43,8 @@ def _adapt(method: str, model, seed: int = 1):
   if method == "ia3":
     rng = np.random.default_rng(seed)
     for _, m in ia3_lib.ia3_modules(model):
-      l = m.adapter.ia3_l
-      l.set_value(jnp.asarray(1.0 + 0.3 * rng.standard_normal(l.shape), jnp.float32))
+      scale = m.adapter.ia3_l
+      scale.set_value(jnp.asarray(1.0 + 0.3 * rng.standard_normal(scale.shape), jnp.float32))
   elif method == "prompt":
     rng = np.random.default_rng(seed)
     e = model.virtual.embeddings
@@ -80,9 +68,7 @@ def _ours(model, method):
   return np.asarray(_logits(model, ids))[:, count:]
 
 
-@pytest.mark.parametrize(
-  "method", ["ia3", "prompt", "prefix", pytest.param("prefix_mlp", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("method", ["ia3", "prompt", "prefix", pytest.param("prefix_mlp", marks=pytest.mark.slow)])
 def test_exported_adapter_gives_peft_logits_and_generation(family, method, tmp_path, peft):
   name, source, hf_base = family
   model = _adapt(method, load_model(source))
@@ -98,7 +84,9 @@ def test_exported_adapter_gives_peft_logits_and_generation(family, method, tmp_p
   assert_close_logits(ours, theirs, what=f"{name} {method}")
   assert np.abs(base - ours).max() > 0.05 * np.abs(ours).max(), "the adapter must change the logits"
   new = 6
-  assert generate_ids(model, IDS.tolist(), max_new_tokens=new) == _peft_greedy(peft_model, method, new), f"{name} {method}"
+  assert generate_ids(model, IDS.tolist(), max_new_tokens=new) == _peft_greedy(peft_model, method, new), (
+    f"{name} {method}"
+  )
 
 
 def _peft_greedy(peft_model, method: str, new: int) -> list[list[int]]:
@@ -115,3 +103,40 @@ def _peft_greedy(peft_model, method: str, new: int) -> list[list[int]]:
     for _ in range(new):
       ids = torch.cat([ids, peft_model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
   return ids[:, -new:].tolist()
+
+
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+  source = tmp_path_factory.mktemp("gemma2_packed")
+  tiny_hf.build("gemma2", source)
+  return "gemma2", source, None
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_packed_examples_each_get_their_virtual_tokens(gemma2, method):
+  """Two examples through the data pipeline's virtual slots, packed in one row (segments 1, 2; positions from 0
+  in each) give the logits each gives alone; on Gemma 2, whose sliding window (8) the 20-slot row exceeds."""
+  from jaxtune.data.examples import Examples
+  from jaxtune.data.pipeline import with_virtual_tokens
+
+  name, source, _ = gemma2
+  model = _adapt(method, load_model(source))
+  a, b = IDS[0, :7], IDS[1, :9]
+  flat = Examples(
+    np.concatenate([a, b]).astype(np.int32),
+    np.ones(16, np.int8),
+    np.array([0, 7, 16]),
+    np.zeros(2, np.uint64),
+    ["a", "b"],
+  )
+  examples = with_virtual_tokens(flat, P)
+  alone = [examples[i][0] for i in range(2)]
+  assert alone[0].tolist() == virtual_lib.with_virtual(a.tolist(), P) and examples[1][1][:P].sum() == 0
+  row = np.concatenate(alone)[None]
+  segments = np.concatenate([np.full(len(x), i + 1) for i, x in enumerate(alone)])[None]
+  positions = np.concatenate([np.arange(len(x)) for x in alone])[None]
+  packed = np.asarray(nnx.jit(lambda m, r, s, p: m(r, segment_ids=s, positions=p))(model, row, segments, positions))
+  for i, ids in enumerate(alone):
+    want = np.asarray(_logits(model, ids[None]))[0]
+    start = sum(len(x) for x in alone[:i])
+    assert_close_logits(packed[0, start : start + len(ids)], want, rel=1e-5, what=f"{name} {method} example {i}")

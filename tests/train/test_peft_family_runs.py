@@ -3,7 +3,6 @@ cut is exact, checkpoints hold the adapters only, and the run exports as a PEFT 
 
 import json
 
-import numpy as np
 import pytest
 
 from jaxtune.export.run import export_run
