@@ -30,6 +30,11 @@ METHODS = {
   "nf4": {"model.quantize": "nf4", "model.double_quant": True},
   "int8": {"model.quantize": "int8"},
   "dora": {"peft.lora.use_dora": True},
+  # IA3, prompt and prefix tuning train thousands of parameters, not millions: they need a learning rate
+  # ~10x LoRA's (PEFT's examples use 3e-2 for prompt tuning, 1e-2 for prefix tuning and IA3).
+  "ia3": {"peft.method": "ia3", "optim.lr": 2e-2},
+  "prompt": {"peft.method": "prompt", "peft.prompt.num_virtual_tokens": 20, "optim.lr": 3e-2},
+  "prefix": {"peft.method": "prefix", "peft.prefix.num_virtual_tokens": 20, "optim.lr": 2e-2},
 }
 
 
@@ -81,7 +86,7 @@ def run(method: str, steps: int, out: pathlib.Path) -> dict:
     "method": method,
     "trained": int(trained.group(1).replace(",", "")),
     "total": int(trained.group(2).replace(",", "")),
-    "lr": 2e-3,
+    "lr": METHODS[method].get("optim.lr", 2e-3),
     "s_per_step": (seen[steps] - seen[5]) / (steps - 5),
     "peak_rss_gb": usage.ru_maxrss / 2**20,
     "exact_match": score,
