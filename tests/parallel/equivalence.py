@@ -18,7 +18,7 @@ from jaxtune import parallel
 from jaxtune.hf.load import init_model
 from jaxtune.models.config import from_hf_dict
 from jaxtune.models.options import ModelOptions
-from jaxtune.peft import lora
+from jaxtune.peft import ia3, lora, virtual
 from jaxtune.train import optim
 from jaxtune.train import step as step_lib
 
@@ -29,20 +29,24 @@ TINY = tiny_configs.LLAMA  # divisible by 8 (fsdp) and 2 (tensor) where the rule
 TINY_QUANT = {**tiny_configs.LLAMA, **tiny_configs.QUANT_SIZES}  # NF4 blocks whole on every shard
 MESHES = {"dp": dict(preset="dp"), "fsdp": dict(preset="fsdp"), "fsdp_tp": dict(preset="fsdp_tp", data=2)}
 STEPS, ACCUM, ROWS, T = 3, 1, 8, 16
-PEFT_METHOD = {"lora": "lora", "dora": "lora", "qlora": "lora", "full": "full"}  # what each run trains -> peft.method
+# what each run trains -> peft.method
+PEFT_METHOD = {"lora": "lora", "dora": "lora", "qlora": "lora", "full": "full", "ia3": "ia3", "prefix": "prefix"}
+VIRTUAL = 4  # prefix tuning's virtual tokens at the start of every row
 
 
-def batches() -> list[dict[str, np.ndarray]]:
+def batches(virtual_tokens: int = 0) -> list[dict[str, np.ndarray]]:
+  """STEPS batches; virtual_tokens > 0: each row starts with prefix tuning's slots -1..-P, untrained."""
   rng = np.random.default_rng(0)
   out = []
   for _ in range(STEPS):
     ids = rng.integers(3, 128, size=(ACCUM, ROWS, T)).astype(np.int32)
+    ids[..., :virtual_tokens] = -np.arange(1, virtual_tokens + 1)
     seg = np.ones_like(ids)
     seg[..., 12:] = 0  # padding at the end of every row
     out.append(
       {
         "input_ids": ids,
-        "loss_mask": (rng.random(ids.shape) < 0.7).astype(np.int32),
+        "loss_mask": ((rng.random(ids.shape) < 0.7) & (ids >= 0)).astype(np.int32),
         "segment_ids": seg,
         "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape).copy(),
       }
@@ -51,12 +55,16 @@ def batches() -> list[dict[str, np.ndarray]]:
 
 
 def setup(method: str, options: ModelOptions | None = None):
-  """method: lora | dora | full | qlora (LoRA on an NF4 base with double quantisation)."""
+  """method: lora | dora | full | qlora (LoRA on an NF4 base with double quantisation) | ia3 | prefix."""
   tiny = TINY
   if method == "qlora":
     tiny = TINY_QUANT
     options = (options or ModelOptions()).replace(quantize="nf4", double_quant=True)
   model = init_model(from_hf_dict(tiny), seed=0, options=options)
+  if method == "ia3":
+    ia3.apply_ia3(model)
+  if method == "prefix":
+    virtual.apply_prefix_tuning(model, num_virtual_tokens=VIRTUAL, rngs=nnx.Rngs(1))
   if PEFT_METHOD[method] == "lora":
     lora.apply_lora(model, rank=4, alpha=8.0, use_dora=method == "dora", rngs=nnx.Rngs(1))
     # B starts at zero; give it values so the adapters' gradients are not trivially zero at step 1.
@@ -87,7 +95,7 @@ def run(method: str, mesh_name: str | None) -> dict:
     frozen, state = jax.tree.map(jax.numpy.asarray, (frozen, state))
   train_step = step_lib.make_train_step(graphdef, frozen, opt, shardings=shardings)
   losses = []
-  for batch in batches():
+  for batch in batches(VIRTUAL if method == "prefix" else 0):
     if shardings is not None:
       batch = parallel.shard_batch(batch, shardings[2])
     state, metrics = train_step(state, batch)

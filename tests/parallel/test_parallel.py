@@ -245,6 +245,19 @@ def test_qlora_presets_match_one_device_with_nf4_blocks_whole_on_each_shard():
     assert absmax[1][1] * 64 == codes[1][1] * 2  # each device holds the absmax of exactly its own blocks
 
 
+@pytest.mark.slow
+def test_ia3_and_prefix_presets_match_one_device():
+  results = _script([str(HERE / "equivalence.py"), "ia3", "prefix"], devices=8)
+  for method in ("ia3", "prefix"):
+    single = results[method]["single"]
+    for name in ("dp", "fsdp", "fsdp_tp"):
+      got = results[method][name]
+      np.testing.assert_allclose(got["losses"], single["losses"], rtol=2e-6, err_msg=f"{method} {name}")
+      assert _max_diff(got["params"], single["params"]) < 5e-4, (method, name)
+  # prefix keys and values [L, 2, P, K, H] split their KV heads over `tensor`, like the k and v projections
+  assert results["prefix"]["fsdp_tp"]["shards"]["['virtual']['prefix']"] == [[2, 2, 4, 2, 24], [2, 2, 4, 1, 24]]
+
+
 def test_sharded_loader_matches_plain_loader(tmp_path):
   checkpoints.write(tmp_path / "qwen", QWEN, max_file_bytes=100_000)  # several files + index, biases
   results = _script([str(HERE / "loader_check.py"), "equal", str(tmp_path / "qwen")], devices=8)
