@@ -159,7 +159,7 @@ def default_config() -> ml_collections.ConfigDict:
   # A generation task scored before and after training (the quickstart's exact match).
   c.task = ml_collections.ConfigDict(
     dict(
-      test_file="",  # JSONL chat records; the last assistant turn is the reference. Empty: none.
+      test_file="",  # JSONL chat records; the last assistant turn is the reference. Empty: data.test_fraction's split
       scorer="json",  # the primary metric: a name in jaxtune/eval/metrics.py (exact, json, squad_f1, ...) or module:fn
       metrics="",  # more metrics reported with their 95% interval before/after training, e.g. "squad_f1,rougeL"
       num_examples=50,  # the first N records

@@ -24,6 +24,7 @@ from jaxtune import configs, parallel, tasks
 from jaxtune import data as data_lib
 from jaxtune.data import templates
 from jaxtune.errors import UserError
+from jaxtune.eval import run as eval_run
 from jaxtune.hf import load as hf_load
 from jaxtune.hf import tokens as tokens_lib
 from jaxtune.models import config as model_config_lib
@@ -251,7 +252,11 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   val_data = None
   if config.train.eval and (config.data.validation or config.data.validation_fraction):
     val_data = data_lib.load_split(config.data, tokenizer, "validation")
-  examples = tasks.load_examples(config.task.test_file, config.task.num_examples) if config.task.test_file else []
+  examples = []
+  if config.task.test_file:
+    examples = tasks.load_examples(config.task.test_file, config.task.num_examples)
+  elif config.data.test_fraction:  # the held-out test split, scored with the task's metrics before and after
+    examples = eval_run.split_examples(config.data, "test")[: config.task.num_examples or None]
 
   mesh = parallel.make_mesh(config.mesh)
   log_lib.info(_devices_line(mesh), main)

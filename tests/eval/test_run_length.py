@@ -80,3 +80,11 @@ def test_run_length_settings_that_cannot_work(tmp_path, cache):
     loop.prepare(tiny_runs.tiny(tmp_path, cache, **{"train.early_stop_patience": 2, "train.eval_every": 0}))
   with pytest.raises(ConfigError, match=r"task.metrics: unknown metric 'blue'; did you mean 'bleu'"):
     loop.prepare(tiny_runs.tiny(tmp_path, cache, **{"task.test_file": __file__, "task.metrics": "blue"}))
+
+
+def test_without_a_task_file_the_test_split_is_scored_before_and_after(tmp_path, cache, capsys):
+  settings = {"train.steps": 2, "data.test_fraction": 0.05, "task.num_examples": 6, "task.max_new_tokens": 4}
+  result = loop.train(tiny_runs.tiny(tmp_path, cache, **settings))
+  out = capsys.readouterr().out
+  assert "json before training: 0/6" in out and "json after training:" in out  # 6 records of the held-out split
+  assert "eval/exact_match_after" in result and "eval/exact_match_before" in result
