@@ -35,11 +35,11 @@ from jaxtune.peft import lora as lora_lib
 from jaxtune.peft.import_adapter import load_adapter
 from jaxtune.train import builtin_models, faults, objectives, optim, preemption, run_lock
 from jaxtune.train import checkpoint as ckpt_lib
-from jaxtune.train import rollout as rollout_lib
 from jaxtune.train import config as config_lib
 from jaxtune.train import logging as log_lib
 from jaxtune.train import memory as memory_lib
 from jaxtune.train import reference as ref_lib
+from jaxtune.train import rollout as rollout_lib
 from jaxtune.train import step as step_lib
 from jaxtune.train.loss_scale import LossScale
 
@@ -313,8 +313,7 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   if config.train.steps == 0:  # sized by epochs: the schedule decays over exactly the data's batches
     config.train.steps = config.data.num_epochs * per_epoch
     log_lib.info(
-      f"train.steps=0: {config.data.num_epochs} epoch(s) x {per_epoch} batches = "
-      f"{config.train.steps} steps",
+      f"train.steps=0: {config.data.num_epochs} epoch(s) x {per_epoch} batches = {config.train.steps} steps",
       main,
     )
     if main:
@@ -615,7 +614,12 @@ def _stop(run: Run, step: int, why: str) -> dict[str, Any]:
 def _with_rollout(metrics: dict, rolled: dict[str, float], train_s: float) -> dict:
   """A GRPO step's metrics with its rollout's, and the shares of the step's time in generation and training."""
   generation_s = rolled["time/generation_s"]
-  return {**metrics, **rolled, "time/train_s": train_s, "time/generation_share": generation_s / (generation_s + train_s)}
+  return {
+    **metrics,
+    **rolled,
+    "time/train_s": train_s,
+    "time/generation_share": generation_s / (generation_s + train_s),
+  }
 
 
 def _show_completions(run: Run, rollout: rollout_lib.Rollout, progress: log_lib.Progress) -> None:
@@ -761,7 +765,8 @@ def _eval_line(metrics: dict[str, float]) -> str:
       f"token accuracy {metrics['eval/accuracy']:.3f}"
     )
   shown = ["loss", "rewards/accuracies", "rewards/margins", "accuracy", "margin"]
-  return ", ".join(f"eval {k} {metrics['eval/' + k]:.4f}" for k in shown if f"eval/{k}" in metrics)
+  line = ", ".join(f"eval {k} {metrics['eval/' + k]:.4f}" for k in shown if f"eval/{k}" in metrics)
+  return line or ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())  # GRPO: the generation metrics
 
 
 def _score_task(run: Run, label: str) -> tasks.Result:

@@ -172,6 +172,39 @@ def _culprit(r: Reward, prompts: list, completions: list[str], fields: dict) -> 
 # The batches
 
 
+def completion_lengths(tokens: np.ndarray, stop_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens of each completion up to and including its first stop token, whether it has one) of [rows, N]."""
+  stopped = np.isin(tokens, stop_ids)
+  ended = stopped.any(1)
+  return np.where(ended, stopped.argmax(1) + 1, tokens.shape[1]), ended
+
+
+def layout(
+  ids: np.ndarray,
+  mask: np.ndarray,
+  tokens: np.ndarray,
+  logps: np.ndarray,
+  adv: np.ndarray,
+  lengths: np.ndarray,
+  ended: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+  """The train batch [rows, P + N] of left-padded prompts (ids, mask [rows, P]) and their completions (tokens and
+  sampler log-probs [rows, N], `lengths`): one segment per row, positions as the sampler's, the completion
+  trained (not when `ended` is given and False: mask_truncated_completions)."""
+  n = tokens.shape[1]
+  completion = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
+  trained = completion * (1 if ended is None else ended[:, None])
+  seg = np.concatenate([mask, completion], 1).astype(np.int32)
+  return {
+    "input_ids": np.concatenate([ids, tokens], 1).astype(np.int32),
+    "segment_ids": seg,
+    "positions": (np.maximum(np.cumsum(seg, 1) - 1, 0) * seg).astype(np.int32),
+    "loss_mask": np.concatenate([np.zeros_like(mask), trained], 1).astype(np.int32),
+    "old_logps": np.concatenate([np.zeros(mask.shape, np.float32), logps * completion], 1).astype(np.float32),
+    "advantages": np.broadcast_to(np.asarray(adv, np.float32)[:, None], seg.shape).copy(),
+  }
+
+
 class Rollout:
   """Makes each GRPO step's batch; stands where a data iterator stands in the run (state, close)."""
 
@@ -256,10 +289,7 @@ class Rollout:
     )
     tokens, logps, steps = (np.asarray(x) for x in jax.device_get(tuple(out)))
     seconds = time.perf_counter() - start
-    stopped = np.isin(tokens, self.stop_ids)
-    ended = stopped.any(1)
-    lengths = np.where(ended, stopped.argmax(1) + 1, N)
-    completion_mask = (np.arange(N)[None] < lengths[:, None]).astype(np.int32)
+    lengths, ended = completion_lengths(tokens, self.stop_ids)
     texts = [self.tokenizer.decode(t[:n], skip_special_tokens=True).strip() for t, n in zip(tokens, lengths)]
 
     prompts = [self.prompts[i] for i in rows]
@@ -269,16 +299,7 @@ class Rollout:
     total = per_func @ self.weights
     adv, group_std = grpo.advantages(total, G, cfg.scale_rewards, cfg.advantage)
 
-    trained = completion_mask * (ended[:, None] if cfg.mask_truncated_completions else 1)
-    seg = np.concatenate([mask, completion_mask], 1)
-    batch = {
-      "input_ids": np.concatenate([ids, tokens], 1).astype(np.int32),
-      "segment_ids": seg.astype(np.int32),
-      "positions": np.maximum(np.cumsum(seg, 1) - 1, 0).astype(np.int32) * seg,
-      "loss_mask": np.concatenate([np.zeros_like(mask), trained], 1).astype(np.int32),
-      "old_logps": np.concatenate([np.zeros(mask.shape, np.float32), logps], 1),
-      "advantages": np.broadcast_to(adv[:, None], seg.shape).astype(np.float32),
-    }
+    batch = layout(ids, mask, tokens, logps, adv, lengths, ended if cfg.mask_truncated_completions else None)
     metrics = {
       "reward": float(total.mean()),
       "reward_std": float(np.std(total, ddof=1)),
