@@ -34,7 +34,7 @@ def _prompts():
   return [rng.integers(3, 128, size=n).tolist() for n in (5, 17, 9, 30)]
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature", [0.7])
 def test_sampler_log_probs_equal_the_training_forward(model, temperature):
   ids, mask = generation.left_pad(_prompts(), 40)
   kwargs = dict(max_new_tokens=N, temperature=temperature, log_probs=True)
