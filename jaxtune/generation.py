@@ -145,10 +145,12 @@ def _stream_step(graphdef, state, token_B, pos_B, cache, key, *, sampling: tuple
   return _decode_step(nnx.merge(graphdef, state), token_B, pos_B, cache, key, sampling)[:4]
 
 
-def left_pad(input_ids: Sequence[Sequence[int]], length: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """(ids, mask) [B, P]: prompts right-aligned, P the longest (or `length`) rounded up to `_PROMPT_BUCKET`."""
+def left_pad(
+  input_ids: Sequence[Sequence[int]], length: int = 0, bucket: int = _PROMPT_BUCKET
+) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, mask) [B, P]: prompts right-aligned, P the longest (or `length`) rounded up to a multiple of `bucket`."""
   P = max([len(p) for p in input_ids] + [length])
-  P = -(-P // _PROMPT_BUCKET) * _PROMPT_BUCKET
+  P = -(-P // bucket) * bucket
   ids = np.zeros((len(input_ids), P), np.int32)
   mask = np.zeros((len(input_ids), P), np.int32)
   for row, prompt in enumerate(input_ids):

@@ -221,7 +221,8 @@ class Rollout:
     self.rewards = [reward(s) for s in g.reward_funcs]
     self.weights = np.asarray(g.reward_weights or [1.0] * len(self.rewards), np.float32)
     self.ids = generation.encode_prompts(tokenizer, [p.messages for p in prompts], chat=True)
-    self.prompt_len = generation.left_pad([max(self.ids, key=len)])[0].shape[1]
+    # One prompt length for the run (one compiled sampler and step), rounded up to 8.
+    self.prompt_len = generation.left_pad([max(self.ids, key=len)], bucket=8)[0].shape[1]
     self.longest_row = self.prompt_len + g.max_completion_length
     if self.longest_row > config.data.max_seq_len:
       longest = max(len(i) for i in self.ids)
@@ -273,7 +274,7 @@ class Rollout:
     """Samples G completions of each chosen prompt, scores them, and lays out the train batch."""
     cfg, G, N = self.cfg, self.cfg.num_generations, self.cfg.max_completion_length
     rows = [i for i in chosen for _ in range(G)]
-    ids, mask = generation.left_pad([self.ids[i] for i in rows], self.prompt_len)
+    ids, mask = generation.left_pad([self.ids[i] for i in rows], self.prompt_len, bucket=8)
     start = time.perf_counter()
     out = generation.sample(
       model,
