@@ -201,6 +201,20 @@ def sample(
   )
 
 
+def lower_sample(model: CausalLM, rows: int, prompt_len: int, *, stop_ids: Sequence[int] = (), **settings):
+  """`sample`'s program for `rows` prompts of `prompt_len`, lowered (not run): its memory analysis covers the KV
+  cache (rows x (prompt_len + max_new_tokens)). settings: `sample`'s keyword arguments."""
+  graphdef, state = nnx.split(model)
+  ids = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32)
+  stops = jax.ShapeDtypeStruct((max(len(stop_ids), 1),), jnp.int32)
+  settings = {
+    **settings,
+    "temperature": float(settings.get("temperature", 0.0)),
+    "top_k": settings.get("top_k") or None,
+  }
+  return _generate.lower(graphdef, state, ids, ids, stops, jax.random.key(0), **settings)
+
+
 def generate_ids(
   model: CausalLM,
   input_ids: Sequence[Sequence[int]],

@@ -586,6 +586,10 @@ def _check_memory(run: Run, train_step: step_lib.TrainStep) -> None:
   memory = memory_lib.of_compiled(train_step.lower(run.state, batch).compile())
   if memory is None:
     return
+  if isinstance(run.train_iter, rollout_lib.Rollout):  # the sampler runs between steps: the larger one must fit
+    sampler = memory_lib.of_compiled(run.train_iter.lower(run.model()).compile())
+    run.say(f"sampler (KV cache of {config.data.batch_size} x {run.train_iter.longest_row}): {sampler.describe()}")
+    memory = max(memory, sampler, key=lambda m: m.extra)
   free = memory_lib.device_free(jax.local_devices()[0], jax.local_device_count())
   run.say(
     f"train step: {memory.describe()}"

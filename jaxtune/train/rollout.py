@@ -270,6 +270,21 @@ class Rollout:
     self._cached = (g, batch, metrics)
     return batch, metrics
 
+  def lower(self, model: Any) -> jax.stages.Lowered:
+    """The sampler's program for one step's rows, lowered: the memory pre-flight reads its KV cache from it."""
+    cfg = self.cfg
+    return generation.lower_sample(
+      model,
+      self.per_step * cfg.num_generations,
+      self.prompt_len,
+      stop_ids=self.stop_ids,
+      max_new_tokens=cfg.max_completion_length,
+      temperature=cfg.temperature,
+      top_k=cfg.top_k,
+      top_p=cfg.top_p,
+      log_probs=True,
+    )
+
   def generate(self, model: Any, chosen: list[int], key: jax.Array) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Samples G completions of each chosen prompt, scores them, and lays out the train batch."""
     cfg, G, N = self.cfg, self.cfg.num_generations, self.cfg.max_completion_length
