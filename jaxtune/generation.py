@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +63,13 @@ def _sample(
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _token_log_prob(logits_BV: jax.Array, token_B: jax.Array, temperature: float) -> jax.Array:
+  """log p(token) under logits / temperature (raw logits when greedy), before top-k / top-p: what the
+  training forward computes for the same token (train/grpo.py)."""
+  z = logits_BV.astype(jnp.float32) / (temperature or 1.0)
+  return jnp.take_along_axis(z, token_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
+
+
 def _prefill(model: CausalLM, input_ids_BP, mask_BP, key, cache_len: int, sampling: tuple):
   """(first new token [B], its position [B], the filled cache, the key for the next token)."""
   B, _ = input_ids_BP.shape
@@ -71,7 +78,8 @@ def _prefill(model: CausalLM, input_ids_BP, mask_BP, key, cache_len: int, sampli
   hidden, cache = model.hidden_states(input_ids_BP, segment_ids=mask_BP, positions=positions, cache=cache)
   logits = model.logits(hidden[:, -1:])  # only the last prompt position predicts anything we keep
   key, sub = jax.random.split(key)
-  return _sample(logits[:, -1], sub, *sampling), positions[:, -1] + 1, cache, key
+  token = _sample(logits[:, -1], sub, *sampling)
+  return token, positions[:, -1] + 1, cache, key, _token_log_prob(logits[:, -1], token, sampling[0])
 
 
 def _decode_step(model: CausalLM, token_B, pos_B, cache: KVCache, key, sampling: tuple):
@@ -80,10 +88,13 @@ def _decode_step(model: CausalLM, token_B, pos_B, cache: KVCache, key, sampling:
   segments = jnp.ones((B, 1), jnp.int32)
   logits, cache = model(token_B[:, None], segment_ids=segments, positions=pos_B[:, None], cache=cache)
   key, sub = jax.random.split(key)
-  return _sample(logits[:, -1], sub, *sampling), pos_B + 1, cache, key
+  token = _sample(logits[:, -1], sub, *sampling)
+  return token, pos_B + 1, cache, key, _token_log_prob(logits[:, -1], token, sampling[0])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "log_probs")
+)
 def _generate(
   graphdef,
   state,
@@ -96,44 +107,51 @@ def _generate(
   temperature: float,
   top_k: int | None,
   top_p: float | None,
+  log_probs: bool = False,
 ):
+  """(new tokens [B, N] (0 after a row's stop token), their log-probs [B, N] when `log_probs`, decode steps run)."""
   model: CausalLM = nnx.merge(graphdef, state)
   B, P = input_ids_BP.shape
   sampling = (temperature, top_k, top_p)
-  token, next_pos, cache, key = _prefill(model, input_ids_BP, mask_BP, key, P + max_new_tokens, sampling)
+  token, next_pos, cache, key, logp = _prefill(model, input_ids_BP, mask_BP, key, P + max_new_tokens, sampling)
   out = jnp.zeros((B, max_new_tokens), jnp.int32)
+  logps = jnp.zeros((B, max_new_tokens if log_probs else 0), jnp.float32)
   done = jnp.zeros((B,), bool)
 
   def cond(carry):
-    i, _, _, _, _, done, _ = carry
+    i, _, _, _, _, _, done, _, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
-    i, token, pos, cache, out, done, key = carry
+    i, token, pos, cache, out, logps, done, key, logp = carry
     out = out.at[:, i].set(jnp.where(done, 0, token))
+    if log_probs:
+      logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
     done = done | jnp.isin(token, stop_ids)
-    token, pos, cache, key = _decode_step(model, token, pos, cache, key, sampling)
-    return i + 1, token, pos, cache, out, done, key
+    token, pos, cache, key, logp = _decode_step(model, token, pos, cache, key, sampling)
+    return i + 1, token, pos, cache, out, logps, done, key, logp
 
-  carry = (jnp.int32(0), token, next_pos, cache, out, done, key)
-  _, _, _, _, out, done, _ = jax.lax.while_loop(cond, body, carry)
-  return out
+  carry = (jnp.int32(0), token, next_pos, cache, out, logps, done, key, logp)
+  steps, _, _, _, out, logps, _, _, _ = jax.lax.while_loop(cond, body, carry)
+  return out, logps, steps
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampling"))
 def _stream_prefill(graphdef, state, input_ids_BP, mask_BP, key, *, cache_len: int, sampling: tuple):
-  return _prefill(nnx.merge(graphdef, state), input_ids_BP, mask_BP, key, cache_len, sampling)
+  return _prefill(nnx.merge(graphdef, state), input_ids_BP, mask_BP, key, cache_len, sampling)[:4]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="cache")
 def _stream_step(graphdef, state, token_B, pos_B, cache, key, *, sampling: tuple):
-  return _decode_step(nnx.merge(graphdef, state), token_B, pos_B, cache, key, sampling)
+  return _decode_step(nnx.merge(graphdef, state), token_B, pos_B, cache, key, sampling)[:4]
 
 
-def _left_pad(input_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """(ids, mask) [B, P]: prompts right-aligned, P the longest rounded up to `_PROMPT_BUCKET`."""
-  P = max(len(p) for p in input_ids)
-  P = -(-P // _PROMPT_BUCKET) * _PROMPT_BUCKET
+def left_pad(
+  input_ids: Sequence[Sequence[int]], length: int = 0, bucket: int = _PROMPT_BUCKET
+) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, mask) [B, P]: prompts right-aligned, P the longest (or `length`) rounded up to a multiple of `bucket`."""
+  P = max([len(p) for p in input_ids] + [length])
+  P = -(-P // bucket) * bucket
   ids = np.zeros((len(input_ids), P), np.int32)
   mask = np.zeros((len(input_ids), P), np.int32)
   for row, prompt in enumerate(input_ids):
@@ -148,6 +166,62 @@ def _with_virtual(model: CausalLM, prompts: Sequence[Sequence[int]]) -> list[lis
   return [virtual_lib.with_virtual(p, count) for p in prompts]
 
 
+class Sampled(NamedTuple):
+  """What `sample` returns, on the device: new tokens [B, N] (0 after each row's first stop token), their
+  log-probs [B, N] (0 there too; [B, 0] unless asked for), and the decode steps the batch ran."""
+
+  tokens: jax.Array
+  log_probs: jax.Array
+  steps: jax.Array
+
+
+def sample(
+  model: CausalLM,
+  input_ids_BP: np.ndarray | jax.Array,
+  mask_BP: np.ndarray | jax.Array,
+  key: jax.Array,
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  stop_ids: Sequence[int] = (),
+  log_probs: bool = False,
+) -> Sampled:
+  """The batched KV-cache loop on left-padded prompts (ids, mask [B, P]) with the given key, in one compiled
+  call. log_probs: also each new token's log-prob under logits / temperature (training's old log-probs)."""
+  graphdef, state = nnx.split(model)
+  return Sampled(
+    *_generate(
+      graphdef,
+      state,
+      jnp.asarray(input_ids_BP, jnp.int32),
+      jnp.asarray(mask_BP, jnp.int32),
+      jnp.asarray(list(stop_ids) or [-1], jnp.int32),
+      key,
+      max_new_tokens=max_new_tokens,
+      temperature=float(temperature),
+      top_k=top_k or None,
+      top_p=top_p,
+      log_probs=log_probs,
+    )
+  )
+
+
+def lower_sample(model: CausalLM, rows: int, prompt_len: int, *, stop_ids: Sequence[int] = (), **settings):
+  """`sample`'s program for `rows` prompts of `prompt_len`, lowered (not run): its memory analysis covers the KV
+  cache (rows x (prompt_len + max_new_tokens)). settings: `sample`'s keyword arguments."""
+  graphdef, state = nnx.split(model)
+  ids = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32)
+  stops = jax.ShapeDtypeStruct((max(len(stop_ids), 1),), jnp.int32)
+  settings = {
+    **settings,
+    "temperature": float(settings.get("temperature", 0.0)),
+    "top_k": settings.get("top_k") or None,
+  }
+  return _generate.lower(graphdef, state, ids, ids, stops, jax.random.key(0), **settings)
+
+
 def generate_ids(
   model: CausalLM,
   input_ids: Sequence[Sequence[int]],
@@ -160,20 +234,18 @@ def generate_ids(
   seed: int = 0,
 ) -> list[list[int]]:
   """New token ids for each prompt (a list of token ids), up to and including the first stop token."""
-  ids, mask = _left_pad(_with_virtual(model, input_ids))
-  graphdef, state = nnx.split(model)
-  out = _generate(
-    graphdef,
-    state,
-    jnp.asarray(ids),
-    jnp.asarray(mask),
-    jnp.asarray(list(stop_ids) or [-1], jnp.int32),
+  ids, mask = left_pad(_with_virtual(model, input_ids))
+  out = sample(
+    model,
+    ids,
+    mask,
     jax.random.key(seed),
     max_new_tokens=max_new_tokens,
-    temperature=float(temperature),
+    temperature=temperature,
     top_k=top_k,
     top_p=top_p,
-  )
+    stop_ids=stop_ids,
+  ).tokens
   stops = set(stop_ids)
   result = []
   for row in np.asarray(out).tolist():
@@ -200,7 +272,7 @@ def stream_ids(
   """
   if max_new_tokens < 1:
     return
-  ids, mask = _left_pad(_with_virtual(model, [prompt_ids]))
+  ids, mask = left_pad(_with_virtual(model, [prompt_ids]))
   graphdef, state = nnx.split(model)
   sampling = (float(temperature), top_k, top_p)
   stops = set(stop_ids)

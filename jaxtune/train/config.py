@@ -281,6 +281,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     if path is not None and not path.exists():
       _fail("data.train" if source in _sources(data.train) else "data.validation", f"{source} does not exist")
   has_validation = bool(_sources(data.validation)) or data.validation_fraction > 0
+  has_validation = has_validation or config.objective == "grpo"  # GRPO's evaluations: samples and train.eval_metrics
   if train.eval and train.eval_every and not has_validation:
     _fail(
       "train.eval_every",

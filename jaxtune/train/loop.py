@@ -40,6 +40,7 @@ from jaxtune.train import config as config_lib
 from jaxtune.train import logging as log_lib
 from jaxtune.train import memory as memory_lib
 from jaxtune.train import reference as ref_lib
+from jaxtune.train import rollout as rollout_lib
 from jaxtune.train import step as step_lib
 from jaxtune.train.loss_scale import LossScale
 
@@ -57,7 +58,7 @@ class Run:
   main: bool  # process 0: the one that logs
   model_path: str
   tokenizer: Any
-  train_iter: data_lib.BatchIterator
+  train_iter: data_lib.BatchIterator | rollout_lib.Rollout  # GRPO: batches sampled from the model each step
   val_data: Any  # SplitData or None
   examples: list[tasks.Example]
   graphdef: Any
@@ -247,11 +248,14 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
   if template:  # the configured template formats the task's prompts too, as it does the training data
     tokenizer.chat_template = template
   pid, pcount = jax.process_index(), jax.process_count()
-  train_data = data_lib.load_split(config.data, tokenizer, "train")
-  data_lib.check_kind(train_data.kind, config.objective, train_data.sources)
-  val_data = None
-  if config.train.eval and (config.data.validation or config.data.validation_fraction):
-    val_data = data_lib.load_split(config.data, tokenizer, "validation")
+  rollout, train_data, val_data = None, None, None
+  if config.objective == "grpo":  # prompts, not tokenised examples: the batches are sampled each step
+    rollout = rollout_lib.Rollout(config, tokenizer, rollout_lib.load_prompts(config.data.train))
+  else:
+    train_data = data_lib.load_split(config.data, tokenizer, "train")
+    data_lib.check_kind(train_data.kind, config.objective, train_data.sources)
+    if config.train.eval and (config.data.validation or config.data.validation_fraction):
+      val_data = data_lib.load_split(config.data, tokenizer, "validation")
   examples = []
   if config.task.test_file:
     examples = tasks.load_examples(config.task.test_file, config.task.num_examples)
@@ -290,18 +294,22 @@ def _build(config: ml_collections.ConfigDict, run_dir: pathlib.Path, main: bool,
     )
     train_data = _with_reference(train_data, model, config, fingerprint, say)
     val_data = val_data and _with_reference(val_data, model, config, fingerprint, say)
+  live = reference == "live" or (config.objective == "grpo" and config.grpo.beta > 0)
   objective = step_lib.Objective(
     config.objective,
     objectives.settings(config),
-    lora_lib.base_graphdef(model) if reference == "live" else None,
+    lora_lib.base_graphdef(model) if live else None,
     pad_id=tokens_lib.pad_id(tokenizer),
   )
-  train_iter = data_lib.loader_for(train_data, config.data, process_index=pid, process_count=pcount)
+  if rollout is not None:
+    train_iter, per_epoch = rollout, rollout.batches_per_epoch * config.grpo.num_iterations
+  else:
+    train_iter = data_lib.loader_for(train_data, config.data, process_index=pid, process_count=pcount)
+    per_epoch = train_iter.stats.batches_per_epoch
   if config.train.steps == 0:  # sized by epochs: the schedule decays over exactly the data's batches
-    config.train.steps = config.data.num_epochs * train_iter.stats.batches_per_epoch
+    config.train.steps = config.data.num_epochs * per_epoch
     log_lib.info(
-      f"train.steps=0: {config.data.num_epochs} epoch(s) x {train_iter.stats.batches_per_epoch} batches = "
-      f"{config.train.steps} steps",
+      f"train.steps=0: {config.data.num_epochs} epoch(s) x {per_epoch} batches = {config.train.steps} steps",
       main,
     )
     if main:
@@ -363,6 +371,8 @@ def _with_reference(split: Any, model: Any, config: ml_collections.ConfigDict, f
 
 def preflight(run: Run) -> str:
   """What the run is about to do: the data, the steps and epochs it makes, the parameters it trains."""
+  if isinstance(run.train_iter, rollout_lib.Rollout):
+    return _rollout_preflight(run)
   config, stats = run.config, run.train_iter.stats
   steps, todo = config.train.steps, config.train.steps - run.start
   trained = sum(x.size for x in jax.tree.leaves(run.state.params))
@@ -382,6 +392,21 @@ def preflight(run: Run) -> str:
       f"train.steps={steps}; set data.num_epochs=0 to repeat the data"
     )
   return "\n".join(lines)
+
+
+def _rollout_preflight(run: Run) -> str:
+  config, rollout, g = run.config, run.train_iter, run.config.grpo
+  trained = sum(x.size for x in jax.tree.leaves(run.state.params))
+  return "\n".join(
+    [
+      f"pre-flight: GRPO ({g.loss_type}, advantage {g.advantage}) on {len(rollout.prompts):,} prompts, "
+      f"{rollout.per_step} per step x {g.num_generations} completions of up to {g.max_completion_length} tokens "
+      f"(rows of {rollout.longest_row}: prompts padded to {rollout.prompt_len})",
+      f"  rewards {', '.join(f'{w:g} x {r.name}' for r, w in zip(rollout.rewards, rollout.weights))}; "
+      f"{g.num_iterations} step(s) per sampled batch; steps {run.start + 1}..{config.train.steps}",
+      f"  training {trained:,} parameters ({config.peft.method}); run directory {run.run_dir}",
+    ]
+  )
 
 
 def _devices_line(mesh: jax.sharding.Mesh) -> str:
@@ -410,7 +435,10 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
     objective=run.objective,
   )
   evaluate = None
-  if run.val_data is not None:
+  rollout = run.train_iter if isinstance(run.train_iter, rollout_lib.Rollout) else None
+  if rollout is not None:  # held-out generation metrics (train.eval_metrics) and a few sampled completions
+    evaluate = lambda: (_show_completions(run, rollout, progress), _generation_metrics(run))[1]
+  elif run.val_data is not None:
     eval_rows = parallel.batch_sharding(sh.batch.mesh, config.mesh.rules, accumulated=False)
     eval_step = step_lib.make_eval_step(
       run.graphdef, run.frozen, shardings=(sh.state.params, sh.frozen, eval_rows), objective=run.objective
@@ -434,14 +462,20 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
   pending = None  # (step, metrics on the device, tokens): dispatched, not read yet
   with preemption.Notice() as notice:
     for step in range(run.start + 1, steps + 1):
-      batch = next(run.train_iter, None)
+      if rollout is not None:
+        batch, rolled = rollout.batch(run.model(), step)
+      else:
+        batch = next(run.train_iter, None)
       if batch is None:
         step, stopped = step - 1, "data"
         break
       tokens = float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+      started = time.perf_counter()
       run.state, metrics = train_step(
         run.state, parallel.shard_batch(_micro_batches(batch, cfg_train.grad_accum), sh.batch)
       )
+      if rollout is not None:  # the next batch is sampled from this step's weights: nothing to overlap
+        metrics = _with_rollout(jax.block_until_ready(metrics), rolled, time.perf_counter() - started)
       if pending is not None:
         streak = record(*pending)["nonfinite_streak"]
         pending = None
@@ -469,7 +503,8 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
       if eval_now:
         eval_metrics = evaluate()
         logger.log(step, eval_metrics)
-        progress.write(f"step {step}: {_eval_line(eval_metrics)}")
+        if _eval_line(eval_metrics):
+          progress.write(f"step {step}: {_eval_line(eval_metrics)}")
         if watch is not None and watch(eval_metrics):
           stopped = "early"
       if save or stopped == "early":
@@ -484,7 +519,8 @@ def _train_loop(run: Run, logger: log_lib.MetricsLogger) -> tuple[int, str | Non
   final = evaluate() if evaluate is not None and stopped != "early" else {}
   if final:
     logger.log(step, final)
-    run.say(f"eval at step {step}: {_eval_line(final)}")
+    if _eval_line(final):
+      run.say(f"eval at step {step}: {_eval_line(final)}")
   if run.ckpts.latest_step() != step:
     run.save(step, final or None)
   return step, stopped, final
@@ -539,10 +575,17 @@ def _check_memory(run: Run, train_step: step_lib.TrainStep) -> None:
     batch["labels"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.shardings.batch)
   if config.objective in objectives.WITH_REFERENCE and run.objective.reference is None:
     batch["ref_logps"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=run.shardings.batch)
+  if config.objective == "grpo":
+    for key in ("old_logps", "advantages"):
+      batch[key] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=run.shardings.batch)
   run.say(f"compiling the train step for batches of shape {list(shape)} (micro-batches, rows, tokens)")
   memory = memory_lib.of_compiled(train_step.lower(run.state, batch).compile())
   if memory is None:
     return
+  if isinstance(run.train_iter, rollout_lib.Rollout):  # the sampler runs between steps: the larger one must fit
+    sampler = memory_lib.of_compiled(run.train_iter.lower(run.model()).compile())
+    run.say(f"sampler (KV cache of {config.data.batch_size} x {run.train_iter.longest_row}): {sampler.describe()}")
+    memory = max(memory, sampler, key=lambda m: m.extra)
   free = memory_lib.device_free(jax.local_devices()[0], jax.local_device_count())
   run.say(
     f"train step: {memory.describe()}"
@@ -566,6 +609,22 @@ def _stop(run: Run, step: int, why: str) -> dict[str, Any]:
     )
   run.say(f"SIGTERM: saved {where}; resume with --config.resume=auto")
   return {"step": step, "stopped": "sigterm", "checkpoint": str(where)}
+
+
+def _with_rollout(metrics: dict, rolled: dict[str, float], train_s: float) -> dict:
+  """A GRPO step's metrics with its rollout's, and the shares of the step's time in generation and training."""
+  generation_s = rolled["time/generation_s"]
+  return {
+    **metrics,
+    **rolled,
+    "time/train_s": train_s,
+    "time/generation_share": generation_s / (generation_s + train_s),
+  }
+
+
+def _show_completions(run: Run, rollout: rollout_lib.Rollout, progress: log_lib.Progress) -> None:
+  for prompt, completion, reward in rollout.last[: run.config.grpo.show_completions]:
+    progress.write(f"--- {prompt}\n  sampled (reward {reward:.3g}): {completion!r}")
 
 
 def _micro_batches(batch: dict[str, np.ndarray], grad_accum: int) -> dict[str, np.ndarray]:
@@ -665,12 +724,13 @@ def _train_metrics(window: list[dict[str, float]], tokens_per_s: float | None) -
   mean = lambda key: sum(m[key] * m["trained_tokens"] for m in finite) / weight if weight else float("nan")
   out = {
     "train/loss": mean("loss"),
-    "train/accuracy": mean("accuracy"),
     "train/lr": window[-1]["lr"],
     "train/grad_norm": window[-1]["grad_norm"],
     "train/trained_tokens": sum(m["trained_tokens"] for m in window),
     "train/skipped_total": int(window[-1]["skipped_total"]),
   }
+  if "accuracy" in window[-1]:  # GRPO has none
+    out["train/accuracy"] = mean("accuracy")
   if "loss_scale" in window[-1]:  # float16 runs
     out["train/loss_scale"] = window[-1]["loss_scale"]
   if tokens_per_s is not None:
@@ -705,7 +765,8 @@ def _eval_line(metrics: dict[str, float]) -> str:
       f"token accuracy {metrics['eval/accuracy']:.3f}"
     )
   shown = ["loss", "rewards/accuracies", "rewards/margins", "accuracy", "margin"]
-  return ", ".join(f"eval {k} {metrics['eval/' + k]:.4f}" for k in shown if f"eval/{k}" in metrics)
+  line = ", ".join(f"eval {k} {metrics['eval/' + k]:.4f}" for k in shown if f"eval/{k}" in metrics)
+  return line or ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())  # GRPO: the generation metrics
 
 
 def _score_task(run: Run, label: str) -> tasks.Result:

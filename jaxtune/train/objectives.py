@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxtune.errors import ConfigError
+from jaxtune.train import grpo
 from jaxtune.train.cross_entropy import token_log_probs
 
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "reward")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo")
 PAIRED = ("dpo", "orpo", "simpo", "reward")  # data: prompt / chosen / rejected pairs
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")
 REFERENCE = ("auto", "live", "precomputed")
@@ -47,7 +48,7 @@ _MAX_AVG_LOGP = -1e-6
 def objective_config() -> ml_collections.ConfigDict:
   """The `objective` key and the settings of each preference objective (TRL 1.16's defaults)."""
   c = ml_collections.ConfigDict()
-  c.objective = "sft"  # sft | dpo | orpo | simpo | kto | reward
+  c.objective = "sft"  # sft | dpo | orpo | simpo | kto | reward | grpo
   # Where DPO's and KTO's reference log-probs come from. live: a second forward per step, the
   # same weights with the adapters off (LoRA only: full fine-tuning holds no reference weights).
   # precomputed: one pass over the data before training with the initial model, cached with the
@@ -67,6 +68,8 @@ def objective_config() -> ml_collections.ConfigDict:
   c.kto = ml_collections.ConfigDict(dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0))
   # center_rewards: TRL's center_rewards_coefficient (0: off), pulls the mean reward to 0.
   c.reward = ml_collections.ConfigDict(dict(center_rewards=0.0))
+  # GRPO: batches sampled each step from data.train's prompts (train/grpo.py, train/rollout.py).
+  c.grpo = grpo.grpo_config()
   return c
 
 
@@ -84,6 +87,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, name = key.split(".")
     if not config[section][name] > 0:
       raise ConfigError(f"{key}: {config[section][name]} must be positive.")
+  if config.objective == "grpo":
+    grpo.validate(config)
   if config.objective in WITH_REFERENCE and config.reference == "live":
     if config.peft.method not in ("lora", "ia3"):
       raise ConfigError(

@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxtune.data.packing import BATCH_KEYS
 from jaxtune.peft.lora import refresh_dropout_keys, split_trainable
-from jaxtune.train import objectives
+from jaxtune.train import grpo, objectives
 from jaxtune.train.cross_entropy import fused_cross_entropy
 from jaxtune.train.loss_scale import MIN_SCALE, LossScale
 
@@ -168,9 +168,10 @@ def _checkpointed_loss(model, h, targets, weights, chunk):
 
 
 # Keys a preference batch adds (jaxtune/data/packing.py): KTO labels per token; precomputed reference
-# log-probs and reward margins per token.
+# log-probs and reward margins per token. A GRPO batch (train/rollout.py): the sampler's log-probs and
+# each completion's advantage, per token.
 INT_KEYS = BATCH_KEYS + ("labels",)
-FLOAT_KEYS = ("ref_logps", "margins")
+FLOAT_KEYS = ("ref_logps", "margins", "old_logps", "advantages")
 
 
 def _micro_batches(batch: dict[str, Any]) -> dict[str, jax.Array]:
@@ -231,7 +232,11 @@ def make_train_step(
 
     tokens = jnp.sum(loss_weights(batch))
     scale = 1.0 / jnp.maximum(tokens, 1.0)
-    totals = None if objective.name == "sft" else objectives.batch_totals(objective.name, batch)
+    micro_batches = batch["input_ids"].shape[0]
+    if objective.name == "grpo":
+      totals = grpo.totals(batch)
+    else:
+      totals = None if objective.name == "sft" else objectives.batch_totals(objective.name, batch)
     reference = None if objective.reference is None else nnx.merge(objective.reference, frozen.weights)
     loss_scale = None if state.loss_scale is None else state.loss_scale.scale
     if loss_scale is not None:  # float16: the scaled loss keeps small gradients representable
@@ -247,6 +252,9 @@ def make_train_step(
         if totals is None:
           loss, _, correct = loss_fn(model, mb, chunk=loss_chunk, scale=scale)
           return loss, {"accuracy": correct}
+        if objective.name == "grpo":
+          loss, sums = grpo.loss(objective.settings, model, reference, mb, totals, micro_batches)
+          return (loss if loss_scale is None else loss * loss_scale), sums
         loss, sums = objectives.sequence_loss(
           objective.name,
           objective.settings,
@@ -270,7 +278,7 @@ def make_train_step(
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     zero = jnp.zeros((), jnp.float32)
     no_sums = objectives.no_sums(jax.eval_shape(grad_of, 0, first)[0][1])
-    init, micro_batches = (zeros, zero, no_sums), batch["input_ids"].shape[0]
+    init = (zeros, zero, no_sums)
     if micro_batches == 1:  # no loop: a smaller program that compiles faster
       (grads, loss, sums), _ = micro(init, (0, first))
     else:
@@ -311,7 +319,8 @@ def make_train_step(
       "nonfinite_streak": new_state.nonfinite_streak,
     }
     for key, value in sums.items():
-      metrics[key] = value / micro_batches if key in objectives.PER_MICRO_BATCH else value
+      per_micro_batch = key in objectives.PER_MICRO_BATCH and objective.name != "grpo"  # GRPO's kl is a token mean
+      metrics[key] = value / micro_batches if per_micro_batch else value
     if "rewards/chosen" in sums:
       metrics["rewards/margins"] = metrics.get("rewards/margins", sums["rewards/chosen"] - sums["rewards/rejected"])
     if totals is not None:
