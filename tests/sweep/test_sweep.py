@@ -72,17 +72,19 @@ def test_grid_picks_most_steps_and_resumes_after_a_kill(tmp_path, trial_env, cap
 
 
 def test_median_pruner_stops_a_trial_that_falls_behind(tmp_path, trial_env):
-  # Grid seed 1 runs lr 1e-2 first, then lr 0 (no learning): the second is pruned at its first evaluation.
-  sweep = _sweep_file(tmp_path, method="grid", pruner="median", seed=1, params={"optim.lr": {"values": [1e-2, 0.0]}})
+  # Grid seed 1 runs lr 1e-2 for 20 steps first, then lr 0 (no learning) for 2,000: the second is pruned at its
+  # first evaluation and stopped long before its end (a trial that short could finish before the sweep looks).
+  params = {"optim.lr,train.steps": {"values": [[1e-2, 20], [0.0, 2000]]}}
+  sweep = _sweep_file(tmp_path, method="grid", pruner="median", seed=1, params=params)
   out = tmp_path / "sweep"
   args = ["--config", str(tiny_runs.CONFIGS / "tiny.py"), "--sweep", str(sweep), "--out", str(out)]
-  args += [*BASE, "--config.train.steps=20", "--config.train.eval_every=5", *trial_env]
+  args += [*BASE, "--config.train.eval_every=5", *trial_env]
   assert sweep_main.main(args) == 0
-  trials = {t.params["optim.lr"]: t for t in _trials(out)}
+  trials = {t.user_attrs["config"]["optim.lr"]: t for t in _trials(out)}
   assert trials[1e-2].state.name == "COMPLETE" and trials[0.0].state.name == "PRUNED"
   assert list(trials[0.0].intermediate_values) == [5]
   logged = [json.loads(line)["step"] for line in (out / "trial_1" / "metrics.jsonl").read_text().splitlines()]
-  assert max(logged) < 20  # stopped early
+  assert max(logged) < 1000  # stopped early
 
 
 def test_bad_sweep_files(tmp_path):
