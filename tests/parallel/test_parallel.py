@@ -231,6 +231,7 @@ def test_dora_presets_match_one_device_and_split_magnitudes_like_outputs():
     assert got["mu_shards"] == {k: s for k, (_, s) in got["shards"].items()}
 
 
+@pytest.mark.slow  # 37 s on 2 cores: one device and two meshes of a d=512 model
 def test_qlora_presets_match_one_device_with_nf4_blocks_whole_on_each_shard():
   results = _script([str(HERE / "equivalence.py"), "qlora"], devices=8)["qlora"]
   single = results["single"]
