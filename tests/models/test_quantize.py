@@ -120,6 +120,7 @@ def test_loader_quantises_every_layer_weight_as_bitsandbytes(quant_llama, kind, 
   assert not model.lm_head.quantized and model.embed[...].dtype == jnp.float32  # head and embeddings stay as loaded
 
 
+@pytest.mark.slow  # also shown, through PEFT, by tests/export/test_qlora_export.py
 def test_quantised_product_is_the_dequantised_kernels_product(quant_llama):
   model = load_model(quant_llama, quantize="nf4", double_quant=True)
   plain = load_model(quant_llama)  # given the dequantised kernels, a plain model computes the same logits
