@@ -26,7 +26,7 @@ from jaxtune.export.files import ExportError, TensorSpec
 from jaxtune.hf import mapping
 from jaxtune.hf.tokens import END_OF_TURN_TOKENS
 from jaxtune.models.config import ModelConfig, from_hf_dict
-from jaxtune.models.transformer import CausalLM, Linear
+from jaxtune.models.transformer import CausalLM, Linear, take_layer
 from jaxtune.peft.ia3 import IA3
 from jaxtune.peft.lora import LoRA, merge_kernel
 
@@ -40,22 +40,16 @@ def _module_at(model: CausalLM, path: tuple[str, ...]) -> Any:
   return module
 
 
-@jax.jit
-def _layer(stack: jax.Array, i: jax.Array) -> jax.Array:
-  """stack[i], with i traced: one compile per shape, not one per layer."""
-  return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
-
-
 def _merged_kernel(linear: Linear, i: int | None) -> jax.Array:
   """The kernel with its adapter merged (`merge_kernel`, float32), for layer i of a stacked Linear (or the whole
   unstacked one); a quantised kernel is merged as it dequantises."""
   adapter = linear.adapter
   if isinstance(adapter, IA3):
     scale = adapter.ia3_l[...]
-    return adapter.merge(linear.kernel_value(i), scale if i is None else _layer(scale, i))
+    return adapter.merge(linear.kernel_value(i), scale if i is None else take_layer(scale, i))
   arrays = [adapter.lora_a[...], adapter.lora_b[...]] + ([adapter.lora_magnitude[...]] if adapter.use_dora else [])
   if i is not None:
-    arrays = [_layer(x, i) for x in arrays]
+    arrays = [take_layer(x, i) for x in arrays]
   return merge_kernel(linear.kernel_value(i), *arrays[:2], adapter, *arrays[2:])
 
 
@@ -91,12 +85,12 @@ def hf_tensors(model: CausalLM, dtype: Any) -> list[TensorSpec]:
           value = _merged_kernel(owner, layer)
         elif scaled_bias:
           scale, bias = owner.adapter.ia3_l[...], var[...]
-          pick = (lambda x: x) if layer is None else (lambda x: _layer(x, layer))
+          pick = (lambda x: x) if layer is None else (lambda x: take_layer(x, layer))
           value = owner.adapter.merge_bias(pick(bias), pick(scale))
         elif isinstance(owner, Linear) and tmap.path[-1] == "kernel":
           value = owner.kernel_value(layer)
         else:
-          value = var[...] if layer is None else _layer(var[...], layer)
+          value = var[...] if layer is None else take_layer(var[...], layer)
         return np.asarray(tmap.to_hf(np.asarray(jax.device_get(value)))).astype(dtype)
 
       specs.append(TensorSpec(name, tmap.hf_shape, dtype, produce))

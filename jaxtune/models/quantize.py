@@ -287,29 +287,20 @@ class QuantizedKernel(nnx.Module):
     names = ("codes", "absmax", "absmax2", "offset")
     return {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
 
-  def _dequantize(self, arrays: dict) -> jax.Array:
-    """float32 kernel from `arrays` holding any number of the stack axes (none inside the layer scan)."""
+  def dequantized(self, arrays: dict) -> jax.Array:
+    """float32 kernel from its `arrays` (`arrays()`, or a slice of them) holding any number of the stack axes
+    (none inside the layer scan, or for one layer of a stacked kernel)."""
     n_stack = arrays["codes"].ndim - (len(self.shape) - self.n_stack)
     return dequantize(arrays, kind=self.kind, n_ins=self.n_ins, block=self.block, n_stack=n_stack)
 
   def value(self, dtype: Any = jnp.float32) -> jax.Array:
     """The dequantised kernel in `dtype`."""
-    return self._dequantize(self.arrays()).astype(dtype)
-
-  def layer(self, i: int) -> jax.Array:
-    """Layer i of a stacked kernel, dequantised in float32 (one layer in memory, not the stack)."""
-    arrays = jax.tree.map(lambda x: _take(x, i), self.arrays())
-    return dequantize(arrays, kind=self.kind, n_ins=self.n_ins, block=self.block, n_stack=0)
+    return self.dequantized(self.arrays()).astype(dtype)
 
   def product(self, matmul: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
     """matmul(x, kernel in `dtype`); the backward dequantises again instead of keeping the kernel."""
-    run = lambda x, arrays: matmul(x, self._dequantize(arrays).astype(dtype))
+    run = lambda x, arrays: matmul(x, self.dequantized(arrays).astype(dtype))
     return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(x, self.arrays())
-
-
-@jax.jit
-def _take(x: jax.Array, i: jax.Array) -> jax.Array:
-  return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
 
 
 def block_problem(layer_shape: tuple[int, ...], n_ins: int, block: int) -> str | None:

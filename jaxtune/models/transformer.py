@@ -51,7 +51,7 @@ assert set(_REMAT_POLICIES) | {"none"} == set(REMAT_POLICIES)
 
 
 @jax.jit
-def _layer(stack: jax.Array, i: jax.Array) -> jax.Array:
+def take_layer(stack: jax.Array, i: jax.Array) -> jax.Array:
   """stack[i], with i traced: one compile per shape, not one per layer."""
   return jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
 
@@ -125,8 +125,9 @@ class Linear(nnx.Module):
   def kernel_value(self, layer: int | None = None) -> jax.Array:
     """The kernel as stored (dequantised in float32 when quantised), of one layer of a stack or whole."""
     if self.quantized:
-      return self.kernel.value() if layer is None else self.kernel.layer(layer)
-    return self.kernel[...] if layer is None else _layer(self.kernel[...], layer)
+      arrays = self.kernel.arrays()
+      return self.kernel.dequantized(arrays if layer is None else jax.tree.map(lambda x: take_layer(x, layer), arrays))
+    return self.kernel[...] if layer is None else take_layer(self.kernel[...], layer)
 
   def product(self, x: jax.Array) -> jax.Array:
     """x's product with the kernel, without the bias (a quantised kernel dequantised inside it)."""
