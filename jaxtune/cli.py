@@ -32,7 +32,9 @@ class Command:
 
 
 COMMANDS = {
-  "train": Command("jaxtune.train.__main__", "fine-tune a model: --config NAME_OR_FILE [--config.KEY=VALUE ...]"),
+  "train": Command(
+    "jaxtune.train.__main__", "fine-tune a model: --config NAME_OR_FILE | --axolotl PATH.yml [--config.KEY=VALUE ...]"
+  ),
   "data": Command("jaxtune.data.__main__", "look at a dataset as training sees it: statistics, masks, a dump"),
   "chat": Command("jaxtune.chat", "chat in the terminal with a run's checkpoint or an HF model"),
   "export": Command("jaxtune.export.__main__", "export a run: merged HF checkpoint, PEFT adapter or GGUF"),

@@ -643,12 +643,15 @@ def _prompt_turns(raw: dict, location: str) -> list[tuple[dict, str]]:
 
 
 def _answer_turns(raw: dict, location: str, field: str, has_prompt: bool) -> list[tuple[dict, str]]:
-  """An answer field's turns: messages as given, a string as one assistant turn (which needs a prompt)."""
+  """An answer field's turns: messages as given, one message object (Axolotl's chat_template pairs write
+  ``{"role": "assistant", "content": ...}``) as that turn, a string as one assistant turn (which needs a prompt)."""
   value = raw.get(field)
   if value is None:
     raise DataError(location, field, "missing field", reason="missing field")
   if isinstance(value, list):
     return _turns(value, location, field)
+  if isinstance(value, dict):
+    return [(message, field) for message, _ in _turns([value], location, field)]
   if not has_prompt:
     raise DataError(
       location, "prompt", "missing field", f"a text {field!r} answer needs a prompt", reason="missing field"

@@ -287,8 +287,10 @@ def _select(
   linears = _linears(model)
   available = sorted({".".join(p) for p, _ in linears})
   hf_names = {hf: ours for ours, hf in mapping.module_names(model.config).items()}  # q_proj -> q, ...
-  if isinstance(targets, str) and (targets in hf_names or targets in hf_names.values()):
-    targets = [targets]  # one module name, not a regex
+  if isinstance(targets, str) and all(
+    t.strip() in hf_names or t.strip() in hf_names.values() for t in targets.split(",")
+  ):
+    targets = [t.strip() for t in targets.split(",")]  # module names ("q_proj" or "q,v"), not a regex
   if targets == "all-linear":
     chosen = [(p, m) for p, m in linears if p[-1] in ALL_LINEAR]
   elif isinstance(targets, str):
@@ -331,8 +333,9 @@ def apply_lora(
 
   use_dora: DoRA adapters, each with a magnitude per output row (the weight's row norms at init).
 
-  targets: "all-linear" (q, k, v, o, gate, up, down; not lm_head), module names (a list, or one
-  name; ours: "q", or HF's: "q_proj"), or a regex matched against whole dotted paths ("layers.attn.(q|v)").
+  targets: "all-linear" (q, k, v, o, gate, up, down; not lm_head), module names (a list, or one name or
+  several comma-separated; ours: "q", or HF's: "q_proj"), or a regex matched against whole dotted paths
+  ("layers.attn.(q|v)").
   """
   if rank < 1:
     raise ConfigError(f"peft.lora.rank must be >= 1, got {rank}.")

@@ -91,7 +91,9 @@ def default_config() -> ml_collections.ConfigDict:
       # DoRA (PEFT's use_dora): a trained magnitude per output row of each adapted weight besides A and B;
       # each step recomputes the weights' row norms, and keeps one more activation per adapted layer.
       use_dora=False,
-      targets="all-linear",  # all-linear | a regex matching whole dotted module paths, e.g. "layers.attn.(q|v)"
+      # all-linear | module names, ours or HF's, comma-separated ("q_proj,v_proj") | a regex matching whole dotted
+      # module paths, e.g. "layers.attn.(q|v)"
+      targets="all-linear",
     )
   )
 
