@@ -146,7 +146,10 @@ def test_rl_methods_and_their_betas(workdir):
 @pytest.mark.parametrize(
   "change, key",
   [
-    ({"datasets": [{"path": "data/alpaca.jsonl", "type": "chat_template", "train_on_eos": "none"}]}, r"datasets\[0\].train_on_eos"),
+    (
+      {"datasets": [{"path": "data/alpaca.jsonl", "type": "chat_template", "train_on_eos": "none"}]},
+      r"datasets\[0\].train_on_eos",
+    ),
     (
       {"datasets": [{"path": "data/alpaca.jsonl", "type": "chat_template", "roles_to_train": ["user"]}]},
       r"datasets\[0\].roles_to_train",
@@ -203,6 +206,6 @@ def test_lora_example_runs_on_the_tiny_model(workdir):
 
 def test_dpo_example_runs_on_the_tiny_model(workdir):
   # The tiny model's character tokenizer has no Llama 3 tokens: its own ChatML template stands in for llama3.
-  _run(workdir, "instruct-dpo-lora-8b.yml", "--config.data.chat_template=", "--config.data.max_seq_len=320")
+  _run(workdir, "instruct-dpo-lora-8b.yml", "--config.data.chat_template=")
   metrics = [json.loads(line) for line in (workdir / "outputs/lora-out/metrics.jsonl").read_text().splitlines()]
   assert any("train/rewards/margins" in m for m in metrics)
