@@ -15,6 +15,8 @@ from jaxtune.tasks import meeting_json, meeting_prefs
 from jaxtune.train import __main__ as train_main
 from jaxtune.train import axolotl
 
+import tiny_runs  # noqa: F401  (the tests' persistent XLA cache: the runs compile what the tiny runs compile)
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "axolotl"
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "axolotl.md"
 # The keys of the published examples we do not translate: the one warning lists exactly these.

@@ -79,6 +79,7 @@ def test_shapes_axes_and_scale(base):
     (r"layers\.mlp\..*", {"gate", "up", "down"}),
     (["lm_head"], {"lm_head"}),
     ("down_proj", {"down"}),  # one name, not a regex
+    ("q_proj, v", {"q", "v"}),  # comma-separated names (Axolotl's lora_target_modules)
     ("all-linear", {"q", "k", "v", "o", "gate", "up", "down"}),
   ],
 )
