@@ -258,10 +258,10 @@ def _objective(r: _Reader, c: ml_collections.ConfigDict) -> None:
   if not isinstance(trl, dict):
     _fail("trl", f"{trl!r} is not a mapping")
   beta = trl.get("beta") if trl.get("beta") is not None else r.get("rl_beta")
+  if rl != "grpo":  # only GRPO reads trl's settings; elsewhere (but for beta) each is listed as not supported
+    r.raw = {**r.raw, **{f"trl.{k}": v for k, v in trl.items() if k != "beta" or rl is None}}
   if rl is None:
-    for key in ("rl_beta", "orpo_alpha", "simpo_gamma", "cpo_alpha"):
-      if r.has(key):
-        _fail(key, "set without rl", "set rl (dpo, ipo, orpo, kto, simpo or grpo), or remove it")
+    r.read.discard("rl_beta")  # without rl it means nothing: listed as not supported, like any unread key
     return
   if rl not in RL:
     _fail("rl", f"{rl!r} is not one we train", f"choose one of {', '.join(RL)}")
@@ -287,8 +287,6 @@ def _objective(r: _Reader, c: ml_collections.ConfigDict) -> None:
     c.data.max_prompt_length = _number(r, "max_prompt_len", int)
   if rl == "grpo":
     _grpo(trl, c)
-  elif trl:
-    r.raw = {**r.raw, **{f"trl.{k}": v for k, v in trl.items() if k != "beta"}}
 
 
 def _grpo(trl: dict, c: ml_collections.ConfigDict) -> None:
@@ -378,7 +376,8 @@ def _reading(d: _Reader, objective: str, r: _Reader) -> tuple:
   kind = d.get("type")
   if isinstance(kind, dict):
     _fail(key + "type", "a custom prompt format is not supported", "convert the records to chat messages")
-  template = _chat_template(d, key) if d.has("chat_template") else _chat_template(r, "")
+  top = _chat_template(r, "")  # read even where each dataset names its own, so that it is never listed as ignored
+  template = _chat_template(d, key) if d.has("chat_template") else top
   if objective in ("dpo", "orpo", "simpo", "kto", "grpo"):
     if kind is not None and kind not in PAIR_TYPES:
       _fail(key + "type", f"{kind!r} is not a type we read for rl", f"use {PAIR_TYPES[0]} records")

@@ -141,6 +141,10 @@ def test_rl_methods_and_their_betas(workdir):
     translate({**base, "rl": "simpo"})
   kto = translate({**base, "rl": "kto", "kto_undesirable_weight": 1.5}).config
   assert (kto.objective, kto.data.format, kto.kto.undesirable_weight) == ("kto", "kto", 1.5)
+  sft = translate(
+    {**base, "datasets": [{"path": "data/alpaca.jsonl", "type": "alpaca"}], "rl_beta": 0.1, "trl": {"x": 1}}
+  )
+  assert sft.config.objective == "sft" and set(sft.unsupported) == {"rl_beta", "trl.x"}
   grpo = translate({**base, "rl": "grpo", "trl": {"beta": 0.04, "num_generations": 4, "reward_funcs": ["r.f"]}})
   assert (grpo.config.grpo.beta, grpo.config.grpo.num_generations, grpo.config.grpo.reward_funcs) == (0.04, 4, ("r:f",))
 
