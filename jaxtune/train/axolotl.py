@@ -352,9 +352,7 @@ def _dataset(d: _Reader, objective: str, r: _Reader) -> dict:
   out = []
   for source in sources:
     local = pathlib.Path(source).expanduser()
-    looks_local = (
-      local.exists() or source.startswith((".", "/", "~")) or local.suffix in (".jsonl", ".json", ".parquet")
-    )
+    looks_local = local.exists() or source.startswith((".", "/", "~")) or local.suffix in DATA_SUFFIXES
     if looks_local or files is not None:
       if not local.exists():
         _fail(

@@ -181,6 +181,9 @@ def test_cli_errors_are_one_line_and_unsupported_keys_one_warning(workdir, capsy
   assert re.fullmatch(
     r"error: list.yml: the Axolotl config is list, not a mapping of keys to values\n", capsys.readouterr().err
   )
+  (workdir / "broken.yml").write_text("base_model: [x\n")
+  assert train_main.main(["--axolotl", "broken.yml"]) == 2
+  assert capsys.readouterr().err.startswith("error: broken.yml:2: not valid YAML")
   assert train_main.main(["--axolotl", "lora-1b.yml", "--strict", "--print_config"]) == 2
   assert "tf32" in capsys.readouterr().err
   argv = ["--axolotl", "lora-1b.yml", "--print_config", "--config.train.steps=3"]
