@@ -289,3 +289,12 @@ def test_the_slow_guide_commands_run(tmp_path, monkeypatch):
   for command in guide_commands():
     if _kind(command)[0] == "slow":
       _run(command, models, data_cache)
+
+
+def test_the_readme_keeps_ci_s_test_command_and_its_links_resolve():
+  readme = (REPO / "README.md").read_text()
+  ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.startswith("python3 -m venv")]
+  assert ci and all(line in readme for line in ci), "the README's test command is the one CI runs, verbatim"
+  for page in (REPO / "README.md", GUIDE_FILE):
+    for link in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
+      assert (page.parent / link).exists(), f"{page.name}: {link} does not exist"
