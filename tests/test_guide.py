@@ -287,8 +287,10 @@ def test_the_slow_guide_commands_run(tmp_path, monkeypatch):
     (tmp_path / name).symlink_to(REPO / name)
   models, data_cache = tmp_path / "cache" / "models", tmp_path / "cache" / "data"
   for command in guide_commands():
-    if _kind(command)[0] == "slow":
-      _run(command, models, data_cache)
+    if _kind(command)[0] == "slow":  # each in its own process: dry-run sets the CPU device count before jax starts
+      argv = [sys.executable, "-m", "jaxtune"] + _jaxtune_argv(command, models, data_cache)
+      result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+      assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
 
 
 def test_the_readme_keeps_ci_s_test_command_and_its_links_resolve():
