@@ -47,9 +47,9 @@ def mesh_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     dict(
       preset="fsdp",  # dp | fsdp | fsdp_tp
-      data=0,  # axis sizes; 0: the preset's value, -1: every device left over
-      fsdp=0,
-      tensor=0,
+      data=0,  # data-parallel axis size; for each axis 0: the preset's value, -1: every device left over
+      fsdp=0,  # fully sharded data-parallel axis size (parameters, gradients and optimizer state sharded)
+      tensor=0,  # tensor-parallel axis size (heads and hidden units split across devices)
       rules=RULES,  # (logical axis, mesh axes) pairs
     )
   )

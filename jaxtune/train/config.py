@@ -81,13 +81,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = data_config()
 
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = "lora"  # lora | ia3 | prompt | prefix | full
+  c.peft.method = "lora"  # what is trained: lora (DoRA with use_dora) | ia3 | prompt | prefix | full (every weight)
   c.peft.lora = ml_collections.ConfigDict(
     dict(
-      rank=16,
-      alpha=32.0,
-      dropout=0.0,
-      use_rslora=False,
+      rank=16,  # r: the inner dimension of each adapter's A (r x in) and B (out x r)
+      alpha=32.0,  # the update B A is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora)
+      dropout=0.0,  # dropout on an adapted layer's input to A, in training only
+      use_rslora=False,  # rank-stabilised LoRA: scale alpha / sqrt(rank), PEFT's use_rslora
       # DoRA (PEFT's use_dora): a trained magnitude per output row of each adapted weight besides A and B;
       # each step recomputes the weights' row norms, and keeps one more activation per adapted layer.
       use_dora=False,
@@ -97,16 +97,32 @@ def default_config() -> ml_collections.ConfigDict:
     )
   )
 
-  # IA3: a learned scale per adapted module (PEFT's target_modules / feedforward_modules). "default": PEFT's
-  # modules for the family (Llama k, v, down; Qwen2 and Gemma q, v, down; feed-forward: down); else module names
-  # (ours or HF's, comma-separated) or a regex over whole dotted paths. Feed-forward modules scale their input.
-  c.peft.ia3 = ml_collections.ConfigDict(dict(targets="default", feedforward="default"))
-  # Prompt tuning: learned embeddings of num_virtual_tokens tokens before every example; init "random" or
-  # "text" (PEFT's TEXT init: the embeddings of init_text's tokens, repeated to num_virtual_tokens).
-  c.peft.prompt = ml_collections.ConfigDict(dict(num_virtual_tokens=20, init="random", init_text=""))
-  # Prefix tuning: learned keys and values of num_virtual_tokens tokens in every layer; projection: through
-  # PEFT's reparameterisation MLP (hidden units `projection_hidden`, 0: the key/value width).
-  c.peft.prefix = ml_collections.ConfigDict(dict(num_virtual_tokens=20, projection=False, projection_hidden=0))
+  # IA3: a learned scale per adapted module (PEFT's target_modules / feedforward_modules).
+  c.peft.ia3 = ml_collections.ConfigDict(
+    dict(
+      # The scaled modules. "default": PEFT's for the family (Llama k, v, down; Qwen2 and Gemma q, v, down); else
+      # module names (ours or HF's, comma-separated) or a regex over whole dotted paths.
+      targets="default",
+      # Which targets are feed-forward modules, scaled at their input rather than their output; "default": down.
+      feedforward="default",
+    )
+  )
+  # Prompt tuning: learned embeddings of num_virtual_tokens tokens before every example.
+  c.peft.prompt = ml_collections.ConfigDict(
+    dict(
+      num_virtual_tokens=20,  # virtual tokens before every example (they count against data.max_seq_len)
+      init="random",  # random | text: PEFT's TEXT init, the embeddings of init_text's tokens repeated
+      init_text="",  # the text whose token embeddings start the prompt, with init=text
+    )
+  )
+  # Prefix tuning: learned keys and values of num_virtual_tokens tokens in every layer.
+  c.peft.prefix = ml_collections.ConfigDict(
+    dict(
+      num_virtual_tokens=20,  # virtual key/value positions before every example, in every layer
+      projection=False,  # learn them through PEFT's reparameterisation MLP (exported as its output)
+      projection_hidden=0,  # the MLP's hidden units; 0: the key/value width
+    )
+  )
 
   c.optim = optim_config()
 
@@ -132,7 +148,7 @@ def default_config() -> ml_collections.ConfigDict:
       early_stop_patience=0,
       early_stop_metric="eval/loss",  # any eval/ metric, e.g. eval/loss, eval/accuracy or eval/squad_f1
       early_stop_mode="min",  # min | max: whether lower or higher is better
-      early_stop_min_delta=0.0,
+      early_stop_min_delta=0.0,  # the smallest change that counts as an improvement
       # Generation metrics (registry names, comma-separated: "squad_f1,rougeL") scored on task.test_file's
       # examples at every eval step and logged as eval/<name>; empty: none.
       eval_metrics="",
@@ -153,8 +169,8 @@ def default_config() -> ml_collections.ConfigDict:
       progress=True,  # a progress bar on stderr (loss, lr, tokens/s, ETA)
       tensorboard=True,  # event files in output_dir/tensorboard
       wandb_project="",  # set to log to Weights & Biases (needs `pip install wandb`)
-      wandb_entity="",
-      wandb_run_name="",
+      wandb_entity="",  # the W&B team or user; empty: your default
+      wandb_run_name="",  # the W&B run name; empty: W&B picks one
     )
   )
 
@@ -165,7 +181,7 @@ def default_config() -> ml_collections.ConfigDict:
       scorer="json",  # the primary metric: a name in jaxtune/eval/metrics.py (exact, json, squad_f1, ...) or module:fn
       metrics="",  # more metrics reported with their 95% interval before/after training, e.g. "squad_f1,rougeL"
       num_examples=50,  # the first N records
-      max_new_tokens=48,
+      max_new_tokens=48,  # the longest generated answer in tokens
       batch_size=50,  # prompts generated together
       show=3,  # generations printed side by side
       before=True,  # also score the model before training

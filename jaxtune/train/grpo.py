@@ -45,15 +45,15 @@ def grpo_config() -> ml_collections.ConfigDict:
       importance_sampling_level="token",  # token | sequence (GSPO)
       num_iterations=1,  # optimisation steps on each sampled batch (TRL's mu)
       mask_truncated_completions=False,  # completions that hit max_completion_length count for nothing
-      temperature=1.0,
+      temperature=1.0,  # sampling temperature of the rollouts
       top_k=0,  # 0: off
-      top_p=1.0,
-      max_completion_length=512,
+      top_p=1.0,  # nucleus sampling of the rollouts; 1: off
+      max_completion_length=512,  # the longest sampled completion in tokens
       # Rewards, summed with reward_weights (empty: all 1): built-ins (rollout.BUILTIN_REWARDS: json_valid,
       # json_fields, json, exact, numeric, format:REGEX, or any metric of jaxtune/eval/metrics.py, scored against
       # the record's reference answer) or module:function called as fn(prompts=, completions=, **record fields).
       reward_funcs=("json_fields",),
-      reward_weights=(),
+      reward_weights=(),  # one weight per reward_funcs entry; empty: all 1
       show_completions=2,  # sampled completions printed at each eval step (train.eval_every)
     )
   )

@@ -48,7 +48,7 @@ _MAX_AVG_LOGP = -1e-6
 def objective_config() -> ml_collections.ConfigDict:
   """The `objective` key and the settings of each preference objective (TRL 1.16's defaults)."""
   c = ml_collections.ConfigDict()
-  c.objective = "sft"  # sft | dpo | orpo | simpo | kto | reward | grpo
+  c.objective = "sft"  # what the run minimises: sft | dpo | orpo | simpo | kto | reward | grpo
   # Where DPO's and KTO's reference log-probs come from. live: a second forward per step, the
   # same weights with the adapters off (LoRA only: full fine-tuning holds no reference weights).
   # precomputed: one pass over the data before training with the initial model, cached with the
@@ -58,14 +58,25 @@ def objective_config() -> ml_collections.ConfigDict:
   c.dpo = ml_collections.ConfigDict(
     dict(
       loss_type="sigmoid",  # sigmoid | hinge | ipo | robust
-      beta=0.1,
+      beta=0.1,  # the strength of the implicit KL penalty to the reference (IPO: its regulariser tau)
       label_smoothing=0.0,  # robust: the assumed share of flipped labels, in [0, 0.5)
     )
   )
   c.orpo = ml_collections.ConfigDict(dict(beta=0.1))  # the weight of the odds-ratio term (the paper's lambda)
-  # TRL's CPO defaults; the SimPO paper tunes beta in 2..10 with gamma / beta around 0.5.
-  c.simpo = ml_collections.ConfigDict(dict(beta=0.1, gamma=0.5))
-  c.kto = ml_collections.ConfigDict(dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0))
+  # SimPO: TRL's CPO defaults; the SimPO paper tunes beta in 2..10 with gamma / beta around 0.5.
+  c.simpo = ml_collections.ConfigDict(
+    dict(
+      beta=0.1,  # the scale of the length-normalised reward margin
+      gamma=0.5,  # the target reward margin (TRL's simpo_gamma)
+    )
+  )
+  c.kto = ml_collections.ConfigDict(
+    dict(
+      beta=0.1,  # the strength of the implicit KL penalty to the reference
+      desirable_weight=1.0,  # loss weight of desirable (label true) completions
+      undesirable_weight=1.0,  # loss weight of undesirable (label false) completions
+    )
+  )
   # center_rewards: TRL's center_rewards_coefficient (0: off), pulls the mean reward to 0.
   c.reward = ml_collections.ConfigDict(dict(center_rewards=0.0))
   # GRPO: batches sampled each step from data.train's prompts (train/grpo.py, train/rollout.py).

@@ -27,7 +27,7 @@ def optim_config() -> ml_collections.ConfigDict:
       lr=2e-4,  # peak learning rate
       schedule="cosine",  # constant | linear | cosine (linear and cosine decay to 0 at the last step)
       warmup_steps=0,  # linear warmup from 0; when 0, warmup_ratio * total steps is used
-      warmup_ratio=0.0,
+      warmup_ratio=0.0,  # warmup as a share of the total steps (set warmup_steps or this, not both)
       weight_decay=0.0,  # decoupled (AdamW-style: multiplied by the learning rate)
       b1=0.9,  # Adam/Lion beta1; SGD momentum (0 for plain SGD)
       b2=0.999,  # Adam/Lion beta2 (Lion's paper uses 0.99)
