@@ -59,7 +59,7 @@ def test_grid_picks_most_steps_and_resumes_after_a_kill(tmp_path, trial_env, cap
   trials = _trials(out)
   assert (out / "trial_0" / "metrics.jsonl").read_text() == finished_log  # not rerun
   complete = sorted(t.params["train.steps"] for t in trials if t.state.name == "COMPLETE")
-  assert complete == [1, 5, 20]  # the interrupted trial's parameters ran again, once
+  assert complete == [3, 5, 20]  # the interrupted trial's parameters ran again, once
   rows = (out / "results.csv").read_text().splitlines()
   assert rows[0].startswith("trial,state,eval/loss,train.steps") and rows[1].split(",")[3] == "20"
   assert (out / "results.md").read_text().count("| complete |") == 3

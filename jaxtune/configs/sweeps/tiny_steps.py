@@ -11,5 +11,5 @@ def get_sweep() -> dict:
     direction="minimize",
     trials=3,
     pruner="none",
-    params={"train.steps": dict(values=[1, 5, 20])},
+    params={"train.steps": dict(values=[3, 5, 20])},
   )
