@@ -41,6 +41,7 @@ from typing import Any, Iterator
 
 from jaxtune import cli
 from jaxtune.errors import UserError
+from jaxtune.train import host
 
 PROMPT, ANSWER = "you> ", "model> "
 COMMANDS = "/reset, /system [TEXT], /exit"
@@ -366,4 +367,5 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages("jaxtune.chat")  # CPU: huge pages for XLA's per-call buffers (host.py)
   sys.exit(main())

@@ -21,6 +21,9 @@ from typing import Callable, Sequence
 
 from jaxtune.errors import UserError, write_failure, write_fix
 
+# Commands that run a model on XLA's CPU backend: they re-execute once with glibc's huge pages for XLA's large
+# per-execution buffers (jaxtune/train/host.py), as their `python -m` forms do.
+HUGE_PAGE_COMMANDS = ("train", "chat", "eval")
 DEBUG_ENV = "JAXTUNE_DEBUG"  # "1": every error shows its traceback, as --debug does
 EXIT_USER_ERROR = 2
 
@@ -140,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hint = f"did you mean '{near[0]}'? " if near else ""
     print(f"error: unknown command '{name}'; {hint}commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return EXIT_USER_ERROR
-  if name == "train":
+  if name in HUGE_PAGE_COMMANDS:
     from jaxtune.train import host
 
     host.reexec_with_huge_pages("jaxtune")  # `jaxtune train` or `python -m jaxtune train`: ours to repeat

@@ -14,6 +14,7 @@ from typing import Sequence
 from jaxtune import cli
 from jaxtune.generation import generate
 from jaxtune.hf.load import load_model, load_tokenizer
+from jaxtune.train import host
 
 
 @cli.guard
@@ -46,4 +47,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages("jaxtune.generate")  # CPU: huge pages for XLA's per-call buffers (host.py)
   sys.exit(main())

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.hf.tokens import END_OF_TURN_TOKENS
+from jaxtune.models import kernels as kernels_lib
 from jaxtune.models.transformer import CausalLM, KVCache
 from jaxtune.peft import virtual as virtual_lib
 
@@ -70,23 +71,31 @@ def _token_log_prob(logits_BV: jax.Array, token_B: jax.Array, temperature: float
   return jnp.take_along_axis(z, token_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
 
 
-def _prefill(model: CausalLM, input_ids_BP, mask_BP, key, cache_len: int, sampling: tuple):
-  """(first new token [B], its position [B], the filled cache, the key for the next token)."""
+def _layers(model: CausalLM):
+  """Each layer's weights sliced once for a whole generation where the kernels ask for it, else None (every
+  step slices them): see `layers_once` in models/kernels.py and models/cpu.py."""
+  return model.layer_states() if kernels_lib.get(model.options.kernels).layers_once else None
+
+
+def _prefill(model: CausalLM, input_ids_BP, mask_BP, key, cache_len: int, sampling: tuple, layers=None):
+  """(first new token [B], its position [B], the filled cache, the key for the next token). layers: `_layers`."""
   B, _ = input_ids_BP.shape
   cache = KVCache.create(model.config, B, cache_len, model.options.dtype)
   positions = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
-  hidden, cache = model.hidden_states(input_ids_BP, segment_ids=mask_BP, positions=positions, cache=cache)
+  hidden, cache = model.hidden_states(
+    input_ids_BP, segment_ids=mask_BP, positions=positions, cache=cache, layers=layers
+  )
   logits = model.logits(hidden[:, -1:])  # only the last prompt position predicts anything we keep
   key, sub = jax.random.split(key)
   token = _sample(logits[:, -1], sub, *sampling)
   return token, positions[:, -1] + 1, cache, key, _token_log_prob(logits[:, -1], token, sampling[0])
 
 
-def _decode_step(model: CausalLM, token_B, pos_B, cache: KVCache, key, sampling: tuple):
+def _decode_step(model: CausalLM, token_B, pos_B, cache: KVCache, key, sampling: tuple, layers=None):
   """Feeds one token per row at `pos_B`: (the next token, the position after it, the cache, the next key)."""
   B = token_B.shape[0]
   segments = jnp.ones((B, 1), jnp.int32)
-  logits, cache = model(token_B[:, None], segment_ids=segments, positions=pos_B[:, None], cache=cache)
+  logits, cache = model(token_B[:, None], segment_ids=segments, positions=pos_B[:, None], cache=cache, layers=layers)
   key, sub = jax.random.split(key)
   token = _sample(logits[:, -1], sub, *sampling)
   return token, pos_B + 1, cache, key, _token_log_prob(logits[:, -1], token, sampling[0])
@@ -113,37 +122,52 @@ def _generate(
   model: CausalLM = nnx.merge(graphdef, state)
   B, P = input_ids_BP.shape
   sampling = (temperature, top_k, top_p)
-  token, next_pos, cache, key, logp = _prefill(model, input_ids_BP, mask_BP, key, P + max_new_tokens, sampling)
+  layers = _layers(model)
+  token, next_pos, cache, key, logp = _prefill(model, input_ids_BP, mask_BP, key, P + max_new_tokens, sampling, layers)
   out = jnp.zeros((B, max_new_tokens), jnp.int32)
   logps = jnp.zeros((B, max_new_tokens if log_probs else 0), jnp.float32)
   done = jnp.zeros((B,), bool)
 
-  def cond(carry):
-    i, _, _, _, _, _, done, _, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
-
-  def body(carry):
-    i, token, pos, cache, out, logps, done, key, logp = carry
+  def write(i, token, logp, out, logps, done):
+    """Token i of every row (0 once a row has stopped) and its log-prob; the rows stopped after it."""
     out = out.at[:, i].set(jnp.where(done, 0, token))
     if log_probs:
       logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
-    done = done | jnp.isin(token, stop_ids)
-    token, pos, cache, key, logp = _decode_step(model, token, pos, cache, key, sampling)
+    return out, logps, done | jnp.isin(token, stop_ids)
+
+  # Each iteration writes token i and decodes token i + 1; the last token is written after the loop, so no
+  # step decodes a token nobody keeps.
+  def cond(carry):
+    i, _, _, _, _, _, done, _, _ = carry
+    return (i < max_new_tokens - 1) & ~jnp.all(done)
+
+  def body(carry):
+    i, token, pos, cache, out, logps, done, key, logp = carry
+    out, logps, done = write(i, token, logp, out, logps, done)
+    token, pos, cache, key, logp = _decode_step(model, token, pos, cache, key, sampling, layers)
     return i + 1, token, pos, cache, out, logps, done, key, logp
 
   carry = (jnp.int32(0), token, next_pos, cache, out, logps, done, key, logp)
-  steps, _, _, _, out, logps, _, _, _ = jax.lax.while_loop(cond, body, carry)
+  i, token, _, _, out, logps, done, _, logp = jax.lax.while_loop(cond, body, carry)
+  stopped = jnp.all(done)  # else the loop reached the last token, still to be written
+  out, logps, _ = write(i, token, logp, out, logps, done)
+  steps = i + (~stopped).astype(i.dtype)  # positions decoded before every row had stopped
   return out, logps, steps
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _stream_layers(graphdef, state):
+  return _layers(nnx.merge(graphdef, state))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampling"))
-def _stream_prefill(graphdef, state, input_ids_BP, mask_BP, key, *, cache_len: int, sampling: tuple):
-  return _prefill(nnx.merge(graphdef, state), input_ids_BP, mask_BP, key, cache_len, sampling)[:4]
+def _stream_prefill(graphdef, state, input_ids_BP, mask_BP, key, layers, *, cache_len: int, sampling: tuple):
+  return _prefill(nnx.merge(graphdef, state), input_ids_BP, mask_BP, key, cache_len, sampling, layers)[:4]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="cache")
-def _stream_step(graphdef, state, token_B, pos_B, cache, key, *, sampling: tuple):
-  return _decode_step(nnx.merge(graphdef, state), token_B, pos_B, cache, key, sampling)[:4]
+def _stream_step(graphdef, state, token_B, pos_B, cache, key, layers, *, sampling: tuple):
+  return _decode_step(nnx.merge(graphdef, state), token_B, pos_B, cache, key, sampling, layers)[:4]
 
 
 def left_pad(
@@ -276,19 +300,23 @@ def stream_ids(
   graphdef, state = nnx.split(model)
   sampling = (float(temperature), top_k, top_p)
   stops = set(stop_ids)
+  layers = _stream_layers(graphdef, state)  # held while this answer streams
   token, pos, cache, key = _stream_prefill(
     graphdef,
     state,
     jnp.asarray(ids),
     jnp.asarray(mask),
     jax.random.key(seed),
+    layers,
     cache_len=ids.shape[1] + max_new_tokens,
     sampling=sampling,
   )
   for i in range(max_new_tokens):
     # The next step is queued before the host waits for this token, so showing it overlaps computing the next.
     following = (
-      None if i + 1 == max_new_tokens else _stream_step(graphdef, state, token, pos, cache, key, sampling=sampling)
+      None
+      if i + 1 == max_new_tokens
+      else _stream_step(graphdef, state, token, pos, cache, key, layers, sampling=sampling)
     )
     new = int(token[0])
     yield new

@@ -23,6 +23,7 @@ import sys
 
 from jaxtune import cli
 from jaxtune.errors import UserError
+from jaxtune.train import host
 
 
 def parser():
@@ -122,4 +123,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+  host.reexec_with_huge_pages("jaxtune.eval")  # CPU: huge pages for XLA's per-call buffers (host.py)
   sys.exit(main())

@@ -174,6 +174,48 @@ def attend(
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def attend_cache(
+  q_BTNH: jnp.ndarray,
+  k_BKSH: jnp.ndarray,
+  v_BKSH: jnp.ndarray,
+  mask_BTS: jnp.ndarray,
+  *,
+  scale: float,
+  softcap: float | None = None,
+  kernels: PlainKernels = PLAIN,
+) -> jnp.ndarray:
+  """Grouped-query attention over a KV cache laid out [B, K, S, H] (models/transformer.py, KVCache); [B, T, N, H].
+
+  `attend`'s plain program, with the cache read as it is stored: only the T new queries are regrouped."""
+  B, T, N, H = q_BTNH.shape
+  K = k_BKSH.shape[1]
+  q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  if T == 1 and kernels.one_query_sums:
+    out_BKGTH = _one_query_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap)
+  else:
+    out_BKGTH = _plain_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap, kernels)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _one_query_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, scale, softcap):
+  """_plain_attention for one query per row (a decoding step), its two products written as multiply-and-sum.
+
+  Per row and KV head they are [G, H] x [H, S] and [G, S] x [S, H] with G of 1-8: as batched products XLA's
+  CPU backend runs them at a few GFLOP/s, far below the rate at which the cache can be read, while a fused
+  multiply-and-sum reads each key and value once (docs/performance-notes.md, "Generation"). Both accumulate in
+  float32, as the products do."""
+  f32 = jnp.float32
+  q_BKGH = q_BKGTH[:, :, :, 0].astype(f32)
+  logits = jnp.sum(q_BKGH[:, :, :, None, :] * k_BKSH[:, :, None].astype(f32), axis=-1)[:, :, :, None] * scale
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
+  logits = jnp.where(mask_BTS[:, None, None], logits, _MASKED)
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  probs = (e / jnp.sum(e, axis=-1, keepdims=True)).astype(v_BKSH.dtype)  # [B, K, G, 1, S], as _plain_attention
+  out = jnp.sum(probs[:, :, :, 0, :, None].astype(f32) * v_BKSH[:, :, None].astype(f32), axis=-2)
+  return out[:, :, :, None].astype(v_BKSH.dtype)
+
+
 def _masked_logits(q_BKGTH, k_BKSH, mask_BTS, scale, softcap):
   """(logits [B, K, G, T, S] float32 with masked entries at _MASKED, tanh of the soft-cap or None)."""
   logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32) * scale

@@ -188,6 +188,13 @@ class CPUKernels(PlainKernels):
   """The plain math, laid out for XLA's CPU backend (see the module docstring)."""
 
   kind = "cpu"
+  # XLA's CPU backend copies a slice of the stacked weights before each product that reads it. Sliced in every
+  # decoding step, the whole decoder would be copied once per token, which at batch 1 costs more than the
+  # products (docs/performance-notes.md, "Generation"); generation slices once per call instead.
+  layers_once = True
+  # XLA's CPU backend runs a decoding step's attention products ([G, H] x [H, S] per row and KV head) at a few
+  # GFLOP/s; as multiply-and-sum they run at the speed the cache is read.
+  one_query_sums = True
 
   def linear(self, spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     parsed = einsum_lib.parse(spec)

@@ -24,6 +24,13 @@ class PlainKernels:
   """Einsums differentiated by JAX: what XLA on TPU and GPU is given to optimise."""
 
   kind = "plain"
+  # Whether generation takes each layer's weights out of the stack once per call (`CausalLM.layer_states`) and
+  # decodes from those slices, rather than slicing in every step. XLA on TPU and GPU reads a slice of the stack
+  # where it lies, so kept slices would only be a second copy of the weights.
+  layers_once = False
+  # Whether attention over a KV cache computes a single query's products as multiply-and-sum (attention.py,
+  # _one_query_attention) rather than as batched products.
+  one_query_sums = False
 
   def linear(self, spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """A Linear's product, einsum(spec, x, kernel) ("BTD,DNH->BTNH", ...)."""

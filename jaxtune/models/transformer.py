@@ -262,18 +262,28 @@ class Attention(nnx.Module):
       virtual = (slots >= 0)[:, :, None, None]
       pick = lambda x: x[jnp.maximum(slots, 0)].astype(k.dtype)  # [B, T, K, H]
       k, v = jnp.where(virtual, pick(kv_PKH[0]), k), jnp.where(virtual, pick(kv_PKH[1]), v)
-    if kv_cache is not None:  # write the new keys/values at their slots, attend over the whole cache
-      # kv_cache: every layer's keys and values [L, B, S, K, H] and this layer's index. The new entries are
-      # written into the stacked arrays in place (they are the layer loop's carry), so a decoding step moves
-      # only what it reads, not a copy of the whole cache per layer.
-      k_all, v_all, layer = kv_cache
-      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (layer, 0, cache_index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (layer, 0, cache_index, 0, 0))
-      k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
-      v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
-      kv_cache = (k_all, v_all)
+    if kv_cache is not None:  # write the new keys/values at their slots, attend over this layer's whole cache
+      # kv_cache: this layer's keys and values [B, K, S, H], laid out as the attention reads them: a decoding step
+      # writes T new slots in place and moves nothing else (see KVCache).
+      k_cache, v_cache = kv_cache
+      new_BKTH = lambda x, cache: x.astype(cache.dtype).transpose(0, 2, 1, 3)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, new_BKTH(k, k_cache), (0, 0, cache_index, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, new_BKTH(v, v_cache), (0, 0, cache_index, 0))
+      kv_cache = (k_cache, v_cache)
+      # The plain path: splash has no cache form, cuDNN's is not measured.
+      kernels = kernels_lib.get(self.kernels)
+      out = attn_lib.attend_cache(
+        q,
+        k_cache.astype(q.dtype),
+        v_cache.astype(q.dtype),
+        mask_BTS,
+        scale=self.scale,
+        softcap=self.softcap,
+        kernels=kernels,
+      )
+      return self.o(out), kv_cache
     kernels = kernels_lib.get(self.kernels)
-    if self.impl == "splash" and kv_cache is None:
+    if self.impl == "splash":
       out = attn_lib.splash_attend(
         q,
         k,
@@ -287,19 +297,17 @@ class Attention(nnx.Module):
         kernels=kernels,
         interpret=self.interpret,
       )
-    else:  # KV-cache decoding runs the plain path: splash has none, cuDNN's is not measured
-      impl = "xla" if self.impl == "splash" or (self.impl == "cudnn" and kv_cache is not None) else self.impl
-      # Without a cache every query and key slot is 0..T-1: the mask is causal, blocks above the diagonal skip.
+    else:  # without a cache every query and key slot is 0..T-1: the mask is causal, blocks above the diagonal skip
       out = attn_lib.attend(
         q,
-        k.astype(q.dtype),
-        v.astype(q.dtype),
+        k,
+        v,
         mask_BTS,
         scale=self.scale,
         softcap=self.softcap,
-        impl=impl,
+        impl=self.impl,
         kernels=kernels,
-        causal=kv_cache is None,
+        causal=True,
         save_inputs=self.q_norm is None,
       )
     return self.o(out), kv_cache
@@ -366,19 +374,27 @@ class Block(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Keys/values of every layer [L, B, S, K, H], the segment of every slot [B, S] (0 = empty), the fill index."""
+  """Keys and values of each layer (tuples of L arrays [B, K, S, H]), the segment of every slot [B, S] (0 = empty),
+  the fill index.
 
-  k: jax.Array
-  v: jax.Array
+  One array per layer, in the layout the attention reads ([B, K, S, H]: keys of one KV head contiguous), because
+  decoding runs the layers as an unrolled loop (`CausalLM.hidden_states`): each layer writes its new slots into
+  its own arrays in place and reads them where they are. A cache stacked [L, ...] and read by a scanned loop is
+  sliced out of the stack at every layer of every step, and XLA's CPU backend copies each slice (and transposed
+  it, from [B, S, K, H]) before the product: at batch 50 those copies took half a decoding step
+  (docs/performance-notes.md, "Generation").
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   segments: jax.Array
   index: jax.Array
 
   @classmethod
   def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = "float32") -> "KVCache":
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return cls(
-      jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32)
-    )
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return cls(zeros(), zeros(), jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 class HeadParam(nnx.Param):
@@ -435,14 +451,16 @@ class CausalLM(nnx.Module):
     segment_ids: jax.Array | None = None,
     positions: jax.Array | None = None,
     cache: KVCache | None = None,
+    layers: Sequence[nnx.State] | None = None,
   ) -> jax.Array | tuple[jax.Array, KVCache]:
     """Logits [B, T, V]; with a cache, (logits, updated cache).
 
     attention_mask: HF's 0/1 padding mask [B, T]. segment_ids: packed rows [B, T] (0 = padding);
-    positions default to 0..T-1 (from the cache index when decoding).
+    positions default to 0..T-1 (from the cache index when decoding). layers: with a cache, each
+    layer's weights as `layer_states` gives them (default: taken from the stack here).
     """
     hidden, cache = self.hidden_states(
-      input_ids, attention_mask, segment_ids=segment_ids, positions=positions, cache=cache
+      input_ids, attention_mask, segment_ids=segment_ids, positions=positions, cache=cache, layers=layers
     )
     logits = self.logits(hidden)
     return logits if cache is None else (logits, cache)
@@ -469,8 +487,16 @@ class CausalLM(nnx.Module):
       return self.lm_head.kernel[...], "DV"
     return None
 
-  def hidden_states(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, cache=None):
-    """Final-norm hidden states [B, T, D] (and the updated cache or None)."""
+  def layer_states(self) -> list[nnx.State]:
+    """Each decoder layer's weights, sliced out of the stacked [L, ...] parameters: what decoding with a cache
+    reads (`hidden_states(..., layers=)`). Taken once and reused by every decoding step, the slices are a
+    second copy of the decoder weights for as long as they live; see `ModelOptions`' kernels for when
+    generation does that."""
+    _, state = nnx.split(self.layers)
+    return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.config.num_layers)]
+
+  def hidden_states(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, cache=None, layers=None):
+    """Final-norm hidden states [B, T, D] (and the updated cache or None). layers: as in `__call__`."""
     cfg, dtype = self.config, self.options.dtype
     B, T = input_ids.shape
     virtual, prefix_kv = self.virtual, None
@@ -483,9 +509,11 @@ class CausalLM(nnx.Module):
     inputs, cache = self._layer_inputs(B, T, attention_mask, segment_ids, positions, cache)
     if prefix_kv is not None:
       inputs = dataclasses.replace(inputs, virtual_BT=jnp.maximum(slots, -1).astype(jnp.int32))
-    x, kv = self._run_layers(x, inputs, cache, prefix_kv)
-    if cache is not None:
-      cache = dataclasses.replace(cache, k=kv[0], v=kv[1], index=cache.index + T)
+    if cache is None:
+      x = self._run_layers(x, inputs, prefix_kv)
+    else:
+      x, cache = self._decode_layers(x, inputs, cache, layers, prefix_kv)
+      cache = dataclasses.replace(cache, index=cache.index + T)
     return self.final_norm(x), cache
 
   def _constrain(self, x_BTD: jax.Array) -> jax.Array:
@@ -518,31 +546,38 @@ class CausalLM(nnx.Module):
       mask_sliding = attn_lib.attention_mask(q_slot, kv_slot, segment_ids, kv_seg, cfg.sliding_window)
     return LayerInputs(full, sliding, mask_full, mask_sliding, index, segment_ids), cache
 
-  def _run_layers(self, x, inputs: LayerInputs, cache: KVCache | None, prefix_kv: jax.Array | None = None):
-    """prefix_kv: prefix tuning's keys and values of every layer [L, 2, P, K, H], scanned with the layers."""
+  def _run_layers(self, x, inputs: LayerInputs, prefix_kv: jax.Array | None = None):
+    """The layers as one scan over the stacked weights. prefix_kv: prefix tuning's keys and values of every layer
+    [L, 2, P, K, H], scanned with the layers."""
     cfg, remat = self.config, self.options.remat
     kernels = kernels_lib.get(self.options.kernels)
     graphdef, state = nnx.split(self.layers)
     sliding = jnp.asarray(cfg.sliding_layers or (False,) * cfg.num_layers)
 
     def body(x, xs):
-      layer_state, is_sliding, kv, prefix = xs
+      layer_state, is_sliding, prefix = xs
       x = kernels.name(self._constrain(x), LAYER_INPUT_NAME)
-      x, kv = nnx.merge(graphdef, layer_state)(x, is_sliding, inputs, kv, prefix)
-      return x, kv
+      x, _ = nnx.merge(graphdef, layer_state)(x, is_sliding, inputs, None, prefix)
+      return x, None
 
     if remat != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    if cache is None:
-      return jax.lax.scan(body, x, (state, sliding, None, prefix_kv))
+    return jax.lax.scan(body, x, (state, sliding, prefix_kv))[0]
 
-    # Decoding: the whole cache rides in the carry and each layer updates its slice in place (Attention).
-    def cached(carry, xs):
-      x, k_all, v_all = carry
-      layer_state, is_sliding, layer, prefix = xs
-      x, (k_all, v_all) = body(x, (layer_state, is_sliding, (k_all, v_all, layer), prefix))
-      return (x, k_all, v_all), None
+  def _decode_layers(self, x, inputs: LayerInputs, cache: KVCache, layers, prefix_kv):
+    """The layers as an unrolled loop, each reading and updating its own cache arrays (see KVCache).
 
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(cached, (x, cache.k, cache.v), (state, sliding, layers, prefix_kv))
-    return x, (k, v)
+    layers: each layer's weights (`layer_states`); None takes them from the stack here, in this call, which on
+    TPU and GPU XLA reads in place. Remat does not apply: nothing is differentiated through a cache."""
+    cfg = self.config
+    graphdef, _ = nnx.split(self.layers)
+    layers = self.layer_states() if layers is None else layers
+    sliding = cfg.sliding_layers or (False,) * cfg.num_layers
+    ks, vs = [], []
+    for i, layer_state in enumerate(layers):
+      prefix = None if prefix_kv is None else prefix_kv[i]
+      x = self._constrain(x)
+      x, (k, v) = nnx.merge(graphdef, layer_state)(x, sliding[i], inputs, (cache.k[i], cache.v[i]), prefix)
+      ks.append(k)
+      vs.append(v)
+    return x, dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))

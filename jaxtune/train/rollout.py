@@ -14,6 +14,7 @@ passed to the reward functions.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
 import inspect
@@ -135,6 +136,17 @@ def reward(spec: str) -> Reward:
   return Reward(attr, fn)
 
 
+def rewards(specs: Sequence[str]) -> list[Reward]:
+  """`reward` of each spec, named apart for the metrics: a name given twice (two format:REGEX rewards, say) is
+  logged as NAME, NAME_2, ..."""
+  out, seen = [], collections.Counter()
+  for spec in specs:
+    r = reward(spec)
+    seen[r.name] += 1
+    out.append(r if seen[r.name] == 1 else dataclasses.replace(r, name=f"{r.name}_{seen[r.name]}"))
+  return out
+
+
 def score(rewards: Sequence[Reward], prompts: list, completions: list[str], fields: dict) -> np.ndarray:
   """float32 [N, F]: each reward function on every completion; UserError naming a function that fails."""
   out = np.zeros((len(completions), len(rewards)), np.float32)
@@ -218,7 +230,7 @@ class Rollout:
         f"data.batch_size: {config.data.batch_size} completions need {self.per_step} prompts per step, but "
         f"data.train holds {len(prompts)}; lower data.batch_size or add prompts."
       )
-    self.rewards = [reward(s) for s in g.reward_funcs]
+    self.rewards = rewards(g.reward_funcs)
     self.weights = np.asarray(g.reward_weights or [1.0] * len(self.rewards), np.float32)
     self.ids = generation.encode_prompts(tokenizer, [p.messages for p in prompts], chat=True)
     # One prompt length for the run (one compiled sampler and step), rounded up to 8.

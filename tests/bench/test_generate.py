@@ -9,4 +9,11 @@ def test_smoke_measures_both_sides_with_the_same_tokens(capsys):
   for r in rows:
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_gib"] > 0, r
   out = capsys.readouterr().out
-  assert out.startswith("cpu: ") and "jaxtune / transformers decode: " in out
+  assert out.startswith("cpu: ") and "jaxtune / transformers: decode " in out
+
+
+def test_profile_reports_prefill_and_decoding(tmp_path, capfd):
+  generate.main(["--smoke", "--profile", str(tmp_path / "profile"), "--top", "5"])
+  out = capfd.readouterr().out
+  assert out.count("== batch 2, ") == 2 and "prefill (a 1-token generation)" in out
+  assert "16-token generation, per generated token" in out and "GFLOP/s of wall" in out, out

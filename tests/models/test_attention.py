@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxtune
+from jaxtune.generation import generate_ids
 from jaxtune.models import attention as attn_lib
 from jaxtune.models import cpu, kernels
 from jaxtune.models.transformer import KVCache
@@ -60,6 +61,46 @@ def test_values_and_gradients_match_the_formula(softcap, impl, ops):
     got, want = _grads(f, q, k, v), _grads(g, q, k, v)
   for name, a, b in zip("qkv", got, want):
     np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("ops", [kernels.PLAIN, cpu.CPU], ids=["plain", "cpu"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("T_new", [1, 3])
+def test_cache_attention_matches_the_formula(T_new, softcap, dtype, ops):
+  """Attention over a [B, K, S, H] cache: one new query (the CPU kernels' multiply-and-sum) or several (the
+  products), with empty slots and a padded row, equals the formula on the same keys."""
+  S = 7
+  ks = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(ks[0], (B, T_new, N, H)).astype(dtype)
+  k, v = (jax.random.normal(key, (B, S, K, H)).astype(dtype) for key in ks[1:])
+  kv_seg = jnp.array([[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0]])  # left padding; the last slots not yet filled
+  q_slots = jnp.broadcast_to(5 - T_new + jnp.arange(T_new), (B, T_new))
+  mask = attn_lib.attention_mask(q_slots, jnp.broadcast_to(jnp.arange(S), (B, S)), jnp.ones((B, T_new)), kv_seg)
+  got = jax.jit(attn_lib.attend_cache, static_argnames=("scale", "softcap", "kernels"))(
+    q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale=0.3, softcap=softcap, kernels=ops
+  )
+  assert got.dtype == q.dtype
+  f32 = lambda x: x.astype(jnp.float32)
+  want = _reference(f32(q), f32(k), f32(v), mask, 0.3, softcap)
+  np.testing.assert_allclose(f32(got), want, atol=1e-5 if dtype == "float32" else 2e-2)
+
+
+def test_decoding_gives_the_same_tokens_under_both_kernels(tmp_path):
+  """Greedy decoding under the CPU kernels (layers sliced once per call, one-query attention as multiply-and-sum)
+  gives the tokens of the plain program (layers sliced in every step, attention as products), and both those of
+  the cache-free forward."""
+  tiny_hf.build("gemma2", tmp_path)  # soft-capping and sliding layers through the cache
+  prompts = [list(range(3, 15)), list(range(20, 25))]
+  got = {
+    name: generate_ids(jaxtune.load_model(tmp_path, kernels=name), prompts, max_new_tokens=12)
+    for name in ("plain", "cpu")
+  }
+  assert got["plain"] == got["cpu"]
+  model = jaxtune.load_model(tmp_path, kernels="plain")
+  for prompt, new in zip(prompts, got["cpu"]):
+    full = np.asarray(model(np.array([prompt + new[:-1]])))[0]
+    assert np.argmax(full[len(prompt) - 1 :], axis=-1).tolist() == new
 
 
 @pytest.mark.parametrize("impl, ops", PATHS, ids=PATH_IDS)

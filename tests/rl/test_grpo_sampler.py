@@ -90,6 +90,8 @@ def test_rewards_builtin_and_user_functions():
   np.testing.assert_array_equal(got[:, 2], [0, 0, 0])
   np.testing.assert_array_equal(got[:, 3], [0, 0, 1])
   np.testing.assert_array_equal(rollout.score([funcs[4]], [[]], ["the sum is 2"], {"reference": ["x = 2"]}), [[1]])
+  named = [r.name for r in rollout.rewards(["format:a", "json_valid", "format:b", "format:c"])]
+  assert named == ["format", "json_valid", "format_2", "format_3"]  # apart in the metrics
   with pytest.raises(UserError, match=r"bad_reward returned 'no' .* completion 'not json'"):
     rollout.score([rollout.reward(f"{__name__}:bad_reward")], [[]] * 2, ["{", "not json"], {})
   with pytest.raises(UserError, match=r"raising_reward raised ValueError: cannot score, on the completion 'boom'"):
