@@ -133,8 +133,7 @@ def profile(path: str, dtype: str, batch: int, new: int, out: str, top: int = 25
     xplane = max(glob.glob(f"{out}/trace_{n}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)
     what = "prefill (a 1-token generation)" if n == 1 else f"a {n}-token generation, per generated token"
     reports.append(f"== batch {batch}, {what}\n")
-    args = ["--from-trace", xplane, "--profile-steps", str(n), "--hlo", hlo, "--top", str(top)]
-    reports.append(profile_step.main(args) + "\n")
+    reports.append(profile_step.trace_report(xplane, n, hlo, top) + "\n")
   return "".join(reports)
 
 

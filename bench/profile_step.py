@@ -264,6 +264,20 @@ def summarise(events, steps: int, top: int) -> str:
   return "\n".join(lines)
 
 
+def trace_report(xplane_file: str, steps: int, hlo_file: str = "", top: int = 30) -> str:
+  """`summarise` of a trace of `steps` steps; with the program's optimised HLO, also the roles and the top ops."""
+  events = op_events(xplane_file)
+  if hlo_file:
+    events = with_op_names(events, hlo_op_names(hlo_file))
+  report = summarise(events, steps, top)
+  if hlo_file:
+    with open(hlo_file) as f:
+      costs = product_costs(f.read())
+    report += "\n\n" + format_roles(by_role(events, costs, steps))
+    report += "\n\n" + format_op_walls(events, costs, steps, top)
+  return report
+
+
 def main(argv=None) -> str:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--setting", default="lora", choices=("lora", "full"))
@@ -281,15 +295,7 @@ def main(argv=None) -> str:
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
   if args.from_trace:
-    events = op_events(args.from_trace)
-    if args.hlo:
-      events = with_op_names(events, hlo_op_names(args.hlo))
-    report = summarise(events, args.profile_steps, args.top)
-    if args.hlo:
-      with open(args.hlo) as f:
-        costs = product_costs(f.read())
-      report += "\n\n" + format_roles(by_role(events, costs, args.profile_steps))
-      report += "\n\n" + format_op_walls(events, costs, args.profile_steps, args.top)
+    report = trace_report(args.from_trace, args.profile_steps, args.hlo, args.top)
     print(report, flush=True)
     return report
   import jax

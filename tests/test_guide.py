@@ -151,6 +151,10 @@ GUIDE = {
   ),
   "jaxtune dry-run --model llama3.1-8b --method lora --num_devices 8": "slow",
   "jaxtune dry-run --config gallery/llama3_1_8b_qlora --num_devices 1": ("help", HUB + " (the model's config.json)"),
+  # Coming from Axolotl
+  "jaxtune train --axolotl my_axolotl.yml --print_config": "run",
+  "jaxtune train --axolotl my_axolotl.yml": "run",
+  "jaxtune train --axolotl my_axolotl.yml --strict --print_config": "run",
   "tpu_scripts/supervise.sh --mode queued-spot --source dist/jaxtune-0.1.0-py3-none-any.whl "
   "--config configs/quickstart.py --output-dir gs://BUCKET/quickstart": ("external", TPU + " and Google Cloud"),
 }
@@ -174,7 +178,7 @@ def _kind(command: str) -> tuple[str, str]:
 
 
 def user_files(root: pathlib.Path) -> None:
-  """The files the guide's commands name as the user's own: chats, a CSV, prompts, questions."""
+  """The files the guide's commands name as the user's own: chats, a CSV, prompts, an Axolotl YAML, questions."""
   chats = [
     {"conversations": [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": f"{i}."}]} for i in range(64)
   ]
@@ -184,12 +188,34 @@ def user_files(root: pathlib.Path) -> None:
   turns = [
     [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": f"{i + 1}"}] for i in range(4)
   ]
+  # The guide's Axolotl example on the tiny model, two steps (tiny-random: the 2-layer built-in).
+  (root / "my_axolotl.yml").write_text(
+    "base_model: tiny-random\n"
+    "datasets:\n"
+    "  - path: my_chats.jsonl\n"
+    "    type: chat_template\n"
+    "    field_messages: conversations\n"
+    "    message_property_mappings: {role: from, content: value}\n"
+    "sequence_len: 128\n"
+    "sample_packing: true\n"
+    "adapter: lora\n"
+    "lora_r: 8\n"
+    "lora_alpha: 16\n"
+    "lora_target_linear: true\n"
+    "micro_batch_size: 2\n"
+    "gradient_accumulation_steps: 2\n"
+    "max_steps: 2\n"
+    "learning_rate: 2.0e-4\n"
+    "output_dir: runs/axolotl\n"
+  )
   (root / "questions.jsonl").write_text("".join(json.dumps({"messages": t}) + "\n" for t in turns))
 
 
 def _jaxtune_argv(command: str, models: pathlib.Path, data_cache: pathlib.Path) -> list[str]:
   """A `jaxtune ...` command's argv, a shipped config replaced by its stand-in and the caches kept apart."""
   argv = shlex.split(command)[1:]
+  if "--axolotl" in argv:  # the caches apart, as for the stand-ins
+    argv += [f"--config.model.cache_dir={models}", f"--config.data.cache_dir={data_cache}"]
   if "--config" in argv and argv[0] in ("train", "data", "sweep"):
     i = argv.index("--config") + 1
     if argv[i] in STAND_INS:

@@ -16,6 +16,7 @@ import argparse
 import json
 import pathlib
 import random
+import re
 from collections.abc import Sequence
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "meeting_json"  # write()'s output, shipped
@@ -73,6 +74,35 @@ PHRASINGS = (
 def answer(person: str, day: str, time: str) -> str:
   """The one accepted answer string (keys in this order, json.dumps spacing)."""
   return json.dumps({"person": person, "day": day, "time": time})
+
+
+_HH_MM = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
+
+
+def time_reward(prompts, completions, reference=(), **_) -> list[float]:
+  """GRPO's partial credit for the time field (configs/grpo_quickstart.py): of a completion whose JSON object
+  has a "time" written as HH:MM, 0.5 for the right hour and 0.5 for the right minutes; 0 otherwise.
+
+  The exact-field reward (json_fields) scores "02:30" for 14:30 as it scores a missing time; this one tells the
+  two apart, so sampled answers with the right minutes or the right hour are preferred to the rest.
+  A `module:function` reward: called with the prompts, the completions and the records' fields."""
+  del prompts
+  out = []
+  for completion, ref in zip(completions, reference):
+    try:
+      got, want = json.loads(completion.strip()), json.loads(ref)
+    except (json.JSONDecodeError, TypeError):
+      out.append(0.0)
+      continue
+    match = (
+      _HH_MM.fullmatch(got.get("time", "")) if isinstance(got, dict) and isinstance(got.get("time"), str) else None
+    )
+    if match is None:
+      out.append(0.0)
+      continue
+    hour, minute = want["time"].split(":")
+    out.append(0.5 * (match.group(1) == hour) + 0.5 * (match.group(2) == minute))
+  return out
 
 
 def make_examples(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:

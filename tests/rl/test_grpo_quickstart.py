@@ -20,5 +20,5 @@ def test_grpo_quickstart_raises_the_reward_and_the_held_out_exact_match(tmp_path
   rewards = [m["train/reward"] for m in tiny_runs.metrics(tmp_path / "run") if "train/reward" in m]
   first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
   print(f"reward: first 10 steps {first:.3f}, last 10 {last:.3f}; exact match {result['eval/exact_match_after']:.0%}")
-  assert last >= max(2 * first, 1.5)  # of 3: shape 0.5, valid JSON 0.5, fields 2
+  assert last >= max(2 * first, 1.5)  # of 4: object 0.5, valid JSON 0.5, fields 2, time 1
   assert result["eval/exact_match_after"] > result["eval/exact_match_before"]

@@ -159,3 +159,14 @@ def test_a_prompt_longer_than_the_room_left_fails_naming_the_key():
   prompts = [rollout.Prompt([{"role": "user", "content": "x" * n}], None, {}) for n in (10, 50)]
   with pytest.raises(ConfigError, match=r"data.max_seq_len: 96 leaves no room for the longest prompt \(50 tokens"):
     rollout.Rollout(ml_collections.ConfigDict(config), Tokenizer(), prompts)
+
+
+def test_quickstart_time_reward_gives_credit_for_the_hour_and_the_minutes():
+  from jaxtune.tasks import meeting_json
+
+  ref = meeting_json.answer("Nora", "Monday", "14:30")
+  completions = [ref, '{"time": "02:30"}', '{"time": "14:00"}', '{"time": "2:30"}', '{"person": "Nora"}', "{", "[1]"]
+  got = rollout.score(
+    rollout.rewards(["jaxtune.tasks.meeting_json:time_reward"]), [[]] * 7, completions, {"reference": [ref] * 7}
+  )
+  np.testing.assert_array_equal(got[:, 0], [1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
