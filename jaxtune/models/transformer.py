@@ -379,10 +379,9 @@ class KVCache:
 
   One array per layer, in the layout the attention reads ([B, K, S, H]: keys of one KV head contiguous), because
   decoding runs the layers as an unrolled loop (`CausalLM.hidden_states`): each layer writes its new slots into
-  its own arrays in place and reads them where they are. A cache stacked [L, ...] and read by a scanned loop is
-  sliced out of the stack at every layer of every step, and XLA's CPU backend copies each slice (and transposed
-  it, from [B, S, K, H]) before the product: at batch 50 those copies took half a decoding step
-  (docs/performance-notes.md, "Generation").
+  its own arrays in place and reads them where they are. A cache stacked [L, ...] and read by a scanned loop
+  would be sliced out of the stack at every layer of every step, and XLA's CPU backend copies such a slice
+  before a product reads it (docs/performance-notes.md, "Generation").
   """
 
   k: tuple[jax.Array, ...]
@@ -490,8 +489,8 @@ class CausalLM(nnx.Module):
   def layer_states(self) -> list[nnx.State]:
     """Each decoder layer's weights, sliced out of the stacked [L, ...] parameters: what decoding with a cache
     reads (`hidden_states(..., layers=)`). Taken once and reused by every decoding step, the slices are a
-    second copy of the decoder weights for as long as they live; see `ModelOptions`' kernels for when
-    generation does that."""
+    second copy of the decoder weights for as long as they live; generation does that where the kernels ask
+    for it (`layers_once`, models/kernels.py)."""
     _, state = nnx.split(self.layers)
     return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.config.num_layers)]
 
