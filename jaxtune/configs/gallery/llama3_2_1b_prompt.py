@@ -8,26 +8,8 @@ Memory per device: `jaxtune dry-run --config configs/gallery/llama3_2_1b_prompt.
 
 import ml_collections
 
-from jaxtune.train.config import default_config
+from jaxtune.configs import gallery
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default_config()
-  config.output_dir = "runs/llama3_2_1b_prompt"
-  config.model.path = "meta-llama/Llama-3.2-1B-Instruct"
-
-  config.data.train = ("HuggingFaceH4/ultrachat_200k:train_sft",)
-  config.data.validation = ("HuggingFaceH4/ultrachat_200k:test_sft",)
-  config.data.max_seq_len = 2048
-  config.data.batch_size = 32
-  config.data.num_epochs = 0
-
-  config.peft.method = "prompt"
-  config.peft.prompt.num_virtual_tokens = 20
-  config.optim.lr = 3e-2
-  config.optim.warmup_ratio = 0.03
-  config.train.steps = 2000
-  config.train.eval_every = 200
-  config.train.eval_batches = 20
-  config.checkpoint.every = 200
-  return config
+  return gallery.prompt("meta-llama/Llama-3.2-1B-Instruct", "llama3_2_1b_prompt")

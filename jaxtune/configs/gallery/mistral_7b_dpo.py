@@ -9,30 +9,8 @@ Memory per device: `jaxtune dry-run --config configs/gallery/mistral_7b_dpo.py -
 
 import ml_collections
 
-from jaxtune.train.config import default_config
+from jaxtune.configs import gallery
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default_config()
-  config.output_dir = "runs/mistral_7b_dpo"
-  config.model.path = "mistralai/Mistral-7B-Instruct-v0.3"
-
-  config.objective = "dpo"
-  config.dpo.beta = 0.1
-  config.data.train = ("trl-lib/ultrafeedback_binarized:train",)
-  config.data.validation = ("trl-lib/ultrafeedback_binarized:test",)
-  config.data.max_prompt_length = 512
-  config.data.max_completion_length = 1024
-  config.data.max_seq_len = 3072  # a pair: both sequences in one row
-  config.data.batch_size = 32
-  config.data.num_epochs = 0
-
-  config.peft.lora.rank = 16
-  config.peft.lora.alpha = 32.0
-  config.optim.lr = 5e-6
-  config.optim.warmup_ratio = 0.03
-  config.train.steps = 2000
-  config.train.eval_every = 200
-  config.train.eval_batches = 20
-  config.checkpoint.every = 200
-  return config
+  return gallery.dpo("mistralai/Mistral-7B-Instruct-v0.3", "mistral_7b_dpo")

@@ -8,28 +8,8 @@ Memory per device: `jaxtune dry-run --config configs/gallery/qwen2_5_7b_dora.py 
 
 import ml_collections
 
-from jaxtune.train.config import default_config
+from jaxtune.configs import gallery
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default_config()
-  config.output_dir = "runs/qwen2_5_7b_dora"
-  config.model.path = "Qwen/Qwen2.5-7B-Instruct"
-
-  config.data.train = ("HuggingFaceH4/ultrachat_200k:train_sft",)
-  config.data.validation = ("HuggingFaceH4/ultrachat_200k:test_sft",)
-  config.data.max_seq_len = 2048
-  config.data.batch_size = 32
-  config.data.num_epochs = 0
-
-  config.peft.lora.rank = 16
-  config.peft.lora.alpha = 32.0
-  config.peft.lora.dropout = 0.05
-  config.peft.lora.use_dora = True
-  config.optim.lr = 2e-4
-  config.optim.warmup_ratio = 0.03
-  config.train.steps = 2000
-  config.train.eval_every = 200
-  config.train.eval_batches = 20
-  config.checkpoint.every = 200
-  return config
+  return gallery.dora("Qwen/Qwen2.5-7B-Instruct", "qwen2_5_7b_dora")

@@ -9,27 +9,8 @@ Memory per device: `jaxtune dry-run --config configs/gallery/qwen3_1_7b_full.py 
 
 import ml_collections
 
-from jaxtune.train.config import default_config
+from jaxtune.configs import gallery
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default_config()
-  config.output_dir = "runs/qwen3_1_7b_full"
-  config.model.path = "Qwen/Qwen3-1.7B"
-
-  config.data.train = ("HuggingFaceH4/ultrachat_200k:train_sft",)
-  config.data.validation = ("HuggingFaceH4/ultrachat_200k:test_sft",)
-  config.data.max_seq_len = 2048
-  config.data.batch_size = 32
-  config.data.num_epochs = 0
-
-  config.peft.method = "full"
-  config.model.remat = "full"
-  config.optim.lr = 1e-5
-  config.optim.warmup_ratio = 0.03
-  config.optim.weight_decay = 0.01
-  config.train.steps = 2000
-  config.train.eval_every = 200
-  config.train.eval_batches = 20
-  config.checkpoint.every = 200
-  return config
+  return gallery.full("Qwen/Qwen3-1.7B", "qwen3_1_7b_full")
