@@ -25,8 +25,9 @@ class PlainKernels:
 
   kind = "plain"
   # Whether generation takes each layer's weights out of the stack once per call (`CausalLM.layer_states`) and
-  # decodes from those slices, rather than slicing in every step. XLA on TPU and GPU reads a slice of the stack
-  # where it lies, so kept slices would only be a second copy of the weights.
+  # decodes from those slices, rather than slicing in every step. XLA on TPU and GPU can fuse a slice of the stack
+  # into the product that reads it (not measured on either here), so kept slices would only be a second copy of
+  # the weights.
   layers_once = False
   # Whether attention over a KV cache computes a single query's products as multiply-and-sum (attention.py,
   # _one_query_attention) rather than as batched products.
