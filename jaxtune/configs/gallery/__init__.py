@@ -17,6 +17,15 @@ def _base(path: str, name: str) -> ml_collections.ConfigDict:
   return config
 
 
+def _schedule(config: ml_collections.ConfigDict) -> None:
+  """2,000 steps after a 3% warmup, evaluated (20 batches) and saved every 200."""
+  config.optim.warmup_ratio = 0.03
+  config.train.steps = 2000
+  config.train.eval_every = 200
+  config.train.eval_batches = 20
+  config.checkpoint.every = 200
+
+
 def _sft(path: str, name: str, lr: float) -> ml_collections.ConfigDict:
   """Supervised fine-tuning on UltraChat: 2,000 steps of 32 rows of 2,048 tokens, evaluated every 200."""
   config = _base(path, name)
@@ -26,11 +35,7 @@ def _sft(path: str, name: str, lr: float) -> ml_collections.ConfigDict:
   config.data.batch_size = 32
   config.data.num_epochs = 0
   config.optim.lr = lr
-  config.optim.warmup_ratio = 0.03
-  config.train.steps = 2000
-  config.train.eval_every = 200
-  config.train.eval_batches = 20
-  config.checkpoint.every = 200
+  _schedule(config)
   return config
 
 
@@ -107,11 +112,7 @@ def dpo(path: str, name: str) -> ml_collections.ConfigDict:
   config.peft.lora.rank = 16
   config.peft.lora.alpha = 32.0
   config.optim.lr = 5e-6
-  config.optim.warmup_ratio = 0.03
-  config.train.steps = 2000
-  config.train.eval_every = 200
-  config.train.eval_batches = 20
-  config.checkpoint.every = 200
+  _schedule(config)
   return config
 
 
